@@ -1,0 +1,171 @@
+"""`posvit extract`: images → encoder → feature store."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from posvit_cli._cli import (
+    DebugOpt, DeviceOpt, JsonOpt, QuietOpt, RichProgress, cli_context, command_line, console, emit_json, parse_csv,
+    store_output,
+)
+from posvit_cli.core.errors import PosvitError
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def extract(
+    inputs: Annotated[list[str], typer.Argument(help="Image files, folders, or .txt lists of paths (with --merge: stores).", show_default=False)],
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Store to write: .h5, .zarr or .zarr.zip, or - for stdout. Default: stdout when it is a pipe.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Encoder: a posvit name (see `posvit doctor --models`) or a timm model name. Default: dinov2-s-reg, or the model a posvit checkpoint in --weights names.")] = None,
+    weights: Annotated[str, typer.Option("--weights", "-w", help="pretrained (timm/hub cache; bundled for posvit-tiny), random (seeded, for smoke tests), or a .safetensors/.pth file or posvit checkpoint.")] = "pretrained",
+    layers: Annotated[str, typer.Option("--layers", help="Layers to store: final, all, or block indices such as 3,7,final. Intermediate blocks are taken after the final norm.")] = "final",
+    prefix_tokens: Annotated[bool, typer.Option("--prefix-tokens/--no-prefix-tokens", help="Also store CLS and register tokens.")] = False,
+    size: Annotated[str, typer.Option("--size", help="Resize: native (round down to patch multiple), short:N, long:N, square:N, crop:N.")] = "native",
+    intensity: Annotated[str, typer.Option("--intensity", help="Intensity scaling: auto (8-bit /255, other types min-max per image), dtype, minmax, percentile:LO,HI.")] = "auto",
+    max_side: Annotated[int, typer.Option("--max-side", help="Skip untiled images whose processed longer side exceeds this (px).")] = 2048,
+    tile: Annotated[Optional[int], typer.Option("--tile", help="Tile images larger than this (px, patch multiple) and blend the tiles' tokens. Default: no tiling.")] = None,
+    overlap: Annotated[int, typer.Option("--overlap", help="Tile overlap in px (patch multiple).")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images (or tiles) per forward pass.")] = 8,
+    device: DeviceOpt = "auto",
+    precision: Annotated[str, typer.Option("--precision", help="auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16 autocast.")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="Storage type of the features: float16 or float32.")] = "float16",
+    compression: Annotated[Optional[str], typer.Option("--compression", help="none, gzip or lzf (HDF5); none, zstd or lz4 (Zarr). Default: none for HDF5, zstd for Zarr.")] = None,
+    workers: Annotated[int, typer.Option("--workers", help="Image decoding threads.")] = 2,
+    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Search folders recursively.")] = False,
+    shard: Annotated[Optional[str], typer.Option("--shard", help="Extract only shard i/n of the images (every n-th from i); join shards with --merge.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted store (or add new images to a finished one), skipping images already done.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output store.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Fail on the first unreadable image instead of skipping it.")] = False,
+    merge: Annotated[bool, typer.Option("--merge", help="Join stores (e.g. shards made with --shard) named as inputs into -o.")] = False,
+    head: Annotated[Optional[Path], typer.Option("--head", help="Apply a debiasing head (posvit debias-train output) to the final tokens.")] = None,
+    transform: Annotated[Optional[str], typer.Option("--transform", help="Extract features of transformed images mapped back to the original frame: flip-ud, flip-lr, rot90, roll:DY,DX (patches).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for --weights random.")] = 0,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="Torch CPU threads. Default: torch's choice (all cores).")] = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Extract patch features of images into a feature store (HDF5 or Zarr).
+
+    Writes the final normed patch tokens (or chosen layers) of every image, with the provenance needed to
+    reproduce them. Same-sized images are batched; huge images can be tiled; an interrupted run resumes
+    with --resume. Without -o the store streams to stdout when it is piped into another posvit command.
+    """
+    with cli_context(debug, quiet):
+        out = store_output(output)
+        if json_out and out == "-":
+            raise PosvitError("--json prints to stdout, where the store goes: name an output with -o")
+        if merge:
+            _merge(inputs, out, overwrite, json_out, quiet)
+            return
+        _extract(**locals())
+
+
+def _merge(inputs, out, overwrite, json_out, quiet):
+    from posvit_cli.core.store import merge_stores
+
+    with RichProgress(quiet) as progress:
+        n = merge_stores(inputs, out, overwrite=overwrite, progress=progress)
+    if not quiet:
+        console.print(f"merged {len(inputs)} stores: {n} images → {out}")
+    if json_out:
+        emit_json({"merged": [str(i) for i in inputs], "images": n, "output": out})
+
+
+def _extract(inputs, out, model, weights, layers, prefix_tokens, size, intensity, max_side, tile, overlap, batch_size,
+             device, precision, dtype, compression, workers, recursive, shard, resume, overwrite, strict, head,
+             transform, seed, threads, json_out, quiet, **_):
+    import torch
+
+    from posvit_cli.core.device import resolve_device, resolve_precision
+    from posvit_cli.core.encoders import load_encoder, read_checkpoint_meta
+    from posvit_cli.core.extract import ExtractOptions, extract_images, extraction_provenance, shard_paths
+    from posvit_cli.core.images import list_images, parse_intensity
+    from posvit_cli.core.preprocess import parse_size
+    from posvit_cli.core.store import StoreWriter
+
+    if batch_size < 1:
+        raise PosvitError("--batch-size must be at least 1")
+    if workers < 0:
+        raise PosvitError("--workers must be 0 or more")
+    if tile is not None and tile <= overlap:
+        raise PosvitError(f"--tile {tile} must be larger than --overlap {overlap}")
+    if threads:
+        torch.set_num_threads(threads)
+    mode = parse_size(size)
+    parse_intensity(intensity)
+    paths = shard_paths(list_images(inputs, recursive=recursive), shard)
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    if model is None and not (weights not in ("pretrained", "random") and read_checkpoint_meta(weights)):
+        model = "dinov2-s-reg"
+    encoder = load_encoder(model, weights, device=str(dev), seed=seed)
+    layer_names = encoder.layer_names(parse_csv(layers))
+    if tile is not None and tile < encoder.patch_size:
+        raise PosvitError(f"--tile {tile} is smaller than one {encoder.patch_size}-px patch")
+
+    postprocess, debias = None, []
+    if head is not None:
+        from posvit_cli.core.heads import load_head
+
+        head_obj = load_head(head, channels=encoder.embed_dim)
+        if layer_names != ["final"] and "final" not in layer_names:
+            raise PosvitError("--head applies to the final tokens: include 'final' in --layers")
+        postprocess = head_obj.token_postprocess(dev)
+        debias = [head_obj.provenance()]
+    image_transform = None
+    if transform:
+        from posvit_cli.core.transforms import parse_transform
+
+        image_transform = parse_transform(transform, patch=encoder.patch_size)
+
+    options = ExtractOptions(
+        layers=layer_names, size=mode, intensity=intensity, keep_prefix=prefix_tokens, batch_size=batch_size,
+        precision=prec, tile=tile, overlap=overlap, max_side=max_side, workers=workers, strict=strict,
+        postprocess=postprocess, image_transform=image_transform,
+    )
+    prov = extraction_provenance(encoder, options, device=dev, command=command_line(), shard=shard,
+                                 debias=debias, transform=transform)
+    writer = StoreWriter(out, provenance=prov, layers=layer_names, dtype=dtype, overwrite=overwrite,
+                         resume=resume, compression=compression)
+    old = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        with RichProgress(quiet) as progress:
+            summary = extract_images(paths, encoder, writer, options, device=dev, progress=progress)
+        writer.update_provenance(extract_seconds=round(summary.seconds, 3))
+    except BaseException:
+        writer.abort()
+        if writer.work_path is not None and len(writer):
+            console.print(
+                f"{len(writer)} images are saved in '{writer.work_path}'; run the same command with --resume to finish"
+            )
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    final = writer.close(complete=True)
+    where = str(final) if final else "stdout"
+    if not quiet:
+        _print_summary(summary, where, encoder)
+    if json_out:
+        emit_json({**summary.as_dict(), "output": where, "model": encoder.name, "layers": layer_names})
+
+
+def _print_summary(summary, where, encoder) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"posvit extract → {where}", show_header=False, title_justify="left")
+    t.add_row("model", f"{encoder.name} (patch {encoder.patch_size}, {encoder.embed_dim} channels, weights {encoder.weights})")
+    t.add_row("images written", str(summary.written) + (f" ({summary.tiled} tiled)" if summary.tiled else ""))
+    if summary.already_done:
+        t.add_row("already in store", str(summary.already_done))
+    t.add_row("skipped", str(len(summary.skipped)))
+    t.add_row("time", f"{summary.seconds:.1f} s ({summary.images_per_second:.2f} img/s)")
+    console.print(t)
+    for path, reason in summary.skipped:
+        console.print(f"  skipped {path}: {reason}")

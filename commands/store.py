@@ -1,0 +1,71 @@
+"""`posvit store`: inspect and merge feature stores."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from posvit_cli._cli import DebugOpt, JsonOpt, QuietOpt, RichProgress, cli_context, console, emit_json, store_input
+
+app = typer.Typer(help="Inspect and merge feature stores.", no_args_is_help=True)
+
+
+@app.command("info")
+def info(
+    store: Annotated[Optional[str], typer.Argument(help="Store path, or - / nothing to read a piped store.", show_default=False)] = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Show a store's images, grids, layers and provenance."""
+    with cli_context(debug, quiet):
+        from posvit_cli.core.store import FeatureStore
+
+        with FeatureStore(store_input(store)) as fs:
+            summary = fs.info()
+            summary["images"] = [
+                {"path": r.path, "grid": list(r.grid), "orig_size": list(r.orig_size), "proc_size": list(r.proc_size)}
+                for r in fs.records
+            ]
+        if json_out:
+            emit_json(summary)
+        if not quiet:
+            from rich.table import Table
+
+            prov = summary["provenance"]
+            t = Table(title=f"feature store {summary['source']}", show_header=False, title_justify="left")
+            t.add_row("format", f"{summary['format']} (schema {summary['schema_version']})")
+            t.add_row("images", str(summary["n_images"]))
+            t.add_row("grids", ", ".join(f"{g} ×{n}" for g, n in summary["groups"].items()) or "-")
+            t.add_row("layers", ", ".join(summary["layers"]))
+            t.add_row("channels", str(summary["channels"]))
+            t.add_row("model", f"{prov.get('model')} (weights {prov.get('weights')}, sha256 {str(prov.get('weights_sha256'))[:12]})")
+            t.add_row("preprocessing", str(prov.get("preprocessing")))
+            t.add_row("dtype", str(prov.get("dtype")))
+            if prov.get("debias"):
+                t.add_row("debias", str(prov.get("debias")))
+            if summary["maps"]:
+                t.add_row("maps", ", ".join(summary["maps"]))
+            console.print(t)
+
+
+@app.command("merge")
+def merge(
+    stores: Annotated[list[str], typer.Argument(help="Stores to join, in order.", show_default=False)],
+    output: Annotated[str, typer.Option("--output", "-o", help="Output store (.h5, .zarr, .zarr.zip).", show_default=False)],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Join stores made with the same settings (e.g. shards from `extract --shard i/n`)."""
+    with cli_context(debug, quiet):
+        from posvit_cli.core.store import merge_stores
+
+        with RichProgress(quiet) as progress:
+            n = merge_stores(stores, output, overwrite=overwrite, progress=progress)
+        if not quiet:
+            console.print(f"merged {len(stores)} stores: {n} images → {output}")
+        if json_out:
+            emit_json({"merged": stores, "images": n, "output": output})

@@ -1,0 +1,3 @@
+from posvit_cli.app import main
+
+main()

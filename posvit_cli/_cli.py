@@ -1,0 +1,200 @@
+"""Conventions shared by every posvit command.
+
+- Data (stores, JSON with ``--json``) goes to stdout; progress, tables, warnings and errors go to stderr.
+- A binary store is written to stdout only when stdout is a pipe or the output is ``-``.
+- User errors (:class:`PosvitError`) print one line and exit 2; other failures print one line and exit 1;
+  ``--debug`` (or ``POSVIT_DEBUG=1``) shows the traceback instead.
+- Rich honours ``NO_COLOR``; ``--quiet`` silences progress and tables (warnings and errors still show).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import warnings
+from collections.abc import Iterator
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from posvit_cli.core.errors import PosvitError, PosvitWarning
+
+__all__ = [
+    "DebugOpt",
+    "DeviceOpt",
+    "JsonOpt",
+    "QuietOpt",
+    "RichProgress",
+    "cli_context",
+    "console",
+    "emit_json",
+    "store_input",
+    "store_output",
+]
+
+console = Console(stderr=True, highlight=False)
+
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables on stderr.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON results on stdout.")]
+DebugOpt = Annotated[
+    bool, typer.Option("--debug", help="Show the full traceback on errors (also POSVIT_DEBUG=1).", envvar="POSVIT_DEBUG")
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="Torch device: auto (CUDA if available), cpu, cuda, cuda:N.")]
+
+
+def _error_line(message: str) -> None:
+    first = str(message).strip().splitlines()[0] if str(message).strip() else "error"
+    console.print(f"[bold red]error:[/] {first}", markup=True, highlight=False, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def cli_context(debug: bool = False, quiet: bool = False) -> Iterator[None]:
+    """Run a command body with posvit's error and warning conventions.
+
+    PosvitError → one line, exit 2. KeyboardInterrupt → exit 130. Any other exception → one line naming it,
+    exit 1 (the traceback with ``--debug``). Warnings from the library print as one ``warning:`` line each.
+    """
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, PosvitWarning) or not quiet:
+            if issubclass(category, (PosvitWarning, UserWarning)):
+                console.print(f"[yellow]warning:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+
+    old_show = warnings.showwarning
+    warnings.showwarning = show
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", PosvitWarning)
+            warnings.showwarning = show
+            yield
+    except typer.Exit:
+        raise
+    except PosvitError as exc:
+        if debug:
+            console.print_exception()
+        _error_line(str(exc))
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        _error_line("interrupted")
+        raise typer.Exit(130) from None
+    except BrokenPipeError:
+        # The reader of our stdout went away (e.g. `| head`): not an error of ours.
+        with contextlib.suppress(Exception):
+            sys.stdout = open(os.devnull, "w")
+        raise typer.Exit(0) from None
+    except Exception as exc:
+        if debug:
+            console.print_exception()
+        _error_line(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)")
+        raise typer.Exit(1) from None
+    finally:
+        warnings.showwarning = old_show
+
+
+class RichProgress:
+    """A :class:`~posvit_cli.core.progress.ProgressCallback` drawing Rich progress bars on stderr."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self._progress: Progress | None = None
+        self._tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> RichProgress:
+        if not self.quiet:
+            self._progress = Progress(
+                SpinnerColumn(),
+                TextColumn("[progress.description]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                console=console,
+                transient=False,
+            )
+            self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+            self._progress = None
+
+    def __call__(self, task: str, completed: int, total: int | None = None) -> None:
+        if self._progress is None:
+            return
+        if task not in self._tasks:
+            self._tasks[task] = self._progress.add_task(task, total=total)
+        self._progress.update(self._tasks[task], completed=completed, total=total)
+
+
+def emit_json(obj: Any) -> None:
+    """Write one JSON document to stdout."""
+    sys.stdout.write(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    sys.stdout.flush()
+
+
+def _json_default(o: Any) -> Any:
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def stdout_is_pipe() -> bool:
+    return not sys.stdout.isatty()
+
+
+def store_output(output: str | None, what: str = "store") -> str:
+    """Resolve ``-o``: a path, ``-`` (stdout), or, when omitted, stdout if it is a pipe.
+
+    Raises
+    ------
+    PosvitError
+        When no output is named and stdout is a terminal (binary data would garble it).
+    """
+    if output:
+        return output
+    if stdout_is_pipe():
+        return "-"
+    raise PosvitError(f"no output named: pass -o FILE (.h5, .zarr, .zarr.zip) or pipe the {what} into another command")
+
+
+def store_input(source: str | None) -> str:
+    """Resolve a store argument: a path, ``-``, or, when omitted, stdin if it is a pipe."""
+    if source:
+        return source
+    if not sys.stdin.isatty():
+        return "-"
+    raise PosvitError("no feature store named: pass a store path or pipe one in (posvit extract imgs/ | posvit ...)")
+
+
+def parse_csv(value: str | None, cast=str) -> list:
+    """Split a comma-separated option value into a list (empty for None or '')."""
+    if value is None or str(value).strip() == "":
+        return []
+    try:
+        return [cast(v.strip()) for v in str(value).split(",") if v.strip()]
+    except ValueError:
+        raise PosvitError(f"cannot read '{value}' as a comma-separated list of {cast.__name__}") from None
+
+
+def command_line() -> str:
+    """The command line as typed, for provenance."""
+    import shlex
+
+    return " ".join(shlex.quote(a) for a in ["posvit", *sys.argv[1:]])

@@ -1,0 +1,75 @@
+"""The `posvit` command-line application: one Typer app, one thin module per subcommand."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from posvit_cli import __version__
+from posvit_cli.commands import doctor as doctor_cmd
+from posvit_cli.commands import extract as extract_cmd
+from posvit_cli.commands import store as store_cmd
+
+app = typer.Typer(
+    name="posvit",
+    help="Measure and remove positional bias in self-supervised Vision Transformer features.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"posvit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        Optional[bool],
+        typer.Option("--version", "-V", help="Show the version and exit.", callback=_version_callback, is_eager=True),
+    ] = None,
+) -> None:
+    """posvit: measure and remove positional bias in ViT features.
+
+    Commands compose through feature stores: `posvit extract imgs/ | posvit probe`.
+    """
+
+
+app.command("extract")(extract_cmd.extract)
+app.command("doctor")(doctor_cmd.doctor)
+app.add_typer(store_cmd.app, name="store")
+
+
+def _not_built(name: str, issue: str):
+    def command(
+        args: Annotated[Optional[list[str]], typer.Argument(hidden=True)] = None,
+    ) -> None:
+        from posvit_cli._cli import console
+
+        console.print(f"[bold red]error:[/] `posvit {name}` is not built yet ({issue})", markup=True)
+        raise typer.Exit(2)
+
+    command.__doc__ = f"(not built yet) {issue}."
+    return command
+
+
+_PLANNED = {
+    "probe": "positional linear probing of feature stores",
+    "debias-train": "RASA heads, cheap baselines and the ALiBi retrofit",
+    "cluster": "overclustering evaluation and k-means decompositions",
+    "segment": "trainable scribble segmentation",
+    "viz": "pictures of positional bias and its removal",
+}
+for _name, _what in _PLANNED.items():
+    app.command(_name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})(
+        _not_built(_name, _what)
+    )
+
+
+def main() -> None:
+    """Entry point of the `posvit` console script."""
+    app()
