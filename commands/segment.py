@@ -352,10 +352,13 @@ def _vit_for_apply(stack, seg, paths, features, weights, dev, progress):
         w = weights or ident.get("weights") or "pretrained"
         if w.startswith("bundled:"):
             w = "pretrained"
-        ext = stack.enter_context(ExtractedStore(
-            paths, model=ident["model"], weights=w, layer=vit.layer, size=str(pre.get("size", "native")),
-            intensity=str(pre.get("intensity", "auto")), device=dev, seed=int(ident.get("seed", 0)),
-            progress=progress))
+        try:
+            ext = stack.enter_context(ExtractedStore(
+                paths, model=ident["model"], weights=w, layer=vit.layer, size=str(pre.get("size", "native")),
+                intensity=str(pre.get("intensity", "auto")), device=dev, seed=int(ident.get("seed", 0)),
+                progress=progress))
+        except PosvitError as exc:
+            raise PosvitError(f"cannot re-extract the model's ViT features ({exc}); pass --features STORE") from exc
         src = TokenSource(ext.store, vit.layer)
         what = f"the features extracted with {ident['model']} (weights {w})"
     bad = identity_mismatch(ident, src.identity())

@@ -223,23 +223,31 @@ def pixel_features(
     Returns
     -------
     ndarray of float32, shape (rows, cols, F)
-        C-contiguous, channels in the order of ``spec.names``.
+        Channels in the order of ``spec.names``; a channel-last view of a channel-planar buffer (select pixels
+        or row blocks, or call ``numpy.ascontiguousarray``).
     """
     H, W = grey.shape
-    parts = []
+    ny, nx = rows[1] - rows[0], cols[1] - cols[0]
+    n_classical = len(feature_names(spec.classical)) if spec.classical is not None else 0
+    n_vit = spec.vit.dims if spec.vit is not None else 0
+    if spec.vit is not None and reduced is None:
+        raise PosvitError("this segmenter uses ViT features: give a feature store or an encoder")
+    classical = None
     if spec.classical is not None:
         halo = spec.halo
         y0, y1 = max(0, rows[0] - halo), min(H, rows[1] + halo)
         x0, x1 = max(0, cols[0] - halo), min(W, cols[1] + halo)
         f = classical_features(grey[y0:y1, x0:x1], spec.classical, device=device, threads=threads)
-        parts.append(f[rows[0] - y0 : rows[1] - y0, cols[0] - x0 : cols[1] - x0])
-    if spec.vit is not None:
-        if reduced is None:
-            raise PosvitError("this segmenter uses ViT features: give a feature store or an encoder")
-        parts.append(upsample_region(reduced, rows, cols))
-    if len(parts) == 1:
-        return np.ascontiguousarray(parts[0])
-    return np.concatenate(parts, axis=-1)
+        classical = f[rows[0] - y0 : rows[1] - y0, cols[0] - x0 : cols[1] - x0]
+        if n_vit == 0:
+            return classical
+    # Channel-planar buffer, as classical_features returns: cheap to fill, transposed per row block to predict.
+    out = np.empty((n_classical + n_vit, ny, nx), np.float32)
+    if classical is not None:
+        out[:n_classical] = classical.transpose(2, 0, 1)
+        del classical, f
+    out[n_classical:] = upsample_region(reduced, rows, cols).transpose(2, 0, 1)
+    return out.transpose(1, 2, 0)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -272,13 +280,24 @@ class Segmenter:
         return self.spec.names
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
-        """Class probabilities of per-pixel features ``(..., F)`` → ``(..., K)`` float32, in bounded batches."""
-        shape = features.shape[:-1]
-        X = features.reshape(-1, features.shape[-1])
-        out = np.empty((X.shape[0], len(self.classes)), np.float32)
-        for s in range(0, X.shape[0], _PREDICT_ROWS):
-            out[s : s + _PREDICT_ROWS] = self.classifier.predict_proba(X[s : s + _PREDICT_ROWS])
-        return out.reshape(*shape, len(self.classes))
+        """Class probabilities of per-pixel features ``(N, F)`` or ``(H, W, F)`` → ``(..., K)`` float32.
+
+        Predicts in bounded batches of rows; a channel-planar ``(H, W, F)`` view (as :func:`pixel_features`
+        returns) is made pixel-contiguous one row block at a time.
+        """
+        K = len(self.classes)
+        if features.ndim == 2:
+            out = np.empty((features.shape[0], K), np.float32)
+            for s in range(0, features.shape[0], _PREDICT_ROWS):
+                out[s : s + _PREDICT_ROWS] = self.classifier.predict_proba(features[s : s + _PREDICT_ROWS])
+            return out
+        H, W, F = features.shape
+        out = np.empty((H, W, K), np.float32)
+        step = max(1, _PREDICT_ROWS // max(W, 1))
+        for y in range(0, H, step):
+            block = np.ascontiguousarray(features[y : y + step]).reshape(-1, F)
+            out[y : y + step] = self.classifier.predict_proba(block).reshape(-1, W, K)
+        return out
 
     def describe(self) -> dict:
         """A JSON-ready description (what ``segmenter.json`` holds, minus file references)."""
