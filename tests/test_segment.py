@@ -493,3 +493,34 @@ def test_bench_reports_rounds_with_and_without_vit_features(seg_data, cli, tmp_p
         assert all(0.5 < x["class_avg_miou_mean"] <= 1 for x in c["rounds"])
     # both configurations start from the same scribbles
     assert out["configs"][0]["rounds"][0]["labelled_pixels"] == out["configs"][1]["rounds"][0]["labelled_pixels"]
+
+
+def test_shared_pca_model_from_a_natively_tiled_store(tmp_path, cli):
+    # 100×100 image, patch 16, tiled extraction: the token grid covers the top-left 96×96 px (native crop).
+    img, gt = two_phase(100, 7, blob=10)
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "labels").mkdir()
+    save_png(tmp_path / "imgs" / "t.png", (img * 255).astype(np.uint8))
+    save_png(tmp_path / "labels" / "t.png", draw_scribbles(gt, 3, seed=0).astype(np.uint8))
+    store = tmp_path / "tiled.h5"
+    r = cli(["extract", tmp_path / "imgs", "-m", TINY_MODEL, "-w", "random", "--tile", "64", "--overlap", "16",
+             "-o", store, "-q"])
+    assert r.exit_code == 0, r.output
+    from posvit_cli.core.store import FeatureStore
+    from posvit_cli.core.vit_pixels import TokenSource
+
+    with FeatureStore(store) as st:
+        src = TokenSource(st)
+        rec = src.record_for(tmp_path / "imgs" / "t.png")
+        assert rec.meta.get("tiles") and src.covered(rec) == (96, 96) and rec.grid == (6, 6)
+    model = tmp_path / "s.posvit-seg"
+    r = cli(["segment", "train", tmp_path / "imgs", "-l", tmp_path / "labels", "-o", model, "-f", store,
+             "--pca", "shared", "--vit-dims", "4", *small_cfg(), "-q"])
+    assert r.exit_code == 0, r.output
+    import zipfile
+
+    assert "pca.npz" in zipfile.ZipFile(model).namelist()
+    assert load_segmenter(model).shared_pca.components.shape == (4, 64)
+    r = cli(["segment", "apply", model, tmp_path / "imgs", "-o", tmp_path / "out", "-f", store, "-q"])
+    assert r.exit_code == 0, r.output
+    assert np.array(Image.open(tmp_path / "out" / "t.png")).shape == (100, 100)
