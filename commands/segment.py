@@ -80,7 +80,7 @@ def _threads(threads: Optional[int]) -> None:
 # ======================================================================================================== train
 @app.command("train")
 def train(
-    images: Annotated[list[str], typer.Argument(help="Image files, folders or .txt lists; images without a label file are left out.", show_default=False)],
+    images: Annotated[list[str], typer.Argument(metavar="IMAGES...", help="Image files, folders or .txt lists; images without a label file are left out.", show_default=False)],
     labels: Annotated[Path, typer.Option("--labels", "-l", help="Folder of scribble label images named like the images (NAME.png, NAME_labels.tif, ...): 0 = unlabelled, 1..K = classes; RGB label images are mapped by colour (black = unlabelled).", show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="Model file to write (.posvit-seg).", show_default=False)],
     features: FeaturesOpt = None,
@@ -232,7 +232,7 @@ def _print_training(seg, output) -> None:
 @app.command("apply")
 def apply(
     model_file: Annotated[Path, typer.Argument(metavar="MODEL", help="A .posvit-seg model file (posvit segment train).", show_default=False)],
-    images: Annotated[list[str], typer.Argument(help="Image files, folders or .txt lists of paths.", show_default=False)],
+    images: Annotated[list[str], typer.Argument(metavar="IMAGES...", help="Image files, folders or .txt lists of paths.", show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the label images (created if missing).", show_default=False)],
     features: FeaturesOpt = None,
     weights: Annotated[Optional[str], typer.Option("--weights", "-w", help="Weights file for on-the-fly extraction when the one recorded in the model has moved (its hash must match). Default: the recorded weights.")] = None,
@@ -522,7 +522,7 @@ def _print_eval(images, summary) -> None:
 # ======================================================================================================== bench
 @app.command("bench")
 def bench(
-    images: Annotated[list[str], typer.Argument(help="Images (files, folders or lists), in order: the first --train are training images, the rest are held out.", show_default=False)],
+    images: Annotated[list[str], typer.Argument(metavar="IMAGES...", help="Images (files, folders or lists), in order: the first --train are training images, the rest are held out.", show_default=False)],
     gt: Annotated[Path, typer.Option("--gt", help="Folder of dense ground-truth label images named like the images (0 = unlabelled unless --gt-offset).", show_default=False)],
     n_train: Annotated[int, typer.Option("--train", help="Number of training images (the first ones).")] = 5,
     rounds: Annotated[int, typer.Option("--rounds", help="Correction rounds after the initial scribbles.")] = 3,

@@ -337,8 +337,9 @@ def _membrane_block_numpy(padded, taps, y0: int, y1: int, width: int, network, n
     rows = y1 - y0
     resp = []
     for offsets in taps:
-        acc = np.zeros((rows, width), np.float32)
-        for dy, dx in offsets:
+        (ay, ax), rest = offsets[0], offsets[1:]
+        acc = padded[y0 + ay : y1 + ay, ax : ax + width].copy()
+        for dy, dx in rest:
             acc += padded[y0 + dy : y1 + dy, dx : dx + width]
         resp.append(acc)
     total = resp[0].copy()

@@ -23,7 +23,7 @@ import dataclasses
 import numpy as np
 
 from posvit_cli.core.errors import PosvitError
-from posvit_cli.core.metrics import class_average_miou, iou_per_class
+from posvit_cli.core.metrics import class_average_miou, confusion_matrix, iou_per_class, miou
 from posvit_cli.core.probe import stack_r2
 
 __all__ = [
@@ -112,8 +112,7 @@ class _Confusion:
         lut = np.zeros(max(self.values) + 1, np.int64)
         lut[self.values] = np.arange(len(self.values))
         n = len(self.values)
-        codes = lut[gt.astype(np.int64)] * n + lut[pred.astype(np.int64)]
-        self.matrix += np.bincount(codes, minlength=n * n).reshape(n, n)
+        self.matrix += confusion_matrix(lut[gt.astype(np.int64)], lut[pred.astype(np.int64)], n)
 
 
 @dataclasses.dataclass
@@ -217,6 +216,6 @@ class SegmentationScores:
             out["per_class_iou"] = {
                 names.get(v, str(v)): (None if np.isnan(x) else float(x)) for v, x in zip(conf.values, iou)
             }
-            out["dataset_miou"] = float(np.nanmean(iou)) if np.isfinite(iou).any() else None
+            out["dataset_miou"] = miou(conf.matrix, absent="skip")
             out["confusion"] = {"values": conf.values, "matrix": conf.matrix.tolist()}
         return out

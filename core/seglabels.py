@@ -133,6 +133,8 @@ def load_training_labels(
     for s, lab_path in found.items():
         img_path = by_stem[s]
         labels, is_rgb = read_labels_any(lab_path)
+        if not is_rgb and labels.size and labels.min() >= 0 and labels.max() < 2**16:
+            labels = labels.astype(np.uint16)  # int64 label maps of huge images would cost 8 bytes a pixel
         kinds.add(is_rgb)
         ih, iw = image_hw(img_path)
         if labels.shape[:2] != (ih, iw):
