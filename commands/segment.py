@@ -391,9 +391,9 @@ def eval_(
     """
     with cli_context(debug, quiet):
         from posvit_cli.core.images import list_images, read_label_image
-        from posvit_cli.core.labels import find_label_files, stem
+        from posvit_cli.core.labels import stem
         from posvit_cli.core.seg_eval import SegmentationScores
-        from posvit_cli.core.seglabels import LABEL_SUFFIXES
+        from posvit_cli.core.seglabels import pair_label_files
         from posvit_cli.core.segmenter import load_grey, load_segmenter, segment_image, warn
 
         if grid < 4:
@@ -418,7 +418,9 @@ def eval_(
         names = [stem(p) for p in paths]
         gts: dict[str, Path] = {}
         if gt is not None:
-            gts, missing = find_label_files(names, gt, LABEL_SUFFIXES)
+            by_path = pair_label_files(paths, gt)
+            gts = {stem(p): f for p, f in by_path.items()}
+            missing = [stem(p) for p in paths if p not in by_path]
             if not gts:
                 raise PosvitError(f"no ground-truth file in '{gt}' matches the {'images' if is_model else 'predictions'} by name")
             for n in missing:
@@ -565,9 +567,8 @@ def bench(
     with cli_context(debug, quiet):
         from posvit_cli.core.classifiers import ClassifierConfig
         from posvit_cli.core.images import list_images
-        from posvit_cli.core.labels import find_label_files, stem
         from posvit_cli.core.seg_bench import BenchConfig, run_benchmark
-        from posvit_cli.core.seglabels import LABEL_SUFFIXES
+        from posvit_cli.core.seglabels import pair_label_files
         from posvit_cli.core.store import FeatureStore
         from posvit_cli.core.vit_pixels import ExtractedStore, TokenSource
 
@@ -583,11 +584,11 @@ def bench(
         _threads(threads)
         dev = _device(device)
         paths = [str(p) for p in list_images(images)]
-        names = [stem(p) for p in paths]
-        found, missing = find_label_files(names, gt, LABEL_SUFFIXES)
+        found = pair_label_files(paths, gt)
+        missing = [p for p in paths if p not in found]
         if missing:
             raise PosvitError(f"no ground truth for '{missing[0]}' in '{gt}' (every benchmark image needs one)")
-        ground = {p: _read_gt(found[n], None) + gt_offset for p, n in zip(paths, names)}
+        ground = {p: _read_gt(found[p], None) + gt_offset for p in paths}
         classical_cfg = _classical_config(classical, sigmas, weka_compat, feature_groups)
         clf_cfg = ClassifierConfig(kind=classifier, trees=trees, depth=depth, learning_rate=learning_rate,
                                    device="cuda" if dev.startswith("cuda") else "cpu", threads=threads, seed=seed)

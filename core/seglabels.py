@@ -16,10 +16,17 @@ from pathlib import Path
 import numpy as np
 
 from posvit_cli.core.errors import PosvitError
-from posvit_cli.core.labels import find_label_files, rgb_to_classes, stem
+from posvit_cli.core.labels import rgb_to_classes, stem
 from posvit_cli.core.segmenter import ClassTable, LabelledImage
 
-__all__ = ["LABEL_SUFFIXES", "TrainingLabels", "image_hw", "load_training_labels", "read_labels_any"]
+__all__ = [
+    "LABEL_SUFFIXES",
+    "TrainingLabels",
+    "image_hw",
+    "load_training_labels",
+    "pair_label_files",
+    "read_labels_any",
+]
 
 #: Suffixes tried after an image's stem when looking for its label file.
 LABEL_SUFFIXES = ("", "_labels", "_label", "_scribbles", "_scribble", "_biased_labels", "_mask", "_gt")
@@ -50,6 +57,39 @@ def image_hw(path: str | os.PathLike) -> tuple[int, int]:
         return int(h), int(w)
     except Exception as exc:
         raise PosvitError(f"cannot decode image '{path}' ({type(exc).__name__}: {exc})") from exc
+
+
+def pair_label_files(
+    image_paths: Sequence[str], label_dir: str | os.PathLike, suffixes: Sequence[str] = LABEL_SUFFIXES
+) -> dict[str, Path]:
+    """Label file of each image: ``label_dir/STEM{suffix}.{png,tif,...}``, trying ``suffixes`` in order.
+
+    An image is never its own label file, so labels may live in the image folder (``NAME_labels.png``).
+
+    Raises
+    ------
+    PosvitError
+        If ``label_dir`` is not a folder.
+    """
+    from posvit_cli.core.images import IMAGE_SUFFIXES
+
+    d = Path(label_dir)
+    if not d.is_dir():
+        raise PosvitError(f"label folder '{label_dir}' does not exist")
+    files: dict[str, list[Path]] = {}
+    for f in sorted(d.iterdir()):
+        if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
+            files.setdefault(stem(f), []).append(f)
+    out = {}
+    for p in image_paths:
+        me = os.path.realpath(p)
+        s = stem(p)
+        for suffix in suffixes:
+            hit = next((f for f in files.get(s + suffix, []) if os.path.realpath(f) != me), None)
+            if hit is not None:
+                out[p] = hit
+                break
+    return out
 
 
 def read_labels_any(path: str | os.PathLike) -> tuple[np.ndarray, bool]:
@@ -117,16 +157,21 @@ def load_training_labels(
         index images; no labelled pixel at all; a named class has no labelled pixel; fewer than two classes.
     """
     paths = [str(p) for p in image_paths]
+    found_by_path = pair_label_files(paths, label_dir, suffixes)
+    # Label files kept next to their images (NAME_labels.png beside NAME.png) are not images to train on.
+    label_files = {os.path.realpath(f) for f in found_by_path.values()}
+    paths = [p for p in paths if os.path.realpath(p) not in label_files]
     stems = [stem(p) for p in paths]
     if len(set(stems)) != len(stems):
         dup = next(s for s in stems if stems.count(s) > 1)
         raise PosvitError(f"two images share the name '{dup}': label files are matched by name")
-    found, missing_stems = find_label_files(stems, label_dir, suffixes)
+    found = {stem(p): found_by_path[p] for p in paths if p in found_by_path}
+    missing_stems = [stem(p) for p in paths if p not in found_by_path]
     by_stem = dict(zip(stems, paths))
     if not found:
         raise PosvitError(
             f"no label file in '{label_dir}' matches the images (looked for NAME{{{','.join(s or '' for s in suffixes)}}}"
-            f" with an image suffix, e.g. '{stems[0]}.png')"
+            f" with an image suffix, e.g. '{stems[0] if stems else 'NAME'}.png')"
         )
     raw: dict[str, np.ndarray] = {}
     kinds = set()

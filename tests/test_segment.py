@@ -524,3 +524,13 @@ def test_shared_pca_model_from_a_natively_tiled_store(tmp_path, cli):
     r = cli(["segment", "apply", model, tmp_path / "imgs", "-o", tmp_path / "out", "-f", store, "-q"])
     assert r.exit_code == 0, r.output
     assert np.array(Image.open(tmp_path / "out" / "t.png")).shape == (100, 100)
+
+
+def test_label_files_next_to_their_images_are_paired_and_not_trained_on(seg_data, tmp_path, cli):
+    for i in range(3):
+        (seg_data["labels"] / f"im{i}.png").rename(seg_data["imgs"] / f"im{i}_labels.png")
+    r = _train(cli, seg_data["imgs"], seg_data["imgs"], tmp_path / "m.posvit-seg", "--json")
+    assert r.exit_code == 0, r.output
+    assert "warning" not in r.output
+    used = json.loads(r.stdout[r.stdout.index("{"):])["training"]["images"]
+    assert sorted(used) == [str(seg_data["imgs"] / f"im{i}.png") for i in range(3)]
