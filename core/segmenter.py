@@ -424,8 +424,9 @@ def gather_training_pixels(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Features and classes of the labelled pixels of several images.
 
-    Features are computed only for tiles that hold a labelled pixel; with ``max_samples`` a uniform random
-    subset of the labelled pixels is kept (the class balance is restored by sample weights when fitting).
+    Features are computed only for tiles that hold a labelled pixel. With ``max_samples``, a random subset is
+    kept: every pixel of a class with fewer than its share, a uniform sample of the others (so a rare class is
+    never sampled away; the class balance is restored by sample weights when fitting).
 
     Returns
     -------
@@ -438,8 +439,8 @@ def gather_training_pixels(
     total = sum(counts)
     keep_masks: list[np.ndarray | None] = [None] * len(images)
     if max_samples and total > max_samples:
-        chosen = np.zeros(total, bool)
-        chosen[rng.choice(total, max_samples, replace=False)] = True
+        chosen = _class_aware_subset(np.concatenate([im.labels[im.labels >= 0] for im in images]), n_classes,
+                                     max_samples, rng)
         start = 0
         for i, n in enumerate(counts):
             keep_masks[i] = chosen[start : start + n]
@@ -470,6 +471,29 @@ def gather_training_pixels(
     if missing.size:
         raise PosvitError(f"class index {int(missing[0])} has no labelled pixel in the training images")
     return X, y
+
+
+def _class_aware_subset(y: np.ndarray, n_classes: int, budget: int, rng: np.random.Generator) -> np.ndarray:
+    """Mask of at most ``budget`` entries of ``y``: small classes whole, the rest sampled to equal shares."""
+    counts = np.bincount(y, minlength=n_classes)
+    quota = np.zeros(n_classes, np.int64)
+    left, open_classes = budget, [c for c in np.argsort(counts) if counts[c] > 0]
+    while open_classes:
+        share = left // len(open_classes)
+        c = open_classes[0]
+        if counts[c] <= share:
+            quota[c] = counts[c]
+            left -= counts[c]
+            open_classes.pop(0)
+        else:
+            for c in open_classes:
+                quota[c] = share
+            break
+    keep = np.zeros(y.size, bool)
+    for c in range(n_classes):
+        idx = np.flatnonzero(y == c)
+        keep[idx if quota[c] >= idx.size else rng.choice(idx, quota[c], replace=False)] = True
+    return keep
 
 
 def train_segmenter(

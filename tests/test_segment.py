@@ -534,3 +534,16 @@ def test_label_files_next_to_their_images_are_paired_and_not_trained_on(seg_data
     assert "warning" not in r.output
     used = json.loads(r.stdout[r.stdout.index("{"):])["training"]["images"]
     assert sorted(used) == [str(seg_data["imgs"] / f"im{i}.png") for i in range(3)]
+
+
+def test_subsampling_training_pixels_never_drops_a_rare_class(tmp_path):
+    from posvit_cli.core.segmenter import gather_training_pixels
+
+    img, _ = two_phase(64, 0)
+    path = save_png(tmp_path / "a.png", (img * 255).astype(np.uint8))
+    labels = np.full((64, 64), -1, np.int16)
+    labels[:40] = 0  # 2560 px of class 0
+    labels[60, :5] = 1  # 5 px of class 1
+    X, y = gather_training_pixels([LabelledImage(str(path), labels)], FeatureSpec(ClassicalConfig(sigmas=(1.0,)), None),
+                                  None, n_classes=2, max_samples=100)
+    assert X.shape == (100, len(feature_names(ClassicalConfig(sigmas=(1.0,))))) and np.bincount(y).tolist() == [95, 5]
