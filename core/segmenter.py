@@ -674,8 +674,8 @@ def write_label_image(path: str | os.PathLike, labels: np.ndarray, classes: Clas
 
             if labels.max(initial=0) > 255:
                 raise PosvitError(f"label values above 255 do not fit a PNG: write '{path.with_suffix('.tif')}'")
-            im = Image.fromarray(np.ascontiguousarray(labels, np.uint8), mode="P")
-            im.putpalette(label_palette(classes))
+            im = Image.fromarray(np.ascontiguousarray(labels, np.uint8))
+            im.putpalette(label_palette(classes))  # an "L" image with a palette becomes "P", values unchanged
             im.save(tmp, format="PNG")
         else:
             import tifffile
