@@ -683,7 +683,7 @@ def scribbles(
     rng : numpy Generator
     strokes_per_class : int, optional
         Strokes drawn per class present in the mask; by default one per 20,000 pixels of image (at least 2), so
-        about 1-3 % of the pixels end up labelled at any image size.
+        about 1-2 % of the pixels end up labelled at any image size.
     length : int
         Maximum stroke length in pixels (a stroke ends early where its class ends).
     width : int
