@@ -31,6 +31,8 @@ import math
 
 import numpy as np
 
+from posvit_cli.core.errors import PosvitError
+
 __all__ = [
     "CLASS_NAMES",
     "KINDS",
@@ -527,7 +529,7 @@ def make_structure(kind: str, shape, rng: np.random.Generator, **overrides) -> S
 
     Raises
     ------
-    ValueError
+    PosvitError
         For an unknown kind.
     """
     u = rng.uniform
@@ -553,7 +555,7 @@ def make_structure(kind: str, shape, rng: np.random.Generator, **overrides) -> S
         p = dict(wavelength=u(10, 32), volume_fraction=u(0.35, 0.65), levels=(lo, lo + u(0.25, 0.45)))
         fn = spinodal_texture
     else:
-        raise ValueError(f"unknown kind '{kind}': use {', '.join(KINDS)}")
+        raise PosvitError(f"unknown kind '{kind}': use {', '.join(KINDS)}")
     p.update(overrides)
     return fn(tuple(int(v) for v in shape), rng, **p)
 

@@ -546,6 +546,8 @@ def cmd_evaluate(args) -> int:
         "probe_native": {**CARD_PROBE_NATIVE, "tiles": f"{CROP}² px, {CROP // PATCH}×{CROP // PATCH} tokens"},
         "targets": list(CARD_TARGETS),
         "training": (meta or {}).get("training", {}),
+        # The untrained control is timm's random initialisation under seed 0, which may change between versions.
+        "versions": {"timm": __import__("timm").__version__, "torch": torch.__version__, "numpy": np.__version__},
         "conditions": {},
     }
     for name, enc in encs.items():

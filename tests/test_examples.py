@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from conftest import REPO, run_posvit
+from conftest import REPO
 from posvit_cli.core import synthetic as syn
 from posvit_cli.core.images import read_image, read_label_image
 
@@ -56,6 +56,13 @@ def test_same_seed_gives_identical_arrays_and_another_seed_differs(kind):
         np.testing.assert_array_equal(a.scribbles, b.scribbles)
     else:
         assert a.mask is None and a.scribbles is None
+
+
+def test_unknown_kind_is_a_one_line_user_error():
+    from posvit_cli.core.errors import PosvitError
+
+    with pytest.raises(PosvitError, match="unknown kind 'grain'.*grains"):
+        syn.make_sample("grain", 64, seed=0)
 
 
 def test_scribble_settings_do_not_change_the_image():
@@ -199,14 +206,14 @@ def test_shipped_encoder_loads_offline_with_its_training_normalisation(card):
     assert bundled_weights_path("posvit-tiny.safetensors").stat().st_size < 8e6
 
 
-def test_cli_extract_with_the_shipped_encoder_reproduces_the_model_card(tmp_path, card):
+def test_cli_extract_with_the_shipped_encoder_reproduces_the_model_card(tmp_path, card, cli):
     """`posvit extract TEXTURES --model posvit-tiny` works offline with no other flag and gives the card's bias."""
     from posvit_cli.core.probe import stack_r2
     from posvit_cli.core.store import FeatureStore
 
     out = tmp_path / "tex.h5"
-    r = run_posvit(["extract", DATA / "textures", "--model", "posvit-tiny", "-o", out, "--quiet"], cwd=tmp_path)
-    assert r.returncode == 0, r.stderr.decode()
+    r = cli(["extract", DATA / "textures", "--model", "posvit-tiny", "-o", out, "--quiet"])
+    assert r.exit_code == 0, r.output
     probe = {k: card["probe"][k] for k in ("alpha", "fraction", "repeats")}
     expected = card["conditions"]["trained"]
     with FeatureStore(out) as store:
@@ -226,18 +233,27 @@ def test_cli_extract_with_the_shipped_encoder_reproduces_the_model_card(tmp_path
 
 def test_controls_reproduce_the_model_card(card):
     """The untrained and the pos_embed-zeroed encoders give the card's (far lower) numbers on the same images."""
+    import timm
+
     from posvit_cli.core.probe import stack_r2
 
     mod = _script("train_tiny_encoder")
     encs = mod.card_encoders()
     probe = {k: card["probe"][k] for k in ("alpha", "fraction", "repeats")}
     paths = sorted((DATA / "textures").glob("*.png"))[::4]  # 3 of the 12 images keep this test quick
+    # The untrained control is timm's seeded random initialisation: its exact numbers hold under the same timm.
+    same_init = timm.__version__ == card["versions"]["timm"]
     for name in ("trained", "untrained", "pos_embed_zeroed"):
         expected = card["conditions"][name]["per_image_xy"]
+        got = {}
         for img, f in mod.extract_folder(encs[name], paths).items():
             seed = list(expected).index(img)  # the card seeds each probe with the image's index among all 12
-            got = stack_r2(f, ("xy",), **probe, seed=seed)["xy"]
-            assert got == pytest.approx(expected[img], abs=0.05), (name, img)
+            got[img] = stack_r2(f, ("xy",), **probe, seed=seed)["xy"]
+        if name == "untrained" and not same_init:
+            assert np.mean(list(got.values())) < 0
+            continue
+        for img, value in got.items():
+            assert value == pytest.approx(expected[img], abs=0.05), (name, img)
     c = card["conditions"]
     assert c["trained"]["mean"]["xy"] > 0.9
     assert c["untrained"]["mean"]["xy"] < 0 and c["pos_embed_zeroed"]["mean"]["xy"] < 0
