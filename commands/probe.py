@@ -120,7 +120,7 @@ def _print_report(result: dict, output: str | None, csv_path: str | None) -> Non
     primary = result["primary_layer"]
     block = result["results"][primary]
     head = (
-        f"posvit probe · {st['source']} · {st.get('model') or 'unknown model'} · layer {primary} · "
+        f"posvit probe · {'stdin' if st['source'] == '-' else st['source']} · {st.get('model') or 'unknown model'} · layer {primary} · "
         f"{st['n_images']} images"
     )
     sub = (

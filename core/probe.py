@@ -1017,6 +1017,9 @@ def _probe_dataset(read, images, layers, settings, device, progress) -> dict:
             f"image '{bad_grids[0]}' has a {g[0]}×{g[1]} token grid: nothing to probe (need at least 2 tokens)"
             + (f"; {len(bad_grids) - 1} more images too" if len(bad_grids) > 1 else "")
         )
+    # Check every grid size against the sampling settings before any work (a too-small grid fails at once).
+    for grid in dict.fromkeys(tuple(int(x) for x in im["grid"]) for im in images):
+        sampling_plan(grid, settings, np.random.default_rng(0))
     stacks: dict[str, dict[str, list]] = {ly: {t: [] for t in settings.targets} for ly in layers}
     chan: dict[str, dict[str, _Stat]] = {ly: {t: _Stat() for t in settings.targets} for ly in layers}
     rmse: dict[str, list] = {ly: [] for ly in layers}

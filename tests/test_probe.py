@@ -141,11 +141,20 @@ def _sklearn_r2(X, Y, train, evaluate, regressor, alpha):
     return r2_score(Y[evaluate], model.predict(scaler.transform(X[evaluate])))
 
 
-@pytest.mark.parametrize("protocol", ["holdout", "dino-saw"])
-@pytest.mark.parametrize("sampling", ["random", "grid", "grid-holdout"])
-@pytest.mark.parametrize("regressor, fraction, step", [("ridge", 0.08, 4), ("ridge", 0.6, 2), ("ols", 0.6, 2)])
+_DUAL, _PRIMAL, _OLS, _OLS_MIN_NORM = ("ridge", 0.08, 4), ("ridge", 0.6, 2), ("ols", 0.6, 2), ("ols", 0.08, 4)
+
+
+@pytest.mark.parametrize(
+    "protocol, sampling, regressor, fraction, step",
+    # every evaluation mode (held-out complement, outside-the-box, all tokens) with every solver
+    [("holdout", "random", *c) for c in (_DUAL, _PRIMAL, _OLS)]
+    + [("holdout", "grid-holdout", *c) for c in (_DUAL, _PRIMAL, _OLS)]
+    + [("holdout", "grid", *_OLS_MIN_NORM), ("dino-saw", "random", *_DUAL), ("dino-saw", "random", *_OLS),
+       ("dino-saw", "grid-holdout", *_PRIMAL)],
+)
 def test_stack_and_channel_r2_equal_sklearn(protocol, sampling, regressor, fraction, step):
-    """Dual ridge (n < C), primal ridge (n > C) and least squares agree with StandardScaler + Ridge/LinearRegression."""
+    """Dual ridge (n < C), primal ridge (n > C) and least squares (also minimum-norm, n < C) agree with
+    StandardScaler + Ridge / LinearRegression on the same masks."""
     rng = np.random.default_rng(3)
     h, w, C = 11, 13, 24
     f = rng.normal(size=(h, w, C)) * rng.uniform(0.5, 3, C) + 4.0
