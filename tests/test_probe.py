@@ -365,3 +365,25 @@ def test_settings_record_the_protocol():
     assert d["evaluated_on"] == "held-out tokens" and d["targets"][0] == "lr"
     d = make_settings("dino-saw")[0].as_dict()
     assert d["evaluated_on"] == "all tokens" and d["masks"] == "one per target and repeat"
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("regressor, fraction", [("ridge", 0.05), ("ridge", 0.5), ("ols", 0.5), ("ols", 0.05)])
+def test_cuda_matches_cpu(regressor, fraction):
+    rng = np.random.default_rng(11)
+    grids = [planted_grid(rng, 14, 18, 40) for _ in range(3)]
+    s, _ = make_settings("holdout", fraction=fraction, regressor=regressor)
+    images = images_of(grids)
+    cpu = probe_dataset(lambda i, ly: grids[i], images, ["final"], s, device="cpu")["layers"]["final"]
+    gpu = probe_dataset(lambda i, ly: grids[i], images, ["final"], s, device="cuda")["layers"]["final"]
+    for t in s.targets:
+        np.testing.assert_allclose(gpu["stack_r2"][t]["per_image"], cpu["stack_r2"][t]["per_image"], atol=1e-8)
+        np.testing.assert_allclose(gpu["channel_r2"][t]["mean"], cpu["channel_r2"][t]["mean"], atol=1e-8)
+    assert gpu["top_channels"] == cpu["top_channels"]
+    assert gpu["position_accuracy"]["per_image"] == pytest.approx(cpu["position_accuracy"]["per_image"], abs=0.02)
