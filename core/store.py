@@ -531,6 +531,19 @@ class FeatureStore:
             raise PosvitError(f"map '{name}' is not in '{self.source}' (stored: {', '.join(self.map_names()) or 'none'})")
         return np.asarray(self._backend.array(key)[r.row])
 
+    def checksum(self, index: int) -> str:
+        """SHA-256 over the stored bytes of every layer (and prefix tokens) of one image, in layer order."""
+        import hashlib
+
+        r = self._records[index]
+        h = hashlib.sha256()
+        for layer in self.layers:
+            h.update(np.ascontiguousarray(self._backend.array(f"groups/{r.group}/features/{layer}")[r.row]).tobytes())
+            name = f"groups/{r.group}/prefix/{layer}"
+            if self._backend.has(name):
+                h.update(np.ascontiguousarray(self._backend.array(name)[r.row]).tobytes())
+        return h.hexdigest()
+
     def info(self) -> dict:
         """A JSON-ready summary: format, counts, grids, layers and provenance."""
         return {
@@ -960,7 +973,8 @@ class _ImageHandle:
         tokens = np.asarray(tokens)
         if tokens.ndim != 3 or tokens.shape[1] != self.grid[1]:
             raise ValueError(f"expected token rows of shape (r, {self.grid[1]}, C), got {tokens.shape}")
-        stored = tokens.astype(w.dtype)
+        with np.errstate(over="ignore"):
+            stored = tokens.astype(w.dtype)
         if w.dtype == np.float16 and not np.isfinite(stored).all() and np.isfinite(tokens).all():
             warnings.warn(
                 f"features of '{self.path}' overflow float16 (|x| > 65504); extract with --dtype float32",
