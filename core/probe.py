@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from posvit_cli.core.errors import PosvitError, PosvitWarning
+from posvit_cli.core.errors import PosvitError
 from posvit_cli.core.progress import ProgressCallback, report
 
 __all__ = [
@@ -50,18 +50,21 @@ __all__ = [
     "ProbeSettings",
     "SamplingPlan",
     "channel_r2_table",
+    "check_targets",
     "fingerprint",
     "make_settings",
     "positional_channels",
     "probe_dataset",
     "probe_image",
+    "probe_result_json",
     "probe_store",
     "ramp_targets",
     "read_probe_result",
     "sampling_plan",
     "stack_r2",
-    "write_probe_result",
+    "torch_threads",
     "write_channel_csv",
+    "write_probe_result",
 ]
 
 #: Ramp targets in the order reports list them; ``xy`` is the joint 2-output (x, y) target.
@@ -653,8 +656,9 @@ def probe_image(
         raise ValueError(f"sampling plan is for a {plan.grid} grid, features are {(h, w)}")
     dev = torch.device(device)
     N = h * w
-    X = torch.as_tensor(f.reshape(N, C), dtype=torch.float64, device=dev)
-    Xc = X - X.mean(0, keepdim=True)
+    # A private float64 copy, centred in place (never the caller's array): peak memory is two N × C arrays.
+    Xc = torch.as_tensor(f.reshape(N, C), device=dev).to(torch.float64, copy=True)
+    Xc -= Xc.mean(0, keepdim=True)
     Y = torch.as_tensor(plan.targets, device=dev)                          # (M, N, 6)
     T = torch.as_tensor(plan.train, device=dev)
     M = T.shape[0]
@@ -809,7 +813,7 @@ def stack_r2(
 
     Parameters
     ----------
-    features : ndarray, shape (h, w, C)
+    features : ndarray or torch tensor, shape (h, w, C)
         One image's token grid.
     targets : sequence of str
         Target names (see :func:`ramp_targets`); ``xy`` scores the mean of the x and y R².
@@ -825,6 +829,8 @@ def stack_r2(
     -------
     dict of str to float
     """
+    if hasattr(features, "detach"):  # a torch tensor from a training loop, possibly on the GPU
+        features = features.detach().float().cpu().numpy()
     f = np.asarray(features)
     if f.ndim != 3:
         raise PosvitError(f"features must be (h, w, C), got shape {f.shape}")
@@ -894,10 +900,16 @@ class _PositionClassifier:
             self.own[index] = gram
             self.cache_left -= size
 
+    #: Above this many tokens the N × N class scores (O(N² C)) are not worth computing.
+    MAX_TOKENS = 16384
+
+    def add_allowed(self, grid) -> bool:
+        return int(grid[0]) * int(grid[1]) <= self.MAX_TOKENS
+
     def available(self, grid) -> bool:
         return self.count.get(tuple(grid), 0) >= 2
 
-    def score(self, index: int, f: np.ndarray, chunk: int = 2048) -> tuple[float, float]:
+    def score(self, index: int, f: np.ndarray) -> tuple[float, float]:
         """Accuracy and within-one-token accuracy (Chebyshev distance ≤ 1) on this image's tokens."""
         torch = _torch()
         h, w, C = f.shape
@@ -908,6 +920,7 @@ class _PositionClassifier:
         # Only the arg-max is used: float32 is ample for the N right-hand sides and the N × N scores.
         A = torch.cholesky_solve(S, torch.linalg.cholesky(G).to(torch.float32))  # (C, N)
         Zf = Z.to(torch.float32)
+        chunk = max(1, 2**26 // (h * w))                                   # ≤ 256 MB of float32 scores at a time
         pred = torch.cat([(Zf[i:i + chunk] @ A).argmax(1) for i in range(0, h * w, chunk)])
         truth = torch.arange(h * w, device=pred.device)
         exact = (pred == truth).double().mean().item()
@@ -1058,7 +1071,7 @@ def _probe_dataset(read, images, layers, settings, device, progress) -> dict:
                     chan[ly][t].add(res.channel[t])
             rmse[ly].append(res.coordinate_rmse)
             rmse_chance[ly].append(res.coordinate_rmse_chance)
-            if settings.extras:
+            if settings.extras and classifiers[ly].add_allowed(f.shape[:2]):
                 classifiers[ly].add(i, f)
             done += 1
             progress("probe", done, total)
@@ -1124,7 +1137,8 @@ def _probe_dataset(read, images, layers, settings, device, progress) -> dict:
                     f"alpha {classifiers[ly].alpha:g}, features z-scored per image, leave-one-image-out over "
                     "images of the same grid size"
                 ),
-                **({} if ok.any() else {"reason": "needs at least 2 images with the same grid size"}),
+                **({} if ok.any() else {"reason": "needs at least 2 images with the same grid size of at most "
+                                                  f"{_PositionClassifier.MAX_TOKENS} tokens"}),
             }
         blocks[ly] = block
     return {"layers": blocks, "channels": channels}
