@@ -7,7 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from posvit_cli._cli import DebugOpt, JsonOpt, QuietOpt, RichProgress, cli_context, console, parse_csv, store_input
+from posvit_cli._cli import (
+    DebugOpt, JsonOpt, QuietOpt, RichProgress, cli_context, command_line, console, parse_csv, store_input,
+)
 from posvit_cli.core.errors import PosvitError
 
 _TARGETS_DEFAULT = "lr,ud,diag,radial,xy,random,raster"
@@ -87,7 +89,7 @@ def _positional(store, targets, protocol, sampling, fraction, step, cutoff, repe
         layers = list(fs.layers) if all_layers else (parse_csv(layer) or None)
         with RichProgress(quiet) as progress:
             result = probe_store(fs, settings, layers=layers, device=dev, threads=threads, progress=progress)
-    result["command"] = " ".join(["posvit", *sys.argv[1:]])
+    result["command"] = command_line()
     if output:
         write_probe_result(output, result)
     if csv_path:
