@@ -1153,7 +1153,7 @@ def probe_store(
     threads: int | None = 1,
     progress: ProgressCallback | None = None,
 ) -> dict:
-    """Probe a feature store and return the full result document (see ``docs`` / README for the schema).
+    """Probe a feature store and return the full result document (schema: ``docs/probe-results.md``).
 
     Parameters
     ----------
