@@ -9,6 +9,7 @@ import typer
 from posvit_cli import __version__
 from posvit_cli.commands import doctor as doctor_cmd
 from posvit_cli.commands import extract as extract_cmd
+from posvit_cli.commands import probe as probe_cmd
 from posvit_cli.commands import segment as segment_cmd
 from posvit_cli.commands import store as store_cmd
 
@@ -41,6 +42,7 @@ def _root(
 
 
 app.command("extract")(extract_cmd.extract)
+app.command("probe")(probe_cmd.probe)
 app.command("doctor")(doctor_cmd.doctor)
 app.add_typer(store_cmd.app, name="store")
 app.add_typer(segment_cmd.app, name="segment")
@@ -60,7 +62,6 @@ def _not_built(name: str, issue: str):
 
 
 _PLANNED = {
-    "probe": "positional linear probing of feature stores",
     "debias-train": "RASA heads, cheap baselines and the ALiBi retrofit",
     "cluster": "overclustering evaluation and k-means decompositions",
     "viz": "pictures of positional bias and its removal",

@@ -350,3 +350,22 @@ def test_store_info_is_json_ready(tmp_path):
         info = st.info()
     json.dumps(info)
     assert info["groups"] == {"4x5": 3, "6x3": 1} and info["n_images"] == 4
+
+
+def test_damaged_hdf5_partial_gives_a_clear_error(tmp_path):
+    """A partial file mangled by a kill during a write is refused with one line, never an HDF5 traceback."""
+    rng = np.random.default_rng(15)
+    items = _images(rng)
+    path = tmp_path / "f.h5"
+    w = StoreWriter(path, provenance=PROVENANCE, layers=["final", "block2"])
+    for it in items[:2]:
+        w.add(it["path"], it["feats"], orig_size=(64, 80), proc_size=(64, 80), prefix=it["prefix"])
+        w.commit()
+    w.abort()
+    partial = tmp_path / "f.h5.partial"
+    data = bytearray(partial.read_bytes())
+    data[64:4096] = b"\xff" * (4096 - 64)  # clobber the superblock area and early metadata
+    partial.write_bytes(bytes(data))
+    with pytest.raises(PosvitError, match="--overwrite"):
+        StoreWriter(path, provenance=PROVENANCE, layers=["final", "block2"], resume=True)
+    assert not (tmp_path / "f.h5.partial.salvage").exists()
