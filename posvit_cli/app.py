@@ -10,6 +10,8 @@ from posvit_cli import __version__
 from posvit_cli.commands import cluster as cluster_cmd
 from posvit_cli.commands import doctor as doctor_cmd
 from posvit_cli.commands import extract as extract_cmd
+from posvit_cli.commands import probe as probe_cmd
+from posvit_cli.commands import segment as segment_cmd
 from posvit_cli.commands import store as store_cmd
 
 app = typer.Typer(
@@ -41,9 +43,11 @@ def _root(
 
 
 app.command("extract")(extract_cmd.extract)
+app.command("probe")(probe_cmd.probe)
 app.command("cluster")(cluster_cmd.cluster)
 app.command("doctor")(doctor_cmd.doctor)
 app.add_typer(store_cmd.app, name="store")
+app.add_typer(segment_cmd.app, name="segment")
 
 
 def _not_built(name: str, issue: str):
@@ -60,9 +64,7 @@ def _not_built(name: str, issue: str):
 
 
 _PLANNED = {
-    "probe": "positional linear probing of feature stores",
     "debias-train": "RASA heads, cheap baselines and the ALiBi retrofit",
-    "segment": "trainable scribble segmentation",
     "viz": "pictures of positional bias and its removal",
 }
 for _name, _what in _PLANNED.items():
