@@ -519,8 +519,9 @@ def _lloyd_bounded(x, centers0, max_iter: int, tol_abs: float, chunk: int, tick)
     converged = False
     n_iter = 0
     shift = None
+    block = 65536 if x.device.type == "cpu" else 1 << 20
     state = dict(x=x, xn=xn, labels=labels, upper=upper, group_lower=group_lower, sums=sums, counts=counts,
-                 layout=layout, chunk=chunk)
+                 layout=layout, chunk=chunk, block=block)
     for it in range(1, max_iter + 1):
         if it > 1:
             changed = _bounded_reassign(state, centers, cn, shift)
@@ -567,30 +568,33 @@ def _bounded_reassign(state, centers, cn, shift) -> int:
     upper += shift[labels]
     half_gap = 0.5 * _nearest_other_center(centers, cn, layout.real)
     bound = torch.maximum(group_lower.amin(0), half_gap[labels])
-    cand = (upper > bound).nonzero().flatten()
-    if cand.numel() == 0:
-        return 0
-    # Tighten the candidates' upper bounds to their exact distance; some then drop out.
-    xc = x.index_select(0, cand)
-    old = labels[cand]
-    u = torch.linalg.vector_norm(xc - centers.index_select(0, old), dim=1)
-    upper[cand] = u
-    still = (u > bound[cand]).nonzero().flatten()
-    if still.numel() < cand.numel():
-        cand, old, u, xc = cand[still], old[still], u[still], xc.index_select(0, still)
-    if cand.numel() == 0:
-        return 0
-    new_labels = _assign_local(xc, xn[cand], cand, old, u, centers, cn, state)
-    moved = (new_labels != old).nonzero().flatten()
-    n_changed = moved.numel()
-    if n_changed:
-        xm = xc.index_select(0, moved).double()
-        src, dst = old[moved], new_labels[moved]
-        ones = torch.ones(n_changed, dtype=counts.dtype, device=counts.device)
-        sums.index_add_(0, src, -xm)
-        sums.index_add_(0, dst, xm)
-        counts.index_add_(0, src, -ones)
-        counts.index_add_(0, dst, ones)
+    cand_all = (upper > bound).nonzero().flatten()
+    # Candidates are handled in blocks: memory stays bounded and each block's arrays stay in cache.
+    block = state["block"]
+    n_changed = 0
+    for s in range(0, cand_all.numel(), block):
+        cand = cand_all[s : s + block]
+        # Tighten the candidates' upper bounds to their exact distance; some then drop out.
+        xc = x.index_select(0, cand)
+        old = labels[cand]
+        u = torch.linalg.vector_norm(xc - centers.index_select(0, old), dim=1)
+        upper[cand] = u
+        still = (u > bound[cand]).nonzero().flatten()
+        if still.numel() < cand.numel():
+            cand, old, u, xc = cand[still], old[still], u[still], xc.index_select(0, still)
+        if cand.numel() == 0:
+            continue
+        new_labels = _assign_local(xc, xn[cand], cand, old, u, centers, cn, state)
+        moved = (new_labels != old).nonzero().flatten()
+        if moved.numel():
+            n_changed += moved.numel()
+            xm = xc.index_select(0, moved).double()
+            src, dst = old[moved], new_labels[moved]
+            ones = torch.ones(moved.numel(), dtype=counts.dtype, device=counts.device)
+            sums.index_add_(0, src, -xm)
+            sums.index_add_(0, dst, xm)
+            counts.index_add_(0, src, -ones)
+            counts.index_add_(0, dst, ones)
     return n_changed
 
 
