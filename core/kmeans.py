@@ -579,16 +579,16 @@ def _bounded_reassign(state, centers, cn, shift) -> int:
         old = labels[cand]
         u = torch.linalg.vector_norm(xc - centers.index_select(0, old), dim=1)
         upper[cand] = u
-        still = (u > bound[cand]).nonzero().flatten()
-        if still.numel() < cand.numel():
-            cand, old, u, xc = cand[still], old[still], u[still], xc.index_select(0, still)
-        if cand.numel() == 0:
+        # Rows of xc stay where they are: later steps gather the rows they need through ``row``.
+        row = (u > bound[cand]).nonzero().flatten()
+        if row.numel() == 0:
             continue
-        new_labels = _assign_local(xc, xn[cand], cand, old, u, centers, cn, state)
+        cand, old, u = cand[row], old[row], u[row]
+        new_labels = _assign_local(xc, row, xn[cand], cand, old, u, centers, cn, state)
         moved = (new_labels != old).nonzero().flatten()
         if moved.numel():
             n_changed += moved.numel()
-            xm = xc.index_select(0, moved).double()
+            xm = xc.index_select(0, row[moved]).double()
             src, dst = old[moved], new_labels[moved]
             ones = torch.ones(moved.numel(), dtype=counts.dtype, device=counts.device)
             sums.index_add_(0, src, -xm)
@@ -598,7 +598,7 @@ def _bounded_reassign(state, centers, cn, shift) -> int:
     return n_changed
 
 
-def _assign_local(xc, xn, cand, old, u, centers, cn, state):
+def _assign_local(xc, row, xn, cand, old, u, centers, cn, state):
     """Re-assign candidate points, computing distances only to the groups whose lower bound is below ``u``.
 
     Updates ``state``'s labels, upper bounds and group bounds of the candidates in place and returns their new
@@ -606,19 +606,21 @@ def _assign_local(xc, xn, cand, old, u, centers, cn, state):
 
     Parameters
     ----------
-    xc : (m, d) the candidates; xn : (m,) their squared norms; cand : (m,) their indices
+    xc : (r, d) points, of which rows ``row`` (m,) are the candidates; xn : (m,) their squared norms;
+    cand : (m,) their indices in the data
     old : (m,) current slot labels; u : (m,) exact distance to that centre
     """
     import torch
 
     labels, upper, group_lower, layout = state["labels"], state["upper"], state["group_lower"], state["layout"]
-    m = xc.shape[0]
+    m = row.shape[0]
     n = labels.shape[0]
     t, size = layout.t, layout.size
     look = group_lower.index_select(1, cand) < u[None, :]  # (t, m): groups that may hold a closer centre
     if t == 1 or float(look.float().mean()) > 0.5:
         # Most groups must be looked at anyway: one dense pass is cheaper than many small ones.
-        new_labels, new_upper, new_gl = _assign_grouped(xc, xn, centers, cn, layout, state["chunk"])
+        new_labels, new_upper, new_gl = _assign_grouped(xc.index_select(0, row), xn, centers, cn, layout,
+                                                        state["chunk"])
         labels[cand] = new_labels
         upper[cand] = new_upper
         group_lower.index_copy_(1, cand, new_gl)
@@ -635,7 +637,7 @@ def _assign_local(xc, xn, cand, old, u, centers, cn, state):
     for g, cnt in enumerate(per_group):
         if cnt:
             sl = slice(g * size, (g + 1) * size)
-            rows = xc.index_select(0, pp[off : off + cnt])
+            rows = xc.index_select(0, row[pp[off : off + cnt]])
             scores[:, off : off + cnt] = torch.addmm(cn[sl, None], centers[sl], rows.T, alpha=-2.0)
             off += cnt
     pair_min = scores.amin(0)

@@ -293,15 +293,18 @@ def test_spatial_entropy_quadrants_and_content_clusters():
     # Each quadrant cluster is uniform over a quarter of the grid: entropy log(M/4) / log(M).
     expect = 1 - math.log(4) / math.log(h * w)
     assert spatial_entropy([quad] * 5, 4) == pytest.approx(expect)
-    assert spatial_entropy([quad] * 5, 4, per_image=True) == pytest.approx(expect)
+    # Per image, positions count in 4 × 4 blocks: a quadrant covers 4 of 16 blocks uniformly.
+    assert spatial_entropy([quad] * 5, 4, per_image=True) == pytest.approx(math.log(4) / math.log(16))
     # One cluster per cell: entropy 0.
     assert spatial_entropy([np.arange(h * w).reshape(h, w)], h * w) == pytest.approx(0.0)
     # Content clusters: labels independent of position, pooled over many images → close to 1.
     rng = np.random.default_rng(0)
     content = [rng.integers(0, 4, (h, w)) for _ in range(200)]
     assert spatial_entropy(content, 4) > 0.99
+    assert spatial_entropy(content, 4, per_image=True) > 0.95
     # The shuffled reference of the quadrant clustering is high: the low value comes from position.
     assert spatial_entropy([quad] * 200, 4, shuffle_seed=0) > 0.99
+    assert spatial_entropy([quad] * 20, 4, per_image=True, shuffle_seed=0) > 0.95
 
 
 # --------------------------------------------------------------------------------------------------------------
