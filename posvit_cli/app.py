@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from posvit_cli import __version__
+from posvit_cli.commands import debias_train as debias_train_cmd
 from posvit_cli.commands import doctor as doctor_cmd
 from posvit_cli.commands import extract as extract_cmd
 from posvit_cli.commands import store as store_cmd
@@ -41,6 +42,7 @@ def _root(
 
 app.command("extract")(extract_cmd.extract)
 app.command("doctor")(doctor_cmd.doctor)
+app.command("debias-train")(debias_train_cmd.debias_train)
 app.add_typer(store_cmd.app, name="store")
 
 
@@ -59,7 +61,6 @@ def _not_built(name: str, issue: str):
 
 _PLANNED = {
     "probe": "positional linear probing of feature stores",
-    "debias-train": "RASA heads, cheap baselines and the ALiBi retrofit",
     "cluster": "overclustering evaluation and k-means decompositions",
     "segment": "trainable scribble segmentation",
     "viz": "pictures of positional bias and its removal",
