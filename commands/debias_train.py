@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from posvit_cli._cli import (
-    DebugOpt, DeviceOpt, JsonOpt, QuietOpt, RichProgress, cli_context, command_line, console, emit_json,
+    DebugOpt, JsonOpt, QuietOpt, RichProgress, cli_context, command_line, console, emit_json,
 )
 from posvit_cli.core.errors import PosvitError
 

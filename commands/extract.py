@@ -113,6 +113,13 @@ def _extract(inputs, out, model, weights, layers, prefix_tokens, size, intensity
         if method not in METHODS:
             raise PosvitError(f"unknown --method '{method}': use {', '.join(METHODS)}")
         modifications = [{"name": method, "config": AlibiConfig().to_dict() if method == "alibi" else {}}]
+        if weights in ("pretrained", "random"):
+            import warnings
+
+            from posvit_cli.core.errors import PosvitWarning
+
+            warnings.warn(f"--method {method} with --weights {weights}: the retrofit is not distilled (train one "
+                          "with `posvit debias-train`)", PosvitWarning, stacklevel=1)
     encoder = load_encoder(model, weights, device=str(dev), seed=seed, modifications=modifications)
     layer_names = encoder.layer_names(parse_csv(layers))
     if tile is not None and tile < encoder.patch_size:

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from posvit_cli.core.alibi import METHODS, AlibiConfig, retrofit
-from posvit_cli.core.errors import PosvitError, PosvitWarning
+from posvit_cli.core.errors import PosvitError
 from posvit_cli.core.images import read_image, to_channels, to_float
 from posvit_cli.core.preprocess import ResizeMode, parse_size, resize_and_normalise
 from posvit_cli.core.probe import RAMP_TARGETS, ramp_targets, stack_r2
@@ -1159,7 +1159,6 @@ class _Run:
 
         n_train = len(self.train_paths)
         total_steps = sum(self._stage_steps(st, n_train) for st in cfg.stages)
-        final_row: dict[str, Any] = {}
         for k in range(start_stage, len(cfg.stages)):
             stage = cfg.stages[k]
             steps = self._stage_steps(stage, n_train)
@@ -1185,7 +1184,8 @@ class _Run:
                 _barrier(self.dist)
                 self._log(row)
             global_step = self._run_stage(k, stage, first, steps, global_step, total_steps, train_fn, ddp, params)
-            final_row = self.log_rows[-1] if self.log_rows else {}
+        evals = [r for r in self.log_rows if r.get("r2_xy") is not None]
+        final_row = evals[-1] if evals else {}
 
         # The end: a finished state (nothing to resume) and the encoder checkpoint.
         last_stage = len(cfg.stages) - 1

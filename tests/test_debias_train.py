@@ -180,9 +180,6 @@ def test_resume_equals_uninterrupted_bit_exact(train_dir, tmp_path):
     full = train_retrofit(load_encoder(TINY_MODEL, "random"), images, cfg, output=tmp_path / "full.safetensors",
                           run_dir=tmp_path / "full", monitor=mon)
 
-    class Stop(Exception):
-        pass
-
     def stop_at_4(task, done, total):
         if task.startswith("stage 1") and done == 4:
             raise KeyboardInterrupt
