@@ -14,6 +14,7 @@ app = typer.Typer(help="Inspect and merge feature stores.", no_args_is_help=True
 @app.command("info")
 def info(
     store: Annotated[Optional[str], typer.Argument(help="Store path, or - / nothing to read a piped store.", show_default=False)] = None,
+    checksums: Annotated[bool, typer.Option("--checksums", help="Add a SHA-256 of each image's stored feature bytes (to compare stores).")] = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -26,6 +27,7 @@ def info(
             summary = fs.info()
             summary["images"] = [
                 {"path": r.path, "grid": list(r.grid), "orig_size": list(r.orig_size), "proc_size": list(r.proc_size)}
+                | ({"sha256": fs.checksum(r.index)} if checksums else {})
                 for r in fs.records
             ]
         if json_out:

@@ -43,7 +43,7 @@ from posvit_cli.core.alibi import METHODS, AlibiConfig, retrofit
 from posvit_cli.core.errors import PosvitError
 from posvit_cli.core.images import read_image, to_channels, to_float
 from posvit_cli.core.preprocess import ResizeMode, parse_size, resize_and_normalise
-from posvit_cli.core.probe import RAMP_TARGETS, ramp_targets, stack_r2
+from posvit_cli.core.probe import RAMP_TARGETS, stack_r2
 from posvit_cli.core.progress import ProgressCallback, report
 
 __all__ = [
@@ -55,6 +55,7 @@ __all__ = [
     "epoch_order",
     "gram_loss",
     "learning_rate",
+    "most_positional_channels",
     "noise_images",
     "parse_blank",
     "parse_stages",
@@ -67,8 +68,6 @@ __all__ = [
 
 STATE_FORMAT = "posvit-retrofit-state"
 STATE_VERSION = 1
-#: Ramps whose most positional channels the automatic blanking picks (top 2 each), as published.
-BLANK_RAMPS = ("lr", "ud", "diag", "radial")
 LOG_COLUMNS = (
     "step", "stage", "epoch", "size", "lr", "train_loss", "val_loss", "val_cosine",
     *(f"r2_{t}" for t in RAMP_TARGETS), "images_per_s", "elapsed_s",
@@ -180,16 +179,9 @@ def parse_blank(spec: str | None) -> list[int] | str:
 
 
 def _channels_from_probe_result(path: str) -> list[int]:
-    """The most positional channels named by a ``posvit probe`` result file."""
-    if not os.path.exists(path):
-        raise PosvitError(f"--blank: probe result '{path}' does not exist")
-    try:
-        from posvit_cli.core.probe import positional_channels, read_probe_result  # lands with `posvit probe`
-    except ImportError:
-        raise PosvitError(
-            "reading a probe result needs `posvit probe`, which this build lacks: pass the channels "
-            "(--blank 47,113,117,359) or --blank auto"
-        ) from None
+    """The most positional channels (top 2 per ramp) named by a ``posvit probe`` result file."""
+    from posvit_cli.core.probe import positional_channels, read_probe_result
+
     return sorted(int(c) for c in positional_channels(read_probe_result(path)))
 
 
@@ -219,7 +211,7 @@ class RetrofitConfig:
         λ of the Gram anchor (0 = off).
     blank : list of int or "auto"
         Channels zeroed in the teacher targets; ``auto`` = the top-2 channels per ramp (lr, ud, diag, radial) by
-        per-channel R² on the monitor images.
+        per-channel held-out R² on the monitor images (:func:`most_positional_channels`).
     val_fraction, val_max : float, int
         Held-out images: this fraction of the images, at most ``val_max``.
     eval_every, log_every, checkpoint_every : int
@@ -616,27 +608,32 @@ def learning_rate(step: int, total: int, base: float, warmup_steps: int = 0, sch
 # Blanking: the most positional channels
 
 
-# TODO(probe): replace by posvit_cli.core.probe.positional_channels once `posvit probe` (issue 3) lands. This is a
-# private stand-in: per-channel R² of a univariate least-squares fit (= squared Pearson correlation) over all
-# tokens, averaged over images, top-k per ramp.
-def _auto_blank_channels(grids: Sequence[np.ndarray], top: int = 2) -> tuple[list[int], dict[str, list[int]]]:
-    per_ramp = None
-    for f in grids:
-        h, w, c = f.shape
-        X = f.reshape(h * w, c).astype(np.float64)
-        X = X - X.mean(0)
-        xn = np.sqrt((X * X).sum(0))
-        tg = ramp_targets(h, w, BLANK_RAMPS)
-        r2 = []
-        for name in BLANK_RAMPS:
-            y = tg[name].reshape(-1) - tg[name].mean()
-            denom = xn * np.sqrt((y * y).sum())
-            r2.append(np.where(denom > 0, (X.T @ y) ** 2 / np.where(denom > 0, denom, 1.0) ** 2, 0.0))
-        r2 = np.stack(r2)
-        per_ramp = r2 if per_ramp is None else per_ramp + r2
-    per_ramp = per_ramp / len(grids)
-    tops = {name: [int(i) for i in np.argsort(-per_ramp[k], kind="stable")[:top]] for k, name in enumerate(BLANK_RAMPS)}
-    return sorted({i for v in tops.values() for i in v}), tops
+def most_positional_channels(grids: Sequence[np.ndarray], *, top_k: int = 2, fraction: float = 1 / 36,
+                             repeats: int = 6, seed: int = 0) -> list[int]:
+    """The union of the top-``top_k`` channels per ramp (lr, ud, diag, radial) by mean per-channel held-out R².
+
+    The published selection of channels to blank, through :func:`posvit_cli.core.probe.probe_dataset`.
+
+    Parameters
+    ----------
+    grids : sequence of ndarray, shape (h, w, C)
+        Features of homogeneous images (any grid sizes).
+    top_k, fraction, repeats, seed
+        Probe settings (``holdout`` protocol, random sampling).
+
+    Returns
+    -------
+    list of int
+        Ascending channel indices.
+    """
+    from posvit_cli.core.probe import POSITIONAL_RAMPS, make_settings, probe_dataset
+
+    settings, _ = make_settings("holdout", targets=POSITIONAL_RAMPS, per_channel=True, extras=False,
+                                top_k=top_k, fraction=fraction, repeats=repeats, seed=seed)
+    images = [{"name": f"monitor{i}", "path": "", "grid": g.shape[:2]} for i, g in enumerate(grids)]
+    out = probe_dataset(lambda i, layer: np.asarray(grids[i], dtype=np.float32), images, ["final"], settings,
+                        threads=None)
+    return [int(c) for c in out["layers"]["final"]["positional_channels"]]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -928,9 +925,8 @@ class _Run:
         if cfg.blank == "auto":
             if self.resume_state is not None:
                 return list(_state_meta(self.resume_state)["channels_blanked"])
-            grids = [g for g in self._features(self.teacher, self._monitor_tensors(cfg.stages[0]))]
-            chans, _ = _auto_blank_channels(grids)
-            return chans
+            grids = self._features(self.teacher, self._monitor_tensors(cfg.stages[0]))
+            return most_positional_channels(grids, fraction=cfg.r2_fraction, repeats=cfg.r2_repeats, seed=cfg.seed)
         chans = sorted(int(v) for v in cfg.blank)
         bad = [v for v in chans if v >= c]
         if bad:

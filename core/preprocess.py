@@ -50,6 +50,8 @@ def parse_size(spec: str) -> ResizeMode:
         return ResizeMode("native")
     kind, sep, num = s.partition(":")
     if not sep:
+        if not s.isdigit():
+            raise PosvitError(f"unknown size '{spec}': use native, short:N, long:N, square:N, crop:N or N")
         kind, num = "square", s
     if kind not in ("short", "long", "square", "crop"):
         raise PosvitError(f"unknown size '{spec}': use native, short:N, long:N, square:N or crop:N")

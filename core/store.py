@@ -531,6 +531,19 @@ class FeatureStore:
             raise PosvitError(f"map '{name}' is not in '{self.source}' (stored: {', '.join(self.map_names()) or 'none'})")
         return np.asarray(self._backend.array(key)[r.row])
 
+    def checksum(self, index: int) -> str:
+        """SHA-256 over the stored bytes of every layer (and prefix tokens) of one image, in layer order."""
+        import hashlib
+
+        r = self._records[index]
+        h = hashlib.sha256()
+        for layer in self.layers:
+            h.update(np.ascontiguousarray(self._backend.array(f"groups/{r.group}/features/{layer}")[r.row]).tobytes())
+            name = f"groups/{r.group}/prefix/{layer}"
+            if self._backend.has(name):
+                h.update(np.ascontiguousarray(self._backend.array(name)[r.row]).tobytes())
+        return h.hexdigest()
+
     def info(self) -> dict:
         """A JSON-ready summary: format, counts, grids, layers and provenance."""
         return {
@@ -722,6 +735,8 @@ class StoreWriter:
                 self.path.unlink()
             else:
                 os.replace(self.path, self.work_path)
+        elif self.format == "hdf5":
+            self._salvage_hdf5()
         try:
             self._backend = self._open_work("a" if self.format == "hdf5" else "r+")
         except Exception as exc:
@@ -755,6 +770,62 @@ class StoreWriter:
         self._n = n
         self.done = set(b.read_strings("images/path"))
         b.flush()
+
+    def _salvage_hdf5(self) -> None:
+        """Copy the committed images of an interrupted HDF5 store into a fresh file.
+
+        A process killed while HDF5 flushes metadata can leave the file's internal heaps inconsistent: still
+        readable, but no longer safe to append to. Resuming therefore rewrites what was committed, then appends
+        to the clean copy.
+        """
+        assert self.work_path is not None
+        damaged = f"cannot resume '{self.work_path}': the interrupted store is damaged (was it killed during a write?)"
+        try:
+            src = FeatureStore(self.work_path, allow_partial=True)
+        except PosvitError as exc:
+            raise PosvitError(f"{damaged}: {exc}; start again with --overwrite") from exc
+        salvage = self.work_path.with_name(self.work_path.name + ".salvage")
+        _remove(salvage)
+        try:
+            with src:
+                old = src.provenance
+                mismatched = [k for k in SIGNATURE_KEYS if old.get(k) != self.provenance.get(k)]
+                if mismatched:
+                    raise PosvitError(
+                        f"cannot resume '{self.path}': it was made with other settings ({', '.join(mismatched)} "
+                        "differ); use --overwrite or another output"
+                    )
+                self._backend = _H5Backend(str(salvage), "w")
+                self._init_new()
+                maps = src.map_names()
+                for rec in src.records:
+                    prefix = None
+                    if self.layers and src.prefix_tokens(rec.index, self.layers[0]) is not None:
+                        prefix = {layer: src.prefix_tokens(rec.index, layer) for layer in self.layers}
+                    rec_maps = {}
+                    for m in maps:
+                        try:
+                            rec_maps[m] = src.token_map(rec.index, m)
+                        except PosvitError:
+                            pass
+                    handle = self.begin_image(
+                        rec.path, rec.grid, self.provenance["channels"], orig_size=rec.orig_size,
+                        proc_size=rec.proc_size, prefix=prefix, maps=rec_maps or None, meta=rec.meta,
+                    )
+                    for layer in self.layers:
+                        handle.write_rows(layer, 0, src.features(rec.index, layer, dtype=self.dtype))
+                    handle.finish()
+                self.commit()
+        except PosvitError:
+            _remove(salvage)
+            raise
+        except Exception as exc:
+            _remove(salvage)
+            raise PosvitError(f"{damaged} ({type(exc).__name__}: {exc}); start again with --overwrite") from exc
+        finally:
+            if getattr(self, "_backend", None) is not None:
+                self._backend.close()
+        os.replace(salvage, self.work_path)
 
     # -- appending ---------------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -960,7 +1031,8 @@ class _ImageHandle:
         tokens = np.asarray(tokens)
         if tokens.ndim != 3 or tokens.shape[1] != self.grid[1]:
             raise ValueError(f"expected token rows of shape (r, {self.grid[1]}, C), got {tokens.shape}")
-        stored = tokens.astype(w.dtype)
+        with np.errstate(over="ignore"):
+            stored = tokens.astype(w.dtype)
         if w.dtype == np.float16 and not np.isfinite(stored).all() and np.isfinite(tokens).all():
             warnings.warn(
                 f"features of '{self.path}' overflow float16 (|x| > 65504); extract with --dtype float32",

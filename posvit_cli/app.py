@@ -10,6 +10,7 @@ from posvit_cli import __version__
 from posvit_cli.commands import debias_train as debias_train_cmd
 from posvit_cli.commands import doctor as doctor_cmd
 from posvit_cli.commands import extract as extract_cmd
+from posvit_cli.commands import probe as probe_cmd
 from posvit_cli.commands import store as store_cmd
 
 app = typer.Typer(
@@ -41,6 +42,7 @@ def _root(
 
 
 app.command("extract")(extract_cmd.extract)
+app.command("probe")(probe_cmd.probe)
 app.command("doctor")(doctor_cmd.doctor)
 app.command("debias-train")(debias_train_cmd.debias_train)
 app.add_typer(store_cmd.app, name="store")
@@ -60,7 +62,6 @@ def _not_built(name: str, issue: str):
 
 
 _PLANNED = {
-    "probe": "positional linear probing of feature stores",
     "cluster": "overclustering evaluation and k-means decompositions",
     "segment": "trainable scribble segmentation",
     "viz": "pictures of positional bias and its removal",

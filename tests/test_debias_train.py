@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from posvit_cli.core.distill import (
-    RetrofitConfig, _auto_blank_channels, epoch_order, gram_loss, learning_rate, noise_images, parse_blank,
+    RetrofitConfig, epoch_order, gram_loss, learning_rate, most_positional_channels, noise_images, parse_blank,
     parse_stages, split_train_val, step_batches, train_retrofit,
 )
 from posvit_cli.core.encoders import load_encoder, read_checkpoint_meta
@@ -124,7 +124,7 @@ def test_gram_loss_known_values():
     assert float(gram_loss(x, y)) == pytest.approx(0.5)
 
 
-def test_auto_blank_finds_planted_channels():
+def test_auto_blank_finds_planted_channels(tmp_path):
     rng = np.random.default_rng(1)
     h, w, c = 12, 16, 20
     grids = []
@@ -135,10 +135,17 @@ def test_auto_blank_finds_planted_channels():
         f[..., 7] += 5 * ys / (h - 1)
         f[..., 11] = -np.hypot(ys - h // 2, xs - w // 2) + 0.1 * rng.normal(size=(h, w))
         grids.append(f)
-    chans, tops = _auto_blank_channels(grids)
-    assert tops["lr"][0] == 3 and tops["ud"][0] == 7 and tops["radial"][0] == 11
-    assert set(tops["diag"]) == {3, 7}
-    assert {3, 7, 11} <= set(chans) and len(chans) <= 8
+    chans = most_positional_channels(grids, top_k=1, fraction=0.2)
+    assert chans == [3, 7, 11]  # lr → 3, ud → 7, radial → 11, diag → 3 or 7
+    assert {3, 7, 11} <= set(most_positional_channels(grids, fraction=0.2))
+    # A `posvit probe` result file names the channels for --blank (top 2 per ramp).
+    from posvit_cli.core.probe import make_settings, probe_store, write_probe_result
+    from posvit_cli.core.store import FeatureStore
+
+    with FeatureStore(write_store(tmp_path / "p.h5", grids)) as fs:
+        result = probe_store(fs, make_settings("holdout", fraction=0.2, extras=False)[0])
+    write_probe_result(tmp_path / "probe.json", result)
+    assert parse_blank(str(tmp_path / "probe.json")) == most_positional_channels(grids, fraction=0.2)
 
 
 # --------------------------------------------------------------------------------------------------------------
