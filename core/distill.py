@@ -794,7 +794,6 @@ class _Run:
 
     # -- set-up -------------------------------------------------------------------------------------------
     def setup(self) -> None:
-        torch = self.torch
         cfg = self.cfg
         cfg.validate()
         t = self.teacher
@@ -825,10 +824,15 @@ class _Run:
         self.stores = self._index_teacher_stores()
         self.monitor = self._monitor_images()
         self.blank = self._resolve_blank()
+        if self.resume_state is not None:
+            had = list(_state_meta(self.resume_state).get("channels_blanked", []))
+            if had != self.blank:
+                raise PosvitError(
+                    f"--resume '{self.resume_state['_path']}' blanked channels {had}, the options ask for {self.blank}"
+                )
         self.teacher_r2: dict[str, dict[str, float]] = {}
 
     def _build_student(self):
-        torch = self.torch
         cfg = self.cfg
         t = self.teacher
         if self.student_init is not None:
@@ -888,7 +892,13 @@ class _Run:
                     raise PosvitError(f"teacher store '{path}' was extracted with other weights than the teacher's")
                 if "final" not in fs.layers:
                     raise PosvitError(f"teacher store '{path}' has no final layer")
-                size_rule = str((prov.get("preprocessing") or {}).get("size", ""))
+                pre = prov.get("preprocessing") or {}
+                if pre.get("intensity", self.cfg.intensity) != self.cfg.intensity:
+                    raise PosvitError(
+                        f"teacher store '{path}' was extracted with --intensity {pre.get('intensity')}, the training "
+                        f"uses {self.cfg.intensity}"
+                    )
+                size_rule = str(pre.get("size", ""))
                 mode = parse_size(size_rule) if size_rule else None
                 if mode is None or mode.kind != "crop" or mode.size not in sizes:
                     raise PosvitError(
