@@ -40,7 +40,7 @@ def debias_train(
     inputs: Annotated[Optional[list[str]], typer.Argument(help="alibi/nope: training images (files, folders, .txt lists).", show_default=False)] = None,
     method: Annotated[str, typer.Option("--method", help="alibi (2-D ALiBi retrofit + distillation), nope (no position encoding + distillation); rasa, blank, svd, tta come later.", rich_help_panel=GENERAL)] = "alibi",
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Trained result: for alibi/nope a posvit encoder checkpoint (.safetensors) that `posvit extract --weights` loads alone. Required.", rich_help_panel=GENERAL)] = None,
-    model: Annotated[str, typer.Option("--model", "-m", help="Teacher encoder: a posvit name or timm ViT name.", rich_help_panel=GENERAL)] = "dinov2-s-reg",
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Teacher encoder: a posvit name or timm ViT name. Default: dinov2-s-reg, or the model a posvit checkpoint in --weights names.", rich_help_panel=GENERAL)] = None,
     weights: Annotated[str, typer.Option("--weights", "-w", help="Teacher weights: pretrained, random (smoke tests) or a .safetensors/.pth file.", rich_help_panel=GENERAL)] = "pretrained",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the data order, validation split, monitor noise and --weights random.", rich_help_panel=GENERAL)] = 0,
     device: Annotated[str, typer.Option("--device", help="Torch device: auto (CUDA if available), cpu, cuda, cuda:N. Under torchrun each rank takes cuda:LOCAL_RANK.", rich_help_panel=GENERAL)] = "auto",
@@ -121,7 +121,7 @@ def _train_retrofit(inputs, method, output, model, weights, seed, device, precis
         RetrofitConfig, check_images, parse_blank, parse_stages, setup_distributed, shutdown_distributed,
         train_retrofit,
     )
-    from posvit_cli.core.encoders import load_encoder
+    from posvit_cli.core.encoders import load_encoder, read_checkpoint_meta
     from posvit_cli.core.errors import PosvitWarning
     from posvit_cli.core.images import list_images, parse_intensity, read_image
 
@@ -178,6 +178,8 @@ def _train_retrofit(inputs, method, output, model, weights, seed, device, precis
         if monitor_images:
             monitor = [read_image(p) for p in list_images([monitor_images], recursive=recursive)]
 
+        if model is None and not (weights not in ("pretrained", "random") and read_checkpoint_meta(weights)):
+            model = "dinov2-s-reg"
         teacher = load_encoder(model, weights, device="cpu", seed=seed)
         if config.compile and dev.type != "cuda" and not quiet:
             console.print("[yellow]note:[/] --compile on CPU compiles for minutes before the first step", markup=True)

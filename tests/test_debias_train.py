@@ -302,6 +302,11 @@ def test_cli_bad_inputs(train_dir, tmp_path, cli):
     ck = save_encoder_checkpoint(tmp_path / "wide.safetensors", wide)
     r = cli(_train_args(train_dir, out, "--student-init", ck))
     assert r.exit_code == 2 and "width mismatch" in r.output and "96 channels" in r.output
+    # A retrofitted checkpoint is no teacher (its model is read from the checkpoint: no --model needed).
+    args = [a for a in _train_args(train_dir, out) if a not in ("--model", TINY_MODEL)]
+    args[args.index("random")] = str(ck)
+    r = cli(args)
+    assert r.exit_code == 2 and "already retrofitted" in r.output
 
 
 def test_nope_method_and_student_init_continue(train_dir, tmp_path, cli):
