@@ -329,7 +329,6 @@ def test_nope_method_and_student_init_continue(train_dir, tmp_path, cli):
 # Several processes
 
 
-@pytest.mark.slow
 def test_torchrun_two_gloo_processes_follow_the_single_process_curve(train_dir, tmp_path):
     def run(nproc, out):
         args = _train_args(train_dir, out, "--stages", "64:3", "--eval-every", "0", "--log-every", "1",
