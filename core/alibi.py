@@ -377,6 +377,8 @@ def check_retrofittable(model: nn.Module, name: str = "model") -> None:
 def remove_position_encoding(model: nn.Module) -> list[str]:
     """Remove the absolute position embedding and RoPE of a timm ViT in place.
 
+    ``pos_embed`` is deleted (``None``) where timm's ViT/Eva token assembly allows it, else zeroed and frozen.
+
     Returns
     -------
     list of str
@@ -384,7 +386,15 @@ def remove_position_encoding(model: nn.Module) -> list[str]:
     """
     removed = []
     if getattr(model, "pos_embed", None) is not None:
-        model.pos_embed = None
+        handler = getattr(getattr(type(model), "_pos_embed", None), "__qualname__", "")
+        if handler in ("VisionTransformer._pos_embed", "Eva._pos_embed"):
+            model.pos_embed = None
+        else:
+            # Subclasses with their own token layout (distilled DeiT) cannot run without the tensor: a frozen zero
+            # embedding carries no position either (it stays in the state dict, as zeros).
+            with torch.no_grad():
+                model.pos_embed.zero_()
+            model.pos_embed.requires_grad_(False)
         removed.append("pos_embed")
     if getattr(model, "rope", None) is not None:
         model.rope = None

@@ -865,9 +865,9 @@ class _Run:
             student = load_encoder(None, self.student_init, device="cpu")
         else:
             student = copy.deepcopy(t)
+            student.model.requires_grad_(True)  # the copy of the frozen teacher; the retrofit freezes what it must
             retrofit(student, cfg.method, cfg.alibi if cfg.method == "alibi" else None)
         student.model.train()
-        student.model.requires_grad_(True)
         student.to(self.device)
         return student
 

@@ -229,6 +229,29 @@ def test_dinov3_style_eva_rope_is_removed():
     assert torch.allclose(torch.roll(f, (1, 1), (1, 2)), fr, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", [
+    "vit_small_patch14_reg4_dinov2",    # DINOv2 with registers (5 prefix tokens)
+    "vit_base_patch16_clip_224",        # CLIP image tower (pre-norm)
+    "deit_tiny_distilled_patch16_224",  # distilled DeiT: own token layout, zero-frozen embedding
+    "eva02_tiny_patch14_224",           # EVA-02: absolute embedding and RoPE
+])
+def test_timm_vit_families_become_roll_equivariant(arch):
+    import timm
+
+    from posvit_cli.core.alibi import _apply
+
+    net = timm.create_model(arch, pretrained=False, num_classes=0, dynamic_img_size=True, depth=1, embed_dim=64,
+                            num_heads=2).eval()
+    _apply(net, "alibi", {}, arch)
+    assert getattr(net, "rope", None) is None
+    p, ps = net.num_prefix_tokens, net.patch_embed.patch_size[0]
+    x = torch.randn(1, 3, 3 * ps, 5 * ps)
+    with torch.no_grad():
+        f = net.forward_features(x)[:, p:].reshape(1, 3, 5, -1)
+        fr = net.forward_features(torch.roll(x, (ps, 2 * ps), (2, 3)))[:, p:].reshape(1, 3, 5, -1)
+    assert torch.allclose(torch.roll(f, (1, 2), (1, 2)), fr, atol=1e-4)
+
+
 def test_non_vit_and_already_retrofitted_are_refused():
     import timm
 
@@ -236,6 +259,8 @@ def test_non_vit_and_already_retrofitted_are_refused():
 
     with pytest.raises(PosvitError, match="not a Vision Transformer"):
         check_retrofittable(timm.create_model("test_resnet", pretrained=False), "test_resnet")
+    with pytest.raises(PosvitError, match="does not take an attention mask"):
+        check_retrofittable(timm.create_model("test_vit_relpos", pretrained=False), "test_vit_relpos")
     enc = load_encoder(TINY_MODEL, "random")
     retrofit(enc, "alibi")
     with pytest.raises(PosvitError, match="already retrofitted"):
