@@ -11,6 +11,7 @@ from posvit_cli.commands import doctor as doctor_cmd
 from posvit_cli.commands import extract as extract_cmd
 from posvit_cli.commands import probe as probe_cmd
 from posvit_cli.commands import store as store_cmd
+from posvit_cli.commands import viz as viz_cmd
 
 app = typer.Typer(
     name="posvit",
@@ -44,6 +45,7 @@ app.command("extract")(extract_cmd.extract)
 app.command("probe")(probe_cmd.probe)
 app.command("doctor")(doctor_cmd.doctor)
 app.add_typer(store_cmd.app, name="store")
+app.add_typer(viz_cmd.app, name="viz")
 
 
 def _not_built(name: str, issue: str):
@@ -63,7 +65,6 @@ _PLANNED = {
     "debias-train": "RASA heads, cheap baselines and the ALiBi retrofit",
     "cluster": "overclustering evaluation and k-means decompositions",
     "segment": "trainable scribble segmentation",
-    "viz": "pictures of positional bias and its removal",
 }
 for _name, _what in _PLANNED.items():
     app.command(_name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})(
