@@ -106,8 +106,8 @@ def _finish(outdir: Path, entries, json_out: bool, quiet: bool) -> None:
     page = update_index(outdir, entries)
     if not quiet:
         for e in entries:
-            files = ", ".join([e.file, *e.extra[:3]]) + (f" (+{len(e.extra) - 3} more)" if len(e.extra) > 3 else "")
-            console.print(f"[bold]{e.title}[/]\n  {e.caption}\n  → {outdir / e.file if len(e.extra) <= 3 else files}",
+            more = f" (+ {len(e.extra)} more file{'s' if len(e.extra) != 1 else ''})" if e.extra else ""
+            console.print(f"[bold]{e.title}[/]\n  {e.caption}\n  → {outdir / e.file}{more}",
                           markup=True, highlight=False, soft_wrap=True)
         console.print(f"index: {page}")
     if json_out:
