@@ -111,6 +111,9 @@ ENCODERS: dict[str, EncoderSpec] = {
             "vit_tiny_patch16_224",
             None,
             "posvit's own MAE-trained ViT (width 192, depth 6, patch 8, greyscale), shipped with posvit",
+            # The architecture is stated here too (the checkpoint repeats it), so `--weights random` builds the
+            # same network: the untrained control of the model card.
+            create_kwargs=dict(patch_size=8, depth=6, num_heads=3, in_chans=1, img_size=64),
             bundled="posvit-tiny.safetensors",
         ),
     ]
@@ -227,10 +230,17 @@ def load_weights_file(path: str | os.PathLike) -> dict:
     return sd
 
 
-def save_encoder_checkpoint(path: str | os.PathLike, encoder: Encoder, extra: dict | None = None) -> Path:
+def save_encoder_checkpoint(path: str | os.PathLike, encoder: Encoder, extra: dict | None = None,
+                            dtype=None) -> Path:
     """Write an encoder's weights with posvit metadata, so ``load_encoder(weights=path)`` rebuilds it alone.
 
     The file is written to a temporary name and renamed, so it is either complete or absent.
+
+    Parameters
+    ----------
+    dtype : torch.dtype, optional
+        Store floating-point tensors in this dtype (``torch.float16`` halves a shipped file); loading casts
+        them back to the model's dtype. Default: as they are.
     """
     from safetensors.torch import save_file
 
@@ -239,6 +249,8 @@ def save_encoder_checkpoint(path: str | os.PathLike, encoder: Encoder, extra: di
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     sd = {k: v.detach().cpu().contiguous() for k, v in encoder.model.state_dict().items()}
+    if dtype is not None:
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
     save_file(sd, str(tmp), metadata={"posvit": json.dumps(meta)})
     os.replace(tmp, path)
     return path

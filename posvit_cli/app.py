@@ -10,6 +10,7 @@ from posvit_cli import __version__
 from posvit_cli.commands import doctor as doctor_cmd
 from posvit_cli.commands import extract as extract_cmd
 from posvit_cli.commands import probe as probe_cmd
+from posvit_cli.commands import segment as segment_cmd
 from posvit_cli.commands import store as store_cmd
 from posvit_cli.commands import viz as viz_cmd
 
@@ -45,6 +46,7 @@ app.command("extract")(extract_cmd.extract)
 app.command("probe")(probe_cmd.probe)
 app.command("doctor")(doctor_cmd.doctor)
 app.add_typer(store_cmd.app, name="store")
+app.add_typer(segment_cmd.app, name="segment")
 app.add_typer(viz_cmd.app, name="viz")
 
 
@@ -64,7 +66,6 @@ def _not_built(name: str, issue: str):
 _PLANNED = {
     "debias-train": "RASA heads, cheap baselines and the ALiBi retrofit",
     "cluster": "overclustering evaluation and k-means decompositions",
-    "segment": "trainable scribble segmentation",
 }
 for _name, _what in _PLANNED.items():
     app.command(_name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})(
