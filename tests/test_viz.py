@@ -106,10 +106,11 @@ def produced_files(folder) -> set[str]:
 # Maps: known answers
 
 
-def test_pca_recovers_planted_rgb_patterns():
+@pytest.mark.parametrize("channels", [24, 384])  # full eigh below 33 channels, Lanczos top-3 above
+def test_pca_recovers_planted_rgb_patterns(channels):
     from posvit_cli.core.viz.maps import pca_rgb
 
-    tokens, pats = planted_rgb(12, 16)
+    tokens, pats = planted_rgb(12, 16, C=channels)
     for standardise in (False,):
         rgb, basis = pca_rgb(tokens, standardise=standardise)
         assert rgb.shape == (12, 16, 3) and rgb.min() >= 0 and rgb.max() <= 1

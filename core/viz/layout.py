@@ -189,7 +189,8 @@ def render_grid(grid: PanelGrid) -> RenderedFigure:
     label_w = 0
     if grid.row_labels:
         longest = max((_text_w(ln, "label") for lab in grid.row_labels for ln in _lines(lab)), default=0)
-        label_w = min(max(longest + 12, 60), 240)
+        # The first line is bold (about 10 % wider than the estimate) and needs air before the panels.
+        label_w = min(max(int(longest * 1.1) + 16, 60), 240)
     bar_w = 78 if grid.row_colourbars and any(grid.row_colourbars) else 0
     grid_w = label_w + sum(col_w) + GAP * max(n_cols - 1, 0) + bar_w
     # Headers are wrapped to their columns; the figure grows for a title only up to a sensible width.
@@ -324,6 +325,16 @@ def render_grid(grid: PanelGrid) -> RenderedFigure:
     return RenderedFigure(fig, (H, W), boxes)
 
 
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+# mkstemp creates 0600 files; figures are meant to be shared, so they get the mode a plain open() would give.
+_FILE_MODE = _umask_mode()
+
+
 @contextlib.contextmanager
 def _atomic_path(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -331,6 +342,7 @@ def _atomic_path(path: Path):
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -1008,7 +1008,7 @@ def compare_figure(
         groups.append((first, first + per_model - 1, labels[k] + ("\n" + sc.text() if sc is not None else "")))
         headers.append("PCA" + (" (std)" if standardise else ""))
         headers += [f"similarity {_point_text(p, units)}" if len(points) > 1 else "similarity" for p in points]
-    title = "Positional bias compared: " + " vs ".join(labels)
+    title = ("Positional bias compared: " + " vs ".join(labels)) if len(labels) > 1 else f"Positional bias: {labels[0]}"
     srcs = sorted({sc.source for sc in scores if sc is not None})
     footer = ("Scores: " + ("; ".join(srcs) if srcs else "not computed") + ". PCA → RGB per image "
               + ("(channels z-scored first)" if standardise else "(features as stored)")

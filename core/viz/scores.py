@@ -71,7 +71,8 @@ class PositionScore:
         """``xy R² 0.83 ± 0.05 (random control −0.12)``."""
         s = f"{self.target} R² {fmt(self.mean)}"
         if self.std is not None and math.isfinite(self.std):
-            s += f" ± {fmt(self.std)}"
+            # A spread below the shown precision still gets one significant digit, not "± 0.00".
+            s += f" ± {fmt(self.std, 3 if 0 < abs(self.std) < 0.01 else 2)}"
         if self.control is not None:
             s += f" (random control {fmt(self.control)})"
         return s
