@@ -115,7 +115,8 @@ def fit_pca(
     Parameters
     ----------
     grids : sequence of ndarray, each (h, w, C)
-        Token grids (grids may differ in size; channels must agree).
+        Token grids (grids may differ in size; channels must agree). Indexed twice each, so a lazy sequence
+        that reads images on demand keeps memory bounded.
     k : int
         Number of components (3 for RGB).
     standardise : bool
@@ -143,22 +144,23 @@ def fit_pca(
     masks = list(masks) if masks is not None else [None] * len(grids)
     if not (0.0 <= clip_percentile < 50.0):
         raise PosvitError(f"clip percentile must be in [0, 50), got {clip_percentile}")
+    def prepared(j):
+        X = _flat(grids[j])
+        if X.shape[1] != C:
+            raise PosvitError(f"images have {C} and {X.shape[1]} channels: a shared PCA needs the same encoder")
+        rows = None if masks[j] is None else np.asarray(masks[j], bool).ravel()
+        if standardise:
+            X = _zscore(X, rows)
+        return X if rows is None else X[rows]
+
     C = int(np.shape(grids[0])[-1])
-    # Streaming sums keep a shared PCA over many images in O(C²) memory.
+    # Two passes over the grids (sums, then scores) keep a shared PCA over many images in O(C² + 3·tokens)
+    # memory: ``grids`` may be a lazy sequence reading each image from a store when indexed.
     n = 0
     s1 = np.zeros(C)
     s2 = np.zeros((C, C))
-    flats = []
-    for g, m in zip(grids, masks):
-        X = _flat(g)
-        if X.shape[1] != C:
-            raise PosvitError(f"images have {C} and {X.shape[1]} channels: a shared PCA needs the same encoder")
-        rows = None if m is None else np.asarray(m, bool).ravel()
-        if standardise:
-            X = _zscore(X, rows)
-        if rows is not None:
-            X = X[rows]
-        flats.append(X)
+    for j in range(len(grids)):
+        X = prepared(j)
         n += X.shape[0]
         s1 += X.sum(0)
         s2 += X.T @ X
@@ -182,7 +184,7 @@ def fit_pca(
     big = np.argmax(np.abs(comps), axis=1)
     comps = comps * np.sign(comps[np.arange(kk), big])[:, None]
     total = float(np.clip(np.trace(cov), 1e-300, None))
-    scores = np.concatenate([(X - mean) @ comps.T for X in flats], axis=0)
+    scores = np.concatenate([(prepared(j) - mean) @ comps.T for j in range(len(grids))], axis=0)
     if clip_percentile > 0:
         low, high = np.percentile(scores, [clip_percentile, 100 - clip_percentile], axis=0)
     else:

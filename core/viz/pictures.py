@@ -9,7 +9,6 @@ in the row labels, and the statistic of each panel in its title.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 import warnings
@@ -168,6 +167,19 @@ def select_images(store, images: Sequence[str] | None = None, max_images: int = 
     return list(dict.fromkeys(out))
 
 
+class _LazyTokens:
+    """Token grids of chosen store images, read on demand: a sequence that never holds more than one image."""
+
+    def __init__(self, store, indices: Sequence[int], layer: str):
+        self.store, self.indices, self.layer = store, list(indices), layer
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, j: int) -> np.ndarray:
+        return self.store.features(self.indices[j], self.layer)
+
+
 class _Sources:
     """Source images of a store's records, located once; missing ones are named in one warning."""
 
@@ -298,20 +310,23 @@ def pca_figure(
     prep = (store.provenance or {}).get("preprocessing")
     sources = _Sources(store.source, opts.image_dir, _intensity(store))
     recs = [store.record(i) for i in indices]
-    tokens = [store.features(i, layer) for i in indices]
-    masks: dict[str, list[np.ndarray | None]] = {}
+    tokens = _LazyTokens(store, indices, layer)
+    masks: dict[str, list[np.ndarray | None]] = {v: [None] * len(indices) for v in variants}
+    if foreground:
+        for j in range(len(indices)):
+            t = tokens[j]
+            for v in variants:
+                masks[v][j] = foreground_mask(t, standardise=v == "std", threshold=fg_threshold)
     bases: dict[str, object] = {}
-    for v in variants:
-        std = v == "std"
-        masks[v] = ([foreground_mask(t, standardise=std, threshold=fg_threshold) for t in tokens]
-                    if foreground else [None] * len(tokens))
-        if shared:
-            bases[v] = fit_pca(tokens, 3, standardise=std, masks=masks[v], clip_percentile=clip_percentile)
+    if shared:
+        for v in variants:
+            bases[v] = fit_pca(tokens, 3, standardise=v == "std", masks=masks[v], clip_percentile=clip_percentile)
     base = "_".join(["pca", slug(label)] + (["shared"] if shared else []) + (["fg"] if foreground else [])
                     + ([slug(layer)] if layer != "final" else []))
     stem = base + (f"_{variants[0]}" if len(variants) == 1 else "")
     rows, labels, numbers, extra = [], [], [], []
-    for j, (rec, t) in enumerate(zip(recs, tokens)):
+    for j, rec in enumerate(recs):
+        t = tokens[j]
         fp = token_footprint(rec, prep)
         hw = fit_size(fp.height, fp.width, opts.panel_size)
         img = sources.image(rec.path, rec.name, fp, hw)
@@ -772,6 +787,7 @@ def segmentation_figure(
     -------
     list of FigureEntry
     """
+    from posvit_cli.core.images import read_image
     from posvit_cli.core.labels import load_label_image, resize_labels_nearest, stem as stem_of
     from posvit_cli.core.metrics import accumulate_confusion, confusion_matrix, miou
 
@@ -796,8 +812,6 @@ def segmentation_figure(
     total = None
     rows, labels, numbers = [], [], []
     for j, (p, s, pred, gt) in enumerate(loaded):
-        from posvit_cli.core.images import read_image
-
         try:
             H, W = read_image(p).shape[:2]
             fp = Footprint(0.0, 0.0, float(H), float(W), (H, W), (H, W))
