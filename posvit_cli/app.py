@@ -11,7 +11,9 @@ from posvit_cli.commands import debias_train as debias_train_cmd
 from posvit_cli.commands import doctor as doctor_cmd
 from posvit_cli.commands import extract as extract_cmd
 from posvit_cli.commands import probe as probe_cmd
+from posvit_cli.commands import segment as segment_cmd
 from posvit_cli.commands import store as store_cmd
+from posvit_cli.commands import viz as viz_cmd
 
 app = typer.Typer(
     name="posvit",
@@ -46,6 +48,8 @@ app.command("probe")(probe_cmd.probe)
 app.command("doctor")(doctor_cmd.doctor)
 app.command("debias-train")(debias_train_cmd.debias_train)
 app.add_typer(store_cmd.app, name="store")
+app.add_typer(segment_cmd.app, name="segment")
+app.add_typer(viz_cmd.app, name="viz")
 
 
 def _not_built(name: str, issue: str):
@@ -63,8 +67,6 @@ def _not_built(name: str, issue: str):
 
 _PLANNED = {
     "cluster": "overclustering evaluation and k-means decompositions",
-    "segment": "trainable scribble segmentation",
-    "viz": "pictures of positional bias and its removal",
 }
 for _name, _what in _PLANNED.items():
     app.command(_name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})(
