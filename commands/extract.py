@@ -46,6 +46,7 @@ def extract(
     head: Annotated[Optional[Path], typer.Option("--head", help="Apply a debiasing head (posvit debias-train output) to the final tokens.")] = None,
     transform: Annotated[Optional[str], typer.Option("--transform", help="Extract features of transformed images mapped back to the original frame: flip-ud, flip-lr, rot90, roll:DY,DX (patches).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for --weights random.")] = 0,
+    method: Annotated[Optional[str], typer.Option("--method", help="The --weights file is a position-free model: alibi (2-D ALiBi, constant slope 1, torus) or nope (no position encoding), e.g. the published ALiBi/NoPE DINOv2 checkpoints. Default: none (posvit checkpoints carry this themselves).")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="Torch CPU threads. Default: torch's choice (all cores).")] = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -80,7 +81,7 @@ def _merge(inputs, out, overwrite, json_out, quiet):
 
 def _extract(inputs, out, model, weights, layers, prefix_tokens, size, intensity, max_side, tile, overlap, batch_size,
              device, precision, dtype, compression, workers, recursive, shard, resume, overwrite, strict, head,
-             transform, seed, threads, json_out, quiet, **_):
+             transform, seed, threads, json_out, quiet, method=None, **_):
     import torch
 
     from posvit_cli.core.device import resolve_device, resolve_precision
@@ -105,7 +106,14 @@ def _extract(inputs, out, model, weights, layers, prefix_tokens, size, intensity
     prec = resolve_precision(precision, dev)
     if model is None and not (weights not in ("pretrained", "random") and read_checkpoint_meta(weights)):
         model = "dinov2-s-reg"
-    encoder = load_encoder(model, weights, device=str(dev), seed=seed)
+    modifications = None
+    if method:
+        from posvit_cli.core.alibi import METHODS, AlibiConfig
+
+        if method not in METHODS:
+            raise PosvitError(f"unknown --method '{method}': use {', '.join(METHODS)}")
+        modifications = [{"name": method, "config": AlibiConfig().to_dict() if method == "alibi" else {}}]
+    encoder = load_encoder(model, weights, device=str(dev), seed=seed, modifications=modifications)
     layer_names = encoder.layer_names(parse_csv(layers))
     if tile is not None and tile < encoder.patch_size:
         raise PosvitError(f"--tile {tile} is smaller than one {encoder.patch_size}-px patch")

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from posvit_cli import __version__
+from posvit_cli.commands import debias_train as debias_train_cmd
 from posvit_cli.commands import doctor as doctor_cmd
 from posvit_cli.commands import extract as extract_cmd
 from posvit_cli.commands import probe as probe_cmd
@@ -43,6 +44,7 @@ def _root(
 app.command("extract")(extract_cmd.extract)
 app.command("probe")(probe_cmd.probe)
 app.command("doctor")(doctor_cmd.doctor)
+app.command("debias-train")(debias_train_cmd.debias_train)
 app.add_typer(store_cmd.app, name="store")
 
 
@@ -60,7 +62,6 @@ def _not_built(name: str, issue: str):
 
 
 _PLANNED = {
-    "debias-train": "RASA heads, cheap baselines and the ALiBi retrofit",
     "cluster": "overclustering evaluation and k-means decompositions",
     "segment": "trainable scribble segmentation",
     "viz": "pictures of positional bias and its removal",
