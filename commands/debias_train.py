@@ -104,6 +104,7 @@ def debias_train(
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
+    ctx: typer.Context = None,
 ) -> None:
     """Train a debiasing method: ALiBi/NoPE retrofit of the encoder, or a RASA head and cheap baseline heads.
 
@@ -284,24 +285,24 @@ _METHODS = {
 _STORE_SUFFIXES = (".h5", ".hdf5", ".hdf", ".zarr", ".zarr.zip", ".zip")
 
 
-def _given(name: str) -> bool:
+def _given(ctx, name: str) -> bool:
     """True when the user set option ``name`` on the command line (not its default)."""
-    import click
-    from click.core import ParameterSource
-
-    ctx = click.get_current_context(silent=True)
-    if ctx is None:
-        return False
-    return ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)
+    source = ctx.get_parameter_source(name) if ctx is not None else None
+    return source is not None and source.name != "DEFAULT"
 
 
-def _head_inputs(inputs, method: str) -> tuple[str | None, list[str]]:
-    """Split the positional inputs into a feature store (path or '-') or a list of images."""
+def _head_inputs(inputs, method: str, blank: str, ctx) -> tuple[str | None, list[str]]:
+    """Split the positional inputs into a feature store (path or '-') or a list of images.
+
+    Without inputs, a piped stdin is read as the store only where the method needs one (rasa, blank auto, svd
+    without --model); where it is optional, name it as ``-``.
+    """
     import sys
 
     items = [str(i) for i in (inputs or [])]
     if not items:
-        wants_store = method in ("rasa", "blank") or (method == "svd" and not _given("model"))
+        wants_store = (method == "rasa" or (method == "blank" and (blank or "auto").strip().lower() == "auto")
+                       or (method == "svd" and not _given(ctx, "model")))
         if wants_store and not sys.stdin.isatty():
             return "-", []
         return None, []
@@ -316,7 +317,7 @@ def _head_inputs(inputs, method: str) -> tuple[str | None, list[str]]:
 def _train_head(inputs, method, output, model, weights, seed, device, precision, threads, overwrite, blank,
                 recursive, skip_unreadable, intensity, rounds, epochs, lr_head, batch_images, exact, token_fraction,
                 max_tokens, augment, views, crop, extract_batch, cache, head_format, top_k, rank, size, transforms,
-                report_images, json_out, quiet, **_):
+                report_images, json_out, quiet, ctx=None, **_):
     import time
 
     import torch
@@ -348,13 +349,13 @@ def _train_head(inputs, method, output, model, weights, seed, device, precision,
         torch.set_num_threads(threads)
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
-    store_src, images = _head_inputs(inputs, method)
+    store_src, images = _head_inputs(inputs, method, blank, ctx)
     args = dict(store_src=store_src, images=images, out=out, model=model, weights=weights, seed=seed, dev=dev,
                 prec=prec, overwrite=overwrite, blank=blank, recursive=recursive, skip_unreadable=skip_unreadable,
                 intensity=intensity, rounds=rounds, epochs=epochs, lr_head=lr_head, batch_images=batch_images,
                 exact=exact, token_fraction=token_fraction, max_tokens=max_tokens, augment=augment, views=views,
                 crop=crop, extract_batch=extract_batch, cache=cache, top_k=top_k, rank=rank, size=size,
-                transforms=transforms, report_images=report_images, quiet=quiet)
+                transforms=transforms, report_images=report_images, quiet=quiet, ctx=ctx)
     build = {"rasa": _head_rasa, "blank": _head_blank, "svd": _head_svd, "tta": _head_tta}[method]
     head, facts = build(**args)
     head.info.update({"posvit_version": __version__, "command": command_line(),
@@ -557,13 +558,13 @@ def _most_common_size(store) -> tuple[int, int]:
     return Counter(tuple(r.proc_size) for r in store.records).most_common(1)[0][0]
 
 
-def _encoder_for(store, model, weights, seed, dev):
+def _encoder_for(store, model, weights, seed, dev, ctx):
     """The encoder that made a store (from its provenance) unless --model/--weights are given."""
     from posvit_cli.core.encoders import load_encoder
 
     prov = store.provenance if store is not None else {}
-    if _given("model") or _given("weights") or store is None:
-        if store is None and not _given("model"):
+    if _given(ctx, "model") or _given(ctx, "weights") or store is None:
+        if store is None and not _given(ctx, "model"):
             raise PosvitError("svd needs the encoder: give the feature store it will clean, or --model (and --weights)")
         return load_encoder(model, weights, device=str(dev), seed=seed)
     if not prov.get("model") or prov.get("model") == "synthetic":
@@ -587,7 +588,7 @@ def _encoder_for(store, model, weights, seed, dev):
     return enc
 
 
-def _head_svd(store_src, model, weights, seed, dev, prec, rank, size, report_images, quiet, **_):
+def _head_svd(store_src, model, weights, seed, dev, prec, rank, size, report_images, quiet, ctx, **_):
     from posvit_cli.core.baselines import constant_image_subspace, parse_image_size
     from posvit_cli.core.heads import ProjectionHead
 
@@ -597,7 +598,7 @@ def _head_svd(store_src, model, weights, seed, dev, prec, rank, size, report_ima
     try:
         if store is not None:
             _require_final(store)
-        encoder = _encoder_for(store, model, weights, seed, dev)
+        encoder = _encoder_for(store, model, weights, seed, dev, ctx)
         if store is not None and store.channels and store.channels != encoder.embed_dim:
             raise PosvitError(f"the encoder has {encoder.embed_dim} channels, '{store.source}' {store.channels}: "
                               "pass the --model that made the store")
@@ -607,7 +608,7 @@ def _head_svd(store_src, model, weights, seed, dev, prec, rank, size, report_ima
         else:
             hw = parse_image_size(size, encoder.patch_size)
         basis, facts = constant_image_subspace(encoder, hw, rank, device=dev, precision=prec)
-        info = {"backbone": _backbone(store.provenance if store is not None and not _given("model")
+        info = {"backbone": _backbone(store.provenance if store is not None and not _given(ctx, "model")
                                       else encoder.provenance()),
                 "input": {"size": list(hw)}, "svd": facts}
         head = ProjectionHead(basis[None], method="svd", exact=True, info=info)

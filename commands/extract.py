@@ -51,6 +51,7 @@ def extract(
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
+    ctx: typer.Context = None,
 ) -> None:
     """Extract patch features of images into a feature store (HDF5 or Zarr).
 
@@ -66,8 +67,9 @@ def extract(
             _merge(inputs, out, overwrite, json_out, quiet)
             return
         if head is not None and _is_store_input(inputs):
-            _apply_head(inputs, out, head, overwrite, dtype if _option_given("dtype") else None, compression,
-                        transform, resume, json_out, quiet)
+            dtype_given = ctx is not None and ctx.get_parameter_source("dtype").name != "DEFAULT"
+            _apply_head(inputs, out, head, overwrite, dtype if dtype_given else None, compression, transform, resume,
+                        json_out, quiet)
             return
         _extract(**locals())
 
@@ -88,14 +90,6 @@ _STORE_SUFFIXES = (".h5", ".hdf5", ".hdf", ".zarr", ".zarr.zip", ".zip")
 
 def _is_store_input(inputs) -> bool:
     return len(inputs) == 1 and (inputs[0] == "-" or str(inputs[0]).lower().rstrip("/").endswith(_STORE_SUFFIXES))
-
-
-def _option_given(name: str) -> bool:
-    import click
-    from click.core import ParameterSource
-
-    ctx = click.get_current_context(silent=True)
-    return ctx is not None and ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)
 
 
 def _apply_head(inputs, out, head, overwrite, dtype, compression, transform, resume, json_out, quiet):

@@ -83,7 +83,7 @@ def constant_image_subspace(
     Returns
     -------
     basis : ndarray of float32, shape (k, D)
-        Orthonormal rows, strongest first (``k = min(rank, tokens − 1)``).
+        Orthonormal rows, strongest first (``k = rank``, or fewer when the tokens vary in fewer directions).
     info : dict
         ``grid``, ``size``, ``singular_values`` (all), ``explained`` (variance fraction of the kept vectors).
     """
@@ -106,9 +106,14 @@ def constant_image_subspace(
     if h * w < 2:
         raise PosvitError(f"a {h}×{w} token grid has no positional variation: use a larger --size")
     _, S, Vh = torch.linalg.svd(X, full_matrices=False)
-    k = min(rank, h * w - 1, D)
+    # Directions with no variance over the grid are not positional: never remove arbitrary null directions.
+    available = int((S > 1e-6 * S[0]).sum()) if S.numel() and S[0] > 0 else 0
+    k = min(rank, available)
+    if k < 1:
+        raise PosvitError("the tokens of a constant image do not vary over the grid: this encoder has no "
+                          "positional subspace to remove")
     if k < rank:
-        warnings.warn(f"--rank {rank} exceeds what a {h}×{w} grid can hold; keeping {k} directions",
+        warnings.warn(f"the constant image's tokens vary in only {k} directions; removing {k}, not --rank {rank}",
                       PosvitWarning, stacklevel=2)
     energy = (S**2).sum()
     explained = float((S[:k] ** 2).sum() / energy) if energy > 0 else float("nan")
@@ -150,6 +155,7 @@ def stack_r2_report(
     apply: Callable[[np.ndarray], np.ndarray] | None = None,
     read_after: Callable[[int], np.ndarray] | None = None,
     *,
+    fraction: float | None = None,
     seed: int = 0,
     progress: ProgressCallback | None = None,
 ) -> dict:
@@ -164,12 +170,16 @@ def stack_r2_report(
     apply : callable, optional
         Head applied to ``read(i)`` for the "after" features (or give ``read_after``).
     read_after : callable ``i -> ndarray (h, w, C)``, optional
+    fraction : float, optional
+        Training fraction of the probe. Default: the published 1/36, raised on small grids so that at least 16
+        tokens train each fit (at most half of them), since 1/36 of a few hundred tokens fits nothing.
     seed : int
 
     Returns
     -------
     dict
-        ``{"images": n, "before": {target: mean R²}, "after": {...}}`` for lr, ud, diag, radial and xy.
+        ``{"images": n, "fraction": f, "before": {target: mean R²}, "after": {...}}`` for lr, ud, diag, radial
+        and xy.
     """
     from posvit_cli.core.probe import RAMP_TARGETS, make_settings, probe_dataset
 
@@ -181,8 +191,12 @@ def stack_r2_report(
         def read_after(i):
             return apply(read(i))
 
-    settings, _ = make_settings("holdout", targets=RAMP_TARGETS, per_channel=False, extras=False, seed=seed)
-    out = {"images": len(images)}
+    if fraction is None:
+        smallest = min(int(im["grid"][0]) * int(im["grid"][1]) for im in images)
+        fraction = min(0.5, max(1 / 36, 16 / smallest))
+    settings, _ = make_settings("holdout", targets=RAMP_TARGETS, per_channel=False, extras=False, seed=seed,
+                                fraction=fraction)
+    out = {"images": len(images), "fraction": fraction}
     for name, fn in (("before", read), ("after", read_after)):
         res = probe_dataset(lambda i, _ly, fn=fn: np.asarray(fn(i), dtype=np.float32), images, ["final"], settings,
                             progress=lambda task, done, total, name=name: progress(f"probe {name}", done, total))
