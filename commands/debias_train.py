@@ -110,7 +110,7 @@ def debias_train(
 
     alibi/nope: removes the encoder's position embedding (and RoPE), adds a 2-D ALiBi attention bias (alibi) or nothing (nope), and distils the result to the original model's patch tokens with the most positional channels zeroed, on a folder of images, in stages (224 px, then 518 px). Runs unchanged under `torchrun --nproc-per-node N`. Writes a posvit encoder checkpoint for `posvit extract --weights`.
 
-    rasa/blank/svd/tta: write a head (.safetensors) for `posvit extract --head`, which cleans tokens as they are extracted or a stored store without re-extraction. rasa fits and removes 2-D planes that predict token position on cached final tokens (a feature store, or images extracted once with augmentations); blank zeroes the most positional channels; svd removes the subspace spanned by the tokens of a constant image; tta averages features over flips, rotations and torus rolls mapped back to the original frame. Reports probe's stack R2 before and after.
+    rasa/blank/svd/tta: write a head (.safetensors) for `posvit extract --head`, which cleans tokens as they are extracted or a stored store without re-extraction. rasa fits and removes 2-D planes that predict token position on cached final tokens (a feature store, or images extracted once with augmentations); blank zeroes the most positional channels; svd removes the subspace spanned by the tokens of a constant image; tta averages features over flips, rotations and torus rolls mapped back to the original frame. Reports probe's stack R2 before and after. On the CPU, rasa's round loop runs on one thread unless --threads is given.
     """
     with cli_context(debug, quiet):
         m = method.strip().lower()
@@ -351,7 +351,7 @@ def _train_head(inputs, method, output, model, weights, seed, device, precision,
     prec = resolve_precision(precision, dev)
     store_src, images = _head_inputs(inputs, method, blank, ctx)
     args = dict(store_src=store_src, images=images, out=out, model=model, weights=weights, seed=seed, dev=dev,
-                prec=prec, overwrite=overwrite, blank=blank, recursive=recursive, skip_unreadable=skip_unreadable,
+                prec=prec, threads=threads, overwrite=overwrite, blank=blank, recursive=recursive, skip_unreadable=skip_unreadable,
                 intensity=intensity, rounds=rounds, epochs=epochs, lr_head=lr_head, batch_images=batch_images,
                 exact=exact, token_fraction=token_fraction, max_tokens=max_tokens, augment=augment, views=views,
                 crop=crop, extract_batch=extract_batch, cache=cache, top_k=top_k, rank=rank, size=size,
@@ -407,8 +407,8 @@ def _require_final(store) -> None:
         )
 
 
-def _head_rasa(store_src, images, out, model, weights, seed, dev, prec, overwrite, recursive, skip_unreadable,
-               intensity, rounds, epochs, lr_head, batch_images, exact, token_fraction, max_tokens, augment, views,
+def _head_rasa(store_src, images, out, model, weights, seed, dev, prec, threads, overwrite, recursive,
+               skip_unreadable, intensity, rounds, epochs, lr_head, batch_images, exact, token_fraction, max_tokens, augment, views,
                crop, extract_batch, cache, report_images, quiet, **_):
     from posvit_cli.core.heads import ProjectionHead
     from posvit_cli.core.rasa import RasaConfig, ViewOptions, load_token_cache, train_rasa
@@ -441,7 +441,7 @@ def _head_rasa(store_src, images, out, model, weights, seed, dev, prec, overwrit
                         f"{log.constant_mse:.4f}) · cos(raw, clean) {log.cosine:.4f}"
                     )
 
-            result = train_rasa(token_cache, config, progress=progress, on_round=on_round)
+            result = train_rasa(token_cache, config, threads=threads or 1, progress=progress, on_round=on_round)
         prov = store.provenance
         info = {
             "backbone": _backbone(prov),

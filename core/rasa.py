@@ -45,6 +45,7 @@ __all__ = [
     "ViewOptions",
     "extract_views",
     "grid_coordinates",
+    "initial_weights",
     "load_token_cache",
     "train_rasa",
     "view_provenance",
@@ -320,10 +321,21 @@ def _through_planes(W, bases: Sequence, q):
     return W
 
 
-def _init_weights(torch, D: int, gen, device):
-    # nn.Linear's default (kaiming_uniform with a = sqrt(5)) is U(-1/sqrt(D), 1/sqrt(D)) for a D-input layer.
-    bound = 1.0 / math.sqrt(D)
-    return ((torch.rand((2, D), generator=gen, dtype=torch.float32) * 2 - 1) * bound).to(device)
+def initial_weights(channels: int, rounds: int, seed: int = 0) -> Any:
+    """The starting ``W_t`` of every round: PyTorch's ``nn.Linear`` initialisation, drawn from ``seed`` alone.
+
+    ``nn.Linear(D, 2)``'s default (Kaiming-uniform with ``a = √5``) is ``U(−1/√D, 1/√D)``. The draws depend only on
+    ``seed`` and the round, not on the data or its order, so two protocols with the same seed start every round
+    from the same weights.
+
+    Returns
+    -------
+    torch.Tensor of float32, shape (rounds, 2, channels)
+    """
+    torch = _torch()
+    gen = torch.Generator().manual_seed(int(seed))
+    bound = 1.0 / math.sqrt(channels)
+    return (torch.rand((rounds, 2, channels), generator=gen, dtype=torch.float32) * 2 - 1) * bound
 
 
 class _CoordinateProbe:
@@ -361,7 +373,7 @@ def train_rasa(
     cache: TokenCache,
     config: RasaConfig,
     *,
-    device=None,
+    threads: int | None = 1,
     progress: ProgressCallback | None = None,
     on_round: Callable[[RoundLog], None] | None = None,
 ) -> RasaResult:
@@ -372,7 +384,9 @@ def train_rasa(
     cache : TokenCache
         Tokens ``(M, D)`` and targets; training runs on their device.
     config : RasaConfig
-    device : ignored (kept for symmetry; the cache's device is used)
+    threads : int or None
+        Torch intra-op threads while training on the CPU (None: torch's setting). One by default: the
+        matrices of a step are small, and on shared cores intra-op threads made the loop 10–20× slower.
     progress : callable, optional
         ``progress("RASA", step, rounds × steps_per_round)``.
     on_round : callable, optional
@@ -382,20 +396,28 @@ def train_rasa(
     -------
     RasaResult
     """
+    from posvit_cli.core.probe import torch_threads
+
+    config.validate()
+    with torch_threads(threads if cache.tokens.device.type == "cpu" else None):
+        return _train_rasa(cache, config, report(progress), on_round)
+
+
+def _train_rasa(cache: TokenCache, config: RasaConfig, progress, on_round) -> RasaResult:
     import torch.nn.functional as F
 
     from posvit_cli.core.heads import gram_schmidt
 
     torch = _torch()
-    config.validate()
-    progress = report(progress)
     t_start = time.perf_counter()
     Z, Y = cache.tokens, cache.coords
     dev = Z.device
     M, D = int(Z.shape[0]), int(Z.shape[1])
     if M < 4:
         raise PosvitError(f"only {M} tokens to train on: RASA needs more images or tokens")
-    gen = torch.Generator().manual_seed(int(config.seed))
+    # Data order and the evaluation sample use their own stream, so initial weights depend on the seed alone.
+    gen = torch.Generator().manual_seed(int(np.random.SeedSequence([int(config.seed), 1]).generate_state(1)[0]))
+    inits = initial_weights(D, config.rounds, config.seed)
     steps_per_epoch = max(1, math.ceil(cache.n_images / config.batch_images))
     n_use = max(steps_per_epoch, int(round(config.token_fraction * M)))
     total_steps = steps_per_epoch * config.epochs
@@ -415,7 +437,7 @@ def train_rasa(
     progress("RASA", 0, config.rounds * total_steps)
     for t in range(config.rounds):
         t0 = time.perf_counter()
-        W = _init_weights(torch, D, gen, dev).requires_grad_(True)
+        W = inits[t].to(dev).requires_grad_(True)
         opt = torch.optim.AdamW([W], lr=config.lr, betas=(0.9, 0.999), weight_decay=0.0)
         step = 0
         for epoch in range(config.epochs):

@@ -150,3 +150,14 @@ def test_cuda_training_matches_cpu(planted):
     for a, b in zip(cpu.planes, gpu.planes):
         ua, ub = gram_schmidt(torch.from_numpy(a)), gram_schmidt(torch.from_numpy(b))
         assert torch.linalg.svdvals(ua @ ub.T).min() > 0.99  # same planes up to float noise
+
+
+def test_every_round_starts_from_the_seeded_linear_initialisation(planted):
+    from posvit_cli.core.rasa import initial_weights
+
+    _, feats = planted
+    inits = initial_weights(D, 3, seed=5)
+    assert inits.shape == (3, 2, D) and float(inits.abs().max()) <= 1 / np.sqrt(D)
+    assert torch.equal(inits, initial_weights(D, 3, seed=5)) and not torch.equal(inits, initial_weights(D, 3, 6))
+    frozen = train_rasa(_cache(feats[:4]), RasaConfig(lr=1e-30, batch_images=2, rounds=3, epochs=1, seed=5))
+    assert np.allclose(frozen.planes, inits.numpy(), atol=1e-12)
