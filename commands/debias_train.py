@@ -86,6 +86,7 @@ def debias_train(
     epochs: Annotated[int, typer.Option("--epochs", help="Epochs per round.", rich_help_panel=RASA)] = 5,
     lr_head: Annotated[float, typer.Option("--lr-head", help="Peak AdamW learning rate of each round, cosine to 0, no weight decay (Franca's code: 2e-4; paper: 2e-3).", rich_help_panel=RASA)] = 2e-4,
     batch_images: Annotated[int, typer.Option("--batch-images", help="Images whose tokens make one optimiser step (steps per epoch = images / this, as the references).", rich_help_panel=RASA)] = 128,
+    batching: Annotated[str, typer.Option("--batching", help="What a step trains on: tokens (random tokens of all images), images (all tokens of --batch-images images, shuffled each epoch) or images-in-order (the references' unshuffled batches).", rich_help_panel=RASA)] = "tokens",
     exact: Annotated[bool, typer.Option("--exact", help="Remove all planes with one exact orthogonal projector (QR of every plane vector) instead of one plane after another in training order (the references).", rich_help_panel=RASA)] = False,
     token_fraction: Annotated[float, typer.Option("--token-fraction", help="Fraction of the cached tokens each epoch uses (a fresh random subset per epoch).", rich_help_panel=RASA)] = 1.0,
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="Most tokens held in memory (float16: 2·D bytes each); larger stores are sampled evenly per image.", rich_help_panel=RASA)] = 4_000_000,
@@ -315,7 +316,8 @@ def _head_inputs(inputs, method: str, blank: str, ctx) -> tuple[str | None, list
 
 
 def _train_head(inputs, method, output, model, weights, seed, device, precision, threads, overwrite, blank,
-                recursive, skip_unreadable, intensity, rounds, epochs, lr_head, batch_images, exact, token_fraction,
+                recursive, skip_unreadable, intensity, rounds, epochs, lr_head, batch_images, batching, exact,
+                token_fraction,
                 max_tokens, augment, views, crop, extract_batch, cache, head_format, top_k, rank, size, transforms,
                 report_images, json_out, quiet, ctx=None, **_):
     import time
@@ -353,6 +355,7 @@ def _train_head(inputs, method, output, model, weights, seed, device, precision,
     args = dict(store_src=store_src, images=images, out=out, model=model, weights=weights, seed=seed, dev=dev,
                 prec=prec, threads=threads, overwrite=overwrite, blank=blank, recursive=recursive, skip_unreadable=skip_unreadable,
                 intensity=intensity, rounds=rounds, epochs=epochs, lr_head=lr_head, batch_images=batch_images,
+                batching=batching,
                 exact=exact, token_fraction=token_fraction, max_tokens=max_tokens, augment=augment, views=views,
                 crop=crop, extract_batch=extract_batch, cache=cache, top_k=top_k, rank=rank, size=size,
                 transforms=transforms, report_images=report_images, quiet=quiet, ctx=ctx)
@@ -408,13 +411,14 @@ def _require_final(store) -> None:
 
 
 def _head_rasa(store_src, images, out, model, weights, seed, dev, prec, threads, overwrite, recursive,
-               skip_unreadable, intensity, rounds, epochs, lr_head, batch_images, exact, token_fraction, max_tokens, augment, views,
-               crop, extract_batch, cache, report_images, quiet, **_):
+               skip_unreadable, intensity, rounds, epochs, lr_head, batch_images, batching, exact, token_fraction,
+               max_tokens, augment, views, crop, extract_batch, cache, report_images, quiet, **_):
     from posvit_cli.core.heads import ProjectionHead
     from posvit_cli.core.rasa import RasaConfig, ViewOptions, load_token_cache, train_rasa
 
     config = RasaConfig(rounds=rounds, epochs=epochs, lr=lr_head, batch_images=batch_images,
-                        token_fraction=token_fraction, exact=exact, seed=seed).validate()
+                        batching=batching.strip().lower(), token_fraction=token_fraction, exact=exact,
+                        seed=seed).validate()
     if max_tokens < 1:
         raise PosvitError(f"--max-tokens must be at least 1, got {max_tokens}")
     facts: dict = {}

@@ -38,6 +38,7 @@ from posvit_cli.core.progress import ProgressCallback, report
 
 __all__ = [
     "AUGMENTATIONS",
+    "BATCHINGS",
     "RasaConfig",
     "RasaResult",
     "RoundLog",
@@ -51,6 +52,8 @@ __all__ = [
     "view_provenance",
 ]
 
+#: What one optimiser step trains on (see :class:`RasaConfig`).
+BATCHINGS = ("tokens", "images", "images-in-order")
 #: The augmentations of Franca's RASA training data (``ViewOptions(augment=True)``), in order.
 AUGMENTATIONS = {
     "random_resized_crop": {"scale": [0.25, 1.0]},
@@ -105,6 +108,8 @@ class TokenCache:
         True when fewer than all tokens of the store were kept (``max_tokens``).
     grids : dict
         ``{"HxW": number of images}``.
+    offsets : ndarray of int64, shape (n_images + 1,), optional
+        Image ``i`` owns tokens ``offsets[i]:offsets[i + 1]``. None: ``n_images`` equal runs.
     """
 
     tokens: Any
@@ -112,10 +117,20 @@ class TokenCache:
     n_images: int
     sampled: bool = False
     grids: dict = dataclasses.field(default_factory=dict)
+    offsets: np.ndarray | None = None
 
     @property
     def channels(self) -> int:
         return int(self.tokens.shape[1])
+
+    def image_offsets(self) -> np.ndarray:
+        """Token ranges of the images (``offsets``, or equal runs when they were not recorded)."""
+        if self.offsets is not None:
+            return np.asarray(self.offsets, dtype=np.int64)
+        M = len(self)
+        if M % self.n_images:
+            raise PosvitError(f"{M} tokens do not split into {self.n_images} equal images: give the cache its offsets")
+        return np.arange(self.n_images + 1, dtype=np.int64) * (M // self.n_images)
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
@@ -197,8 +212,9 @@ def load_token_cache(
             "--dtype float32"
         )
     device = torch.device(device)
+    offsets = np.concatenate([[0], np.cumsum(keep)]).astype(np.int64)
     return TokenCache(tokens=tokens.to(device), coords=coords.to(device), n_images=len(records), sampled=sampled,
-                      grids=grids)
+                      grids=grids, offsets=offsets)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -218,10 +234,14 @@ class RasaConfig:
     lr : float
         Peak AdamW learning rate of every round (Franca's code 2e-4; the paper says 2e-3).
     batch_images : int
-        Images per optimiser step: an epoch has ``ceil(n_images / batch_images)`` steps, each on an equal share
-        of the epoch's tokens, as the references' batches of all tokens of ``batch_images`` images.
+        Images per optimiser step: an epoch has ``ceil(n_images / batch_images)`` steps, as the references'.
+    batching : {"tokens", "images", "images-in-order"}
+        What a step trains on. ``tokens`` (default): an equal share of the epoch's tokens drawn at random from all
+        images (lower-variance steps). ``images``: all tokens of ``batch_images`` images, images shuffled every
+        epoch. ``images-in-order``: the same in store order every epoch, the references' batches (their loaders
+        do not shuffle).
     token_fraction : float
-        Fraction of the cached tokens an epoch uses (a fresh random subset each epoch; 1 = all).
+        ``tokens`` batching: fraction of the cached tokens an epoch uses (a fresh random subset each epoch).
     exact : bool
         Remove earlier planes with one orthogonal projector (QR of all plane vectors) rather than in sequence.
     seed : int
@@ -236,6 +256,7 @@ class RasaConfig:
     epochs: int = 5
     lr: float = 2e-4
     batch_images: int = 128
+    batching: str = "tokens"
     token_fraction: float = 1.0
     exact: bool = False
     seed: int = 0
@@ -252,8 +273,12 @@ class RasaConfig:
             raise PosvitError(f"--lr-head must be positive, got {self.lr}")
         if self.batch_images < 1:
             raise PosvitError(f"--batch-images must be at least 1, got {self.batch_images}")
+        if self.batching not in BATCHINGS:
+            raise PosvitError(f"unknown --batching '{self.batching}': use {', '.join(BATCHINGS)}")
         if not (0.0 < self.token_fraction <= 1.0):
             raise PosvitError(f"--token-fraction must be in (0, 1], got {self.token_fraction}")
+        if self.token_fraction < 1.0 and self.batching != "tokens":
+            raise PosvitError("--token-fraction applies to --batching tokens (image batches hold all their tokens)")
         if self.eval_tokens < 4:
             raise PosvitError(f"the evaluation sample needs at least 4 tokens, got {self.eval_tokens}")
         return self
@@ -421,6 +446,9 @@ def _train_rasa(cache: TokenCache, config: RasaConfig, progress, on_round) -> Ra
     steps_per_epoch = max(1, math.ceil(cache.n_images / config.batch_images))
     n_use = max(steps_per_epoch, int(round(config.token_fraction * M)))
     total_steps = steps_per_epoch * config.epochs
+    if config.batching != "tokens":
+        offsets = cache.image_offsets()
+        image_tokens = [torch.arange(int(a), int(b)) for a, b in zip(offsets[:-1], offsets[1:])]
 
     eval_idx = torch.randperm(M, generator=gen)[: min(config.eval_tokens, M)].to(dev)
     E_raw = Z[eval_idx].to("cpu", torch.float64)
@@ -437,13 +465,18 @@ def _train_rasa(cache: TokenCache, config: RasaConfig, progress, on_round) -> Ra
     progress("RASA", 0, config.rounds * total_steps)
     for t in range(config.rounds):
         t0 = time.perf_counter()
-        W = inits[t].to(dev).requires_grad_(True)
+        W = inits[t].clone().to(dev).requires_grad_(True)
         opt = torch.optim.AdamW([W], lr=config.lr, betas=(0.9, 0.999), weight_decay=0.0)
         step = 0
         for epoch in range(config.epochs):
-            order = torch.randperm(M, generator=gen)[:n_use].to(dev)
+            if config.batching == "tokens":
+                chunks = torch.randperm(M, generator=gen)[:n_use].to(dev).tensor_split(steps_per_epoch)
+            else:
+                images = (torch.randperm(cache.n_images, generator=gen) if config.batching == "images"
+                          else torch.arange(cache.n_images))
+                chunks = [torch.cat([image_tokens[i] for i in part.tolist()]).to(dev)
+                          for part in images.split(config.batch_images)]
             epoch_loss = torch.zeros((), device=dev)
-            chunks = order.tensor_split(steps_per_epoch)
             for idx in chunks:
                 lr_now = 0.5 * config.lr * (1.0 + math.cos(math.pi * step / total_steps))
                 for g in opt.param_groups:

@@ -120,7 +120,8 @@ def test_token_cache_samples_evenly_with_matching_targets(tmp_path):
         full = load_token_cache(s)
         part = load_token_cache(s, max_tokens=30, seed=1)
     assert len(full) == 63 and not full.sampled and full.grids == {"4x6": 2, "5x3": 1}
-    assert part.sampled and len(part) == 11 + 11 + 7
+    assert part.sampled and len(part) == 11 + 11 + 7 and part.offsets.tolist() == [0, 11, 22, 29]
+    assert full.offsets.tolist() == [0, 24, 48, 63]
     for cache in (full, part):
         t, c = cache.tokens.float(), cache.coords
         h = t[:, 2]
@@ -161,3 +162,54 @@ def test_every_round_starts_from_the_seeded_linear_initialisation(planted):
     assert torch.equal(inits, initial_weights(D, 3, seed=5)) and not torch.equal(inits, initial_weights(D, 3, 6))
     frozen = train_rasa(_cache(feats[:4]), RasaConfig(lr=1e-30, batch_images=2, rounds=3, epochs=1, seed=5))
     assert np.allclose(frozen.planes, inits.numpy(), atol=1e-12)
+
+
+def _reference_protocol(feats, config):
+    """The references' loop, written out: all tokens of `batch_images` images per step, in order, the earlier
+    planes applied to the tokens one after the other."""
+    import math
+
+    import torch.nn.functional as F
+
+    from posvit_cli.core.rasa import initial_weights
+
+    n, h, w, d = feats.shape
+    z_all = torch.from_numpy(feats.reshape(n, h * w, d))
+    y = torch.from_numpy(grid_coordinates(h, w))
+    inits = initial_weights(d, config.rounds, config.seed)
+    steps = math.ceil(n / config.batch_images) * config.epochs
+    planes, bases = [], []
+    for t in range(config.rounds):
+        W = inits[t].clone().requires_grad_(True)
+        opt = torch.optim.AdamW([W], lr=config.lr, weight_decay=0.0)
+        k = 0
+        for _ in range(config.epochs):
+            for b in range(0, n, config.batch_images):
+                z = z_all[b : b + config.batch_images].reshape(-1, d)
+                for u in bases:
+                    z = z - (z @ u.T) @ u
+                for g in opt.param_groups:
+                    g["lr"] = 0.5 * config.lr * (1 + math.cos(math.pi * k / steps))
+                loss = F.mse_loss(torch.sigmoid(z @ W.T), y.repeat(z.shape[0] // (h * w), 1))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                k += 1
+        planes.append(W.detach().clone())
+        bases.append(gram_schmidt(planes[-1]).float())
+    return torch.stack(planes).numpy()
+
+
+def test_images_in_order_batching_reproduces_the_reference_protocol(planted):
+    _, feats = planted
+    config = RasaConfig(lr=1e-2, batch_images=3, rounds=3, epochs=2, batching="images-in-order", seed=2)
+    ours = train_rasa(_cache(feats[:10]), config).planes  # 10 images: batches of 3, 3, 3, 1 as the references
+    reference = _reference_protocol(feats[:10], config)
+    assert np.allclose(ours, reference, atol=1e-6)
+    shuffled = train_rasa(_cache(feats[:10]), RasaConfig(lr=1e-2, batch_images=3, rounds=3, epochs=2,
+                                                         batching="images", seed=2)).planes
+    assert np.abs(shuffled - reference).max() > 1e-4
+    with pytest.raises(PosvitError, match="--token-fraction applies"):
+        RasaConfig(batching="images", token_fraction=0.5).validate()
+    with pytest.raises(PosvitError, match="--batching"):
+        RasaConfig(batching="pixels").validate()
