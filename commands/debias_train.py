@@ -450,6 +450,7 @@ def _head_rasa(store_src, images, out, model, weights, seed, dev, prec, threads,
         info = {
             "backbone": _backbone(prov),
             "input": {"store": store.source, "images": len(store), "grids": token_cache.grids,
+                      "size": list(_most_common_size(store)),
                       "preprocessing": prov.get("preprocessing"), "augmentation": prov.get("augmentation")},
             "training": {**config.as_dict(), "tokens": result.tokens, "tokens_sampled": token_cache.sampled,
                          "steps_per_round": result.steps_per_round, "device": str(dev),

@@ -59,7 +59,7 @@ def test_rasa_head_from_a_store_and_extract_head_equals_cleaning_the_store(image
     assert "round 2/2" in r.stderr and "coordinate MSE" in r.stderr
     head = load_head(head_path, channels=64)
     assert head.info["backbone"]["model"] == TINY_MODEL and head.info["training"]["rounds"] == 2
-    assert head.info["input"]["grids"] == {"4x6": 8} and head.info["command"].startswith("posvit")
+    assert head.info["input"]["grids"] == {"4x6": 8} and head.info["input"]["size"] == [64, 96] and head.info["command"].startswith("posvit")
 
     at_extraction = tmp_path / "a.h5"
     r = cli(["extract", images, "-m", TINY_MODEL, "-w", "random", "--dtype", "float32", "--head", head_path,
