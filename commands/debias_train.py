@@ -3,7 +3,10 @@
 Methods:
 - ``alibi`` / ``nope``: retrofit the encoder (2-D ALiBi attention bias, or no position encoding) and distil it to
   the original model on a folder of images (:func:`_train_retrofit`, core in :mod:`posvit_cli.core.distill`).
-- ``rasa``, ``blank``, ``svd``, ``tta``: feature-store based heads and baselines (not built yet).
+- ``rasa``, ``blank``, ``svd``, ``tta``: debiasing heads for final patch tokens, trained on a feature store (RASA
+  planes, channel blanking, constant-image SVD subspace) or written from settings (test-time transform averaging)
+  (:func:`_train_head`, core in :mod:`posvit_cli.core.rasa`, :mod:`posvit_cli.core.baselines`,
+  :mod:`posvit_cli.core.heads`).
 """
 
 from __future__ import annotations
@@ -22,14 +25,8 @@ from posvit_cli.core.errors import PosvitError
 RETROFIT = "ALiBi / NoPE retrofit (--method alibi|nope)"
 RETROFIT_RUN = "Retrofit: schedule, checkpoints and monitoring"
 GENERAL = "General"
-
-#: Methods another part of posvit will add to this command (feature-store based).
-_PLANNED_METHODS = {
-    "rasa": "RASA projection heads",
-    "blank": "channel blanking",
-    "svd": "positional-subspace (SVD) removal",
-    "tta": "test-time transform averaging",
-}
+RASA = "RASA heads (--method rasa)"
+HEADS = "Baselines (--method blank|svd|tta) and head files"
 
 
 def _raise_interrupt(signum, frame):
@@ -37,8 +34,8 @@ def _raise_interrupt(signum, frame):
 
 
 def debias_train(
-    inputs: Annotated[Optional[list[str]], typer.Argument(help="alibi/nope: training images (files, folders, .txt lists).", show_default=False)] = None,
-    method: Annotated[str, typer.Option("--method", help="alibi (2-D ALiBi retrofit + distillation), nope (no position encoding + distillation); rasa, blank, svd, tta come later.", rich_help_panel=GENERAL)] = "alibi",
+    inputs: Annotated[Optional[list[str]], typer.Argument(help="alibi/nope: training images (files, folders, .txt lists). rasa/blank/svd: a feature store of final tokens (a path, or piped in); rasa also takes images with --model (extracted once into --cache); tta: optional images for the before/after report.", show_default=False)] = None,
+    method: Annotated[str, typer.Option("--method", help="alibi (2-D ALiBi retrofit + distillation), nope (no position encoding + distillation), rasa (RASA projection head), blank (zero the most positional channels), svd (remove the constant-image positional subspace), tta (test-time transform averaging).", rich_help_panel=GENERAL)] = "alibi",
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Trained result: for alibi/nope a posvit encoder checkpoint (.safetensors) that `posvit extract --weights` loads alone. Required.", rich_help_panel=GENERAL)] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Teacher encoder: a posvit name or timm ViT name. Default: dinov2-s-reg, or the model a posvit checkpoint in --weights names.", rich_help_panel=GENERAL)] = None,
     weights: Annotated[str, typer.Option("--weights", "-w", help="Teacher weights: pretrained, random (smoke tests) or a .safetensors/.pth file.", rich_help_panel=GENERAL)] = "pretrained",
@@ -84,20 +81,42 @@ def debias_train(
     keep_checkpoints: Annotated[bool, typer.Option("--keep-checkpoints", help="Keep every training state, not only the last.", rich_help_panel=RETROFIT_RUN)] = False,
     run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Folder for training states (last.pt) and log.csv. Default: the output path with suffix .train.", rich_help_panel=RETROFIT_RUN)] = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue an interrupted run from its run folder or a state file (same options and images).", rich_help_panel=RETROFIT_RUN)] = None,
+    # -- RASA heads ----------------------------------------------------------------------------------------
+    rounds: Annotated[int, typer.Option("--rounds", help="Planes removed, one per round (Franca's code: 9; paper: 8).", rich_help_panel=RASA)] = 9,
+    epochs: Annotated[int, typer.Option("--epochs", help="Epochs per round.", rich_help_panel=RASA)] = 5,
+    lr_head: Annotated[float, typer.Option("--lr-head", help="Peak AdamW learning rate of each round, cosine to 0, no weight decay (Franca's code: 2e-4; paper: 2e-3).", rich_help_panel=RASA)] = 2e-4,
+    batch_images: Annotated[int, typer.Option("--batch-images", help="Images whose tokens make one optimiser step (steps per epoch = images / this, as the references).", rich_help_panel=RASA)] = 128,
+    batching: Annotated[str, typer.Option("--batching", help="What a step trains on: tokens (random tokens of all images), images (all tokens of --batch-images images, shuffled each epoch) or images-in-order (the references' unshuffled batches).", rich_help_panel=RASA)] = "tokens",
+    exact: Annotated[bool, typer.Option("--exact", help="Remove all planes with one exact orthogonal projector (QR of every plane vector) instead of one plane after another in training order (the references).", rich_help_panel=RASA)] = False,
+    token_fraction: Annotated[float, typer.Option("--token-fraction", help="Fraction of the cached tokens each epoch uses (a fresh random subset per epoch).", rich_help_panel=RASA)] = 1.0,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Most tokens held in memory (float16: 2·D bytes each); larger stores are sampled evenly per image.", rich_help_panel=RASA)] = 4_000_000,
+    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Images input: Franca's augmentations (random resized crop 0.25-1, colour jitter, greyscale, blur, flips, rot90); off: short-side resize + centre crop.", rich_help_panel=RASA)] = True,
+    views: Annotated[int, typer.Option("--views", help="Images input: augmented views per image.", rich_help_panel=RASA)] = 1,
+    crop: Annotated[int, typer.Option("--crop", help="Images input: side of the views in pixels (rounded down to the patch size).", rich_help_panel=RASA)] = 518,
+    extract_batch: Annotated[int, typer.Option("--extract-batch", help="Images input: views per encoder forward pass.", rich_help_panel=RASA)] = 16,
+    cache: Annotated[Optional[Path], typer.Option("--cache", help="Images input: store the extracted views here (reusable as the input of later runs). Default: OUTPUT with suffix .views.h5.", rich_help_panel=RASA)] = None,
+    # -- baselines and head files ---------------------------------------------------------------------------
+    head_format: Annotated[str, typer.Option("--head-format", help="posvit (.safetensors with metadata) or franca (pre_pos_layers.{i}.weight / pos_pred.weight; .safetensors, or .pth for Franca's own loader). rasa only for franca.", rich_help_panel=HEADS)] = "posvit",
+    top_k: Annotated[int, typer.Option("--top-k", help="blank: channels taken per ramp (lr, ud, diag, radial) from a probe result or --blank auto; the channels come from --blank (auto = probe the input store, a list, or a `posvit probe` .json).", rich_help_panel=HEADS)] = 2,
+    rank: Annotated[int, typer.Option("--rank", help="svd: singular vectors of the constant-image tokens removed (INSID3: 16).", rich_help_panel=HEADS)] = 16,
+    size: Annotated[str, typer.Option("--size", help="svd: constant-image size N or HxW px (auto = the input store's most common image size, else 518); tta: resize rule of the report images as in `extract --size` (auto = native).", rich_help_panel=HEADS)] = "auto",
+    transforms: Annotated[str, typer.Option("--transforms", help="tta: transforms averaged, comma-separated: flip-lr, flip-ud, rot90, rot180, rot270, roll:DY,DX (patches), compositions with +, and sets flips, rot90, d4, rolls:N, reference (identity, flip-lr, flip-ud, rot90).", rich_help_panel=HEADS)] = "reference",
+    report_images: Annotated[int, typer.Option("--report-images", help="Images of the input on which the stack R2 is probed before and after the head (0 = no report).", rich_help_panel=HEADS)] = 16,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
+    ctx: typer.Context = None,
 ) -> None:
-    """Train a debiasing method: ALiBi/NoPE retrofit of the encoder (now), RASA heads and baselines (later).
+    """Train a debiasing method: ALiBi/NoPE retrofit of the encoder, or a RASA head and cheap baseline heads.
 
     alibi/nope: removes the encoder's position embedding (and RoPE), adds a 2-D ALiBi attention bias (alibi) or nothing (nope), and distils the result to the original model's patch tokens with the most positional channels zeroed, on a folder of images, in stages (224 px, then 518 px). Runs unchanged under `torchrun --nproc-per-node N`. Writes a posvit encoder checkpoint for `posvit extract --weights`.
+
+    rasa/blank/svd/tta: write a head (.safetensors) for `posvit extract --head`, which cleans tokens as they are extracted or a stored store without re-extraction. rasa fits and removes 2-D planes that predict token position on cached final tokens (a feature store, or images extracted once with augmentations); blank zeroes the most positional channels; svd removes the subspace spanned by the tokens of a constant image; tta averages features over flips, rotations and torus rolls mapped back to the original frame. Reports probe's stack R2 before and after. On the CPU, rasa's round loop runs on one thread unless --threads is given.
     """
     with cli_context(debug, quiet):
         m = method.strip().lower()
-        if m in _PLANNED_METHODS:
-            raise PosvitError(f"--method {m} ({_PLANNED_METHODS[m]}) is not built yet; available: alibi, nope")
         if m not in _METHODS:
-            raise PosvitError(f"unknown --method '{method}': use alibi or nope (rasa, blank, svd, tta are planned)")
+            raise PosvitError(f"unknown --method '{method}': use {', '.join(_METHODS)}")
         _METHODS[m](**{**locals(), "method": m})
 
 
@@ -260,3 +279,430 @@ _METHODS = {
     "alibi": _train_retrofit,
     "nope": _train_retrofit,
 }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# rasa / blank / svd / tta: heads for final patch tokens
+
+
+_STORE_SUFFIXES = (".h5", ".hdf5", ".hdf", ".zarr", ".zarr.zip", ".zip")
+
+
+def _given(ctx, name: str) -> bool:
+    """True when the user set option ``name`` on the command line (not its default)."""
+    source = ctx.get_parameter_source(name) if ctx is not None else None
+    return source is not None and source.name != "DEFAULT"
+
+
+def _head_inputs(inputs, method: str, blank: str, ctx) -> tuple[str | None, list[str]]:
+    """Split the positional inputs into a feature store (path or '-') or a list of images.
+
+    Without inputs, a piped stdin is read as the store only where the method needs one (rasa, blank auto, svd
+    without --model); where it is optional, name it as ``-``.
+    """
+    import sys
+
+    items = [str(i) for i in (inputs or [])]
+    if not items:
+        wants_store = (method == "rasa" or (method == "blank" and (blank or "auto").strip().lower() == "auto")
+                       or (method == "svd" and not _given(ctx, "model")))
+        if wants_store and not sys.stdin.isatty():
+            return "-", []
+        return None, []
+    stores = [i for i in items if i == "-" or i.lower().rstrip("/").endswith(_STORE_SUFFIXES)]
+    if stores:
+        if len(items) > 1:
+            raise PosvitError(f"give one feature store (got {len(items)} inputs: {', '.join(items[:3])} ...)")
+        return stores[0], []
+    return None, items
+
+
+def _train_head(inputs, method, output, model, weights, seed, device, precision, threads, overwrite, blank,
+                recursive, skip_unreadable, intensity, rounds, epochs, lr_head, batch_images, batching, exact,
+                token_fraction,
+                max_tokens, augment, views, crop, extract_batch, cache, head_format, top_k, rank, size, transforms,
+                report_images, json_out, quiet, ctx=None, **_):
+    import time
+
+    import torch
+
+    from posvit_cli import __version__
+    from posvit_cli.core.device import resolve_device, resolve_precision
+    from posvit_cli.core.heads import save_head
+
+    t0 = time.perf_counter()
+    if not output:
+        raise PosvitError(f"name the head file with -o {method}.safetensors")
+    out = Path(output)
+    fmt = head_format.strip().lower()
+    if fmt not in ("posvit", "franca"):
+        raise PosvitError(f"unknown --head-format '{head_format}': use posvit or franca")
+    if fmt == "franca" and method != "rasa":
+        raise PosvitError("--head-format franca holds RASA planes only: use it with --method rasa")
+    if out.suffix.lower() not in (".safetensors", ".pth", ".pt"):
+        raise PosvitError(f"-o '{output}': heads are saved as .safetensors (or .pth with --head-format franca)")
+    if out.suffix.lower() != ".safetensors" and fmt != "franca":
+        raise PosvitError(f"-o '{output}': a .pth head is Franca's format: add --head-format franca, or use .safetensors")
+    if out.exists() and not overwrite:
+        raise PosvitError(f"'{out}' exists: pass --overwrite to replace it (or -o another file)")
+    if not out.parent.exists():
+        raise PosvitError(f"output folder '{out.parent}' does not exist")
+    if report_images < 0:
+        raise PosvitError(f"--report-images must be 0 or more, got {report_images}")
+    if threads:
+        torch.set_num_threads(threads)
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    store_src, images = _head_inputs(inputs, method, blank, ctx)
+    args = dict(store_src=store_src, images=images, out=out, model=model, weights=weights, seed=seed, dev=dev,
+                prec=prec, threads=threads, overwrite=overwrite, blank=blank, recursive=recursive, skip_unreadable=skip_unreadable,
+                intensity=intensity, rounds=rounds, epochs=epochs, lr_head=lr_head, batch_images=batch_images,
+                batching=batching,
+                exact=exact, token_fraction=token_fraction, max_tokens=max_tokens, augment=augment, views=views,
+                crop=crop, extract_batch=extract_batch, cache=cache, top_k=top_k, rank=rank, size=size,
+                transforms=transforms, report_images=report_images, quiet=quiet, ctx=ctx)
+    build = {"rasa": _head_rasa, "blank": _head_blank, "svd": _head_svd, "tta": _head_tta}[method]
+    head, facts = build(**args)
+    head.info.update({"posvit_version": __version__, "command": command_line(),
+                      "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    save_head(head, out, layout=fmt)
+    seconds = time.perf_counter() - t0
+    summary = {"method": method, "output": str(out), "head_format": fmt, "channels": head.channels,
+               **head.summary(), **facts, "seconds": round(seconds, 3), "command": command_line()}
+    if not quiet:
+        _print_head_summary(summary)
+    if json_out:
+        emit_json(summary)
+
+
+def _open_store(src: str):
+    from posvit_cli.core.store import FeatureStore
+
+    return FeatureStore(src)
+
+
+def _backbone(prov: dict) -> dict:
+    keys = ("model", "timm_name", "weights", "weights_sha256", "patch_size", "channels", "modifications")
+    return {k: prov.get(k) for k in keys if prov.get(k) is not None}
+
+
+def _store_report(store, head, report_images: int, seed: int, quiet: bool) -> dict | None:
+    """probe's stack R² before/after the head on up to ``report_images`` images of the store."""
+    from posvit_cli.core.baselines import report_indices, stack_r2_report
+
+    if report_images == 0:
+        return None
+    idx = report_indices(len(store), report_images)
+    usable = [i for i in idx if store.record(i).grid[0] * store.record(i).grid[1] >= 2]
+    if not usable:
+        return None
+    images = [{"name": store.record(i).name, "path": store.record(i).path, "grid": list(store.record(i).grid)}
+              for i in usable]
+    with RichProgress(quiet) as progress:
+        return stack_r2_report(lambda j: store.features(usable[j], "final"), images, apply=head.apply_numpy,
+                               seed=seed, progress=progress)
+
+
+def _require_final(store) -> None:
+    if not store.layers:
+        raise PosvitError(f"'{store.source}' holds no feature layers (a maps-only store)")
+    if "final" not in store.layers:
+        raise PosvitError(
+            f"heads act on final tokens; '{store.source}' stores {', '.join(store.layers)}: extract with --layers final"
+        )
+
+
+def _head_rasa(store_src, images, out, model, weights, seed, dev, prec, threads, overwrite, recursive,
+               skip_unreadable, intensity, rounds, epochs, lr_head, batch_images, batching, exact, token_fraction,
+               max_tokens, augment, views, crop, extract_batch, cache, report_images, quiet, **_):
+    from posvit_cli.core.heads import ProjectionHead
+    from posvit_cli.core.rasa import RasaConfig, ViewOptions, load_token_cache, train_rasa
+
+    config = RasaConfig(rounds=rounds, epochs=epochs, lr=lr_head, batch_images=batch_images,
+                        batching=batching.strip().lower(), token_fraction=token_fraction, exact=exact,
+                        seed=seed).validate()
+    if max_tokens < 1:
+        raise PosvitError(f"--max-tokens must be at least 1, got {max_tokens}")
+    facts: dict = {}
+    if store_src is None:
+        if not images:
+            raise PosvitError(
+                "name the training data: a feature store (posvit extract IMAGES -o feats.h5) or images with --model"
+            )
+        view_opts = ViewOptions(crop=crop, views=views, augment=augment, intensity=intensity,
+                                batch_size=extract_batch, precision=prec, seed=seed).validate()
+        store_src, facts["views"] = _extract_views(images, out, model, weights, seed, dev, recursive,
+                                                   skip_unreadable, intensity, view_opts, cache, overwrite, quiet)
+    store = _open_store(store_src)
+    try:
+        _require_final(store)
+        with RichProgress(quiet) as progress:
+            token_cache = load_token_cache(store, max_tokens=max_tokens, seed=seed, device=dev, progress=progress)
+
+            def on_round(log) -> None:
+                if not quiet:
+                    console.print(
+                        f"round {log.round}/{config.rounds}: loss {log.loss:.4f} · coordinate MSE "
+                        f"{log.probe_mse_before:.4f} → {log.probe_mse_after:.4f} (constant predictor "
+                        f"{log.constant_mse:.4f}) · cos(raw, clean) {log.cosine:.4f}"
+                    )
+
+            result = train_rasa(token_cache, config, threads=threads or 1, progress=progress, on_round=on_round)
+        prov = store.provenance
+        info = {
+            "backbone": _backbone(prov),
+            "input": {"store": store.source, "images": len(store), "grids": token_cache.grids,
+                      "size": list(_most_common_size(store)),
+                      "preprocessing": prov.get("preprocessing"), "augmentation": prov.get("augmentation")},
+            "training": {**config.as_dict(), "tokens": result.tokens, "tokens_sampled": token_cache.sampled,
+                         "steps_per_round": result.steps_per_round, "device": str(dev),
+                         "seconds": round(result.seconds, 3)},
+            "rounds": [r.as_dict() for r in result.rounds],
+        }
+        head = ProjectionHead(result.planes, method="rasa", exact=exact, info=info)
+        report = _store_report(store, head, report_images, seed, quiet)
+    finally:
+        store.close()
+    head.info["report"] = report
+    facts.update({"store": store_src, "images": info["input"]["images"], "tokens": result.tokens,
+                  "rounds": info["rounds"], "report": report})
+    return head, facts
+
+
+def _extract_views(images, out, model, weights, seed, dev, recursive, skip_unreadable, intensity, view_opts,
+                   cache, overwrite, quiet):
+    import signal as _signal
+
+    from posvit_cli.core.encoders import load_encoder
+    from posvit_cli.core.images import list_images, parse_intensity
+    from posvit_cli.core.rasa import extract_views, view_provenance
+    from posvit_cli.core.store import StoreWriter
+
+    parse_intensity(intensity)
+    cache_path = Path(cache) if cache is not None else out.with_suffix(".views.h5")
+    if cache_path.exists() and not overwrite:
+        raise PosvitError(
+            f"the view cache '{cache_path}' exists: train on it (posvit debias-train --method rasa {cache_path} ...) "
+            "or pass --overwrite"
+        )
+    paths = list_images(images, recursive=recursive)
+    encoder = load_encoder(model, weights, device=str(dev), seed=seed)
+    writer = StoreWriter(cache_path, provenance=view_provenance(encoder, view_opts, command_line()), layers=["final"],
+                         dtype="float16", overwrite=overwrite)
+    old = _signal.signal(_signal.SIGTERM, _raise_interrupt)
+    try:
+        with RichProgress(quiet) as progress:
+            summary = extract_views(paths, encoder, writer, view_opts, device=dev, progress=progress)
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        _signal.signal(_signal.SIGTERM, old)
+    if summary["skipped"] and not skip_unreadable:
+        writer.abort()
+        p, why = summary["skipped"][0]
+        raise PosvitError(f"{len(summary['skipped'])} images cannot be read (first: {p}: {why}); remove them or pass "
+                          "--skip-unreadable")
+    writer.update_provenance(extract_seconds=round(summary["seconds"], 3))
+    writer.close(complete=True)
+    if not quiet:
+        console.print(f"extracted {summary['views']} views of {summary['images']} images with {encoder.name} → "
+                      f"{cache_path} ({summary['seconds']:.1f} s)")
+    return str(cache_path), {"cache": str(cache_path), "views": summary["views"], "images": summary["images"],
+                             "seconds": round(summary["seconds"], 3)}
+
+
+def _head_blank(store_src, blank, top_k, seed, report_images, quiet, **_):
+    from posvit_cli.core.baselines import store_positional_channels
+    from posvit_cli.core.heads import BlankHead
+    from posvit_cli.core.probe import positional_channels, read_probe_result
+
+    if top_k < 1:
+        raise PosvitError(f"--top-k must be at least 1, got {top_k}")
+    spec = (blank or "auto").strip()
+    store = _open_store(store_src) if store_src else None
+    try:
+        if store is not None:
+            _require_final(store)
+        width = store.channels if store is not None else None
+        source = spec
+        if spec.lower() == "auto":
+            if store is None:
+                raise PosvitError("--blank auto probes the input store: give a feature store, a channel list "
+                                  "(--blank 47,113) or a probe result (--blank probe.json)")
+            with RichProgress(quiet) as progress:
+                channels, _ = store_positional_channels(store, top_k, seed=seed, progress=progress)
+            source = f"auto: top {top_k} per ramp of `posvit probe` on {store.source}"
+        elif spec.lower().endswith(".json") or Path(spec).is_file():
+            result = read_probe_result(spec)
+            channels = positional_channels(result, k=top_k)
+            probed = (result.get("store") or {}).get("channels")
+            if width is not None and probed and int(probed) != width:
+                raise PosvitError(f"probe result '{spec}' is of {probed}-channel features; '{store.source}' has {width}")
+            width = width or (int(probed) if probed else None)
+            source = f"probe result {spec} (top {top_k} per ramp)"
+        elif spec.lower() in ("none", ""):
+            raise PosvitError("--blank none leaves nothing to blank: give auto, a channel list or a probe result")
+        else:
+            try:
+                channels = sorted({int(v) for v in spec.split(",") if v.strip()})
+            except ValueError:
+                raise PosvitError(f"--blank '{spec}': use auto, channel indices (47,113) or a probe result .json") from None
+        info = {"backbone": _backbone(store.provenance) if store is not None else {}, "channel_source": source}
+        head = BlankHead(channels, width, info=info)
+        report = _store_report(store, head, report_images, seed, quiet) if store is not None else None
+    finally:
+        if store is not None:
+            store.close()
+    head.info["report"] = report
+    return head, {"store": store_src, "channels_zeroed": head.channels_zeroed, "channel_source": source,
+                  "report": report}
+
+
+def _most_common_size(store) -> tuple[int, int]:
+    from collections import Counter
+
+    return Counter(tuple(r.proc_size) for r in store.records).most_common(1)[0][0]
+
+
+def _encoder_for(store, model, weights, seed, dev, ctx):
+    """The encoder that made a store (from its provenance) unless --model/--weights are given."""
+    from posvit_cli.core.encoders import load_encoder
+
+    prov = store.provenance if store is not None else {}
+    if _given(ctx, "model") or _given(ctx, "weights") or store is None:
+        if store is None and not _given(ctx, "model"):
+            raise PosvitError("svd needs the encoder: give the feature store it will clean, or --model (and --weights)")
+        return load_encoder(model, weights, device=str(dev), seed=seed)
+    if not prov.get("model") or prov.get("model") == "synthetic":
+        raise PosvitError(f"'{store.source}' does not name the encoder that made it: pass --model and --weights")
+    w = prov.get("weights") or "pretrained"
+    if str(w).startswith("bundled:"):
+        w = "pretrained"
+    mods = prov.get("modifications") or None
+    enc = load_encoder(prov["model"], w, device=str(dev), seed=seed, modifications=mods)
+    sha = prov.get("weights_sha256")
+    if sha and enc.weights_sha256 != sha:
+        import warnings
+
+        from posvit_cli.core.errors import PosvitWarning
+
+        warnings.warn(
+            f"the encoder loaded for svd ({enc.name}, weights {enc.weights}) differs from the one that made "
+            f"'{store.source}' (sha256 {sha[:12]}… vs {enc.weights_sha256[:12]}…); pass --model/--weights/--seed",
+            PosvitWarning, stacklevel=2,
+        )
+    return enc
+
+
+def _head_svd(store_src, model, weights, seed, dev, prec, rank, size, report_images, quiet, ctx, **_):
+    from posvit_cli.core.baselines import constant_image_subspace, parse_image_size
+    from posvit_cli.core.heads import ProjectionHead
+
+    if rank < 1:
+        raise PosvitError(f"--rank must be at least 1, got {rank}")
+    store = _open_store(store_src) if store_src else None
+    try:
+        if store is not None:
+            _require_final(store)
+        encoder = _encoder_for(store, model, weights, seed, dev, ctx)
+        if store is not None and store.channels and store.channels != encoder.embed_dim:
+            raise PosvitError(f"the encoder has {encoder.embed_dim} channels, '{store.source}' {store.channels}: "
+                              "pass the --model that made the store")
+        if size.strip().lower() == "auto":
+            hw = _most_common_size(store) if store is not None else (518, 518)
+            hw = (hw[0] - hw[0] % encoder.patch_size, hw[1] - hw[1] % encoder.patch_size)
+        else:
+            hw = parse_image_size(size, encoder.patch_size)
+        basis, facts = constant_image_subspace(encoder, hw, rank, device=dev, precision=prec)
+        info = {"backbone": _backbone(store.provenance if store is not None and not _given(ctx, "model")
+                                      else encoder.provenance()),
+                "input": {"size": list(hw)}, "svd": facts}
+        head = ProjectionHead(basis[None], method="svd", exact=True, info=info)
+        report = _store_report(store, head, report_images, seed, quiet) if store is not None else None
+    finally:
+        if store is not None:
+            store.close()
+    head.info["report"] = report
+    return head, {"store": store_src, "size": list(hw), "rank": int(basis.shape[0]),
+                  "explained": facts["explained"], "report": report}
+
+
+def _head_tta(store_src, images, model, weights, seed, dev, prec, recursive, intensity, transforms, size,
+              report_images, quiet, **_):
+    import torch
+
+    from posvit_cli.core.baselines import report_indices, stack_r2_report
+    from posvit_cli.core.device import autocast
+    from posvit_cli.core.encoders import load_encoder
+    from posvit_cli.core.heads import TTAHead
+    from posvit_cli.core.images import list_images, read_image, to_channels, to_float
+    from posvit_cli.core.preprocess import parse_size, resize_and_normalise
+
+    if store_src is not None:
+        raise PosvitError("tta runs the encoder on transformed images: give image files for the report (or no input "
+                          "to only write the head), then `posvit extract IMAGES --head HEAD`")
+    head = TTAHead(transforms, info={})
+    report = None
+    if images and report_images:
+        paths = list_images(images, recursive=recursive)
+        paths = [paths[i] for i in report_indices(len(paths), report_images)]
+        encoder = load_encoder(model, weights, device=str(dev), seed=seed)
+        head.info["backbone"] = _backbone(encoder.provenance())
+        wrapped = head.wrap_encoder(encoder)
+        mode = parse_size("native" if size.strip().lower() == "auto" else size)
+        before, after, names = [], [], []
+        with RichProgress(quiet) as progress:
+            for k, p in enumerate(paths):
+                img = to_channels(to_float(read_image(p), intensity), encoder.in_chans)
+                x, _ = resize_and_normalise(img, mode, encoder.patch_size, encoder.mean, encoder.std)
+                x = x[None].to(dev)
+                with torch.inference_mode(), autocast(dev, prec):
+                    before.append(encoder.forward_tokens(x, ["final"])[0]["final"][0].float().cpu().numpy())
+                    after.append(wrapped.forward_tokens(x, ["final"])[0]["final"][0].float().cpu().numpy())
+                names.append({"name": Path(p).stem, "path": str(p), "grid": list(before[-1].shape[:2])})
+                progress("tta features", k + 1, len(paths))
+            report = stack_r2_report(lambda i: before[i], names, read_after=lambda i: after[i], seed=seed,
+                                     progress=progress)
+        head.info["input"] = {"images": len(paths), "size": str(mode)}
+    head.info["report"] = report
+    return head, {"transforms": head.transforms, "report": report}
+
+
+def _print_head_summary(s: dict) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"posvit debias-train --method {s['method']} → {s['output']}", show_header=False,
+              title_justify="left")
+    if s.get("store"):
+        t.add_row("input", f"{s['store']}" + (f" ({s['images']} images, {s['tokens']} tokens)" if "tokens" in s else ""))
+    if s.get("views"):
+        v = s["views"]
+        t.add_row("views", f"{v['views']} views of {v['images']} images → {v['cache']}")
+    if s["method"] == "rasa":
+        t.add_row("planes", f"{s['planes']} ({'exact projector' if s['exact'] else 'sequential, training order'}, "
+                            f"rank {s['rank']})")
+        if s.get("rounds"):
+            last = s["rounds"][-1]
+            t.add_row("coordinate MSE", f"{s['rounds'][0]['probe_mse_before']:.4f} → {last['probe_mse_after']:.4f} "
+                                        f"(constant predictor {last['constant_mse']:.4f})")
+            t.add_row("cos(raw, clean)", f"{last['cosine']:.4f}")
+    elif s["method"] == "blank":
+        t.add_row("channels zeroed", f"{s['channels_zeroed']} ({s['channel_source']})")
+    elif s["method"] == "svd":
+        t.add_row("subspace", f"rank {s['rank']} from a constant {s['size'][0]}×{s['size'][1]} px image "
+                              f"({100 * s['explained']:.1f}% of its positional variance)")
+    elif s["method"] == "tta":
+        t.add_row("transforms", ", ".join(s["transforms"]))
+    rep = s.get("report")
+    if rep:
+        for tgt in ("lr", "ud", "diag", "radial", "xy"):
+            b, a = rep["before"].get(tgt), rep["after"].get(tgt)
+            t.add_row(f"stack R2 {tgt}", f"{_fmt(b, 3)} → {_fmt(a, 3)}")
+        t.add_row("report images", str(rep["images"]))
+    t.add_row("head format", s["head_format"])
+    t.add_row("time", f"{s['seconds']:.1f} s")
+    console.print(t)
+
+
+_METHODS.update({m: _train_head for m in ("rasa", "blank", "svd", "tta")})

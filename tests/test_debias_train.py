@@ -286,8 +286,8 @@ def test_cli_bad_inputs(train_dir, tmp_path, cli):
     out = tmp_path / "x.safetensors"
     r = cli(_train_args(train_dir, out, "--model", "test_resnet"))
     assert r.exit_code == 2 and ("not a Vision Transformer" in r.output or "cannot build" in r.output)
-    r = cli(_train_args(train_dir, out, "--method", "rasa"))
-    assert r.exit_code == 2 and "not built yet" in r.output
+    r = cli(_train_args(train_dir, out, "--method", "spin"))
+    assert r.exit_code == 2 and "unknown --method 'spin'" in r.output
     r = cli(_train_args(train_dir, out, "--batch-size", "64"))
     assert r.exit_code == 2 and "larger than the 11 training images" in r.output
     r = cli(_train_args(train_dir, out, "--blank", "64"))
