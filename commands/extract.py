@@ -20,7 +20,7 @@ def _raise_interrupt(signum, frame):
 
 
 def extract(
-    inputs: Annotated[list[str], typer.Argument(help="Image files, folders, or .txt lists of paths (with --merge: stores).", show_default=False)],
+    inputs: Annotated[list[str], typer.Argument(help="Image files, folders, or .txt lists of paths (with --merge: stores; with --head: one store to clean without re-extraction, or - for stdin).", show_default=False)],
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Store to write: .h5, .zarr or .zarr.zip, or - for stdout. Default: stdout when it is a pipe.")] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Encoder: a posvit name (see `posvit doctor --models`) or a timm model name. Default: dinov2-s-reg, or the model a posvit checkpoint in --weights names.")] = None,
     weights: Annotated[str, typer.Option("--weights", "-w", help="pretrained (timm/hub cache; bundled for posvit-tiny), random (seeded, for smoke tests), or a .safetensors/.pth file or posvit checkpoint.")] = "pretrained",
@@ -43,13 +43,15 @@ def extract(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output store.")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Fail on the first unreadable image instead of skipping it.")] = False,
     merge: Annotated[bool, typer.Option("--merge", help="Join stores (e.g. shards made with --shard) named as inputs into -o.")] = False,
-    head: Annotated[Optional[Path], typer.Option("--head", help="Apply a debiasing head (posvit debias-train output) to the final tokens.")] = None,
+    head: Annotated[Optional[Path], typer.Option("--head", help="Apply a debiasing head (posvit debias-train output, or a Franca RASA head) to the final tokens; with a store as input, clean its tokens without running an encoder.")] = None,
     transform: Annotated[Optional[str], typer.Option("--transform", help="Extract features of transformed images mapped back to the original frame: flip-ud, flip-lr, rot90, roll:DY,DX (patches).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for --weights random.")] = 0,
+    method: Annotated[Optional[str], typer.Option("--method", help="The --weights file is a position-free model: alibi (2-D ALiBi, constant slope 1, torus) or nope (no position encoding), e.g. the published ALiBi/NoPE DINOv2 checkpoints. Default: none (posvit checkpoints carry this themselves).")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="Torch CPU threads. Default: torch's choice (all cores).")] = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
+    ctx: typer.Context = None,
 ) -> None:
     """Extract patch features of images into a feature store (HDF5 or Zarr).
 
@@ -63,6 +65,11 @@ def extract(
             raise PosvitError("--json prints to stdout, where the store goes: name an output with -o")
         if merge:
             _merge(inputs, out, overwrite, json_out, quiet)
+            return
+        if head is not None and _is_store_input(inputs):
+            dtype_given = ctx is not None and ctx.get_parameter_source("dtype").name != "DEFAULT"
+            _apply_head(inputs, out, head, overwrite, dtype if dtype_given else None, compression, transform, resume,
+                        json_out, quiet)
             return
         _extract(**locals())
 
@@ -78,9 +85,38 @@ def _merge(inputs, out, overwrite, json_out, quiet):
         emit_json({"merged": [str(i) for i in inputs], "images": n, "output": out})
 
 
+_STORE_SUFFIXES = (".h5", ".hdf5", ".hdf", ".zarr", ".zarr.zip", ".zip")
+
+
+def _is_store_input(inputs) -> bool:
+    return len(inputs) == 1 and (inputs[0] == "-" or str(inputs[0]).lower().rstrip("/").endswith(_STORE_SUFFIXES))
+
+
+def _apply_head(inputs, out, head, overwrite, dtype, compression, transform, resume, json_out, quiet):
+    """Store in, store out: a head applied to stored final tokens, no encoder run."""
+    from posvit_cli.core.heads import apply_head_to_store, load_head
+    from posvit_cli.core.store import FeatureStore
+
+    if transform:
+        raise PosvitError("--transform needs the images: it cannot be applied to a stored store")
+    if resume:
+        raise PosvitError("--resume does not apply to cleaning a store with --head (run it again, it is fast)")
+    head_obj = load_head(head)
+    with FeatureStore(inputs[0]) as source:
+        with RichProgress(quiet) as progress:
+            summary = apply_head_to_store(head_obj, source, out, overwrite=overwrite, dtype=dtype,
+                                          compression=compression, command=command_line(), progress=progress)
+    where = summary["output"] or "stdout"
+    if not quiet:
+        console.print(f"applied {head_obj.method} head '{head}' to {summary['images']} images of '{inputs[0]}' → "
+                      f"{where} ({summary['seconds']:.1f} s)")
+    if json_out:
+        emit_json({**summary, "output": where, "head": str(head), "method": head_obj.method})
+
+
 def _extract(inputs, out, model, weights, layers, prefix_tokens, size, intensity, max_side, tile, overlap, batch_size,
              device, precision, dtype, compression, workers, recursive, shard, resume, overwrite, strict, head,
-             transform, seed, threads, json_out, quiet, **_):
+             transform, seed, threads, json_out, quiet, method=None, **_):
     import torch
 
     from posvit_cli.core.device import resolve_device, resolve_precision
@@ -105,7 +141,21 @@ def _extract(inputs, out, model, weights, layers, prefix_tokens, size, intensity
     prec = resolve_precision(precision, dev)
     if model is None and not (weights not in ("pretrained", "random") and read_checkpoint_meta(weights)):
         model = "dinov2-s-reg"
-    encoder = load_encoder(model, weights, device=str(dev), seed=seed)
+    modifications = None
+    if method:
+        from posvit_cli.core.alibi import METHODS, AlibiConfig
+
+        if method not in METHODS:
+            raise PosvitError(f"unknown --method '{method}': use {', '.join(METHODS)}")
+        modifications = [{"name": method, "config": AlibiConfig().to_dict() if method == "alibi" else {}}]
+        if weights in ("pretrained", "random"):
+            import warnings
+
+            from posvit_cli.core.errors import PosvitWarning
+
+            warnings.warn(f"--method {method} with --weights {weights}: the retrofit is not distilled (train one "
+                          "with `posvit debias-train`)", PosvitWarning, stacklevel=1)
+    encoder = load_encoder(model, weights, device=str(dev), seed=seed, modifications=modifications)
     layer_names = encoder.layer_names(parse_csv(layers))
     if tile is not None and tile < encoder.patch_size:
         raise PosvitError(f"--tile {tile} is smaller than one {encoder.patch_size}-px patch")
@@ -114,10 +164,13 @@ def _extract(inputs, out, model, weights, layers, prefix_tokens, size, intensity
     if head is not None:
         from posvit_cli.core.heads import load_head
 
-        head_obj = load_head(head, channels=encoder.embed_dim)
+        head_obj = load_head(head, channels=encoder.embed_dim, backbone=encoder.provenance())
         if layer_names != ["final"] and "final" not in layer_names:
             raise PosvitError("--head applies to the final tokens: include 'final' in --layers")
-        postprocess = head_obj.token_postprocess(dev)
+        if head_obj.needs_encoder:  # test-time averaging runs the encoder on transformed images
+            encoder = head_obj.wrap_encoder(encoder)
+        else:
+            postprocess = head_obj.token_postprocess(dev)
         debias = [head_obj.provenance()]
     image_transform = None
     if transform:

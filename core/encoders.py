@@ -502,6 +502,9 @@ def _load_state_dict_checked(model, state_dict: dict, source: str) -> None:
             # A filter written for another layout can fail on a plain timm state dict; the key check below
             # then reports what really does not fit.
             pass
+    if type(getattr(model, "head", None)).__name__ == "Identity":
+        # Encoders are built without a classifier; a checkpoint's classifier weights are not needed.
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
     own = model.state_dict()
     missing = sorted(k for k in own if k not in state_dict)
     unexpected = sorted(k for k in state_dict if k not in own)
@@ -520,7 +523,10 @@ def _load_state_dict_checked(model, state_dict: dict, source: str) -> None:
             parts.append(
                 f"unexpected: {', '.join(unexpected[:4])}" + (f" (+{len(unexpected) - 4})" if len(unexpected) > 4 else "")
             )
-        raise PosvitError(f"weights '{source}' do not fit this model ({'; '.join(parts)})")
+        hint = ""
+        if set(missing) <= {"pos_embed"} and missing and not unexpected and not mismatched:
+            hint = "; a checkpoint without position embedding (ALiBi or NoPE)? pass --method alibi or --method nope"
+        raise PosvitError(f"weights '{source}' do not fit this model ({'; '.join(parts)}){hint}")
     model.load_state_dict(state_dict, strict=True)
 
 
@@ -548,6 +554,7 @@ def load_encoder(
     *,
     device: str = "cpu",
     seed: int = 0,
+    modifications: Sequence[dict] | None = None,
 ) -> Encoder:
     """Build an encoder and load its weights.
 
@@ -562,6 +569,10 @@ def load_encoder(
         (timm layout, or an official DINOv2/DINOv3 layout that timm converts) or a posvit checkpoint.
     device : str
         Torch device for the model.
+    modifications : sequence of dict, optional
+        Modifications to apply after building (``[{"name": "alibi", "config": {}}]``) when the weights are not
+        a posvit checkpoint that lists its own: e.g. the published ALiBi/NoPE checkpoints, which are plain timm
+        state dicts without ``pos_embed``.
 
     Raises
     ------
@@ -612,9 +623,15 @@ def load_encoder(
         # Modifications (ALiBi, removed position embeddings) change the parameter set: replay them first.
         enc = Encoder(net, spec, weights=str(weights_path), weights_sha256=_sha256_file(weights_path),
                       mean=mean, std=std, create_kwargs=create_kwargs, base_meta=ckpt_meta)
-        for mod in (ckpt_meta or {}).get("modifications", []):
-            _load_modifier(mod["name"])(enc, mod.get("config", {}))
-            enc.modifications.append(mod)
+        mods = list((ckpt_meta or {}).get("modifications", []))
+        if modifications:
+            if mods and [m["name"] for m in mods] != [m["name"] for m in modifications]:
+                raise PosvitError(
+                    f"'{weights_path}' is a posvit checkpoint with {', '.join(m['name'] for m in mods)} built in; "
+                    "it needs no --method"
+                )
+            mods = mods or list(modifications)
+        _replay_modifications(enc, mods)
         _load_state_dict_checked(enc.model, sd, str(weights_path))
         if spec.bundled and weights == "pretrained":
             enc.weights = f"bundled:{spec.bundled}"
@@ -622,8 +639,10 @@ def load_encoder(
         return enc.to(device)
 
     if weights == "random":
-        return Encoder(net, spec, weights="random", weights_sha256=state_dict_sha256(net.state_dict()),
-                       mean=mean, std=std, create_kwargs=create_kwargs).to(device)
+        enc = Encoder(net, spec, weights="random", weights_sha256=state_dict_sha256(net.state_dict()),
+                      mean=mean, std=std, create_kwargs=create_kwargs)
+        _replay_modifications(enc, modifications or [])
+        return enc.to(device)
 
     # Pretrained weights through timm (Hugging Face hub or its local cache).
     import timm
@@ -649,5 +668,13 @@ def load_encoder(
         ) from exc
     cached = weights_available_offline(spec)
     sha = _sha256_file(cached) if cached else state_dict_sha256(net.state_dict())
-    return Encoder(net, spec, weights="pretrained", weights_sha256=sha, mean=mean, std=std,
-                   create_kwargs=create_kwargs).to(device)
+    enc = Encoder(net, spec, weights="pretrained", weights_sha256=sha, mean=mean, std=std,
+                  create_kwargs=create_kwargs)
+    _replay_modifications(enc, modifications or [])
+    return enc.to(device)
+
+
+def _replay_modifications(enc: Encoder, mods: Sequence[dict]) -> None:
+    for mod in mods:
+        _load_modifier(mod["name"])(enc, mod.get("config", {}))
+        enc.modifications.append(mod)

@@ -478,6 +478,13 @@ class FeatureStore:
         arr = self._backend.array(f"groups/{r.group}/features/{layer}")
         return np.asarray(arr[r.row], dtype=dtype)
 
+    def feature_rows(self, index: int, layer: str | None, start: int, stop: int, dtype=np.float32) -> np.ndarray:
+        """Token rows ``start:stop`` of one image, shape ``(stop - start, w, C)``: bounded reads of huge grids."""
+        layer = self.check_layer(layer)
+        r = self._records[index]
+        arr = self._backend.array(f"groups/{r.group}/features/{layer}")
+        return np.asarray(arr[r.row, start:stop], dtype=dtype)
+
     def prefix_tokens(self, index: int, layer: str | None = None, dtype=np.float32) -> np.ndarray | None:
         """The CLS and register tokens of one image, shape ``(P, C)``, or None when they were not kept."""
         layer = self.check_layer(layer)

@@ -8,11 +8,13 @@ import typer
 
 from posvit_cli import __version__
 from posvit_cli.commands import cluster as cluster_cmd
+from posvit_cli.commands import debias_train as debias_train_cmd
 from posvit_cli.commands import doctor as doctor_cmd
 from posvit_cli.commands import extract as extract_cmd
 from posvit_cli.commands import probe as probe_cmd
 from posvit_cli.commands import segment as segment_cmd
 from posvit_cli.commands import store as store_cmd
+from posvit_cli.commands import viz as viz_cmd
 
 app = typer.Typer(
     name="posvit",
@@ -46,8 +48,10 @@ app.command("extract")(extract_cmd.extract)
 app.command("probe")(probe_cmd.probe)
 app.command("cluster")(cluster_cmd.cluster)
 app.command("doctor")(doctor_cmd.doctor)
+app.command("debias-train")(debias_train_cmd.debias_train)
 app.add_typer(store_cmd.app, name="store")
 app.add_typer(segment_cmd.app, name="segment")
+app.add_typer(viz_cmd.app, name="viz")
 
 
 def _not_built(name: str, issue: str):
@@ -64,8 +68,6 @@ def _not_built(name: str, issue: str):
 
 
 _PLANNED = {
-    "debias-train": "RASA heads, cheap baselines and the ALiBi retrofit",
-    "viz": "pictures of positional bias and its removal",
 }
 for _name, _what in _PLANNED.items():
     app.command(_name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})(

@@ -1,0 +1,469 @@
+"""`posvit viz`: pictures of positional bias and its removal, each with its number, and an index page."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from posvit_cli._cli import (
+    DebugOpt, JsonOpt, QuietOpt, RichProgress, cli_context, command_line, console, emit_json, parse_csv, store_input,
+)
+from posvit_cli.core.errors import PosvitError
+
+app = typer.Typer(
+    name="viz",
+    help="Pictures of positional bias and its removal: PCA, similarity maps, positional channels, probe plots, "
+    "label maps and model comparisons, each with its probe score, laid out in OUTDIR/index.html.",
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+StoreArg = Annotated[Optional[str], typer.Argument(help="Feature store (.h5, .zarr, .zarr.zip), or - / nothing to read a piped store.", show_default=False)]
+OutOpt = Annotated[str, typer.Option("--output", "-o", help="Folder for the figures and index.html (created; figures of earlier runs are kept and indexed).")]
+LayerOpt = Annotated[Optional[str], typer.Option("--layer", "-l", help="Layer to draw (final, block3, 3). Default: the store's default layer (final).")]
+ImagesOpt = Annotated[Optional[str], typer.Option("--images", help="Images to draw, comma-separated file stems, file names or store indices. Default: the first --max-images.")]
+MaxImagesOpt = Annotated[int, typer.Option("--max-images", "-n", help="Images drawn when --images is not given (one row each).")]
+PanelOpt = Annotated[int, typer.Option("--panel-size", help="Longer side of each image panel in pixels.")]
+RawOpt = Annotated[bool, typer.Option("--raw", help="Also write every per-image map pixel for pixel, without titles, under OUTDIR/raw/.")]
+ImageDirOpt = Annotated[Optional[str], typer.Option("--image-dir", help="Folder to look for the source images in first (when they moved since extraction). Default: the stored paths, then the store's folder.")]
+LabelOpt = Annotated[Optional[str], typer.Option("--label", help="Model name in titles and file names. Default: from the store's provenance (model, random weights, debiasing).")]
+ProbeOpt = Annotated[Optional[str], typer.Option("--probe", "-p", help="Probe result JSON of this store (posvit probe -o) for the scores in the titles. Default: probe the drawn images here (holdout, xy and the random control).")]
+ScoreOpt = Annotated[bool, typer.Option("--score/--no-score", help="Put the positional probe score (xy stack R²) in titles and row labels.")]
+AtOpt = Annotated[Optional[list[str]], typer.Option("--at", help="Query point X,Y (column, row); repeat for several points. Default: the centre of each image.")]
+UnitsOpt = Annotated[str, typer.Option("--units", help="Units of --at: px (pixels of the original image), token (token column,row from 0) or frac (fractions of width,height).")]
+VminOpt = Annotated[float, typer.Option("--vmin", help="Similarity at the bottom of the fixed colour scale (the papers' 0.5).")]
+VmaxOpt = Annotated[float, typer.Option("--vmax", help="Similarity at the top of the colour scale.")]
+AlphaSimOpt = Annotated[float, typer.Option("--alpha", help="Opacity of the similarity colours over the image (the papers' 0.7).")]
+CmapSimOpt = Annotated[str, typer.Option("--cmap", help="Matplotlib colormap of the similarity maps.")]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Shared plumbing
+
+
+def _outdir(output: str) -> Path:
+    if output in ("", "-"):
+        raise PosvitError("viz writes image files: name a folder with -o (e.g. -o figures/)")
+    p = Path(output)
+    if p.exists() and not p.is_dir():
+        raise PosvitError(f"output '{output}' is a file: -o names a folder for the figures")
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def _options(panel_size: int, upsample: str, raw: bool, image_dir: Optional[str], label: Optional[str]):
+    from posvit_cli.core.viz.maps import UPSAMPLE_METHODS
+    from posvit_cli.core.viz.pictures import FigureOptions
+
+    if panel_size < 16 or panel_size > 4096:
+        raise PosvitError(f"--panel-size must be between 16 and 4096 px, got {panel_size}")
+    if upsample not in UPSAMPLE_METHODS:
+        raise PosvitError(f"unknown --upsample '{upsample}': use {' or '.join(UPSAMPLE_METHODS)}")
+    if image_dir is not None and not Path(image_dir).is_dir():
+        raise PosvitError(f"--image-dir '{image_dir}' is not a folder")
+    return FigureOptions(panel_size=panel_size, upsample=upsample, raw=raw, image_dir=image_dir, label=label,
+                         command=command_line())
+
+
+def _score(store, indices, layer, probe_path, enabled, progress):
+    """The score for titles: from --probe (checked against the store), probed here, or None."""
+    import warnings
+
+    from posvit_cli.core.errors import PosvitWarning
+    from posvit_cli.core.probe import read_probe_result
+    from posvit_cli.core.viz.scores import score_from_result, score_store
+
+    if not enabled:
+        if probe_path:
+            raise PosvitError("--probe gives the scores that --no-score leaves out: use one of them")
+        return None
+    if probe_path:
+        result = read_probe_result(probe_path)
+        return score_from_result(result, store, layer=layer, result_name=f"probe result '{probe_path}'")
+    try:
+        return score_store(store, indices, layer, progress=progress)
+    except PosvitError as exc:
+        warnings.warn(f"no positional score ({exc})", PosvitWarning, stacklevel=2)
+        return None
+
+
+def _points(at, units):
+    from posvit_cli.core.viz.geometry import UNITS, parse_point
+
+    if units not in UNITS:
+        raise PosvitError(f"unknown --units '{units}': use {', '.join(UNITS)}")
+    if not at:
+        return [(0.5, 0.5)], "frac"
+    return [parse_point(a) for a in at], units
+
+
+def _finish(outdir: Path, entries, json_out: bool, quiet: bool) -> None:
+    from posvit_cli.core.viz.index import json_clean, update_index
+
+    page = update_index(outdir, entries)
+    if not quiet:
+        for e in entries:
+            more = f" (+ {len(e.extra)} more file{'s' if len(e.extra) != 1 else ''})" if e.extra else ""
+            console.print(f"[bold]{e.title}[/]\n  {e.caption}\n  → {outdir / e.file}{more}",
+                          markup=True, highlight=False, soft_wrap=True)
+        console.print(f"index: {page}")
+    if json_out:
+        emit_json(json_clean({"output": str(outdir), "index": str(page),
+                              "figures": [dataclasses.asdict(e) for e in entries]}))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Commands
+
+
+@app.command("pca")
+def pca(
+    store: StoreArg = None,
+    output: OutOpt = "viz",
+    standardise: Annotated[str, typer.Option("--standardise", help="Per-channel z-scoring before the PCA: both (two columns), on, or off. It can hide or reveal a positional ramp, so both is the default.")] = "both",
+    shared: Annotated[bool, typer.Option("--shared", help="One PCA over the tokens of all drawn images (the same colours mean the same features in every image) instead of one per image.")] = False,
+    foreground: Annotated[bool, typer.Option("--foreground", help="Mask the background: cut the first principal component at --fg-threshold (the side holding most border tokens is background) and fit the PCA on the foreground only.")] = False,
+    fg_threshold: Annotated[float, typer.Option("--fg-threshold", help="Cut of the min-max scaled first component for --foreground.")] = 0.5,
+    clip_percentile: Annotated[float, typer.Option("--clip-percentile", help="Colour range from the P-th to (100-P)-th percentile of each component instead of min-max (outlier tokens otherwise wash colours out).")] = 0.0,
+    upsample: Annotated[str, typer.Option("--upsample", help="Enlarging token maps to the image: nearest (the patch grid stays visible) or bilinear.")] = "nearest",
+    layer: LayerOpt = None,
+    images: ImagesOpt = None,
+    max_images: MaxImagesOpt = 8,
+    panel_size: PanelOpt = 256,
+    probe: ProbeOpt = None,
+    score: ScoreOpt = True,
+    raw: RawOpt = False,
+    image_dir: ImageDirOpt = None,
+    label: LabelOpt = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """PCA of patch features as RGB beside each image (per image or shared; raw and standardised).
+
+    The published recipe: flatten the token grid, optionally z-score every channel, fit a 3-component PCA,
+    min-max each component to [0, 1] and show PC1-3 as red, green, blue. A positional model paints the same
+    left-right or top-bottom gradient on every image.
+    """
+    with cli_context(debug, quiet):
+        from posvit_cli.core.store import FeatureStore
+        from posvit_cli.core.viz.pictures import pca_figure, require_features, select_images
+
+        variants = {"both": ("raw", "std"), "on": ("std",), "off": ("raw",)}.get(standardise)
+        if variants is None:
+            raise PosvitError(f"unknown --standardise '{standardise}': use both, on or off")
+        opts = _options(panel_size, upsample, raw, image_dir, label)
+        outdir = _outdir(output)
+        with FeatureStore(store_input(store)) as fs:
+            ly = require_features(fs, layer)
+            idx = select_images(fs, parse_csv(images), max_images)
+            with RichProgress(quiet) as progress:
+                sc = _score(fs, idx, ly, probe, score, progress)
+                entries = pca_figure(fs, outdir, layer=ly, indices=idx, variants=variants, shared=shared,
+                                     foreground=foreground, fg_threshold=fg_threshold, clip_percentile=clip_percentile,
+                                     score=sc, options=opts, progress=progress)
+        _finish(outdir, entries, json_out, quiet)
+
+
+@app.command("similarity")
+def similarity(
+    store: StoreArg = None,
+    output: OutOpt = "viz",
+    at: AtOpt = None,
+    units: UnitsOpt = "px",
+    vmin: VminOpt = 0.5,
+    vmax: VmaxOpt = 1.0,
+    alpha: AlphaSimOpt = 0.7,
+    cmap: CmapSimOpt = "coolwarm",
+    upsample: Annotated[str, typer.Option("--upsample", help="Enlarging the similarity map to the image: bilinear (as the papers) or nearest.")] = "bilinear",
+    layer: LayerOpt = None,
+    images: ImagesOpt = None,
+    max_images: MaxImagesOpt = 8,
+    panel_size: PanelOpt = 256,
+    probe: ProbeOpt = None,
+    score: ScoreOpt = True,
+    raw: RawOpt = False,
+    image_dir: ImageDirOpt = None,
+    label: LabelOpt = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Cosine similarity of query patches to all patches, overlaid on each image (fixed scale 0.5..1).
+
+    The query patch has similarity 1. Each map is titled with r(sim, -dist), the correlation of similarity with
+    closeness to the query: near 1 when similarity just falls off with distance, as in positional features.
+    """
+    with cli_context(debug, quiet):
+        from posvit_cli.core.store import FeatureStore
+        from posvit_cli.core.viz.pictures import query_tokens, require_features, select_images, similarity_figure
+
+        opts = _options(panel_size, upsample, raw, image_dir, label)
+        points, units = _points(at, units)
+        outdir = _outdir(output)
+        with FeatureStore(store_input(store)) as fs:
+            ly = require_features(fs, layer)
+            idx = select_images(fs, parse_csv(images), max_images)
+            with RichProgress(quiet) as progress:
+                # Every point is checked on every image before anything is probed or drawn.
+                query_tokens(fs, idx, points, units, (fs.provenance or {}).get("preprocessing"))
+                sc = _score(fs, idx, ly, probe, score, progress)
+                entries = similarity_figure(fs, outdir, points, units=units, layer=ly, indices=idx, vmin=vmin,
+                                            vmax=vmax, alpha=alpha, cmap=cmap, score=sc, options=opts,
+                                            progress=progress)
+        _finish(outdir, entries, json_out, quiet)
+
+
+@app.command("channels")
+def channels(
+    store: StoreArg = None,
+    output: OutOpt = "viz",
+    top_k: Annotated[int, typer.Option("--top-k", "-k", help="Most positional channels per ramp (lr, ud, diag, radial); their union is drawn.")] = 2,
+    channel_list: Annotated[Optional[str], typer.Option("--channels", help="Draw these channels (comma-separated indices) instead of the most positional ones. Default: none.")] = None,
+    cmap: Annotated[str, typer.Option("--cmap", help="Matplotlib colormap of the channel values.")] = "viridis",
+    upsample: Annotated[str, typer.Option("--upsample", help="Enlarging token maps: nearest or bilinear.")] = "nearest",
+    layer: LayerOpt = None,
+    images: ImagesOpt = None,
+    max_images: MaxImagesOpt = 6,
+    panel_size: PanelOpt = 160,
+    probe: Annotated[Optional[str], typer.Option("--probe", "-p", help="Probe result JSON of this store with per-channel scores; ranks channels over the whole probed dataset. Default: probe the drawn images here.")] = None,
+    image_dir: ImageDirOpt = None,
+    label: LabelOpt = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """The most positional channels as images across several inputs: ramps that repeat whatever the content.
+
+    Rows are channels (ranked by their per-channel probe R²), columns images; each row has one colour scale.
+    """
+    with cli_context(debug, quiet):
+        from posvit_cli.core.probe import read_probe_result
+        from posvit_cli.core.store import FeatureStore
+        from posvit_cli.core.viz.pictures import channels_figure, require_features, select_images
+        from posvit_cli.core.viz.scores import channel_scores
+
+        if top_k < 1:
+            raise PosvitError(f"--top-k must be at least 1, got {top_k}")
+        chans = parse_csv(channel_list, int)
+        opts = _options(panel_size, upsample, False, image_dir, label)
+        outdir = _outdir(output)
+        result = read_probe_result(probe) if probe else None
+        with FeatureStore(store_input(store)) as fs:
+            ly = require_features(fs, layer)
+            idx = select_images(fs, parse_csv(images), max_images)
+            with RichProgress(quiet) as progress:
+                cs = channel_scores(fs, idx, ly, k=top_k, result=result, result_name=f"probe result '{probe}'",
+                                    progress=progress)
+                entries = channels_figure(fs, outdir, cs, channels=chans or None, layer=ly, indices=idx, cmap=cmap,
+                                          options=opts, progress=progress)
+        _finish(outdir, entries, json_out, quiet)
+
+
+@app.command("probe")
+def probe_plots(
+    results: Annotated[list[str], typer.Argument(help="Probe result JSON files (posvit probe -o), e.g. before and after debiasing.", show_default=False)],
+    output: OutOpt = "viz",
+    labels: Annotated[Optional[list[str]], typer.Option("--label", help="Name of each result in the plots, once per result in order. Default: model, random weights and debiasing from the result.")] = None,
+    layer: Annotated[Optional[str], typer.Option("--layer", "-l", help="Layer of the bars and the side-by-side plot. Default: each result's primary layer.")] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", "-k", help="Channels highlighted per ramp. Default: the result's --top-k.")] = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Plots of probe results: per-channel R² bars per ramp, the layers × channels fingerprint, stack R² side by side.
+
+    Each result gets its channel bars (and a fingerprint when several layers were probed); all results together
+    get one side-by-side plot of stack R² per target, with ± std. PNG and SVG.
+    """
+    with cli_context(debug, quiet):
+        from posvit_cli.core.probe import read_probe_result
+        from posvit_cli.core.viz.plots import channel_bars_plot, fingerprint_plot, result_label, stack_comparison_plot
+
+        if labels and len(labels) != len(results):
+            raise PosvitError(f"{len(labels)} --label values for {len(results)} results: give one per result")
+        if top_k is not None and top_k < 1:
+            raise PosvitError(f"--top-k must be at least 1, got {top_k}")
+        docs = [read_probe_result(r) for r in results]
+        outdir = _outdir(output)
+        names = [f"probe result '{r}'" for r in results]
+        if labels:
+            labs = list(labels)
+        else:
+            labs = [result_label(d, Path(r).stem) for d, r in zip(docs, results)]
+            if len(set(labs)) < len(labs):  # the same model twice: tell them apart by file
+                labs = [f"{lb} [{Path(r).stem}]" for lb, r in zip(labs, results)]
+        cmd = command_line()
+        entries = []
+        for d, lb, nm in zip(docs, labs, names):
+            entries += channel_bars_plot(d, outdir, label=lb, layer=layer, top_k=top_k, name=nm, command=cmd)
+            if len(d.get("layers") or []) > 1:
+                entries += fingerprint_plot(d, outdir, label=lb, name=nm, command=cmd)
+        entries += stack_comparison_plot(docs, labs, outdir, layers=[layer] * len(docs), names=names, command=cmd)
+        _finish(outdir, entries, json_out, quiet)
+
+
+@app.command("clusters")
+def clusters(
+    store: Annotated[Optional[str], typer.Argument(help="Store with label maps (posvit cluster output, maps only or with features), or - / nothing to read a piped store.", show_default=False)] = None,
+    output: OutOpt = "viz",
+    maps: Annotated[Optional[list[str]], typer.Option("--map", help="Label map to draw (e.g. kmeans_k5); repeat for several. Default: every map in the store.")] = None,
+    alpha: Annotated[float, typer.Option("--alpha", help="Opacity of the label colours over the image.")] = 0.5,
+    images: ImagesOpt = None,
+    max_images: MaxImagesOpt = 8,
+    panel_size: PanelOpt = 256,
+    image_dir: ImageDirOpt = None,
+    label: LabelOpt = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Cluster label maps overlaid on the images, with a legend and each map's positional share η².
+
+    η²(x), η²(y): the share of a token's column (row) variance explained by its cluster. Near 1 the clusters
+    are stripes that follow position; near 0 they spread over the image like its content.
+    """
+    with cli_context(debug, quiet):
+        from posvit_cli.core.store import FeatureStore
+        from posvit_cli.core.viz.pictures import clusters_figure, select_images
+
+        opts = _options(panel_size, "nearest", False, image_dir, label)
+        outdir = _outdir(output)
+        with FeatureStore(store_input(store)) as fs:
+            idx = select_images(fs, parse_csv(images), max_images)
+            with RichProgress(quiet) as progress:
+                entries = clusters_figure(fs, outdir, map_names=maps, indices=idx, alpha=alpha, options=opts,
+                                          progress=progress)
+        _finish(outdir, entries, json_out, quiet)
+
+
+@app.command("segmentation")
+def segmentation(
+    images: Annotated[str, typer.Argument(help="Images: a folder, a file, or a .txt list of paths.", show_default=False)],
+    pred: Annotated[str, typer.Argument(help="Folder of predicted label images (PNG/TIFF class indices), matched to images by file stem.", show_default=False)],
+    output: OutOpt = "viz",
+    truth: Annotated[Optional[str], typer.Option("--truth", help="Folder of ground-truth label images (matched by stem) for per-image and overall mIoU. Default: none.")] = None,
+    suffixes: Annotated[str, typer.Option("--suffixes", help="Label file name endings tried after the image stem (comma-separated; empty = same stem).")] = ",_pred,_prediction,_labels,_label,_mask,_seg,_gt",
+    class_names: Annotated[Optional[str], typer.Option("--class-names", help="Legend names of classes 0, 1, ... (comma-separated). Default: class numbers.")] = None,
+    ignore_index: Annotated[Optional[int], typer.Option("--ignore-index", help="Ground-truth value that never counts (e.g. 255). Default: none.")] = None,
+    alpha: Annotated[float, typer.Option("--alpha", help="Opacity of the class colours over the image.")] = 0.5,
+    intensity: Annotated[str, typer.Option("--intensity", help="Display scaling of the images: auto (8-bit /255, other types min-max), dtype, minmax, percentile:LO,HI.")] = "auto",
+    max_images: MaxImagesOpt = 8,
+    panel_size: PanelOpt = 256,
+    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Search image folders recursively.")] = False,
+    label: Annotated[Optional[str], typer.Option("--label", help="Name of the segmentation in the title and file name. Default: the prediction folder's name.")] = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Segmentation predictions (label images) overlaid on their images, with mIoU when ground truth is given."""
+    with cli_context(debug, quiet):
+        import warnings
+
+        from posvit_cli.core.errors import PosvitWarning
+        from posvit_cli.core.images import list_images, parse_intensity
+        from posvit_cli.core.labels import find_label_files, stem
+        from posvit_cli.core.viz.pictures import segmentation_figure
+
+        parse_intensity(intensity)
+        if max_images < 1:
+            raise PosvitError(f"--max-images must be at least 1, got {max_images}")
+        sfx = [s.strip() for s in suffixes.split(",")]
+        paths = list_images([images], recursive=recursive)
+        stems = [stem(p) for p in paths]
+        found, missing = find_label_files(stems, pred, sfx)
+        if not found:
+            raise PosvitError(f"no prediction in '{pred}' matches an image of '{images}' by file stem "
+                              f"(e.g. {stems[0]}.png or {stems[0]}_pred.png)")
+        if missing:
+            warnings.warn(f"{len(missing)} image(s) have no prediction and are left out (e.g. {missing[0]})",
+                          PosvitWarning, stacklevel=1)
+        gt = None
+        if truth:
+            gt, gt_missing = find_label_files(list(found), truth, sfx)
+            if not gt:
+                raise PosvitError(f"no ground truth in '{truth}' matches the predicted images by file stem")
+            if gt_missing:
+                warnings.warn(f"{len(gt_missing)} image(s) have no ground truth: not scored (e.g. {gt_missing[0]})",
+                              PosvitWarning, stacklevel=1)
+        drawn = [p for p in paths if stem(p) in found][:max_images]
+        opts = _options(panel_size, "nearest", False, None, None)
+        outdir = _outdir(output)
+        with RichProgress(quiet) as progress:
+            entries = segmentation_figure(drawn, found, outdir, truth=gt, class_names=parse_csv(class_names) or None,
+                                          ignore_index=ignore_index, alpha=alpha, intensity=intensity,
+                                          label=label or Path(pred).resolve().name, options=opts, progress=progress)
+        _finish(outdir, entries, json_out, quiet)
+
+
+@app.command("compare")
+def compare(
+    stores: Annotated[list[str], typer.Argument(help="Feature stores of the same images from different models (or before/after debiasing); one may be - for a piped store.", show_default=False)],
+    output: OutOpt = "viz",
+    labels: Annotated[Optional[list[str]], typer.Option("--label", help="Name of each model, once per store in order. Default: from each store's provenance.")] = None,
+    probes: Annotated[Optional[list[str]], typer.Option("--probe", "-p", help="Probe result JSON of each store, once per store in order (each checked against its store). Default: probe the drawn images of every store here.")] = None,
+    at: AtOpt = None,
+    units: UnitsOpt = "px",
+    standardise: Annotated[bool, typer.Option("--standardise", help="Z-score channels per image before the PCA (the same for every model).")] = False,
+    vmin: VminOpt = 0.5,
+    vmax: VmaxOpt = 1.0,
+    alpha: AlphaSimOpt = 0.7,
+    cmap: CmapSimOpt = "coolwarm",
+    layer: LayerOpt = None,
+    images: ImagesOpt = None,
+    max_images: MaxImagesOpt = 4,
+    panel_size: PanelOpt = 224,
+    score: ScoreOpt = True,
+    image_dir: ImageDirOpt = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """One grid for a report: images as rows, models as columns (PCA and similarity), each model's score on top.
+
+    Images are matched across stores by file name. Each model's column group is headed by its xy stack R²
+    (from --probe or probed here on the same drawn images, so the numbers compare).
+    """
+    with cli_context(debug, quiet):
+        import contextlib
+
+        from posvit_cli.core.store import FeatureStore
+        from posvit_cli.core.viz.pictures import compare_figure
+
+        if sum(1 for s in stores if s == "-") > 1:
+            raise PosvitError("only one store can come from stdin (-)")
+        if probes and len(probes) != len(stores):
+            raise PosvitError(f"{len(probes)} --probe files for {len(stores)} stores: give one per store, in order")
+        if labels and len(labels) != len(stores):
+            raise PosvitError(f"{len(labels)} --label values for {len(stores)} stores: give one per store, in order")
+        points, units = _points(at, units)
+        opts = _options(panel_size, "nearest", False, image_dir, None)
+        outdir = _outdir(output)
+        with contextlib.ExitStack() as stack:
+            fss = [stack.enter_context(FeatureStore(store_input(s))) for s in stores]
+            with RichProgress(quiet) as progress:
+                scores = None
+                if score or probes:
+                    scores = _compare_scores(fss, layer, images, max_images, probes, score, progress)
+                entries = compare_figure(fss, outdir, labels=labels, scores=scores, layers=[layer] * len(fss),
+                                         images=parse_csv(images), max_images=max_images, points=points, units=units,
+                                         standardise=standardise, vmin=vmin, vmax=vmax, alpha=alpha, cmap=cmap,
+                                         options=opts, progress=progress)
+        _finish(outdir, entries, json_out, quiet)
+
+
+def _compare_scores(fss, layer, images, max_images, probes, enabled, progress):
+    """Scores of every store on the images the comparison draws (the same images for every model)."""
+    from posvit_cli.core.viz.pictures import require_features, shared_images
+
+    chosen = shared_images(fss, parse_csv(images), max_images)
+    out = []
+    for k, fs in enumerate(fss):
+        ly = require_features(fs, layer)
+        first = {Path(r.path).name: r.index for r in reversed(fs.records)}
+        idx = [first[n] for n in chosen]
+        out.append(_score(fs, idx, ly, probes[k] if probes else None, enabled, progress) if idx else None)
+    return out
