@@ -394,6 +394,10 @@ class _CoordinateProbe:
         return float(((pred - self.Y[self.test_idx]) ** 2).mean())
 
 
+#: Fewer optimiser steps per round than this trigger a warning (Franca's VOC setting runs 410).
+MIN_STEPS_PER_ROUND = 50
+
+
 def train_rasa(
     cache: TokenCache,
     config: RasaConfig,
@@ -446,6 +450,16 @@ def _train_rasa(cache: TokenCache, config: RasaConfig, progress, on_round) -> Ra
     steps_per_epoch = max(1, math.ceil(cache.n_images / config.batch_images))
     n_use = max(steps_per_epoch, int(round(config.token_fraction * M)))
     total_steps = steps_per_epoch * config.epochs
+    if total_steps < MIN_STEPS_PER_ROUND:
+        # The references' defaults assume ~10k images (410 steps per round); on a small store the planes would
+        # stay near their random start and remove random directions.
+        warnings.warn(
+            f"only {total_steps} optimiser steps per round ({cache.n_images} images, {config.batch_images} per "
+            f"step, {config.epochs} epochs): the planes will barely leave their random start; lower "
+            "--batch-images or raise --epochs (and --lr-head)",
+            PosvitWarning,
+            stacklevel=2,
+        )
     if config.batching != "tokens":
         offsets = cache.image_offsets()
         image_tokens = [torch.arange(int(a), int(b)) for a, b in zip(offsets[:-1], offsets[1:])]

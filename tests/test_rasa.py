@@ -213,3 +213,21 @@ def test_images_in_order_batching_reproduces_the_reference_protocol(planted):
         RasaConfig(batching="images", token_fraction=0.5).validate()
     with pytest.raises(PosvitError, match="--batching"):
         RasaConfig(batching="pixels").validate()
+
+
+def test_too_few_steps_per_round_warns():
+    """Franca's defaults on a dozen images give one step per epoch: the user is told the planes will not train."""
+    from posvit_cli.core.errors import PosvitWarning
+
+    rng = np.random.default_rng(0)
+    n, h, w, d = 12, 6, 6, 8
+    coords = torch.as_tensor(np.tile(grid_coordinates(h, w), (n, 1)), dtype=torch.float32)
+    cache = TokenCache(tokens=torch.as_tensor(rng.normal(size=(n * h * w, d)), dtype=torch.float32), coords=coords,
+                       n_images=n)
+    with pytest.warns(PosvitWarning, match="optimiser steps per round"):
+        train_rasa(cache, RasaConfig(rounds=1, epochs=5, batch_images=128))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PosvitWarning)
+        train_rasa(cache, RasaConfig(rounds=1, epochs=5, batch_images=1))  # 60 steps: no warning
