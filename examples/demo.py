@@ -53,8 +53,8 @@ class Demo:
 
     def posvit(self, *args: str | Path, json_out: bool = False) -> dict | None:
         """Run one posvit command, echoing it; returns its --json document when asked."""
-        argv = [str(a) for a in args]
-        shown = " ".join(shlex.quote(_short(a)) for a in argv)
+        argv = [_short(str(a)) for a in args]  # run exactly what is shown
+        shown = " ".join(shlex.quote(a) for a in argv)
         self.say(f"$ posvit {shown}")
         cmd = [sys.executable, "-m", "posvit_cli", *argv] + (["--json"] if json_out else [])
         t = time.perf_counter()
@@ -188,7 +188,7 @@ class Demo:
 
 def _short(arg: str) -> str:
     """A path relative to the working directory when that is shorter and does not climb out of it."""
-    if os.path.isabs(arg) and os.path.exists(arg):
+    if os.path.isabs(arg):
         rel = os.path.relpath(arg)
         if not rel.startswith(".."):
             return rel
