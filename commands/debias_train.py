@@ -11,14 +11,13 @@ Methods:
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from posvit_cli._cli import (
-    DebugOpt, JsonOpt, QuietOpt, RichProgress, cli_context, command_line, console, emit_json,
+    DebugOpt, JsonOpt, QuietOpt, RichProgress, cli_context, command_line, console, emit_json, sigterm_as_interrupt,
 )
 from posvit_cli.core.errors import PosvitError
 
@@ -27,10 +26,6 @@ RETROFIT_RUN = "Retrofit: schedule, checkpoints and monitoring"
 GENERAL = "General"
 RASA = "RASA heads (--method rasa)"
 HEADS = "Baselines (--method blank|svd|tta) and head files"
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def debias_train(
@@ -207,9 +202,8 @@ def _train_retrofit(inputs, method, output, model, weights, seed, device, precis
             if not quiet:
                 _print_log_row(row)
 
-        old = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
-            with RichProgress(quiet) as progress:
+            with RichProgress(quiet) as progress, sigterm_as_interrupt():
                 result = train_retrofit(
                     teacher, paths, config, output=out, run_dir=run_path, resume=resume, student_init=student_init,
                     monitor=monitor, teacher_stores=[str(p) for p in (teacher_store or [])], dist=dist, device=dev,
@@ -219,8 +213,6 @@ def _train_retrofit(inputs, method, output, model, weights, seed, device, precis
             if dist.is_main and (run_path / "last.pt").exists():
                 console.print(f"the last training state is in '{run_path}'; continue with --resume {run_path}")
             raise
-        finally:
-            signal.signal(signal.SIGTERM, old)
     finally:
         shutdown_distributed()
 
@@ -471,8 +463,6 @@ def _head_rasa(store_src, images, out, model, weights, seed, dev, prec, threads,
 
 def _extract_views(images, out, model, weights, seed, dev, recursive, skip_unreadable, intensity, view_opts,
                    cache, overwrite, quiet):
-    import signal as _signal
-
     from posvit_cli.core.encoders import load_encoder
     from posvit_cli.core.images import list_images, parse_intensity
     from posvit_cli.core.rasa import extract_views, view_provenance
@@ -489,15 +479,12 @@ def _extract_views(images, out, model, weights, seed, dev, recursive, skip_unrea
     encoder = load_encoder(model, weights, device=str(dev), seed=seed)
     writer = StoreWriter(cache_path, provenance=view_provenance(encoder, view_opts, command_line()), layers=["final"],
                          dtype="float16", overwrite=overwrite)
-    old = _signal.signal(_signal.SIGTERM, _raise_interrupt)
     try:
-        with RichProgress(quiet) as progress:
+        with RichProgress(quiet) as progress, sigterm_as_interrupt():
             summary = extract_views(paths, encoder, writer, view_opts, device=dev, progress=progress)
     except BaseException:
         writer.abort()
         raise
-    finally:
-        _signal.signal(_signal.SIGTERM, old)
     if summary["skipped"] and not skip_unreadable:
         writer.abort()
         p, why = summary["skipped"][0]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,13 +9,9 @@ import typer
 
 from posvit_cli._cli import (
     DebugOpt, DeviceOpt, JsonOpt, QuietOpt, RichProgress, cli_context, command_line, console, emit_json, parse_csv,
-    store_output,
+    sigterm_as_interrupt, store_output,
 )
 from posvit_cli.core.errors import PosvitError
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def extract(
@@ -59,7 +54,7 @@ def extract(
     reproduce them. Same-sized images are batched; huge images can be tiled; an interrupted run resumes
     with --resume. Without -o the store streams to stdout when it is piped into another posvit command.
     """
-    with cli_context(debug, quiet):
+    with cli_context(debug, quiet), sigterm_as_interrupt():
         out = store_output(output)
         if json_out and out == "-":
             raise PosvitError("--json prints to stdout, where the store goes: name an output with -o")
@@ -187,7 +182,6 @@ def _extract(inputs, out, model, weights, layers, prefix_tokens, size, intensity
                                  debias=debias, transform=transform)
     writer = StoreWriter(out, provenance=prov, layers=layer_names, dtype=dtype, overwrite=overwrite,
                          resume=resume, compression=compression)
-    old = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         with RichProgress(quiet) as progress:
             summary = extract_images(paths, encoder, writer, options, device=dev, progress=progress)
@@ -199,8 +193,6 @@ def _extract(inputs, out, model, weights, layers, prefix_tokens, size, intensity
                 f"{len(writer)} images are saved in '{writer.work_path}'; run the same command with --resume to finish"
             )
         raise
-    finally:
-        signal.signal(signal.SIGTERM, old)
     final = writer.close(complete=True)
     where = str(final) if final else "stdout"
     if not quiet:

@@ -258,7 +258,8 @@ class Alibi2d(nn.Module):
             return hit
         unit = self._unit_bias(h, w, device)
         if self._uniform:
-            b = (float(self.slopes[0]) * unit)[None, None]
+            # The configured constant, not a tensor read: no device sync and no graph break under torch.compile.
+            b = (float(self.config.slope) * unit)[None, None]
         else:
             b = self.slopes.to(device)[:, None, None] * unit[None]
             b = b[None]

@@ -1155,9 +1155,11 @@ class _Run:
             ids = [self.device.index] if self.device.type == "cuda" else None
             train_fn = DistributedDataParallel(student_module, device_ids=ids)
         if cfg.compile:
-            train_fn = torch.compile(train_fn)
-            self.student_fn = torch.compile(student_module)
-            self.teacher_fn = torch.compile(teacher_module)
+            # Static shapes: each stage size compiles its own graph. Dynamic shapes made Inductor fail on the
+            # ALiBi mask's symbolic sizes (torch 2.11, H100), and a stage rarely changes size mid-way.
+            train_fn = torch.compile(train_fn, dynamic=False)
+            self.student_fn = torch.compile(student_module, dynamic=False)
+            self.teacher_fn = torch.compile(teacher_module, dynamic=False)
         else:
             self.student_fn = student_module
             self.teacher_fn = teacher_module

@@ -40,6 +40,7 @@ __all__ = [
     "cli_context",
     "console",
     "emit_json",
+    "sigterm_as_interrupt",
     "store_input",
     "store_output",
 ]
@@ -100,6 +101,31 @@ def cli_context(debug: bool = False, quiet: bool = False) -> Iterator[None]:
         raise typer.Exit(1) from None
     finally:
         warnings.showwarning = old_show
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Handle SIGTERM (a scheduler or `kill` stopping the job) like Ctrl-C inside the block.
+
+    The KeyboardInterrupt unwinds through the writers, which keep their partial outputs resumable, and
+    :func:`cli_context` turns it into exit status 130. Only the main thread can install signal handlers; elsewhere
+    this does nothing.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 class RichProgress:

@@ -216,7 +216,7 @@ def test_teacher_store_targets_equal_on_the_fly_targets(train_dir, tmp_path, cli
     images = sorted(train_dir.glob("*.png"))
     store = tmp_path / "teacher.h5"
     r = cli(["extract", train_dir, "--model", TINY_MODEL, "--weights", "random", "--size", "crop:64",
-             "--dtype", "float32", "-o", store, "-q"])
+             "--dtype", "float32", "--device", "cpu", "-o", store, "-q"])  # the training below runs on CPU
     assert r.exit_code == 0, r.output
     cfg = _small_config(stages=parse_stages("64:1", "1e-3", "4"), eval_every=0, monitor_size="crop:64")
     mon = noise_images(1, 64)
