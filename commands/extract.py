@@ -181,9 +181,7 @@ def _extract(inputs, out, model, weights, layers, prefix_tokens, size, intensity
         debias = [head_obj.provenance()]
     transforms: list = [None]
     if transform:
-        from posvit_cli.core.transforms import parse_transform_set
-
-        transforms = parse_transform_set(transform, patch=encoder.patch_size)
+        transforms = transform_list(transform, encoder.patch_size)
     jobs = variant_jobs(out, modes, transforms)
     if len(jobs) > 1 and out == "-":
         raise PosvitError(f"{len(jobs)} sizes/transforms write {len(jobs)} stores: name them with -o (e.g. -o feats.h5 "
@@ -216,6 +214,35 @@ def _size_list(size: str) -> list[str]:
     if not all(parts):
         raise PosvitError(f"--size '{size}': an empty item in the list")
     return parts
+
+
+def transform_list(spec: str, patch: int) -> list:
+    """Transforms of ``--transform``: a comma list of transforms (``rot90`` is one quarter turn, not the set)
+    and named sets (``reference``, ``flips``, ``d4``, ``rolls:N``); duplicates dropped, order kept."""
+    from posvit_cli.core.transforms import parse_transform, parse_transform_set
+
+    parts = [p.strip() for p in str(spec).split(",")]
+    items, i = [], 0
+    while i < len(parts):
+        p = parts[i]
+        # roll:DY,DX contains a comma: glue the next part back on.
+        if p.lower().split("+")[-1].startswith("roll:") and "," not in p and i + 1 < len(parts):
+            p = f"{p},{parts[i + 1]}"
+            i += 1
+        i += 1
+        if p:
+            items.append(p)
+    out: dict = {}
+    for item in items:
+        try:
+            found = [parse_transform(item, patch)]
+        except PosvitError:
+            found = parse_transform_set(item, patch)  # a named set, or the original error again
+        for t in found:
+            out.setdefault(t.spec, t)
+    if not out:
+        raise PosvitError(f"--transform '{spec}' names no transform")
+    return list(out.values())
 
 
 def check_size_multiple(mode, patch: int, model: str = "the model") -> None:

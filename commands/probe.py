@@ -220,6 +220,55 @@ def _print_semantic(result: dict, output: str | None) -> None:
         console.print(f"results → {output}")
 
 
+def _positional(store, targets, protocol, sampling, fraction, step, cutoff, repeats, alpha, regressor, seed, layer,
+                all_layers, top_k, per_channel, extras, output, csv_path, device, threads, json_out, quiet, **_):
+    import warnings
+
+    from posvit_cli.core.errors import PosvitWarning
+    from posvit_cli.core.probe import (
+        check_targets, make_settings, probe_result_json, probe_store, write_channel_csv, write_probe_result,
+    )
+    from posvit_cli.core.store import FeatureStore
+
+    if layer and all_layers:
+        raise PosvitError("give either --layer or --all-layers, not both")
+    if threads < 1:
+        raise PosvitError("--threads must be at least 1")
+    if csv_path and not per_channel:
+        raise PosvitError("--csv writes per-channel scores: drop --no-per-channel")
+    target_list = check_targets(parse_csv(targets))
+    settings, deviations = make_settings(
+        protocol, targets=target_list, sampling=sampling, fraction=fraction, step=step, cutoff=cutoff,
+        repeats=repeats, alpha=alpha, regressor=regressor, seed=seed, top_k=top_k, per_channel=per_channel,
+        extras=extras,
+    )
+    if deviations:
+        warnings.warn(f"--protocol dino-saw with {', '.join(deviations)}: not the published setting", PosvitWarning,
+                      stacklevel=1)
+    dev = _device(device)
+    with FeatureStore(store_input(store)) as fs:
+        if len(fs) == 0:
+            raise PosvitError(f"'{fs.source}' holds no images: nothing to probe")
+        if not fs.layers:
+            raise PosvitError(
+                f"'{fs.source}' holds no feature layers (a maps-only store: {', '.join(fs.map_names()) or 'no maps'}); "
+                "probe a feature store"
+            )
+        layers = list(fs.layers) if all_layers else (parse_csv(layer) or None)
+        with RichProgress(quiet) as progress:
+            result = probe_store(fs, settings, layers=layers, device=dev, threads=threads, progress=progress)
+    result["command"] = command_line()
+    if output:
+        write_probe_result(output, result)
+    if csv_path:
+        write_channel_csv(csv_path, result)
+    if not quiet:
+        _print_report(result, output, csv_path)
+    if json_out:
+        sys.stdout.write(probe_result_json(result) + "\n")
+        sys.stdout.flush()
+
+
 def _device(device: str) -> str:
     from posvit_cli.core.device import resolve_device
 
