@@ -15,7 +15,9 @@ import numpy as np
 from posvit_cli.core.errors import PosvitError
 from posvit_cli.core.images import IMAGE_SUFFIXES, read_label_image
 
-__all__ = ["find_label_files", "load_label_image", "resize_labels_nearest", "rgb_to_classes", "stem"]
+__all__ = [
+    "find_label_files", "load_label_image", "nearest_indices", "resize_labels_nearest", "rgb_to_classes", "stem",
+]
 
 
 def stem(path: str | os.PathLike) -> str:
@@ -120,13 +122,37 @@ def load_label_image(path: str | os.PathLike, colours=None, allow_rgb: bool = Fa
     return rgb_to_classes(read_image(path), colours)
 
 
-def resize_labels_nearest(labels: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of a label map to ``out_hw`` (pixel centres sampled, no new values)."""
+def resize_labels_nearest(labels: np.ndarray, out_hw: tuple[int, int], sampling: str = "centre") -> np.ndarray:
+    """Nearest-neighbour resize of a label map to ``out_hw`` (no new values).
+
+    Parameters
+    ----------
+    labels : ndarray, shape (H, W, ...)
+    out_hw : (int, int)
+    sampling : {"centre", "floor"}
+        ``centre`` samples the source pixel under each output pixel's centre (PIL's NEAREST);
+        ``floor`` takes source index ``floor(i · H / oh)`` (torch's ``F.interpolate(mode="nearest")``, which the
+        overclustering references use to resize masks and cluster maps).
+    """
     labels = np.asarray(labels)
     H, W = labels.shape[:2]
     oh, ow = int(out_hw[0]), int(out_hw[1])
     if (H, W) == (oh, ow):
         return labels
-    rows = np.minimum(((np.arange(oh) + 0.5) * H / oh).astype(np.int64), H - 1)
-    cols = np.minimum(((np.arange(ow) + 0.5) * W / ow).astype(np.int64), W - 1)
-    return labels[rows[:, None], cols[None, :]]
+    return labels[nearest_indices(H, oh, sampling)[:, None], nearest_indices(W, ow, sampling)[None, :]]
+
+
+def nearest_indices(n_in: int, n_out: int, sampling: str = "centre") -> np.ndarray:
+    """Source index of each of ``n_out`` output positions for a nearest-neighbour resize of ``n_in`` positions.
+
+    See :func:`resize_labels_nearest` for ``sampling``. Returns int64 indices in ``[0, n_in)``.
+    """
+    if sampling == "centre":
+        idx = ((np.arange(n_out) + 0.5) * n_in / n_out).astype(np.int64)
+    elif sampling == "floor":
+        # torch computes the scale in float32 as in/out and floors out_index · scale.
+        scale = np.float32(n_in) / np.float32(n_out)
+        idx = np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int64)
+    else:
+        raise ValueError(f"sampling must be 'centre' or 'floor', not {sampling!r}")
+    return np.minimum(idx, n_in - 1)

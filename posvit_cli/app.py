@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from posvit_cli import __version__
+from posvit_cli.commands import cluster as cluster_cmd
 from posvit_cli.commands import debias_train as debias_train_cmd
 from posvit_cli.commands import doctor as doctor_cmd
 from posvit_cli.commands import extract as extract_cmd
@@ -43,35 +44,15 @@ def _root(
     """
 
 
+# Pipeline order: images -> extract -> store -> probe | debias-train | cluster | segment | viz.
 app.command("extract")(extract_cmd.extract)
 app.command("probe")(probe_cmd.probe)
-app.command("doctor")(doctor_cmd.doctor)
 app.command("debias-train")(debias_train_cmd.debias_train)
-app.add_typer(store_cmd.app, name="store")
+app.command("cluster")(cluster_cmd.cluster)
 app.add_typer(segment_cmd.app, name="segment")
 app.add_typer(viz_cmd.app, name="viz")
-
-
-def _not_built(name: str, issue: str):
-    def command(
-        args: Annotated[Optional[list[str]], typer.Argument(hidden=True)] = None,
-    ) -> None:
-        from posvit_cli._cli import console
-
-        console.print(f"[bold red]error:[/] `posvit {name}` is not built yet ({issue})", markup=True)
-        raise typer.Exit(2)
-
-    command.__doc__ = f"(not built yet) {issue}."
-    return command
-
-
-_PLANNED = {
-    "cluster": "overclustering evaluation and k-means decompositions",
-}
-for _name, _what in _PLANNED.items():
-    app.command(_name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})(
-        _not_built(_name, _what)
-    )
+app.add_typer(store_cmd.app, name="store")
+app.command("doctor")(doctor_cmd.doctor)
 
 
 def main() -> None:

@@ -395,11 +395,3 @@ def test_doctor_and_version(cli):
     assert info["device"]["cpu_count"] >= 1
     res = cli(["--version"])
     assert res.exit_code == 0 and res.stdout.startswith("posvit ")
-
-
-def test_unbuilt_command_says_so(cli):
-    from posvit_cli.app import _PLANNED
-
-    for name in _PLANNED:
-        res = cli([name])
-        assert res.exit_code == 2 and "not built yet" in res.output
