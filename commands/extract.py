@@ -44,7 +44,7 @@ def extract(
     strict: Annotated[bool, typer.Option("--strict", help="Fail on the first unreadable image instead of skipping it.")] = False,
     merge: Annotated[bool, typer.Option("--merge", help="Join stores (e.g. shards made with --shard) named as inputs into -o.")] = False,
     head: Annotated[Optional[Path], typer.Option("--head", help="Apply a debiasing head (posvit debias-train output, or a Franca RASA head) to the final tokens; with a store as input, clean its tokens without running an encoder.")] = None,
-    transform: Annotated[Optional[str], typer.Option("--transform", help="Extract features of transformed images mapped back to the original frame: flip-ud, flip-lr, rot90[:K], roll:DY,DX (whole patches), compositions with +. A comma list (or a set: reference, flips, rot90, d4, rolls:N) writes one store per transform, named OUT.flip-ud.h5, OUT.roll-0_3.h5, ... Default: none.")] = None,
+    transform: Annotated[Optional[str], typer.Option("--transform", help="Extract features of transformed images mapped back to the original frame: flip-ud, flip-lr, rot90[:K], roll:DY,DX (whole patches), compositions with +. A comma list (or a set: reference, flips, rot90, d4, rolls:N) writes one store per transform, named OUT.flip-ud.h5, OUT.roll-0_3.h5, ... (identity: OUT.h5). Default: none.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for --weights random.")] = 0,
     method: Annotated[Optional[str], typer.Option("--method", help="The --weights file is a position-free model: alibi (2-D ALiBi, constant slope 1, torus) or nope (no position encoding), e.g. the published ALiBi/NoPE DINOv2 checkpoints. Default: none (posvit checkpoints carry this themselves).")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="Torch CPU threads. Default: torch's choice (all cores).")] = None,
@@ -255,7 +255,8 @@ def check_size_multiple(mode, patch: int, model: str = "the model") -> None:
 
 
 def variant_jobs(out: str, modes, transforms) -> list[tuple[str, object, object]]:
-    """One (output, size, transform) per combination; outputs are named by size and transform when several."""
+    """One (output, size, transform) per combination; outputs are named by size and transform when several
+    (the identity transform adds no name, so its store is the plain extraction's)."""
     from posvit_cli.core.extract import variant_path
 
     jobs = []
@@ -264,7 +265,7 @@ def variant_jobs(out: str, modes, transforms) -> list[tuple[str, object, object]
             labels = []
             if len(modes) > 1:
                 labels.append(size_label(m))
-            if len(transforms) > 1:
+            if len(transforms) > 1 and t.spec != "identity":  # the untransformed store keeps the plain name
                 labels.append(transform_label(t.spec))
             jobs.append((variant_path(out, labels) if labels and out != "-" else out, m, t))
     return jobs

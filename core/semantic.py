@@ -40,7 +40,6 @@ Robustness
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as _dt
 import math
@@ -52,6 +51,7 @@ from typing import Any
 
 import numpy as np
 
+from posvit_cli.core.cluster import MASK_SUFFIXES
 from posvit_cli.core.errors import PosvitError, PosvitWarning
 from posvit_cli.core.progress import ProgressCallback, report
 
@@ -82,8 +82,6 @@ MIN_STEPS_PER_EPOCH = 20
 SEMANTIC_SCHEMA_VERSION = 1
 HEADS = ("linear", "ridge")
 RESOLUTIONS = ("tokens", "pixels")
-#: A mask matches image stem ``s`` when its stem is ``s`` or ``s`` plus one of these.
-MASK_SUFFIXES = ("", "_mask", "_masks", "_label", "_labels", "_gt", "_seg")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,8 +204,8 @@ class MaskSource:
     """
 
     def __init__(self, store, mask_dir):
+        from posvit_cli.core.cluster import _store_resize
         from posvit_cli.core.labels import find_label_files
-        from posvit_cli.core.preprocess import parse_size
 
         self.store = store
         self.mask_dir = str(mask_dir)
@@ -220,18 +218,17 @@ class MaskSource:
                 "(masks are matched by file stem, e.g. img1.jpg ↔ img1.png)"
             )
         self.files = [found[n] for n in names]
-        prep = store.provenance.get("preprocessing") or {}
-        try:
-            self.size_mode = parse_size(prep.get("size", "native"))
-        except PosvitError:
-            self.size_mode = parse_size("native")
-        self.patch = int(store.patch_size or 1)
+        self.size_mode, self.patch = _store_resize(store)
         self.resized: list[str] = []
 
     def processed(self, index: int) -> np.ndarray:
-        """The mask of image ``index`` in the frame the encoder saw, shape ``proc_size``, int64."""
+        """The mask of image ``index`` in the frame the encoder saw, shape ``proc_size``, int64.
+
+        The same mapping as the overclustering evaluation (:mod:`posvit_cli.core.cluster`): resized to the
+        image if its size differs (nearest, with a warning), then through the store's resize and crop.
+        """
+        from posvit_cli.core.cluster import _to_processed_frame
         from posvit_cli.core.labels import load_label_image, resize_labels_nearest
-        from posvit_cli.core.preprocess import plan_resize
 
         r = self.store.record(index)
         path = self.files[index]
@@ -246,18 +243,7 @@ class MaskSource:
                     f"{r.orig_size[0]}×{r.orig_size[1]}: resized to the image (nearest)", PosvitWarning, stacklevel=2,
                 )
             lab = resize_labels_nearest(lab, r.orig_size)
-        ph, pw = r.proc_size
-        if r.meta.get("tiles"):
-            # Tiled extraction crops the remainder beyond the last whole patch at the bottom and right.
-            return lab[:ph, :pw]
-        if self.size_mode.kind == "crop":
-            with contextlib.suppress(PosvitError):
-                resize_hw, crop = plan_resize(tuple(r.orig_size), self.size_mode, self.patch)
-                lab = resize_labels_nearest(lab, resize_hw)
-                if crop is not None:
-                    top, left = (resize_hw[0] - crop[0]) // 2, (resize_hw[1] - crop[1]) // 2
-                    lab = lab[top: top + crop[0], left: left + crop[1]]
-        return resize_labels_nearest(lab, (ph, pw))
+        return _to_processed_frame(lab, r, self.size_mode, self.patch)
 
     def tokens(self, index: int, processed: np.ndarray | None = None) -> np.ndarray:
         """The mask on the token grid ``(h, w)``: the class under each patch centre."""
