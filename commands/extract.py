@@ -21,7 +21,7 @@ def extract(
     weights: Annotated[str, typer.Option("--weights", "-w", help="pretrained (timm/hub cache; bundled for posvit-tiny), random (seeded, for smoke tests), or a .safetensors/.pth file or posvit checkpoint.")] = "pretrained",
     layers: Annotated[str, typer.Option("--layers", help="Layers to store: final, all, or block indices such as 3,7,final. Intermediate blocks are taken after the final norm.")] = "final",
     prefix_tokens: Annotated[bool, typer.Option("--prefix-tokens/--no-prefix-tokens", help="Also store CLS and register tokens.")] = False,
-    size: Annotated[str, typer.Option("--size", help="Resize: native (round down to patch multiple), short:N, long:N, square:N, crop:N.")] = "native",
+    size: Annotated[str, typer.Option("--size", help="Resize: native (round down to patch multiple), short:N, long:N, square:N (or N), crop:N; N for square/crop must be a multiple of the patch. A comma list (224,448,672,896) writes one store per size, named OUT.224.h5, OUT.448.h5, ... (a resolution sweep).")] = "native",
     intensity: Annotated[str, typer.Option("--intensity", help="Intensity scaling: auto (8-bit /255, other types min-max per image), dtype, minmax, percentile:LO,HI.")] = "auto",
     max_side: Annotated[int, typer.Option("--max-side", help="Skip untiled images whose processed longer side exceeds this (px).")] = 2048,
     tile: Annotated[Optional[int], typer.Option("--tile", help="Tile images larger than this (px, patch multiple) and blend the tiles' tokens. Default: no tiling.")] = None,
@@ -39,7 +39,7 @@ def extract(
     strict: Annotated[bool, typer.Option("--strict", help="Fail on the first unreadable image instead of skipping it.")] = False,
     merge: Annotated[bool, typer.Option("--merge", help="Join stores (e.g. shards made with --shard) named as inputs into -o.")] = False,
     head: Annotated[Optional[Path], typer.Option("--head", help="Apply a debiasing head (posvit debias-train output, or a Franca RASA head) to the final tokens; with a store as input, clean its tokens without running an encoder.")] = None,
-    transform: Annotated[Optional[str], typer.Option("--transform", help="Extract features of transformed images mapped back to the original frame: flip-ud, flip-lr, rot90, roll:DY,DX (patches).")] = None,
+    transform: Annotated[Optional[str], typer.Option("--transform", help="Extract features of transformed images mapped back to the original frame: flip-ud, flip-lr, rot90[:K], roll:DY,DX (whole patches), compositions with +. A comma list (or a set: reference, flips, rot90, d4, rolls:N) writes one store per transform, named OUT.flip-ud.h5, OUT.roll-0_3.h5, ... (identity: OUT.h5). Default: none.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for --weights random.")] = 0,
     method: Annotated[Optional[str], typer.Option("--method", help="The --weights file is a position-free model: alibi (2-D ALiBi, constant slope 1, torus) or nope (no position encoding), e.g. the published ALiBi/NoPE DINOv2 checkpoints. Default: none (posvit checkpoints carry this themselves).")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="Torch CPU threads. Default: torch's choice (all cores).")] = None,
@@ -116,10 +116,9 @@ def _extract(inputs, out, model, weights, layers, prefix_tokens, size, intensity
 
     from posvit_cli.core.device import resolve_device, resolve_precision
     from posvit_cli.core.encoders import load_encoder, read_checkpoint_meta
-    from posvit_cli.core.extract import ExtractOptions, extract_images, extraction_provenance, shard_paths
+    from posvit_cli.core.extract import ExtractOptions, extraction_provenance, shard_paths
     from posvit_cli.core.images import list_images, parse_intensity
     from posvit_cli.core.preprocess import parse_size
-    from posvit_cli.core.store import StoreWriter
 
     if batch_size < 1:
         raise PosvitError("--batch-size must be at least 1")
@@ -129,7 +128,10 @@ def _extract(inputs, out, model, weights, layers, prefix_tokens, size, intensity
         raise PosvitError(f"--tile {tile} must be larger than --overlap {overlap}")
     if threads:
         torch.set_num_threads(threads)
-    mode = parse_size(size)
+    size_specs = _size_list(size)
+    modes = [parse_size(s) for s in size_specs]
+    if len({str(m) for m in modes}) != len(modes):
+        raise PosvitError(f"--size {size} names the same size twice")
     parse_intensity(intensity)
     paths = shard_paths(list_images(inputs, recursive=recursive), shard)
     dev = resolve_device(device)
@@ -150,10 +152,15 @@ def _extract(inputs, out, model, weights, layers, prefix_tokens, size, intensity
 
             warnings.warn(f"--method {method} with --weights {weights}: the retrofit is not distilled (train one "
                           "with `posvit debias-train`)", PosvitWarning, stacklevel=1)
+    if transform and tile is not None:
+        raise PosvitError("--transform acts on whole images: it cannot be combined with --tile (each tile would be "
+                          "transformed on its own)")
     encoder = load_encoder(model, weights, device=str(dev), seed=seed, modifications=modifications)
     layer_names = encoder.layer_names(parse_csv(layers))
     if tile is not None and tile < encoder.patch_size:
         raise PosvitError(f"--tile {tile} is smaller than one {encoder.patch_size}-px patch")
+    for m in modes:
+        check_size_multiple(m, encoder.patch_size, encoder.name)
 
     postprocess, debias = None, []
     if head is not None:
@@ -167,19 +174,114 @@ def _extract(inputs, out, model, weights, layers, prefix_tokens, size, intensity
         else:
             postprocess = head_obj.token_postprocess(dev)
         debias = [head_obj.provenance()]
-    image_transform = None
+    transforms: list = [None]
     if transform:
-        from posvit_cli.core.transforms import parse_transform
+        transforms = transform_list(transform, encoder.patch_size)
+    jobs = variant_jobs(out, modes, transforms)
+    if len(jobs) > 1 and out == "-":
+        raise PosvitError(f"{len(jobs)} sizes/transforms write {len(jobs)} stores: name them with -o (e.g. -o feats.h5 "
+                          "gives feats.224.h5, ...), they cannot all go to stdout")
+    results = []
+    for job_out, mode, image_transform in jobs:
+        spec = image_transform.spec if image_transform is not None else None
+        options = ExtractOptions(
+            layers=layer_names, size=mode, intensity=intensity, keep_prefix=prefix_tokens, batch_size=batch_size,
+            precision=prec, tile=tile, overlap=overlap, max_side=max_side, workers=workers, strict=strict,
+            postprocess=postprocess,
+            image_transform=image_transform if spec not in (None, "identity") else None,
+        )
+        prov = extraction_provenance(encoder, options, device=dev, command=command_line(), shard=shard,
+                                     debias=debias, transform=spec if spec != "identity" else None)
+        if len(jobs) > 1 and not quiet:
+            what = ", ".join(x for x in (f"size {mode}" if len(modes) > 1 else "",
+                                         f"transform {spec}" if len(transforms) > 1 else "") if x)
+            console.print(f"[bold]{what}[/] → {job_out}", markup=True)
+        summary, where = _extract_one(paths, encoder, options, prov, job_out, layer_names, dtype, overwrite, resume,
+                                      compression, dev, quiet)
+        results.append({**summary.as_dict(), "output": where, "model": encoder.name, "layers": layer_names,
+                        "size": str(mode), "transform": spec})
+    if json_out:
+        emit_json(results[0] if len(results) == 1 else {"stores": results})
 
-        image_transform = parse_transform(transform, patch=encoder.patch_size)
 
-    options = ExtractOptions(
-        layers=layer_names, size=mode, intensity=intensity, keep_prefix=prefix_tokens, batch_size=batch_size,
-        precision=prec, tile=tile, overlap=overlap, max_side=max_side, workers=workers, strict=strict,
-        postprocess=postprocess, image_transform=image_transform,
-    )
-    prov = extraction_provenance(encoder, options, device=dev, command=command_line(), shard=shard,
-                                 debias=debias, transform=transform)
+def _size_list(size: str) -> list[str]:
+    parts = [p.strip() for p in str(size).split(",")]
+    if not all(parts):
+        raise PosvitError(f"--size '{size}': an empty item in the list")
+    return parts
+
+
+def transform_list(spec: str, patch: int) -> list:
+    """Transforms of ``--transform``: a comma list of transforms (``rot90`` is one quarter turn, not the set)
+    and named sets (``reference``, ``flips``, ``d4``, ``rolls:N``); duplicates dropped, order kept."""
+    from posvit_cli.core.transforms import parse_transform, parse_transform_set
+
+    parts = [p.strip() for p in str(spec).split(",")]
+    items, i = [], 0
+    while i < len(parts):
+        p = parts[i]
+        # roll:DY,DX contains a comma: glue the next part back on.
+        if p.lower().split("+")[-1].startswith("roll:") and "," not in p and i + 1 < len(parts):
+            p = f"{p},{parts[i + 1]}"
+            i += 1
+        i += 1
+        if p:
+            items.append(p)
+    out: dict = {}
+    for item in items:
+        try:
+            found = [parse_transform(item, patch)]
+        except PosvitError:
+            found = parse_transform_set(item, patch)  # a named set, or the original error again
+        for t in found:
+            out.setdefault(t.spec, t)
+    if not out:
+        raise PosvitError(f"--transform '{spec}' names no transform")
+    return list(out.values())
+
+
+def check_size_multiple(mode, patch: int, model: str = "the model") -> None:
+    """Refuse square/crop sizes that are not a multiple of the patch (they would be rounded down silently)."""
+    if mode.kind in ("square", "crop") and mode.size % patch:
+        lo = mode.size - mode.size % patch
+        near = f"{lo} or {lo + patch}" if lo >= patch else f"{lo + patch}"
+        raise PosvitError(f"--size {mode}: {mode.size} px is not a multiple of the {patch}-px patch of {model} "
+                          f"(use {near})")
+
+
+def variant_jobs(out: str, modes, transforms) -> list[tuple[str, object, object]]:
+    """One (output, size, transform) per combination; outputs are named by size and transform when several
+    (the identity transform adds no name, so its store is the plain extraction's)."""
+    from posvit_cli.core.extract import variant_path
+
+    jobs = []
+    for m in modes:
+        for t in transforms:
+            labels = []
+            if len(modes) > 1:
+                labels.append(size_label(m))
+            if len(transforms) > 1 and t.spec != "identity":  # the untransformed store keeps the plain name
+                labels.append(transform_label(t.spec))
+            jobs.append((variant_path(out, labels) if labels and out != "-" else out, m, t))
+    return jobs
+
+
+def size_label(mode) -> str:
+    """``square:224`` → ``224``, ``short:448`` → ``short448``, ``native`` → ``native``."""
+    if mode.size is None:
+        return mode.kind
+    return str(mode.size) if mode.kind == "square" else f"{mode.kind}{mode.size}"
+
+
+def transform_label(spec: str) -> str:
+    """A file-name-safe form of a transform: ``roll:0,3`` → ``roll-0_3``, ``rot90:3`` → ``rot90-3``."""
+    return spec.replace(":", "-").replace(",", "_")
+
+
+def _extract_one(paths, encoder, options, prov, out, layer_names, dtype, overwrite, resume, compression, dev, quiet):
+    from posvit_cli.core.extract import extract_images
+    from posvit_cli.core.store import StoreWriter
+
     writer = StoreWriter(out, provenance=prov, layers=layer_names, dtype=dtype, overwrite=overwrite,
                          resume=resume, compression=compression)
     try:
@@ -197,8 +299,7 @@ def _extract(inputs, out, model, weights, layers, prefix_tokens, size, intensity
     where = str(final) if final else "stdout"
     if not quiet:
         _print_summary(summary, where, encoder)
-    if json_out:
-        emit_json({**summary.as_dict(), "output": where, "model": encoder.name, "layers": layer_names})
+    return summary, where
 
 
 def _print_summary(summary, where, encoder) -> None:

@@ -25,7 +25,8 @@ from posvit_cli.core.images import parse_intensity, read_image, to_channels, to_
 from posvit_cli.core.preprocess import ResizeMode, parse_size, plan_resize, resize_and_normalise
 from posvit_cli.core.progress import ProgressCallback, report
 
-__all__ = ["ExtractOptions", "ExtractSummary", "extract_images", "shard_paths", "tile_starts", "blend_ramp"]
+__all__ = ["ExtractOptions", "ExtractSummary", "extract_images", "shard_paths", "tile_starts", "blend_ramp",
+           "variant_path"]
 
 
 @dataclasses.dataclass
@@ -115,6 +116,22 @@ def shard_paths(paths: Sequence[Path], shard: str | None) -> list[Path]:
     if not (n >= 1 and 0 <= i < n):
         raise PosvitError(f"shard '{shard}': need 0 <= i < n")
     return list(paths)[i::n]
+
+
+_STORE_SUFFIXES = (".zarr.zip", ".hdf5", ".zarr", ".zip", ".h5", ".hdf")
+
+
+def variant_path(path: str | os.PathLike, labels: Sequence[str]) -> str:
+    """The store of one variant of an extraction (a size of a sweep, a transform): labels go before the suffix.
+
+    ``variant_path("feats.h5", ["448"])`` → ``feats.448.h5``; ``("v.zarr.zip", ["224", "rot90"])`` →
+    ``v.224.rot90.zarr.zip``. A path without a store suffix gets the labels appended.
+    """
+    p = str(path).rstrip("/")
+    low = p.lower()
+    suffix = next((s for s in _STORE_SUFFIXES if low.endswith(s)), "")
+    base = p[: len(p) - len(suffix)] if suffix else p
+    return ".".join([base, *labels]) + p[len(base):]
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from posvit_cli.commands import debias_train as debias_train_cmd
 from posvit_cli.commands import doctor as doctor_cmd
 from posvit_cli.commands import extract as extract_cmd
 from posvit_cli.commands import probe as probe_cmd
+from posvit_cli.commands import report as report_cmd
 from posvit_cli.commands import segment as segment_cmd
 from posvit_cli.commands import store as store_cmd
 from posvit_cli.commands import viz as viz_cmd
@@ -44,11 +45,12 @@ def _root(
     """
 
 
-# Pipeline order: images -> extract -> store -> probe | debias-train | cluster | segment | viz.
+# Pipeline order: images -> extract -> store -> probe | debias-train | cluster | report | segment | viz.
 app.command("extract")(extract_cmd.extract)
 app.command("probe")(probe_cmd.probe)
 app.command("debias-train")(debias_train_cmd.debias_train)
 app.command("cluster")(cluster_cmd.cluster)
+app.command("report")(report_cmd.report)
 app.add_typer(segment_cmd.app, name="segment")
 app.add_typer(viz_cmd.app, name="viz")
 app.add_typer(store_cmd.app, name="store")
