@@ -42,6 +42,7 @@ SciPy implementation :func:`classical_features_reference` to float32 rounding.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Sequence
@@ -558,6 +559,24 @@ def _reflect_index(n: int, pad: int, device):
     return torch.where(idx >= n, period - 1 - idx, idx)
 
 
+@contextlib.contextmanager
+def _ieee_convolutions():
+    """Full-fp32 cuDNN convolutions for the duration (cuDNN defaults to TF32).
+
+    TF32 keeps 10 mantissa bits: harmless for a blur, but the Hessian determinant and the eigenvalues are
+    differences of nearly equal products of such blurs, and they lost up to half their range on an H100.
+    """
+    import torch
+
+    conv = torch.backends.cudnn.conv
+    old = conv.fp32_precision
+    conv.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        conv.fp32_precision = old
+
+
 def _classical_torch(img: np.ndarray, cfg: ClassicalConfig, device) -> np.ndarray:
     """The filter bank in torch on ``device`` (used for CUDA)."""
     import torch
@@ -581,7 +600,7 @@ def _classical_torch(img: np.ndarray, cfg: ClassicalConfig, device) -> np.ndarra
         p = F.conv2d(p, k.view(1, 1, -1, 1))
         return p[0, 0]
 
-    with torch.inference_mode():
+    with torch.inference_mode(), _ieee_convolutions():
         blurs = [blur(s) for s in cfg.blur_sigmas] if any(
             v in g for v in ("intensity", "gradient", "hessian", "dog")) else []
         chans = []
