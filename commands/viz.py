@@ -306,6 +306,28 @@ def probe_plots(
         _finish(outdir, entries, json_out, quiet)
 
 
+@app.command("report")
+def report_plots(
+    report: Annotated[str, typer.Argument(help="Report JSON (posvit report -o report.json).", show_default=False)],
+    output: OutOpt = "viz",
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Plot a comparison report: positional R² against its null, semantic mIoU with robustness, overclustering.
+
+    One colour per row of the report (encoder, debiasing or input size). PNG and SVG.
+    """
+    with cli_context(debug, quiet):
+        from posvit_cli.core.report import read_report
+        from posvit_cli.core.viz.plots import report_plot
+
+        doc = read_report(report)
+        outdir = _outdir(output)
+        entries = report_plot(doc, outdir, name=f"report '{report}'", command=command_line())
+        _finish(outdir, entries, json_out, quiet)
+
+
 @app.command("clusters")
 def clusters(
     store: Annotated[Optional[str], typer.Argument(help="Store with label maps (posvit cluster output, maps only or with features), or - / nothing to read a piped store.", show_default=False)] = None,

@@ -85,6 +85,22 @@ def test_cli_report_writes_markdown_and_json(tmp_path, cli):
     r = cli(["report", tmp_path / "raw.h5", tmp_path / "clean.h5", "--fraction", "0.25"])  # positional only
     assert r.exit_code == 0 and "R² xy" in r.output and "semantic" not in r.output
 
+    # viz report draws the same numbers, one colour per row, and indexes the figure.
+    r = cli(["viz", "report", js, "-o", tmp_path / "viz", "--json"])
+    assert r.exit_code == 0, r.output
+    fig = json.loads(r.stdout)["figures"]
+    assert len(fig) == 1 and fig[0]["kind"] == "report"
+    drawn = fig[0]["numbers"]["rows"]
+    assert [d["name"] for d in drawn] == ["dinov2", "rasa"]
+    for d, row in zip(drawn, doc["rows"]):
+        assert d["xy_r2"] == row["positional"]["stack_r2"]["xy"]
+        assert d["semantic_miou"] == row["semantic"]["miou"]
+        assert d["cluster_miou"]["3"] == row["cluster"][0]["miou_mean"]
+    assert (tmp_path / "viz" / fig[0]["file"]).stat().st_size > 1000
+    assert fig[0]["file"] in (tmp_path / "viz" / "index.html").read_text()
+    r = cli(["viz", "report", md, "-o", tmp_path / "viz"])  # the Markdown table is not the document
+    assert r.exit_code == 2 and "cannot read" in r.output
+
 
 def _one_line_error(result, text):
     assert result.exit_code == 2, result.output

@@ -28,6 +28,7 @@ MANIFEST_NAME = "viz-index.json"
 MANIFEST_SCHEMA = "posvit-viz-index"
 #: Sections of the page, in this order.
 SECTIONS = {
+    "report": "Reports",
     "compare": "Models compared",
     "probe": "Probe results",
     "pca": "PCA of patch features",

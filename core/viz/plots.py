@@ -20,7 +20,7 @@ from posvit_cli.core.viz.layout import DPI, save_figure
 from posvit_cli.core.viz.pictures import slug
 from posvit_cli.core.viz.scores import fmt
 
-__all__ = ["channel_bars_plot", "fingerprint_plot", "result_label", "stack_comparison_plot"]
+__all__ = ["channel_bars_plot", "fingerprint_plot", "report_plot", "result_label", "stack_comparison_plot"]
 
 RAMPS = ("lr", "ud", "diag", "radial", "xy")
 TARGET_ORDER = ("lr", "ud", "diag", "radial", "xy", "random", "raster")
@@ -243,3 +243,131 @@ def stack_comparison_plot(results: Sequence[dict], labels: Sequence[str], outdir
     key = "xy" if "xy" in targets else targets[0]
     caption = "; ".join(f"{v['label']}: {key} R² {fmt(v['stack_r2'][key])}" for v in numbers)
     return [FigureEntry(rel[0], "probe", title, caption, rel[1:], {"results": numbers}, command)]
+
+
+def report_plot(doc: dict, outdir: str | os.PathLike, *, name: str = "the report",
+                command: str = "") -> list[FigureEntry]:
+    """The comparison of a ``posvit report``, one colour per row: positional R², semantic mIoU, overclustering.
+
+    Panels: the held-out xy stack R² of each row with its ``random``-target null as a black tick (position is
+    gone when the bar reaches the tick); with masks, the semantic probe's mIoU with each transformed store's
+    mIoU as a marker (robustness); with overclustering, mIoU ± std over seeds per k.
+
+    Parameters
+    ----------
+    doc : dict
+        A report document (:func:`posvit_cli.core.report.read_report`).
+
+    Raises
+    ------
+    PosvitError
+        If the report has no rows.
+    """
+    rows = doc.get("rows") or []
+    if not rows:
+        raise PosvitError(f"{name} has no rows")
+    labels = [str(r["name"]) for r in rows]
+    n = len(rows)
+    has_sem = any(r.get("semantic") for r in rows)
+    ks = sorted({(c["k"], c["matching"]) for r in rows for c in r.get("cluster") or []})
+    panels = 1 + int(has_sem) + int(bool(ks))
+    from matplotlib import colormaps
+
+    cols = colormaps["tab10"](np.arange(n) % 10)
+    per_panel = max(300, 90 + 60 * n * max(1, len(ks)))
+    width_px = int(min(2400, panels * per_panel))
+    fig = _figure(width_px, 520)
+    axes = np.atleast_1d(fig.subplots(1, panels))
+    x = np.arange(n)
+
+    def _v(v):
+        return np.nan if v is None else float(v)
+
+    def _label_bars(ax, pos, vals, errs=None):
+        errs = np.zeros_like(vals) if errs is None else errs
+        for px, m, s in zip(pos, vals, errs):
+            if math.isfinite(m):
+                ax.annotate(fmt(m), (px, m + s if m >= 0 else m - s), xytext=(0, 2 if m >= 0 else -2),
+                            textcoords="offset points", ha="center", va="bottom" if m >= 0 else "top", fontsize=8)
+
+    ax = axes[0]
+    xy = np.array([_v(r["positional"]["stack_r2"].get("xy")) for r in rows])
+    xy_std = np.array([_v((r["positional"].get("stack_r2_std") or {}).get("xy")) for r in rows])
+    null = np.array([_v(r["positional"]["stack_r2"].get("random")) for r in rows])
+    ax.bar(x, np.nan_to_num(xy), 0.7, yerr=np.nan_to_num(xy_std), color=cols, capsize=2, error_kw={"lw": 0.8})
+    ax.scatter(x, null, marker="_", s=900, color="black", zorder=3, label="null (random target)")
+    _label_bars(ax, x, xy, np.nan_to_num(xy_std))
+    finite = np.concatenate([(xy - np.nan_to_num(xy_std))[np.isfinite(xy)], null[np.isfinite(null)]])
+    low = min(0.0, float(finite.min())) if finite.size else 0.0
+    ax.set_ylim(low - 0.2 if low < 0 else 0.0, 1.12)
+    ax.axhline(0, color="0.3", lw=0.6)
+    ax.set_title("position: held-out xy stack R²\n(black tick: the random-target null)", fontsize=9)
+    numbers = [{"name": lab, "xy_r2": None if not math.isfinite(a) else float(a),
+                "random_r2": None if not math.isfinite(b) else float(b)} for lab, a, b in zip(labels, xy, null)]
+
+    p = 1
+    if has_sem:
+        ax = axes[p]
+        p += 1
+        sem = np.array([_v((r.get("semantic") or {}).get("miou")) for r in rows])
+        ax.bar(x, np.nan_to_num(sem), 0.7, color=cols)
+        _label_bars(ax, x, sem)
+        transforms = []
+        for r in rows:
+            transforms += [t["transform"] for t in r.get("robustness") or [] if t["transform"] not in transforms]
+        markers = "v^<>sDpo*"
+        for j, t in enumerate(transforms):
+            vals = np.array([_v(next((q["miou"] for q in r.get("robustness") or [] if q["transform"] == t), None))
+                             for r in rows])
+            ax.scatter(x + 0.25, vals, marker=markers[j % len(markers)], s=28, color="black", zorder=3,
+                       label=f"on {t} store")
+        ax.set_ylim(0, 1.12)
+        ax.set_title("semantics: linear-probe mIoU" + ("\n(markers: on transformed images)" if transforms else "\n"),
+                     fontsize=9)
+        if transforms:
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=min(3, len(transforms)),
+                      frameon=False)
+        for d, v in zip(numbers, sem):
+            d["semantic_miou"] = None if not math.isfinite(v) else float(v)
+
+    if ks:
+        ax = axes[p]
+        w = 0.8 / len(ks)
+        for j, (k, matching) in enumerate(ks):
+            cl = [next((c for c in r.get("cluster") or [] if (c["k"], c["matching"]) == (k, matching)), None)
+                  for r in rows]
+            m = np.array([_v(c["miou_mean"]) if c else np.nan for c in cl])
+            s = np.array([_v(c["miou_std"]) if c else 0.0 for c in cl])
+            pos = x - 0.4 + w * (j + 0.5)
+            ax.bar(pos, np.nan_to_num(m), w * 0.92, yerr=np.nan_to_num(s), color=cols, capsize=2,
+                   error_kw={"lw": 0.8}, alpha=1.0 - 0.5 * j / max(1, len(ks) - 1) if len(ks) > 1 else 1.0)
+            _label_bars(ax, pos, m, np.nan_to_num(s))
+            for px in pos:
+                ax.annotate(f"k={k}", (px, 0), xytext=(0, 2), textcoords="offset points", ha="center",
+                            va="bottom", fontsize=7, color="white")
+            for d, v in zip(numbers, m):
+                d.setdefault("cluster_miou", {})[str(k)] = None if not math.isfinite(v) else float(v)
+        ax.set_ylim(0, 1.12)
+        ax.set_title("overclustering mIoU\n(mean ± std over seeds)", fontsize=9)
+
+    for ax in axes:
+        ax.set_xticks(x, labels, fontsize=8, rotation=20 if n > 4 else 0)
+        ax.tick_params(labelsize=8)
+    title = "posvit report: " + " vs ".join(labels)
+    sub = [f"{rows[0].get('model') or '?'}; {rows[0].get('n_images', '?')} images"]
+    if has_sem:
+        sem_set = (doc.get("settings") or {}).get("semantic") or {}
+        sub.append(f"semantic head {sem_set.get('head', '?')} on {sem_set.get('resolution', '?')}")
+    _suptitle(fig, width_px, title, "; ".join(sub))
+    stem = "report_" + slug("_vs_".join(slug(lb, 40) for lb in labels), 120)
+    files = save_figure(fig, Path(outdir) / stem, ("png", "svg"), title=title)
+    rel = [f.relative_to(outdir).as_posix() for f in files]
+    bits = []
+    for d in numbers:
+        b = f"{d['name']}: xy R² {fmt(d['xy_r2'])} (null {fmt(d['random_r2'])})"
+        if "semantic_miou" in d:
+            b += f", semantic mIoU {fmt(d['semantic_miou'])}"
+        for k, v in (d.get("cluster_miou") or {}).items():
+            b += f", k={k} {fmt(v)}"
+        bits.append(b)
+    return [FigureEntry(rel[0], "report", title, "; ".join(bits), rel[1:], {"rows": numbers}, command)]
