@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -14,6 +12,7 @@ from posvit_cli._cli import (
     stdout_is_pipe, store_input,
 )
 from posvit_cli.core.errors import PosvitError
+from posvit_cli.core.fileio import write_json_atomic
 
 
 def cluster(
@@ -111,14 +110,6 @@ def _results_path(results_json, output) -> Path | None:
     return None
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    from posvit_cli._cli import _json_default
-
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
-    os.replace(tmp, path)
-
-
 def _run(store, k, masks, ignore_index, num_classes, class_names, seeds, pca_dim, protocol, per_image, n_init,
          max_iter, eval_size, max_points_per_cluster, layer, output, results_json, overwrite, threads, device,
          json_out, quiet, **_):
@@ -198,7 +189,7 @@ def _run(store, k, masks, ignore_index, num_classes, class_names, seeds, pca_dim
             out["label_store"] = where
             out["maps"] = sorted(maps)
     if res_path is not None:
-        _write_json_atomic(res_path, out)
+        write_json_atomic(res_path, out)
     if not quiet:
         _print_table(out, where, res_path)
     if json_out:

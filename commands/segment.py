@@ -17,6 +17,7 @@ from posvit_cli._cli import (
     DebugOpt, DeviceOpt, JsonOpt, QuietOpt, RichProgress, cli_context, console, emit_json, parse_csv,
 )
 from posvit_cli.core.errors import PosvitError
+from posvit_cli.core.fileio import write_json_atomic
 
 app = typer.Typer(
     name="segment",
@@ -610,7 +611,7 @@ def bench(
                                    progress=progress)
         result["models"] = [{"name": n, "identity": s.identity()} for n, s in encoders]
         if output is not None:
-            _write_json(output, result)
+            write_json_atomic(output, result)
         if not quiet:
             _print_bench(result)
         if json_out:
@@ -625,19 +626,6 @@ def _unique(name: str, existing) -> str:
     while f"{name}#{i}" in taken:
         i += 1
     return f"{name}#{i}"
-
-
-def _write_json(path: Path, obj) -> None:
-    import json
-    import os
-    import tempfile
-
-    from posvit_cli._cli import _json_default
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(obj, fh, indent=2, default=_json_default)
-    os.replace(tmp, path)
 
 
 def _print_bench(result) -> None:

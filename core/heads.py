@@ -31,7 +31,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -39,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from posvit_cli.core.fileio import atomic_path, json_default
 from posvit_cli.core.errors import PosvitError, PosvitWarning
 from posvit_cli.core.progress import ProgressCallback, report
 
@@ -440,30 +440,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> Path:
-    path = Path(path)
-    if not path.parent.exists():
-        raise PosvitError(f"output folder '{path.parent}' does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
-
-
 def save_head(head: Head, path: str | os.PathLike, *, layout: str = "posvit") -> Path:
     """Write a head atomically.
 
@@ -498,7 +474,7 @@ def save_head(head: Head, path: str | os.PathLike, *, layout: str = "posvit") ->
         "method": head.method,
         "channels": "any" if head.channels is None else str(head.channels),
         "layout": layout,
-        "posvit": json.dumps(doc, default=_json_default),
+        "posvit": json.dumps(doc, default=json_default),
     }
     if layout == "franca":
         if not isinstance(head, ProjectionHead) or head.method != "rasa" or head.planes.shape[1] != 2:
@@ -514,8 +490,12 @@ def save_head(head: Head, path: str | os.PathLike, *, layout: str = "posvit") ->
     else:
         tensors = {k: v.clone() for k, v in head._tensors().items()}
     if suffix == ".safetensors":
-        return _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
-    return _atomic_write(path, lambda tmp: torch.save(tensors, tmp))
+        with atomic_path(path, make_parents=False) as tmp:
+            save_file(tensors, tmp, metadata=meta)
+    else:
+        with atomic_path(path, make_parents=False) as tmp:
+            torch.save(tensors, tmp)
+    return Path(path)
 
 
 def _strip_prefixes(state: dict) -> dict:

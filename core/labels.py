@@ -29,6 +29,24 @@ def stem(path: str | os.PathLike) -> str:
     return Path(name).stem
 
 
+def label_files_by_stem(label_dir: str | os.PathLike) -> dict[str, list[Path]]:
+    """The image files of ``label_dir`` grouped by file stem (several when extensions differ), sorted by name.
+
+    Raises
+    ------
+    PosvitError
+        If ``label_dir`` is not a folder.
+    """
+    d = Path(label_dir)
+    if not d.is_dir():
+        raise PosvitError(f"label folder '{label_dir}' does not exist")
+    files: dict[str, list[Path]] = {}
+    for f in sorted(d.iterdir()):
+        if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
+            files.setdefault(stem(f), []).append(f)
+    return files
+
+
 def find_label_files(
     names: Iterable[str], label_dir: str | os.PathLike, suffixes: Sequence[str] = ("",)
 ) -> tuple[dict[str, Path], list[str]]:
@@ -48,16 +66,10 @@ def find_label_files(
     PosvitError
         If ``label_dir`` is not a folder.
     """
-    d = Path(label_dir)
-    if not d.is_dir():
-        raise PosvitError(f"label folder '{label_dir}' does not exist")
-    files: dict[str, Path] = {}
-    for f in sorted(d.iterdir()):
-        if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
-            files.setdefault(stem(f), f)
+    files = label_files_by_stem(label_dir)
     found, missing = {}, []
     for n in names:
-        hit = next((files[n + s] for s in suffixes if n + s in files), None)
+        hit = next((files[n + s][0] for s in suffixes if n + s in files), None)
         if hit is None:
             missing.append(n)
         else:

@@ -29,7 +29,6 @@ import datetime as _dt
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -38,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from posvit_cli.core.errors import PosvitError
+from posvit_cli.core.fileio import read_tagged_json, write_text_atomic
 from posvit_cli.core.progress import ProgressCallback, report
 
 __all__ = [
@@ -1259,24 +1259,9 @@ def probe_result_json(result: dict) -> str:
     return json.dumps(_json_clean(result), indent=1, allow_nan=False)
 
 
-def _atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def write_probe_result(path: str | os.PathLike, result: dict) -> Path:
     """Write a probe result as JSON, atomically (temporary file, then rename). Returns the path."""
-    return _atomic_write_text(path, probe_result_json(result) + "\n")
+    return write_text_atomic(path, probe_result_json(result) + "\n")
 
 
 def read_probe_result(path: str | os.PathLike) -> dict:
@@ -1287,18 +1272,8 @@ def read_probe_result(path: str | os.PathLike) -> dict:
     PosvitError
         If the file is missing, is not JSON, or is not a posvit probe result of a readable schema version.
     """
-    p = Path(path)
-    if not p.exists():
-        raise PosvitError(f"probe result '{path}' does not exist (write one with `posvit probe STORE -o {p.name}`)")
-    try:
-        doc = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PosvitError(f"cannot read '{path}' as a probe result ({exc})") from None
-    if not isinstance(doc, dict) or doc.get("schema") != PROBE_SCHEMA:
-        raise PosvitError(f"'{path}' is not a posvit probe result (no '{PROBE_SCHEMA}' schema tag)")
-    if int(doc.get("schema_version", 0)) > PROBE_SCHEMA_VERSION:
-        raise PosvitError(f"'{path}' uses probe-result schema {doc['schema_version']}: upgrade posvit")
-    return doc
+    return read_tagged_json(path, PROBE_SCHEMA, PROBE_SCHEMA_VERSION, "probe result",
+                            hint=f"write one with `posvit probe STORE -o {Path(path).name}`")
 
 
 def _result_block(result: dict, layer: str | None) -> tuple[str, dict]:
@@ -1408,4 +1383,4 @@ def write_channel_csv(path: str | os.PathLike, result: dict) -> Path:
     for row in rows:
         writer.writerow(["" if v is None or (isinstance(v, float) and not math.isfinite(v))
                          else (f"{v:.6g}" if isinstance(v, float) else v) for v in row])
-    return _atomic_write_text(path, buf.getvalue())
+    return write_text_atomic(path, buf.getvalue())

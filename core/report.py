@@ -26,7 +26,6 @@ overclustering (with masks)
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import math
 import time
 from collections.abc import Sequence
@@ -362,27 +361,19 @@ def _json_text(doc: dict) -> str:
 
 def write_report(path, doc: dict) -> Path:
     """Write the report atomically: Markdown for ``.md``, JSON for ``.json`` (by suffix)."""
-    from posvit_cli.core.probe import _atomic_write_text
+    from posvit_cli.core.fileio import write_text_atomic
 
     p = Path(path)
     if p.suffix.lower() == ".md":
-        return _atomic_write_text(p, report_markdown(doc))
+        return write_text_atomic(p, report_markdown(doc))
     if p.suffix.lower() == ".json":
-        return _atomic_write_text(p, _json_text(doc) + "\n")
+        return write_text_atomic(p, _json_text(doc) + "\n")
     raise PosvitError(f"report output '{path}': name a .md (Markdown) or .json file")
 
 
 def read_report(path) -> dict:
     """Read a JSON report written by :func:`write_report` (``posvit report -o report.json``)."""
-    p = Path(path)
-    if not p.exists():
-        raise PosvitError(f"report '{path}' does not exist")
-    try:
-        doc = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PosvitError(f"cannot read '{path}' as a posvit report ({exc})") from None
-    if not isinstance(doc, dict) or doc.get("schema") != REPORT_SCHEMA:
-        raise PosvitError(f"'{path}' is not a posvit report (no '{REPORT_SCHEMA}' schema tag)")
-    if int(doc.get("schema_version", 0)) > REPORT_SCHEMA_VERSION:
-        raise PosvitError(f"'{path}' uses report schema {doc['schema_version']}: upgrade posvit")
-    return doc
+    from posvit_cli.core.fileio import read_tagged_json
+
+    return read_tagged_json(path, REPORT_SCHEMA, REPORT_SCHEMA_VERSION, "report",
+                            hint="write one with `posvit report STORES -o report.json`")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from posvit_cli.core.errors import PosvitError
-from posvit_cli.core.labels import rgb_to_classes, stem
+from posvit_cli.core.labels import label_files_by_stem, rgb_to_classes, stem
 from posvit_cli.core.segmenter import ClassTable, LabelledImage
 
 __all__ = [
@@ -71,15 +71,7 @@ def pair_label_files(
     PosvitError
         If ``label_dir`` is not a folder.
     """
-    from posvit_cli.core.images import IMAGE_SUFFIXES
-
-    d = Path(label_dir)
-    if not d.is_dir():
-        raise PosvitError(f"label folder '{label_dir}' does not exist")
-    files: dict[str, list[Path]] = {}
-    for f in sorted(d.iterdir()):
-        if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
-            files.setdefault(stem(f), []).append(f)
+    files = label_files_by_stem(label_dir)
     out = {}
     for p in image_paths:
         me = os.path.realpath(p)

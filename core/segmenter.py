@@ -33,6 +33,7 @@ import numpy as np
 from posvit_cli.core.classical import ClassicalConfig, classical_features, feature_names
 from posvit_cli.core.classifiers import ClassifierConfig, PixelClassifier, load_classifier
 from posvit_cli.core.crf import CrfConfig, crf_halo, mean_field_crf
+from posvit_cli.core.fileio import atomic_path, json_default
 from posvit_cli.core.errors import PosvitError, PosvitWarning
 from posvit_cli.core.progress import ProgressCallback, report
 from posvit_cli.core.vit_pixels import ReducedTokens, SharedPCA, VitConfig, upsample_region
@@ -344,26 +345,11 @@ class Segmenter:
             np.savez(buf, **self.shared_pca.arrays())
             files["pca.npz"] = buf.getvalue()
             meta["features"]["vit"]["pca_file"] = "pca.npz"
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh, zipfile.ZipFile(fh, "w", zipfile.ZIP_DEFLATED) as z:
-                z.writestr("segmenter.json", json.dumps(meta, indent=2, default=_json_default))
-                for name, data in files.items():
-                    z.writestr(name, data)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+            z.writestr("segmenter.json", json.dumps(meta, indent=2, default=json_default))
+            for name, data in files.items():
+                z.writestr(name, data)
         return path
-
-
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
 
 
 def load_segmenter(path: str | os.PathLike) -> Segmenter:
@@ -667,8 +653,7 @@ def write_label_image(path: str | os.PathLike, labels: np.ndarray, classes: Clas
     """Write a label image atomically: a palette PNG (values ≤ 255, viewable and read back as class values)
     or, for ``.tif``/``.tiff`` paths or larger values, a compressed integer TIFF."""
     path = Path(path)
-    tmp = _atomic_target(path)
-    try:
+    with atomic_path(path, keep_suffix=True) as tmp:
         if path.suffix.lower() == ".png":
             from PIL import Image
 
@@ -681,11 +666,6 @@ def write_label_image(path: str | os.PathLike, labels: np.ndarray, classes: Clas
             import tifffile
 
             tifffile.imwrite(tmp, labels, compression="zlib", photometric="minisblack")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 

@@ -1091,17 +1091,6 @@ def read_semantic_result(path) -> dict:
     PosvitError
         If the file is missing, is not JSON or is not a semantic probe result of a readable version.
     """
-    import json
+    from posvit_cli.core.fileio import read_tagged_json
 
-    p = Path(path)
-    if not p.exists():
-        raise PosvitError(f"semantic probe result '{path}' does not exist")
-    try:
-        doc = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PosvitError(f"cannot read '{path}' as a semantic probe result ({exc})") from None
-    if not isinstance(doc, dict) or doc.get("schema") != SEMANTIC_SCHEMA:
-        raise PosvitError(f"'{path}' is not a posvit semantic probe result (no '{SEMANTIC_SCHEMA}' schema tag)")
-    if int(doc.get("schema_version", 0)) > SEMANTIC_SCHEMA_VERSION:
-        raise PosvitError(f"'{path}' uses semantic-result schema {doc['schema_version']}: upgrade posvit")
-    return doc
+    return read_tagged_json(path, SEMANTIC_SCHEMA, SEMANTIC_SCHEMA_VERSION, "semantic probe result")

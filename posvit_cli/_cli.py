@@ -30,6 +30,7 @@ from rich.progress import (
 )
 
 from posvit_cli.core.errors import PosvitError, PosvitWarning
+from posvit_cli.core.fileio import json_default
 
 __all__ = [
     "DebugOpt",
@@ -167,18 +168,8 @@ class RichProgress:
 
 def emit_json(obj: Any) -> None:
     """Write one JSON document to stdout."""
-    sys.stdout.write(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    sys.stdout.write(json.dumps(obj, indent=2, default=json_default) + "\n")
     sys.stdout.flush()
-
-
-def _json_default(o: Any) -> Any:
-    import numpy as np
-
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
 
 
 def stdout_is_pipe() -> bool:

@@ -14,12 +14,12 @@ import datetime as _dt
 import html
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import quote
 
 from posvit_cli.core.errors import PosvitError
+from posvit_cli.core.fileio import write_text_atomic
 
 __all__ = ["INDEX_NAME", "MANIFEST_NAME", "FigureEntry", "json_clean", "read_manifest", "render_html", "update_index"]
 
@@ -93,21 +93,6 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        from posvit_cli.core.viz.layout import _FILE_MODE
-
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 @contextlib.contextmanager
 def _locked(folder: Path):
     """Serialise manifest updates of concurrent runs writing into the same folder (POSIX advisory lock)."""
@@ -161,9 +146,9 @@ def update_index(folder: str | os.PathLike, entries: Sequence[FigureEntry], titl
         for e in merged:
             e.numbers = json_clean(e.numbers)
         doc = {"schema": MANIFEST_SCHEMA, "schema_version": 1, "entries": [dataclasses.asdict(e) for e in merged]}
-        _atomic_write(folder / MANIFEST_NAME, json.dumps(doc, indent=1, ensure_ascii=False, allow_nan=False) + "\n")
+        write_text_atomic(folder / MANIFEST_NAME, json.dumps(doc, indent=1, ensure_ascii=False, allow_nan=False) + "\n")
         page = folder / INDEX_NAME
-        _atomic_write(page, render_html(merged, title))
+        write_text_atomic(page, render_html(merged, title))
     return page
 
 

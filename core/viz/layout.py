@@ -8,16 +8,16 @@ state) and are written atomically.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
-import tempfile
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from posvit_cli.core.fileio import atomic_path
 
 __all__ = [
     "DPI", "ColourBar", "Legend", "Panel", "PanelGrid", "RenderedFigure", "render_grid", "save_figure", "save_png_array",
@@ -325,29 +325,6 @@ def render_grid(grid: PanelGrid) -> RenderedFigure:
     return RenderedFigure(fig, (H, W), boxes)
 
 
-def _umask_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-# mkstemp creates 0600 files; figures are meant to be shared, so they get the mode a plain open() would give.
-_FILE_MODE = _umask_mode()
-
-
-@contextlib.contextmanager
-def _atomic_path(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield tmp
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def save_figure(figure, path: str | os.PathLike, formats: Sequence[str] = ("png",), title: str = "") -> list[Path]:
@@ -370,7 +347,7 @@ def save_figure(figure, path: str | os.PathLike, formats: Sequence[str] = ("png"
         elif fmt == "svg":
             meta["Creator"] = f"posvit {__version__} (matplotlib)"
             meta["Date"] = None  # reproducible SVGs: no timestamp
-        with _atomic_path(target) as tmp:
+        with atomic_path(target) as tmp:
             figure.savefig(tmp, format=fmt, dpi=DPI, facecolor="white", metadata=meta)
         out.append(target)
     return out
@@ -381,6 +358,6 @@ def save_png_array(image: np.ndarray, path: str | os.PathLike) -> Path:
     from PIL import Image
 
     target = Path(path)
-    with _atomic_path(target) as tmp:
+    with atomic_path(target) as tmp:
         Image.fromarray(np.ascontiguousarray(image)).save(tmp, format="PNG")
     return target
