@@ -12,7 +12,9 @@ Steps (each printed as the `posvit` command it runs, so you can rerun any of the
 6. cluster   overclustering mIoU against the micrographs' ground truth, per feature set
 7. segment   scribble segmentation on two images, scored on held-out ones: classical features alone, + raw
              ViT features, + debiased ViT features
-8. viz       figures and an index.html
+8. report    one table across raw, RASA and ALiBi features of the micrographs: positional R², linear-probe
+             semantic mIoU and overclustering (report.md, report.json)
+9. viz       figures and an index.html
 
 It ends with a summary table (also `summary.json`) and names the folder holding every output.
 """
@@ -131,8 +133,17 @@ class Demo:
             segments[variant] = self.posvit("segment", "eval", pred, "--gt", DATA / "masks", "--gt-offset", "1",
                                             "-q", json_out=True)
 
-        self.step("8. viz: figures and index.html")
+        self.step("8. report: positional R², semantic mIoU and overclustering of the micrograph features, one table")
+        report = self.posvit(
+            "report", *(o / f"particles_{m}.h5" for m in ("raw", "rasa", "alibi")), "--names", "raw,RASA,ALiBi",
+            "--masks", DATA / "masks", "--num-classes", "3", "--class-names", "binder,particle,pore",
+            "-k", "3,12", "--cluster-seeds", "0", "--cluster-threads", "1",
+            "-o", o / "report.md", "-o", o / "report.json", "-q", json_out=True,
+        )
+
+        self.step("9. viz: figures and index.html")
         viz = o / "viz"
+        self.posvit("viz", "report", o / "report.json", "-o", viz, "-q")
         self.posvit("viz", "compare", *(o / f"textures_{m}.h5" for m in ("raw", "rasa", "alibi")),
                     "--label", "raw", "--label", "RASA", "--label", "ALiBi",
                     *sum((["--probe", str(o / f"probe_{m}.json")] for m in ("raw", "rasa", "alibi")), []),
@@ -146,10 +157,10 @@ class Demo:
         for variant in ("raw", "alibi"):
             self.posvit("viz", "segmentation", held_list, o / f"segmentation_{variant}", "-o", viz, "-q")
 
-        return self.summarise(probes, clusters, segments)
+        return self.summarise(probes, clusters, segments, report)
 
     # ------------------------------------------------------------------------------------------------------
-    def summarise(self, probes: dict, clusters: dict, segments: dict) -> dict:
+    def summarise(self, probes: dict, clusters: dict, segments: dict, report: dict) -> dict:
         def stack(result, target):
             return result["results"][result["primary_layer"]]["stack_r2"][target]["mean"]
 
@@ -157,6 +168,7 @@ class Demo:
             row = next(r for r in result["results"] if r["k"] == k)
             return row["miou_mean"], row["spatial_entropy"]
 
+        semantic = {r["name"]: (r["semantic"] or {}).get("miou") for r in report["rows"]}
         rows = []
         for method, label in (("raw", "raw posvit-tiny"), ("rasa", "+ RASA head"), ("alibi", "ALiBi retrofit")):
             k3, ent3 = cluster_row(clusters[method], 3)
@@ -169,6 +181,7 @@ class Demo:
                 "overcluster_miou_k3": k3,
                 "overcluster_miou_k12": k12,
                 "cluster_spatial_entropy_k3": ent3,
+                "semantic_miou": semantic[{"raw": "raw", "rasa": "RASA", "alibi": "ALiBi"}[method]],
                 "segment_miou": seg["dataset_miou"],
                 "segment_positional_r2": seg["positional_r2_mean"],
             })
@@ -224,12 +237,12 @@ def print_summary(summary: dict) -> None:
 
     t = Table(title="posvit demo: positional bias and what removing it does", title_justify="left",
               box=box.SIMPLE_HEAD)
-    for col in ("features", "xy R²", "rand R²", "clu k=3", "clu k=12", "entropy", "seg mIoU", "seg R²"):
+    for col in ("features", "xy R²", "rand R²", "clu k=3", "clu k=12", "entropy", "sem mIoU", "seg mIoU", "seg R²"):
         t.add_column(col, justify="left" if col == "features" else "right", no_wrap=True)
     for r in summary["rows"]:
         t.add_row(r["features"], f(r.get("xy_stack_r2")), f(r.get("random_control_r2")),
                   f(r.get("overcluster_miou_k3")), f(r.get("overcluster_miou_k12")),
-                  f(r.get("cluster_spatial_entropy_k3")), f(r.get("segment_miou")),
+                  f(r.get("cluster_spatial_entropy_k3")), f(r.get("semantic_miou")), f(r.get("segment_miou")),
                   f(r.get("segment_positional_r2")))
     console = Console(stderr=True)
     if not console.is_terminal:  # logs and pipes: wide enough for the table instead of Rich's 80 columns
@@ -240,7 +253,8 @@ def print_summary(summary: dict) -> None:
         "xy R²: held-out R² of a ridge probe of (x, y) from all channels of one texture image (1 = position fully "
         "decodable); rand R²: the same probe of a random target (its null). clu k: overclustering mIoU of the "
         "particle micrographs against their ground truth; entropy: spatial entropy of the k=3 clusters (1 = "
-        "spread evenly over the image). seg mIoU: scribble segmentation scored on held-out images; seg R²: "
+        "spread evenly over the image). sem mIoU: a linear probe (batch norm + linear layer) trained on the "
+        "features of the micrographs' masks and scored on a held-out micrograph (posvit report). seg mIoU: scribble segmentation scored on held-out images; seg R²: "
         "positional R² of its predictions (near 0 = no position in the output)."
     )
     console.print(f"\nFinished in {summary['seconds']:.0f} s. Every output is in [bold]{summary['output']}[/] "
