@@ -33,8 +33,10 @@ def test_quick_demo_reproduces_its_summary(tmp_path):
     assert alibi["overcluster_miou_k3"] > raw["overcluster_miou_k3"] + 0.1
     assert alibi["segment_miou"] > raw["segment_miou"] + 0.05
     assert "Every output is in" in proc.stderr and (out / "viz" / "index.html").is_file()
-    for f in ("probe_raw.json", "rasa.safetensors", "alibi.safetensors", "clusters_alibi.h5", "textures_rasa.h5"):
+    for f in ("probe_raw.json", "rasa.safetensors", "alibi.safetensors", "clusters_alibi.h5", "textures_rasa.h5",
+              "report.md", "report.json"):
         assert (out / f).exists(), f
+    assert "report_raw_vs_RASA_vs_ALiBi.png" in (out / "viz" / "index.html").read_text()
 
 
 def test_demo_refuses_a_foreign_folder(tmp_path):

@@ -299,7 +299,8 @@ def report_plot(doc: dict, outdir: str | os.PathLike, *, name: str = "the report
     _label_bars(ax, x, xy, np.nan_to_num(xy_std))
     finite = np.concatenate([(xy - np.nan_to_num(xy_std))[np.isfinite(xy)], null[np.isfinite(null)]])
     low = min(0.0, float(finite.min())) if finite.size else 0.0
-    ax.set_ylim(low - 0.2 if low < 0 else 0.0, 1.12)
+    high = float(np.nanmax(xy + np.nan_to_num(xy_std))) if np.isfinite(xy).any() else 1.0
+    ax.set_ylim(low - 0.2 if low < 0 else 0.0, max(1.12, high + 0.15))
     ax.axhline(0, color="0.3", lw=0.6)
     ax.set_title("position: held-out xy stack R²\n(black tick: the random-target null)", fontsize=9)
     numbers = [{"name": lab, "xy_r2": None if not math.isfinite(a) else float(a),
