@@ -16,7 +16,7 @@ from posvit_cli.core.errors import PosvitError
 app = typer.Typer(
     name="viz",
     help="Pictures of positional bias and its removal: PCA, similarity maps, positional channels, probe plots, "
-    "label maps and model comparisons, each with its probe score, laid out in OUTDIR/index.html.",
+    "label maps, model comparisons and reports, each with its score, laid out in OUTDIR/index.html.",
     no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
