@@ -229,11 +229,16 @@ def test_kmeans_matches_sklearn_inertia_on_easy_data():
     assert ours.labels.shape == (3000,) and ours.centers.shape == (6, 8)
 
 
-@pytest.mark.parametrize("algorithm", ["bounded", "batched"])
-def test_kmeans_engines_equal_sklearn_lloyd_from_the_same_start(algorithm):
+@pytest.mark.parametrize("algorithm,dense_fraction", [("bounded", 0.15), ("bounded", 0.0), ("bounded", 1.01),
+                                                     ("batched", None)])
+def test_kmeans_engines_equal_sklearn_lloyd_from_the_same_start(algorithm, dense_fraction, monkeypatch):
     from sklearn.cluster import KMeans
 
+    import posvit_cli.core.kmeans as km
     from posvit_cli.core.kmeans import kmeans
+
+    if dense_fraction is not None:  # 0: every re-assignment dense; 1.01: always per group
+        monkeypatch.setattr(km, "DENSE_LOOK_FRACTION", dense_fraction)
 
     # Overlapping blobs and k ≠ the number of blobs: many points change cluster for many iterations.
     x, _ = _blobs(4000, 6, 30, 6.0, 1)
