@@ -214,21 +214,10 @@ def _size_list(size: str) -> list[str]:
 def transform_list(spec: str, patch: int) -> list:
     """Transforms of ``--transform``: a comma list of transforms (``rot90`` is one quarter turn, not the set)
     and named sets (``reference``, ``flips``, ``d4``, ``rolls:N``); duplicates dropped, order kept."""
-    from posvit_cli.core.transforms import parse_transform, parse_transform_set
+    from posvit_cli.core.transforms import parse_transform, parse_transform_set, split_transform_list
 
-    parts = [p.strip() for p in str(spec).split(",")]
-    items, i = [], 0
-    while i < len(parts):
-        p = parts[i]
-        # roll:DY,DX contains a comma: glue the next part back on.
-        if p.lower().split("+")[-1].startswith("roll:") and "," not in p and i + 1 < len(parts):
-            p = f"{p},{parts[i + 1]}"
-            i += 1
-        i += 1
-        if p:
-            items.append(p)
     out: dict = {}
-    for item in items:
+    for item in split_transform_list(spec):
         try:
             found = [parse_transform(item, patch)]
         except PosvitError:

@@ -32,6 +32,7 @@ __all__ = [
     "average_over_transforms",
     "parse_transform",
     "parse_transform_set",
+    "split_transform_list",
 ]
 
 
@@ -227,6 +228,28 @@ TRANSFORM_SETS: dict[str, tuple[str, ...]] = {
 }
 
 
+def split_transform_list(spec: str) -> list[str]:
+    """The items of a comma-separated transform list, ``roll:DY,DX`` kept whole; empty items dropped.
+
+    Examples
+    --------
+    >>> split_transform_list("flip-ud, roll:1,2,rot90")
+    ['flip-ud', 'roll:1,2', 'rot90']
+    """
+    parts = [p.strip() for p in str(spec).split(",")]
+    items, i = [], 0
+    while i < len(parts):
+        p = parts[i]
+        # roll:DY,DX contains a comma: glue the next part back on.
+        if p.lower().split("+")[-1].startswith("roll:") and "," not in p and i + 1 < len(parts):
+            p = f"{p},{parts[i + 1]}"
+            i += 1
+        i += 1
+        if p:
+            items.append(p)
+    return items
+
+
 def parse_transform_set(spec: str, patch: int = 1) -> list[GridTransform]:
     """Parse a comma-separated list of transforms and named sets into distinct transforms.
 
@@ -245,17 +268,7 @@ def parse_transform_set(spec: str, patch: int = 1) -> list[GridTransform]:
         For unknown items, ``rolls:N`` with N < 1, or an empty set.
     """
     items: list[str] = []
-    parts = [p.strip() for p in str(spec).split(",")]
-    i = 0
-    while i < len(parts):
-        p = parts[i]
-        # roll:DY,DX contains a comma: glue the next part back on.
-        if p.lower().split("+")[-1].startswith("roll:") and "," not in p and i + 1 < len(parts):
-            p = f"{p},{parts[i + 1]}"
-            i += 1
-        i += 1
-        if not p:
-            continue
+    for p in split_transform_list(spec):
         low = p.lower()
         if low in TRANSFORM_SETS:
             items.extend(TRANSFORM_SETS[low])
