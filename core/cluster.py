@@ -315,7 +315,9 @@ def load_masks(store, mask_dir, *, eval_size=(100, 100), ignore_index: int | Non
         If masks are missing for some images (they are named), a mask holds a value ≥ ``num_classes`` that is not
         ``ignore_index``, or the class names do not fit.
     """
-    from posvit_cli.core.labels import find_label_files, load_label_image, resize_labels_nearest
+    from posvit_cli.core.labels import (
+        check_label_range, find_label_files, load_label_image, resize_labels_nearest,
+    )
 
     records = store.records
     names = [r.name for r in records]
@@ -352,17 +354,7 @@ def load_masks(store, mask_dir, *, eval_size=(100, 100), ignore_index: int | Non
             lab = resize_labels_nearest(lab, r.orig_size)
         lab = _to_processed_frame(lab, r, size_mode, patch)
         lab = resize_labels_nearest(lab, (eh, ew), sampling="floor")
-        kept = lab if ignore_index is None else lab[lab != ignore_index]
-        if kept.size:
-            lo, hi = int(kept.min()), int(kept.max())
-            if lo < 0:
-                raise PosvitError(f"mask '{path}' holds the negative label {lo}")
-            if num_classes is not None and hi >= num_classes:
-                ign = f" and is not the ignore index {ignore_index}" if ignore_index is not None else ""
-                raise PosvitError(
-                    f"mask '{path}' holds label {hi}, which is ≥ --num-classes {num_classes}{ign}"
-                )
-            max_label = max(max_label, hi)
+        max_label = max(max_label, check_label_range(lab, path, num_classes, ignore_index)[0])
         out[i] = lab
         prog("read masks", i + 1, len(records))
     if num_classes is None:

@@ -77,6 +77,28 @@ def find_label_files(
     return found, missing
 
 
+def check_label_range(labels: np.ndarray, source, num_classes: int | None, ignore_index: int | None) -> tuple[int, int]:
+    """Validate a mask's class values; return (largest label, number of labelled pixels), ignored pixels excluded.
+
+    The largest label is -1 for a mask with no labelled pixel.
+
+    Raises
+    ------
+    PosvitError
+        For a negative label, or one ≥ ``num_classes`` that is not the ignore index (naming ``source``).
+    """
+    kept = labels if ignore_index is None else labels[labels != ignore_index]
+    if not kept.size:
+        return -1, 0
+    lo, hi = int(kept.min()), int(kept.max())
+    if lo < 0:
+        raise PosvitError(f"mask '{source}' holds the negative label {lo}")
+    if num_classes is not None and hi >= num_classes:
+        ign = f" and is not the ignore index {ignore_index}" if ignore_index is not None else ""
+        raise PosvitError(f"mask '{source}' holds label {hi}, which is ≥ --num-classes {num_classes}{ign}")
+    return hi, int(kept.size)
+
+
 def rgb_to_classes(rgb: np.ndarray, colours: Sequence[tuple[int, int, int]] | None = None):
     """Map an RGB label image to class indices by colour.
 

@@ -53,6 +53,7 @@ import numpy as np
 
 from posvit_cli.core.cluster import MASK_SUFFIXES
 from posvit_cli.core.errors import PosvitError, PosvitWarning
+from posvit_cli.core.labels import check_label_range
 from posvit_cli.core.progress import ProgressCallback, report
 
 __all__ = [
@@ -289,19 +290,10 @@ def scan_masks(source: MaskSource, indices: Sequence[int], *, ignore_index: int 
     max_label = -1
     for n, i in enumerate(indices):
         lab = source.processed(i)
-        kept = lab if ignore_index is None else lab[lab != ignore_index]
-        if kept.size:
-            lo, hi = int(kept.min()), int(kept.max())
-            if lo < 0:
-                raise PosvitError(f"mask '{source.files[i]}' holds the negative label {lo}")
-            if num_classes is not None and hi >= num_classes:
-                ign = f" and is not the ignore index {ignore_index}" if ignore_index is not None else ""
-                raise PosvitError(
-                    f"mask '{source.files[i]}' holds label {hi}, which is ≥ --num-classes {num_classes}{ign}"
-                )
-            max_label = max(max_label, hi)
+        hi, labelled = check_label_range(lab, source.files[i], num_classes, ignore_index)
+        max_label = max(max_label, hi)
         tokens[i] = source.tokens(i, lab)
-        valid[i] = int(kept.size)
+        valid[i] = labelled
         prog(task, n + 1, len(indices))
     return MaskScan(tokens, valid, max_label)
 
