@@ -5,7 +5,7 @@ cosine loss against fixed targets, backward, AdamW update), three ways:
 
 - ``plain``: the original model, learned position embedding, fused attention (``F.scaled_dot_product_attention``);
 - ``alibi``: posvit's retrofit: no position embedding, the 2-D ALiBi bias as an additive float mask to the same
-  fused attention (:mod:`posvit_cli.core.alibi`);
+  fused attention (:mod:`posvit_cli.core.features.alibi`);
 - ``explicit``: the same bias added to explicitly computed logits and softmax (timm's non-fused path), which is
   how the reference implementation trains.
 
@@ -51,7 +51,7 @@ def build(variant: str, size: int, device):
     import timm
     import torch
 
-    from posvit_cli.core.alibi import _apply
+    from posvit_cli.core.features.alibi import _apply
 
     torch.manual_seed(0)
     model = timm.create_model(MODEL, pretrained=False, num_classes=0, img_size=size)

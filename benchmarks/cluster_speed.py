@@ -3,7 +3,7 @@
 Data: N × 50 float32 points (default 1M), seeded: 1,000 overlapping Gaussian blobs whose spread decays over the
 dimensions like a PCA spectrum, so k = 300 clusters must cut through blobs (as on real PCA-50 ViT tokens) and
 Lloyd's algorithm does not settle in a few iterations.
-posvit: ``posvit_cli.core.kmeans.kmeans`` (sampled greedy k-means++ seeding, exact Lloyd with Hamerly bounds).
+posvit: ``posvit_cli.core.cluster.kmeans.kmeans`` (sampled greedy k-means++ seeding, exact Lloyd with Hamerly bounds).
 baseline: ``sklearn.cluster.KMeans(algorithm="lloyd", init="k-means++", n_init=1)``.
 Both run the same number of Lloyd iterations (``--iters``, tol 0, both stop earlier only if no label changes),
 one restart, with the same number of CPU threads, each in its own process, once per seed (``--seeds``, default
@@ -47,7 +47,7 @@ def make_data(n: int, d: int = 50, blobs: int = 1000, seed: int = 0):
 def _run_posvit(n, k, iters, seed, threads, device="cpu"):
     import torch
 
-    from posvit_cli.core.kmeans import kmeans
+    from posvit_cli.core.cluster.kmeans import kmeans
 
     torch.set_num_threads(threads)
     x = make_data(n, seed=seed)

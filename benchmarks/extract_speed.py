@@ -66,10 +66,10 @@ def main() -> None:
 
     import torch
 
-    from posvit_cli.core.encoders import load_encoder
-    from posvit_cli.core.extract import ExtractOptions, _prepare, extract_images
-    from posvit_cli.core.preprocess import parse_size
-    from posvit_cli.core.store import FeatureStore, StoreWriter
+    from posvit_cli.core.features.encoders import load_encoder
+    from posvit_cli.core.features.extract import ExtractOptions, _prepare, extract_images
+    from posvit_cli.core.io.preprocess import parse_size
+    from posvit_cli.core.features.store import FeatureStore, StoreWriter
 
     tmp = Path(tempfile.mkdtemp(prefix="posvit-bench-"))
     paths = make_images(tmp / "imgs", args.n, args.size + 32)

@@ -44,7 +44,7 @@ def sklearn_study(features, settings, images, repeats):
     from sklearn.linear_model import Ridge
     from sklearn.preprocessing import StandardScaler
 
-    from posvit_cli.core.probe import sampling_plan
+    from posvit_cli.core.measure.probe import sampling_plan
 
     scores = {}
     fits = 0
@@ -76,7 +76,7 @@ def sklearn_study(features, settings, images, repeats):
 
 
 def posvit_study(features, settings, threads):
-    from posvit_cli.core.probe import probe_dataset, probe_image, sampling_plan, torch_threads
+    from posvit_cli.core.measure.probe import probe_dataset, probe_image, sampling_plan, torch_threads
 
     images = [{"name": f"img{i}", "path": "", "grid": f.shape[:2]} for i, f in enumerate(features)]
     t0 = time.perf_counter()
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from posvit_cli.core.probe import make_settings
+    from posvit_cli.core.measure.probe import make_settings
 
     settings, _ = make_settings("dino-saw", targets=TARGETS, repeats=args.repeats, extras=False)
     features = make_features(args.images, args.grid, args.grid, args.channels)

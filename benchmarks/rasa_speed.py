@@ -60,7 +60,7 @@ def plane_angle_deg(a, b) -> float:
     """Largest principal angle (degrees) between the planes spanned by the rows of a and b (2 × D each)."""
     import torch
 
-    from posvit_cli.core.heads import gram_schmidt
+    from posvit_cli.core.debias.heads import gram_schmidt
 
     ua, ub = gram_schmidt(torch.as_tensor(a)), gram_schmidt(torch.as_tensor(b))
     s = torch.linalg.svdvals(ua @ ub.T).clamp(max=1.0)
@@ -72,8 +72,8 @@ def reference_protocol(encoder, batches, coords, config, D):
     import torch
     import torch.nn.functional as F
 
-    from posvit_cli.core.heads import gram_schmidt
-    from posvit_cli.core.rasa import initial_weights
+    from posvit_cli.core.debias.heads import gram_schmidt
+    from posvit_cli.core.debias.rasa import initial_weights
 
     inits = initial_weights(D, config.rounds, config.seed)
     total = len(batches) * config.epochs
@@ -118,12 +118,12 @@ def main() -> None:
 
     import torch
 
-    from posvit_cli.core.encoders import load_encoder
-    from posvit_cli.core.extract import ExtractOptions, extract_images, extraction_provenance
-    from posvit_cli.core.images import read_image, to_channels, to_float
-    from posvit_cli.core.preprocess import parse_size, resize_and_normalise
-    from posvit_cli.core.rasa import RasaConfig, grid_coordinates, initial_weights, load_token_cache, train_rasa
-    from posvit_cli.core.store import FeatureStore, StoreWriter
+    from posvit_cli.core.features.encoders import load_encoder
+    from posvit_cli.core.features.extract import ExtractOptions, extract_images, extraction_provenance
+    from posvit_cli.core.io.images import read_image, to_channels, to_float
+    from posvit_cli.core.io.preprocess import parse_size, resize_and_normalise
+    from posvit_cli.core.debias.rasa import RasaConfig, grid_coordinates, initial_weights, load_token_cache, train_rasa
+    from posvit_cli.core.features.store import FeatureStore, StoreWriter
 
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="posvit-rasa-bench-"))
@@ -140,7 +140,7 @@ def main() -> None:
 
     # Warm-up outside the clocks (lazy initialisation of autograd, LAPACK and the model's first forward), so both
     # protocols are timed in steady state.
-    from posvit_cli.core.rasa import TokenCache
+    from posvit_cli.core.debias.rasa import TokenCache
 
     train_rasa(TokenCache(torch.randn(64, D), torch.rand(64, 2), 4), RasaConfig(rounds=2, epochs=1, batch_images=2))
     with torch.no_grad():

@@ -1,9 +1,9 @@
 """Classical segmentation features of a 2048² image: posvit against the straightforward NumPy/SciPy version,
 and train + apply with 1 % labelled pixels.
 
-posvit: :func:`posvit_cli.core.classical.classical_features` (FFT blurs, row-blocked derivatives, membrane
+posvit: :func:`posvit_cli.core.segment.filters.classical_features` (FFT blurs, row-blocked derivatives, membrane
 projections as shifted sums of the sparse line kernels with a sorting network, threads).
-baseline: :func:`posvit_cli.core.classical.classical_features_reference`, the same 58 channels written the
+baseline: :func:`posvit_cli.core.segment.filters.classical_features_reference`, the same 58 channels written the
 obvious way: ``scipy.ndimage.gaussian_filter`` per σ, ``numpy.gradient``, and the membrane projections by
 rotating the kernel and correlating the image 30 times, then NumPy statistics over the stack.
 Both run in this process on the same image; the channels must agree (max |difference| / channel range).
@@ -52,13 +52,13 @@ def main() -> None:
 
     from PIL import Image
 
-    from posvit_cli.core.classical import (
+    from posvit_cli.core.segment.filters import (
         ClassicalConfig, _threads, classical_features, classical_features_reference, feature_names,
     )
-    from posvit_cli.core.classifiers import ClassifierConfig
-    from posvit_cli.core.metrics import class_average_miou
-    from posvit_cli.core.scribbles import draw_scribbles
-    from posvit_cli.core.segmenter import ClassTable, FeatureSpec, LabelledImage, load_grey, segment_image, train_segmenter
+    from posvit_cli.core.segment.classifiers import ClassifierConfig
+    from posvit_cli.core.measure.metrics import class_average_miou
+    from posvit_cli.core.segment.scribbles import draw_scribbles
+    from posvit_cli.core.segment.segmenter import ClassTable, FeatureSpec, LabelledImage, load_grey, segment_image, train_segmenter
 
     n = args.size
     threads = _threads(args.threads)
@@ -122,7 +122,7 @@ def main() -> None:
                               ClassifierConfig(threads=args.threads), threads=threads)
         model = seg.save(os.path.join(d, "m.posvit-seg"))
         t_train = time.perf_counter() - t0
-        from posvit_cli.core.segmenter import load_segmenter
+        from posvit_cli.core.segment.segmenter import load_segmenter
 
         t1 = time.perf_counter()
         seg = load_segmenter(model)

@@ -50,7 +50,7 @@ def label_field(rng, h, w, k, smooth=3.0):
 def make_dataset(workdir, n, grid, channels, k, seed=0):
     from PIL import Image
 
-    from posvit_cli.core.store import StoreWriter
+    from posvit_cli.core.features.store import StoreWriter
 
     rng = np.random.default_rng(seed)
     h = w = grid
@@ -82,8 +82,8 @@ def reference_epoch_seconds(store_path, masks_dir, names, channels, k, batch=8):
     import torch.nn.functional as F
     from torch import nn
 
-    from posvit_cli.core.labels import load_label_image
-    from posvit_cli.core.store import FeatureStore
+    from posvit_cli.core.io.labels import load_label_image
+    from posvit_cli.core.features.store import FeatureStore
 
     torch.manual_seed(0)
     head = nn.Sequential(nn.BatchNorm2d(channels), nn.Dropout2d(0.1), nn.Conv2d(channels, k, 1))
@@ -106,7 +106,7 @@ def reference_epoch_seconds(store_path, masks_dir, names, channels, k, batch=8):
 
 def per_batch_miou(conf_per_image, batch=64):
     """The reference's score: macro IoU of each batch of 64 images (drop_last), averaged over batches."""
-    from posvit_cli.core.metrics import iou_per_class
+    from posvit_cli.core.measure.metrics import iou_per_class
 
     scores = []
     for b in range(0, len(conf_per_image) - batch + 1, batch):
@@ -127,8 +127,8 @@ def main():
 
     import torch
 
-    from posvit_cli.core.semantic import MaskSource, SemanticSettings, score_store, scores_from_confusion, semantic_probe
-    from posvit_cli.core.store import FeatureStore
+    from posvit_cli.core.measure.semantic import MaskSource, SemanticSettings, score_store, scores_from_confusion, semantic_probe
+    from posvit_cli.core.features.store import FeatureStore
 
     torch.set_num_threads(1)
     work = args.workdir or tempfile.mkdtemp(prefix="posvit-semantic-bench-")

@@ -152,9 +152,9 @@ def _run(store, k, masks, ignore_index, num_classes, class_names, seeds, pca_dim
 
     import torch
 
-    from posvit_cli.core import cluster as C
+    from posvit_cli.core.cluster import overclustering as C
     from posvit_cli.core.device import resolve_device
-    from posvit_cli.core.store import FeatureStore
+    from posvit_cli.core.features.store import FeatureStore
 
     if threads:
         torch.set_num_threads(threads)

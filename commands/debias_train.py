@@ -2,11 +2,11 @@
 
 Methods:
 - ``alibi`` / ``nope``: retrofit the encoder (2-D ALiBi attention bias, or no position encoding) and distil it to
-  the original model on a folder of images (:func:`_train_retrofit`, core in :mod:`posvit_cli.core.distill`).
+  the original model on a folder of images (:func:`_train_retrofit`, core in :mod:`posvit_cli.core.debias.retrofit`).
 - ``rasa``, ``blank``, ``svd``, ``tta``: debiasing heads for final patch tokens, trained on a feature store (RASA
   planes, channel blanking, constant-image SVD subspace) or written from settings (test-time transform averaging)
-  (:func:`_train_head`, core in :mod:`posvit_cli.core.rasa`, :mod:`posvit_cli.core.baselines`,
-  :mod:`posvit_cli.core.heads`).
+  (:func:`_train_head`, core in :mod:`posvit_cli.core.debias.rasa`, :mod:`posvit_cli.core.debias.baselines`,
+  :mod:`posvit_cli.core.debias.heads`).
 """
 
 from __future__ import annotations
@@ -129,15 +129,15 @@ def _train_retrofit(inputs, method, output, model, weights, seed, device, precis
 
     import torch
 
-    from posvit_cli.core.alibi import AlibiConfig
+    from posvit_cli.core.features.alibi import AlibiConfig
     from posvit_cli.core.device import resolve_device, resolve_precision
-    from posvit_cli.core.distill import (
+    from posvit_cli.core.debias.retrofit import (
         RetrofitConfig, check_images, parse_blank, parse_stages, setup_distributed, shutdown_distributed,
         train_retrofit,
     )
-    from posvit_cli.core.encoders import load_encoder, read_checkpoint_meta
+    from posvit_cli.core.features.encoders import load_encoder, read_checkpoint_meta
     from posvit_cli.core.errors import PosvitWarning
-    from posvit_cli.core.images import list_images, parse_intensity, read_image
+    from posvit_cli.core.io.images import list_images, parse_intensity, read_image
 
     if not inputs:
         raise PosvitError("name the training images: posvit debias-train --method alibi IMAGES/ -o student.safetensors")
@@ -320,7 +320,7 @@ def _train_head(inputs, method, output, model, weights, seed, device, precision,
 
     from posvit_cli import __version__
     from posvit_cli.core.device import resolve_device, resolve_precision
-    from posvit_cli.core.heads import save_head
+    from posvit_cli.core.debias.heads import save_head
 
     t0 = time.perf_counter()
     if not output:
@@ -368,7 +368,7 @@ def _train_head(inputs, method, output, model, weights, seed, device, precision,
 
 
 def _open_store(src: str):
-    from posvit_cli.core.store import FeatureStore
+    from posvit_cli.core.features.store import FeatureStore
 
     return FeatureStore(src)
 
@@ -380,7 +380,7 @@ def _backbone(prov: dict) -> dict:
 
 def _store_report(store, head, report_images: int, seed: int, quiet: bool) -> dict | None:
     """probe's stack R² before/after the head on up to ``report_images`` images of the store."""
-    from posvit_cli.core.baselines import report_indices, stack_r2_report
+    from posvit_cli.core.debias.baselines import report_indices, stack_r2_report
 
     if report_images == 0:
         return None
@@ -407,8 +407,8 @@ def _require_final(store) -> None:
 def _head_rasa(store_src, images, out, model, weights, seed, dev, prec, threads, overwrite, recursive,
                skip_unreadable, intensity, rounds, epochs, lr_head, batch_images, batching, exact, token_fraction,
                max_tokens, augment, views, crop, extract_batch, cache, report_images, quiet, **_):
-    from posvit_cli.core.heads import ProjectionHead
-    from posvit_cli.core.rasa import RasaConfig, ViewOptions, load_token_cache, train_rasa
+    from posvit_cli.core.debias.heads import ProjectionHead
+    from posvit_cli.core.debias.rasa import RasaConfig, ViewOptions, load_token_cache, train_rasa
 
     config = RasaConfig(rounds=rounds, epochs=epochs, lr=lr_head, batch_images=batch_images,
                         batching=batching.strip().lower(), token_fraction=token_fraction, exact=exact,
@@ -463,10 +463,10 @@ def _head_rasa(store_src, images, out, model, weights, seed, dev, prec, threads,
 
 def _extract_views(images, out, model, weights, seed, dev, recursive, skip_unreadable, intensity, view_opts,
                    cache, overwrite, quiet):
-    from posvit_cli.core.encoders import load_encoder
-    from posvit_cli.core.images import list_images, parse_intensity
-    from posvit_cli.core.rasa import extract_views, view_provenance
-    from posvit_cli.core.store import StoreWriter
+    from posvit_cli.core.features.encoders import load_encoder
+    from posvit_cli.core.io.images import list_images, parse_intensity
+    from posvit_cli.core.debias.rasa import extract_views, view_provenance
+    from posvit_cli.core.features.store import StoreWriter
 
     parse_intensity(intensity)
     cache_path = Path(cache) if cache is not None else out.with_suffix(".views.h5")
@@ -500,9 +500,9 @@ def _extract_views(images, out, model, weights, seed, dev, recursive, skip_unrea
 
 
 def _head_blank(store_src, blank, top_k, seed, report_images, quiet, **_):
-    from posvit_cli.core.baselines import store_positional_channels
-    from posvit_cli.core.heads import BlankHead
-    from posvit_cli.core.probe import positional_channels, read_probe_result
+    from posvit_cli.core.debias.baselines import store_positional_channels
+    from posvit_cli.core.debias.heads import BlankHead
+    from posvit_cli.core.measure.probe import positional_channels, read_probe_result
 
     if top_k < 1:
         raise PosvitError(f"--top-k must be at least 1, got {top_k}")
@@ -554,7 +554,7 @@ def _most_common_size(store) -> tuple[int, int]:
 
 def _encoder_for(store, model, weights, seed, dev, ctx):
     """The encoder that made a store (from its provenance) unless --model/--weights are given."""
-    from posvit_cli.core.encoders import load_encoder
+    from posvit_cli.core.features.encoders import load_encoder
 
     prov = store.provenance if store is not None else {}
     if _given(ctx, "model") or _given(ctx, "weights") or store is None:
@@ -583,8 +583,8 @@ def _encoder_for(store, model, weights, seed, dev, ctx):
 
 
 def _head_svd(store_src, model, weights, seed, dev, prec, rank, size, report_images, quiet, ctx, **_):
-    from posvit_cli.core.baselines import constant_image_subspace, parse_image_size
-    from posvit_cli.core.heads import ProjectionHead
+    from posvit_cli.core.debias.baselines import constant_image_subspace, parse_image_size
+    from posvit_cli.core.debias.heads import ProjectionHead
 
     if rank < 1:
         raise PosvitError(f"--rank must be at least 1, got {rank}")
@@ -619,12 +619,12 @@ def _head_tta(store_src, images, model, weights, seed, dev, prec, recursive, int
               report_images, quiet, **_):
     import torch
 
-    from posvit_cli.core.baselines import report_indices, stack_r2_report
+    from posvit_cli.core.debias.baselines import report_indices, stack_r2_report
     from posvit_cli.core.device import autocast
-    from posvit_cli.core.encoders import load_encoder
-    from posvit_cli.core.heads import TTAHead
-    from posvit_cli.core.images import list_images, read_image, to_channels, to_float
-    from posvit_cli.core.preprocess import parse_size, resize_and_normalise
+    from posvit_cli.core.features.encoders import load_encoder
+    from posvit_cli.core.debias.heads import TTAHead
+    from posvit_cli.core.io.images import list_images, read_image, to_channels, to_float
+    from posvit_cli.core.io.preprocess import parse_size, resize_and_normalise
 
     if store_src is not None:
         raise PosvitError("tta runs the encoder on transformed images: give image files for the report (or no input "

@@ -33,7 +33,7 @@ def doctor(
         import torch
 
         from posvit_cli import __version__
-        from posvit_cli.core.encoders import ENCODERS, weights_available_offline
+        from posvit_cli.core.features.encoders import ENCODERS, weights_available_offline
 
         info = {
             "posvit": __version__,

@@ -70,7 +70,7 @@ def extract(
 
 
 def _merge(inputs, out, overwrite, json_out, quiet):
-    from posvit_cli.core.store import merge_stores
+    from posvit_cli.core.features.store import merge_stores
 
     with RichProgress(quiet) as progress:
         n = merge_stores(inputs, out, overwrite=overwrite, progress=progress)
@@ -89,8 +89,8 @@ def _is_store_input(inputs) -> bool:
 
 def _apply_head(inputs, out, head, overwrite, dtype, compression, transform, resume, json_out, quiet):
     """Store in, store out: a head applied to stored final tokens, no encoder run."""
-    from posvit_cli.core.heads import apply_head_to_store, load_head
-    from posvit_cli.core.store import FeatureStore
+    from posvit_cli.core.debias.heads import apply_head_to_store, load_head
+    from posvit_cli.core.features.store import FeatureStore
 
     if transform:
         raise PosvitError("--transform needs the images: it cannot be applied to a stored store")
@@ -115,10 +115,10 @@ def _extract(inputs, out, model, weights, layers, prefix_tokens, size, intensity
     import torch
 
     from posvit_cli.core.device import resolve_device, resolve_precision
-    from posvit_cli.core.encoders import load_encoder, read_checkpoint_meta
-    from posvit_cli.core.extract import ExtractOptions, extraction_provenance, shard_paths
-    from posvit_cli.core.images import list_images, parse_intensity
-    from posvit_cli.core.preprocess import parse_size
+    from posvit_cli.core.features.encoders import load_encoder, read_checkpoint_meta
+    from posvit_cli.core.features.extract import ExtractOptions, extraction_provenance, shard_paths
+    from posvit_cli.core.io.images import list_images, parse_intensity
+    from posvit_cli.core.io.preprocess import parse_size
 
     if batch_size < 1:
         raise PosvitError("--batch-size must be at least 1")
@@ -140,7 +140,7 @@ def _extract(inputs, out, model, weights, layers, prefix_tokens, size, intensity
         model = "dinov2-s-reg"
     modifications = None
     if method:
-        from posvit_cli.core.alibi import METHODS, AlibiConfig
+        from posvit_cli.core.features.alibi import METHODS, AlibiConfig
 
         if method not in METHODS:
             raise PosvitError(f"unknown --method '{method}': use {', '.join(METHODS)}")
@@ -164,7 +164,7 @@ def _extract(inputs, out, model, weights, layers, prefix_tokens, size, intensity
 
     postprocess, debias = None, []
     if head is not None:
-        from posvit_cli.core.heads import load_head
+        from posvit_cli.core.debias.heads import load_head
 
         head_obj = load_head(head, channels=encoder.embed_dim, backbone=encoder.provenance())
         if layer_names != ["final"] and "final" not in layer_names:
@@ -214,7 +214,7 @@ def _size_list(size: str) -> list[str]:
 def transform_list(spec: str, patch: int) -> list:
     """Transforms of ``--transform``: a comma list of transforms (``rot90`` is one quarter turn, not the set)
     and named sets (``reference``, ``flips``, ``d4``, ``rolls:N``); duplicates dropped, order kept."""
-    from posvit_cli.core.transforms import parse_transform, parse_transform_set, split_transform_list
+    from posvit_cli.core.io.transforms import parse_transform, parse_transform_set, split_transform_list
 
     out: dict = {}
     for item in split_transform_list(spec):
@@ -241,7 +241,7 @@ def check_size_multiple(mode, patch: int, model: str = "the model") -> None:
 def variant_jobs(out: str, modes, transforms) -> list[tuple[str, object, object]]:
     """One (output, size, transform) per combination; outputs are named by size and transform when several
     (the identity transform adds no name, so its store is the plain extraction's)."""
-    from posvit_cli.core.extract import variant_path
+    from posvit_cli.core.features.extract import variant_path
 
     jobs = []
     for m in modes:
@@ -268,8 +268,8 @@ def transform_label(spec: str) -> str:
 
 
 def _extract_one(paths, encoder, options, prov, out, layer_names, dtype, overwrite, resume, compression, dev, quiet):
-    from posvit_cli.core.extract import extract_images
-    from posvit_cli.core.store import StoreWriter
+    from posvit_cli.core.features.extract import extract_images
+    from posvit_cli.core.features.store import StoreWriter
 
     writer = StoreWriter(out, provenance=prov, layers=layer_names, dtype=dtype, overwrite=overwrite,
                          resume=resume, compression=compression)

@@ -124,9 +124,9 @@ def _semantic(store, masks, val, val_masks, num_classes, ignore_index, class_nam
               seed, layer, output, device, threads, json_out, quiet, given, **_):
     import contextlib
 
-    from posvit_cli.core.probe import probe_result_json, write_probe_result
-    from posvit_cli.core.semantic import SemanticSettings, semantic_probe
-    from posvit_cli.core.store import FeatureStore
+    from posvit_cli.core.measure.probe import probe_result_json, write_probe_result
+    from posvit_cli.core.measure.semantic import SemanticSettings, semantic_probe
+    from posvit_cli.core.features.store import FeatureStore
 
     if masks is None:
         raise PosvitError("--semantic needs --masks DIR (the class masks of the store's images)")
@@ -225,10 +225,10 @@ def _positional(store, targets, protocol, sampling, fraction, step, cutoff, repe
     import warnings
 
     from posvit_cli.core.errors import PosvitWarning
-    from posvit_cli.core.probe import (
+    from posvit_cli.core.measure.probe import (
         check_targets, make_settings, probe_result_json, probe_store, write_channel_csv, write_probe_result,
     )
-    from posvit_cli.core.store import FeatureStore
+    from posvit_cli.core.features.store import FeatureStore
 
     if layer and all_layers:
         raise PosvitError("give either --layer or --all-layers, not both")

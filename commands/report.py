@@ -70,10 +70,10 @@ def _run(stores, masks, output, names, num_classes, ignore_index, class_names, k
     import contextlib
 
     from posvit_cli.core.device import resolve_device
-    from posvit_cli.core.probe import make_settings
-    from posvit_cli.core.report import compare_stores, write_report
-    from posvit_cli.core.semantic import SemanticSettings
-    from posvit_cli.core.store import FeatureStore
+    from posvit_cli.core.measure.probe import make_settings
+    from posvit_cli.core.measure.report import compare_stores, write_report
+    from posvit_cli.core.measure.semantic import SemanticSettings
+    from posvit_cli.core.features.store import FeatureStore
 
     outputs = list(output or [])
     for o in outputs:
@@ -108,7 +108,7 @@ def _run(stores, masks, output, names, num_classes, ignore_index, class_names, k
     if not quiet:
         _print(doc, outputs)
     if json_out:
-        from posvit_cli.core.report import _json_text
+        from posvit_cli.core.measure.report import _json_text
 
         sys.stdout.write(_json_text(doc) + "\n")
         sys.stdout.flush()
@@ -118,7 +118,7 @@ def _print(doc: dict, outputs: list[str]) -> None:
     """The report on stderr, transposed (one column per store) so that several stores fit a terminal."""
     from rich.table import Table
 
-    from posvit_cli.core.report import report_table
+    from posvit_cli.core.measure.report import report_table
 
     header, body = report_table(doc)
     table = Table(title=f"posvit report · {len(doc['rows'])} stores · {doc['seconds']:.1f} s", title_justify="left")

@@ -64,7 +64,7 @@ def _device(spec: str) -> str:
 
 
 def _classical_config(enabled: bool, sigmas: str, weka: bool, groups: str):
-    from posvit_cli.core.classical import ClassicalConfig
+    from posvit_cli.core.segment.filters import ClassicalConfig
 
     if not enabled:
         return None
@@ -120,10 +120,10 @@ def train(
     classes balanced by sample weights) is fitted on the labelled pixels.
     """
     with cli_context(debug, quiet):
-        from posvit_cli.core.classifiers import ClassifierConfig
-        from posvit_cli.core.images import list_images, parse_intensity
-        from posvit_cli.core.seglabels import load_training_labels
-        from posvit_cli.core.segmenter import FeatureSpec, train_segmenter, warn
+        from posvit_cli.core.segment.classifiers import ClassifierConfig
+        from posvit_cli.core.io.images import list_images, parse_intensity
+        from posvit_cli.core.segment.training_labels import load_training_labels
+        from posvit_cli.core.segment.segmenter import FeatureSpec, train_segmenter, warn
 
         t0 = time.perf_counter()
         if features and model:
@@ -176,8 +176,8 @@ def _vit_for_training(stack, paths, features, model, weights, layer, size, dims,
     """The ViT configuration, a ``reduced_for`` callable and the shared PCA (all None without ViT features)."""
     if not features and not model:
         return None, None, None
-    from posvit_cli.core.store import FeatureStore
-    from posvit_cli.core.vit_pixels import ExtractedStore, TokenSource, VitConfig, fit_shared_pca
+    from posvit_cli.core.features.store import FeatureStore
+    from posvit_cli.core.segment.vit_pixels import ExtractedStore, TokenSource, VitConfig, fit_shared_pca
 
     if features:
         store = stack.enter_context(FeatureStore(features))
@@ -258,11 +258,11 @@ def apply(
     are processed in tiles with a halo of context, in bounded memory.
     """
     with cli_context(debug, quiet):
-        from posvit_cli.core.crf import CrfConfig
-        from posvit_cli.core.images import list_images
-        from posvit_cli.core.labels import stem
-        from posvit_cli.core.seglabels import image_hw
-        from posvit_cli.core.segmenter import (
+        from posvit_cli.core.segment.crf import CrfConfig
+        from posvit_cli.core.io.images import list_images
+        from posvit_cli.core.io.labels import stem
+        from posvit_cli.core.segment.training_labels import image_hw
+        from posvit_cli.core.segment.segmenter import (
             ProbabilityWriter, load_grey, load_segmenter, segment_image, warn, write_label_image,
         )
 
@@ -336,8 +336,8 @@ def _vit_for_apply(stack, seg, paths, features, weights, dev, progress):
         if features:
             raise PosvitError("this model uses no ViT features: drop --features")
         return None
-    from posvit_cli.core.store import FeatureStore
-    from posvit_cli.core.vit_pixels import ExtractedStore, TokenSource, identity_mismatch
+    from posvit_cli.core.features.store import FeatureStore
+    from posvit_cli.core.segment.vit_pixels import ExtractedStore, TokenSource, identity_mismatch
 
     ident = vit.encoder
     if features:
@@ -391,11 +391,11 @@ def eval_(
     with the linear probe of posvit probe; a classifier that learned position shows ramps in its output.
     """
     with cli_context(debug, quiet):
-        from posvit_cli.core.images import list_images, read_label_image
-        from posvit_cli.core.labels import stem
-        from posvit_cli.core.seg_eval import SegmentationScores
-        from posvit_cli.core.seglabels import pair_label_files
-        from posvit_cli.core.segmenter import load_grey, load_segmenter, segment_image, warn
+        from posvit_cli.core.io.images import list_images, read_label_image
+        from posvit_cli.core.io.labels import stem
+        from posvit_cli.core.segment.evaluate import SegmentationScores
+        from posvit_cli.core.segment.training_labels import pair_label_files
+        from posvit_cli.core.segment.segmenter import load_grey, load_segmenter, segment_image, warn
 
         if grid < 4:
             raise PosvitError("--grid must be at least 4")
@@ -475,8 +475,8 @@ def _read_probs(path, hw):
 
 def _read_gt(path, seg):
     """Ground-truth values; colour images are mapped with the model's colour table or by sorted colours."""
-    from posvit_cli.core.labels import rgb_to_classes
-    from posvit_cli.core.seglabels import read_labels_any
+    from posvit_cli.core.io.labels import rgb_to_classes
+    from posvit_cli.core.segment.training_labels import read_labels_any
 
     labels, is_rgb = read_labels_any(path)
     if not is_rgb:
@@ -566,12 +566,12 @@ def bench(
     predicted regions of the training images.
     """
     with cli_context(debug, quiet):
-        from posvit_cli.core.classifiers import ClassifierConfig
-        from posvit_cli.core.images import list_images
-        from posvit_cli.core.seg_bench import BenchConfig, run_benchmark
-        from posvit_cli.core.seglabels import pair_label_files
-        from posvit_cli.core.store import FeatureStore
-        from posvit_cli.core.vit_pixels import ExtractedStore, TokenSource
+        from posvit_cli.core.segment.classifiers import ClassifierConfig
+        from posvit_cli.core.io.images import list_images
+        from posvit_cli.core.segment.bench import BenchConfig, run_benchmark
+        from posvit_cli.core.segment.training_labels import pair_label_files
+        from posvit_cli.core.features.store import FeatureStore
+        from posvit_cli.core.segment.vit_pixels import ExtractedStore, TokenSource
 
         models = list(model or [])
         wts = list(weights or [])

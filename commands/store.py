@@ -21,7 +21,7 @@ def info(
 ) -> None:
     """Show a store's images, grids, layers and provenance."""
     with cli_context(debug, quiet):
-        from posvit_cli.core.store import FeatureStore
+        from posvit_cli.core.features.store import FeatureStore
 
         with FeatureStore(store_input(store)) as fs:
             summary = fs.info()
@@ -63,7 +63,7 @@ def merge(
 ) -> None:
     """Join stores made with the same settings (e.g. shards from `extract --shard i/n`)."""
     with cli_context(debug, quiet):
-        from posvit_cli.core.store import merge_stores
+        from posvit_cli.core.features.store import merge_stores
 
         with RichProgress(quiet) as progress:
             n = merge_stores(stores, output, overwrite=overwrite, progress=progress)

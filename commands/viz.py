@@ -73,7 +73,7 @@ def _score(store, indices, layer, probe_path, enabled, progress):
     import warnings
 
     from posvit_cli.core.errors import PosvitWarning
-    from posvit_cli.core.probe import read_probe_result
+    from posvit_cli.core.measure.probe import read_probe_result
     from posvit_cli.core.viz.scores import score_from_result, score_store
 
     if not enabled:
@@ -149,7 +149,7 @@ def pca(
     left-right or top-bottom gradient on every image.
     """
     with cli_context(debug, quiet):
-        from posvit_cli.core.store import FeatureStore
+        from posvit_cli.core.features.store import FeatureStore
         from posvit_cli.core.viz.pictures import pca_figure, require_features, select_images
 
         variants = {"both": ("raw", "std"), "on": ("std",), "off": ("raw",)}.get(standardise)
@@ -198,7 +198,7 @@ def similarity(
     closeness to the query: near 1 when similarity just falls off with distance, as in positional features.
     """
     with cli_context(debug, quiet):
-        from posvit_cli.core.store import FeatureStore
+        from posvit_cli.core.features.store import FeatureStore
         from posvit_cli.core.viz.pictures import query_tokens, require_features, select_images, similarity_figure
 
         opts = _options(panel_size, upsample, raw, image_dir, label)
@@ -241,8 +241,8 @@ def channels(
     Rows are channels (ranked by their per-channel probe R²), columns images; each row has one colour scale.
     """
     with cli_context(debug, quiet):
-        from posvit_cli.core.probe import read_probe_result
-        from posvit_cli.core.store import FeatureStore
+        from posvit_cli.core.measure.probe import read_probe_result
+        from posvit_cli.core.features.store import FeatureStore
         from posvit_cli.core.viz.pictures import channels_figure, require_features, select_images
         from posvit_cli.core.viz.scores import channel_scores
 
@@ -280,7 +280,7 @@ def probe_plots(
     get one side-by-side plot of stack R² per target, with ± std. PNG and SVG.
     """
     with cli_context(debug, quiet):
-        from posvit_cli.core.probe import read_probe_result
+        from posvit_cli.core.measure.probe import read_probe_result
         from posvit_cli.core.viz.plots import channel_bars_plot, fingerprint_plot, result_label, stack_comparison_plot
 
         if labels and len(labels) != len(results):
@@ -319,7 +319,7 @@ def report_plots(
     One colour per row of the report (encoder, debiasing or input size). PNG and SVG.
     """
     with cli_context(debug, quiet):
-        from posvit_cli.core.report import read_report
+        from posvit_cli.core.measure.report import read_report
         from posvit_cli.core.viz.plots import report_plot
 
         doc = read_report(report)
@@ -349,7 +349,7 @@ def clusters(
     are stripes that follow position; near 0 they spread over the image like its content.
     """
     with cli_context(debug, quiet):
-        from posvit_cli.core.store import FeatureStore
+        from posvit_cli.core.features.store import FeatureStore
         from posvit_cli.core.viz.pictures import clusters_figure, select_images
 
         opts = _options(panel_size, "nearest", False, image_dir, label)
@@ -386,8 +386,8 @@ def segmentation(
         import warnings
 
         from posvit_cli.core.errors import PosvitWarning
-        from posvit_cli.core.images import list_images, parse_intensity
-        from posvit_cli.core.labels import find_label_files, stem
+        from posvit_cli.core.io.images import list_images, parse_intensity
+        from posvit_cli.core.io.labels import find_label_files, stem
         from posvit_cli.core.viz.pictures import segmentation_figure
 
         parse_intensity(intensity)
@@ -452,7 +452,7 @@ def compare(
     with cli_context(debug, quiet):
         import contextlib
 
-        from posvit_cli.core.store import FeatureStore
+        from posvit_cli.core.features.store import FeatureStore
         from posvit_cli.core.viz.pictures import compare_figure
 
         if sum(1 for s in stores if s == "-") > 1:

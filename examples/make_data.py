@@ -17,7 +17,7 @@ Layout of ``--out``::
     textures/<stem>.png      homogeneous textures without ground truth (kinds fractal, spinodal)
     manifest.json            per image: kind, size, seed, class names, pixel counts, all drawn parameters
 
-The generators are ``posvit_cli.core.synthetic``; every image is ``make_sample(kind, size, seed, ramp_max=...)``
+The generators are ``posvit_cli.core.synthetic.generate``; every image is ``make_sample(kind, size, seed, ramp_max=...)``
 with the seed recorded in the manifest, so any single file can be regenerated on its own.
 """
 
@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from posvit_cli.core.synthetic import KINDS, STRUCTURE_KINDS, make_sample
+from posvit_cli.core.synthetic.generate import KINDS, STRUCTURE_KINDS, make_sample
 
 #: Colours of classes 0, 1, 2, ... in mask PNGs (scribble PNGs shift them by one: index 0 is black, unlabelled).
 CLASS_COLOURS = [
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     for sub in ("micrographs", "masks", "scribbles", "textures"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     manifest = {
-        "generator": "posvit_cli.core.synthetic.make_sample",
+        "generator": "posvit_cli.core.synthetic.generate.make_sample",
         "command": "python examples/make_data.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "images": [],
     }

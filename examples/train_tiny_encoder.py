@@ -10,7 +10,7 @@ Recipe (see ``examples/models/posvit-tiny.md`` for the measured run):
 * Encoder: timm ``vit_tiny_patch16_224`` with ``patch_size=8, depth=6, num_heads=3, in_chans=1, img_size=64``
   (width 192, 2.69 M parameters, learned ``pos_embed`` of 1 + 8×8 tokens), built by posvit's registry
   (``load_encoder("posvit-tiny", "random")``) so the weights drop straight into ``posvit extract``.
-* Data: ``--images`` synthetic 128² micrographs (all five kinds of :mod:`posvit_cli.core.synthetic`, random
+* Data: ``--images`` synthetic 128² micrographs (all five kinds of :mod:`posvit_cli.core.synthetic.generate`, random
   illumination ramps up to 0.15), seeds 1,000,000 + i (the shipped example set uses seeds below 100); each step
   takes random 64² crops with random flips and transposes.
 * Objective: 75 % of the 64 patches masked; the encoder sees the 16 visible ones; a light decoder (width 128,
@@ -67,7 +67,7 @@ def log(msg: str) -> None:
 
 
 def _one_image(i: int, size: int, seed_base: int, ramp_max: float) -> np.ndarray:
-    from posvit_cli.core.synthetic import make_sample
+    from posvit_cli.core.synthetic.generate import make_sample
 
     kind = TRAIN_KINDS[i % len(TRAIN_KINDS)]
     return make_sample(kind, size, seed_base + i, ramp_max=ramp_max, with_scribbles=False).image
@@ -229,7 +229,7 @@ def param_groups(mae, weight_decay: float):
 
 
 def probe_images(n: int = 16, size: int = 128) -> np.ndarray:
-    from posvit_cli.core.synthetic import make_sample
+    from posvit_cli.core.synthetic.generate import make_sample
 
     return np.stack([
         make_sample(TRAIN_KINDS[i % len(TRAIN_KINDS)], size, PROBE_SEED_BASE + i, with_scribbles=False).image
@@ -241,7 +241,7 @@ def probe_r2(vit, images: np.ndarray, mean: float, std: float, zero_pe: bool = F
     """Mean stack R² (xy target, ridge α=1, 1/36 of tokens at 128² px) of the final tokens of ``images``."""
     import torch
 
-    from posvit_cli.core.probe import stack_r2
+    from posvit_cli.core.measure.probe import stack_r2
 
     x = torch.from_numpy(images.astype(np.float32) / 255.0)[:, None].to(vit.pos_embed.device)
     x = (x - mean) / std
@@ -267,7 +267,7 @@ def probe_r2(vit, images: np.ndarray, mean: float, std: float, zero_pe: bool = F
 def cmd_train(args) -> int:
     import torch
 
-    from posvit_cli.core.encoders import load_encoder
+    from posvit_cli.core.features.encoders import load_encoder
 
     from posvit_cli.core.device import resolve_device
 
@@ -397,7 +397,7 @@ def _truncate_csv(path: Path, step: int) -> None:
 def cmd_export(args) -> int:
     import torch
 
-    from posvit_cli.core.encoders import Encoder, load_encoder, save_encoder_checkpoint, state_dict_sha256
+    from posvit_cli.core.features.encoders import Encoder, load_encoder, save_encoder_checkpoint, state_dict_sha256
 
     work = Path(args.workdir)
     ck = torch.load(work / "checkpoint.pt", map_location="cpu", weights_only=True)
@@ -445,7 +445,7 @@ def card_encoders(weights: str | None = None) -> dict:
     ``weights`` None means the bundled file. All three use the trained model's input normalisation, so they see
     identical pixels.
     """
-    from posvit_cli.core.encoders import load_encoder
+    from posvit_cli.core.features.encoders import load_encoder
 
     trained = load_encoder("posvit-tiny", weights or "pretrained")
     untrained = load_encoder("posvit-tiny", "random", seed=0)
@@ -461,9 +461,9 @@ def extract_folder(encoder, folder) -> dict:
 
     Native size, fp32 compute, a float16 HDF5 store (the command's defaults), read back as float32.
     """
-    from posvit_cli.core.extract import ExtractOptions, extract_images, extraction_provenance
-    from posvit_cli.core.images import list_images
-    from posvit_cli.core.store import FeatureStore, StoreWriter
+    from posvit_cli.core.features.extract import ExtractOptions, extract_images, extraction_provenance
+    from posvit_cli.core.io.images import list_images
+    from posvit_cli.core.features.store import FeatureStore, StoreWriter
 
     opts = ExtractOptions(layers=["final"], workers=0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -481,7 +481,7 @@ def native_tiles(encoder, folder) -> dict:
     """Final-token grids of every non-overlapping 64² tile of every image: ``{"name#k": (8, 8, C)}``."""
     import torch
 
-    from posvit_cli.core.images import list_images, read_image, to_float
+    from posvit_cli.core.io.images import list_images, read_image, to_float
 
     out = {}
     for path in list_images([folder]):
@@ -504,7 +504,7 @@ def probe_grids(grids: dict, probe: dict = CARD_PROBE, targets=CARD_TARGETS) -> 
     dict
         ``{"per_image": {name: {target: R²}}, "mean": {target: float}, "std": {target: float}, "grid": [h, w]}``
     """
-    from posvit_cli.core.probe import stack_r2
+    from posvit_cli.core.measure.probe import stack_r2
 
     per_image = {name: stack_r2(f, targets, **probe, seed=i) for i, (name, f) in enumerate(grids.items())}
     vals = {t: np.array([r[t] for r in per_image.values()]) for t in targets}
@@ -520,7 +520,7 @@ def pos_embed_alone(encoder, grid, probe: dict = CARD_PROBE, targets=CARD_TARGET
     """Probe the position embedding itself, resampled to ``grid`` as timm does for larger inputs."""
     from timm.layers import resample_abs_pos_embed
 
-    from posvit_cli.core.probe import stack_r2
+    from posvit_cli.core.measure.probe import stack_r2
 
     m = encoder.model
     pe = resample_abs_pos_embed(m.pos_embed.detach().float(), new_size=list(grid), num_prefix_tokens=1)
@@ -532,7 +532,7 @@ def pos_embed_alone(encoder, grid, probe: dict = CARD_PROBE, targets=CARD_TARGET
 def cmd_evaluate(args) -> int:
     import torch
 
-    from posvit_cli.core.encoders import bundled_weights_path, read_checkpoint_meta
+    from posvit_cli.core.features.encoders import bundled_weights_path, read_checkpoint_meta
 
     torch.set_num_threads(args.threads)
     encs = card_encoders(args.weights)

@@ -11,8 +11,8 @@ import pytest
 from scipy import ndimage as ndi
 
 from conftest import REPO
-from posvit_cli.core import synthetic as syn
-from posvit_cli.core.images import read_image, read_label_image
+from posvit_cli.core.synthetic import generate as syn
+from posvit_cli.core.io.images import read_image, read_label_image
 
 DATA = REPO / "examples" / "data"
 MODELS = REPO / "examples" / "models"
@@ -190,7 +190,7 @@ def test_shipped_set_regenerates_from_its_seeds(manifest):
 
 
 def test_shipped_encoder_loads_offline_with_its_training_normalisation(card):
-    from posvit_cli.core.encoders import bundled_weights_path, load_encoder, read_checkpoint_meta
+    from posvit_cli.core.features.encoders import bundled_weights_path, load_encoder, read_checkpoint_meta
 
     enc = load_encoder("posvit-tiny")
     assert enc.weights == "bundled:posvit-tiny.safetensors"
@@ -208,8 +208,8 @@ def test_shipped_encoder_loads_offline_with_its_training_normalisation(card):
 
 def test_cli_extract_with_the_shipped_encoder_reproduces_the_model_card(tmp_path, card, cli):
     """`posvit extract TEXTURES --model posvit-tiny` works offline with no other flag and gives the card's bias."""
-    from posvit_cli.core.probe import stack_r2
-    from posvit_cli.core.store import FeatureStore
+    from posvit_cli.core.measure.probe import stack_r2
+    from posvit_cli.core.features.store import FeatureStore
 
     out = tmp_path / "tex.h5"
     r = cli(["extract", DATA / "textures", "--model", "posvit-tiny", "-o", out, "--quiet"])
@@ -235,7 +235,7 @@ def test_controls_reproduce_the_model_card(card):
     """The untrained and the pos_embed-zeroed encoders give the card's (far lower) numbers on the same images."""
     import timm
 
-    from posvit_cli.core.probe import stack_r2
+    from posvit_cli.core.measure.probe import stack_r2
 
     mod = _script("train_tiny_encoder")
     encs = mod.card_encoders()
@@ -287,7 +287,7 @@ def test_training_resumes_exactly(tmp_path):
     assert [r.split(",")[1] for r in rows_a] == [r.split(",")[1] for r in rows_b]  # identical losses
     out = tmp_path / "tiny.safetensors"
     assert mod.main(["export", "--workdir", str(tmp_path / "a"), "--out", str(out)]) == 0
-    from posvit_cli.core.encoders import load_encoder
+    from posvit_cli.core.features.encoders import load_encoder
 
     enc = load_encoder(None, out)
     assert enc.name == "posvit-tiny" and enc.mean[0] == pytest.approx(a["config"]["mean"])

@@ -107,7 +107,7 @@ def token_footprint(record, preprocessing: dict | None = None) -> Footprint:
     -------
     Footprint
     """
-    from posvit_cli.core.preprocess import parse_size, plan_resize
+    from posvit_cli.core.io.preprocess import parse_size, plan_resize
 
     H, W = (int(v) for v in record.orig_size)
     ph, pw = (int(v) for v in record.proc_size)
@@ -242,13 +242,13 @@ def load_display_image(
     Parameters
     ----------
     path : path-like
-        The source image (any format :func:`~posvit_cli.core.images.read_image` reads).
+        The source image (any format :func:`~posvit_cli.core.io.images.read_image` reads).
     footprint : Footprint
         The rectangle to show, in original pixels.
     out_hw : (int, int)
         Output ``(height, width)`` in pixels.
     intensity : str
-        Intensity rule of :func:`~posvit_cli.core.images.to_float` (the store's, so 16-bit micrographs look as
+        Intensity rule of :func:`~posvit_cli.core.io.images.to_float` (the store's, so 16-bit micrographs look as
         the encoder saw them).
 
     Returns
@@ -258,7 +258,7 @@ def load_display_image(
     """
     from PIL import Image
 
-    from posvit_cli.core.images import read_image, to_channels, to_float
+    from posvit_cli.core.io.images import read_image, to_channels, to_float
 
     raw = read_image(path)
     img = to_float(raw, intensity)

@@ -787,9 +787,9 @@ def segmentation_figure(
     -------
     list of FigureEntry
     """
-    from posvit_cli.core.images import read_image
-    from posvit_cli.core.labels import load_label_image, resize_labels_nearest, stem as stem_of
-    from posvit_cli.core.metrics import accumulate_confusion, confusion_matrix, miou
+    from posvit_cli.core.io.images import read_image
+    from posvit_cli.core.io.labels import load_label_image, resize_labels_nearest, stem as stem_of
+    from posvit_cli.core.measure.metrics import accumulate_confusion, confusion_matrix, miou
 
     opts = options or FigureOptions()
     run = report(progress)

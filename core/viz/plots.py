@@ -1,6 +1,6 @@
 """Plots of probe results: per-channel R² bars, the layers × channels fingerprint, stack R² side by side.
 
-Read results with :func:`posvit_cli.core.probe.read_probe_result`. Each plot is written as PNG and SVG,
+Read results with :func:`posvit_cli.core.measure.probe.read_probe_result`. Each plot is written as PNG and SVG,
 atomically, with its numbers in the titles.
 """
 
@@ -145,7 +145,7 @@ def fingerprint_plot(result: dict, outdir: str | os.PathLike, *, label: str, nam
     list of FigureEntry
         Empty when the result has no per-channel scores.
     """
-    from posvit_cli.core.probe import fingerprint
+    from posvit_cli.core.measure.probe import fingerprint
 
     layers = list(result.get("layers") or [])
     blocks = [result["results"][ly] for ly in layers]
@@ -256,7 +256,7 @@ def report_plot(doc: dict, outdir: str | os.PathLike, *, name: str = "the report
     Parameters
     ----------
     doc : dict
-        A report document (:func:`posvit_cli.core.report.read_report`).
+        A report document (:func:`posvit_cli.core.measure.report.read_report`).
 
     Raises
     ------

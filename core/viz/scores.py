@@ -158,7 +158,7 @@ def score_from_result(result: dict, store, *, layer: str | None = None, target: 
     Parameters
     ----------
     result : dict
-        From :func:`posvit_cli.core.probe.read_probe_result`.
+        From :func:`posvit_cli.core.measure.probe.read_probe_result`.
     store : FeatureStore
     layer : str, optional
         The layer drawn; it must have been probed. Default: the result's primary layer.
@@ -196,7 +196,7 @@ def probe_fraction(grids: Sequence[tuple[int, int]]) -> float:
 
 
 def _probe(store, indices, layer, targets, per_channel, repeats, seed, progress):
-    from posvit_cli.core.probe import make_settings, probe_dataset
+    from posvit_cli.core.measure.probe import make_settings, probe_dataset
 
     recs = [store.record(i) for i in indices]
     images = [{"name": r.name, "path": r.path, "grid": [int(r.grid[0]), int(r.grid[1])]} for r in recs]
@@ -287,7 +287,7 @@ def channel_scores(store, indices: Sequence[int], layer: str, *, k: int = 2, res
     PosvitError
         If the result is of other features, has no per-channel scores, or lacks the layer.
     """
-    from posvit_cli.core.probe import POSITIONAL_RAMPS, positional_channels
+    from posvit_cli.core.measure.probe import POSITIONAL_RAMPS, positional_channels
 
     if result is not None:
         check_result_matches_store(result, store, result_name)

@@ -1,0 +1,1 @@
+"""Debiasing: projection heads (RASA and baselines) and the ALiBi/NoPE retrofit trainer."""

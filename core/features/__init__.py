@@ -1,0 +1,1 @@
+"""Feature stores, encoders and extraction: images in, patch tokens out."""

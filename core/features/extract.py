@@ -1,0 +1,512 @@
+"""Feature extraction: images → encoder → feature store, batched, prefetched and (for huge images) tiled.
+
+Decoding and resizing run in a small thread pool ahead of the model; same-sized images are batched; every batch
+is committed to the store, so an interrupted run resumes after the last batch. Images larger than ``tile`` are cut
+into overlapping tiles whose token grids are blended (linear ramps across the overlap) and written to the store
+in row bands, so memory depends on the image width and tile size, not on the image area.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from posvit_cli.core.errors import PosvitError, PosvitWarning
+from posvit_cli.core.io.images import parse_intensity, read_image, to_channels, to_float
+from posvit_cli.core.io.preprocess import ResizeMode, parse_size, plan_resize, resize_and_normalise
+from posvit_cli.core.progress import ProgressCallback, report
+
+__all__ = ["ExtractOptions", "ExtractSummary", "extract_images", "shard_paths", "tile_starts", "blend_ramp",
+           "variant_path"]
+
+
+@dataclasses.dataclass
+class ExtractOptions:
+    """How to extract.
+
+    Attributes
+    ----------
+    layers : list of str
+        Canonical layer names (:meth:`Encoder.layer_names`).
+    size : ResizeMode
+        Resize rule (see :mod:`posvit_cli.core.io.preprocess`).
+    intensity : str
+        Intensity rule for :func:`posvit_cli.core.io.images.to_float`.
+    keep_prefix : bool
+        Store CLS/register tokens too.
+    batch_size : int
+        Images (or tiles) per forward pass.
+    precision : {"fp32", "bf16"}
+    tile, overlap : int or None, int
+        Tile side and overlap in pixels (multiples of the patch size); images whose processed side exceeds
+        ``tile`` are tiled. ``None`` disables tiling.
+    max_side : int
+        Refuse (skip) untiled images whose processed longer side exceeds this many pixels.
+    workers : int
+        Decoding threads.
+    strict : bool
+        Fail on the first unreadable image instead of skipping it.
+    postprocess : callable or None
+        ``fn(layer, tokens (B, h, w, C) tensor) -> tensor`` applied before writing (a debiasing head).
+    image_transform : object or None
+        A transform with ``apply(tensor (B, C, H, W))`` and ``invert_tokens(tensor (B, h, w, C))`` (robustness
+        tests): features of the transformed image are mapped back to the original frame.
+    """
+
+    layers: list[str]
+    size: ResizeMode = dataclasses.field(default_factory=lambda: parse_size("native"))
+    intensity: str = "auto"
+    keep_prefix: bool = False
+    batch_size: int = 8
+    precision: str = "fp32"
+    tile: int | None = None
+    overlap: int = 0
+    max_side: int = 2048
+    workers: int = 2
+    strict: bool = False
+    postprocess: Callable[[str, Any], Any] | None = None
+    image_transform: Any = None
+
+
+@dataclasses.dataclass
+class ExtractSummary:
+    """What an extraction did: counts, skipped images with reasons, and speed."""
+
+    requested: int = 0
+    written: int = 0
+    already_done: int = 0
+    tiled: int = 0
+    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.written / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["skipped"] = [{"path": p, "reason": r} for p, r in self.skipped]
+        d["images_per_second"] = round(self.images_per_second, 3)
+        return d
+
+
+def shard_paths(paths: Sequence[Path], shard: str | None) -> list[Path]:
+    """Select shard ``i/n`` of a path list: every n-th image starting at i (0-based).
+
+    Raises
+    ------
+    PosvitError
+        If ``shard`` is not of the form ``i/n`` with ``0 <= i < n``.
+    """
+    if not shard:
+        return list(paths)
+    try:
+        i, n = (int(v) for v in shard.split("/"))
+    except ValueError:
+        raise PosvitError(f"shard '{shard}': write i/n, e.g. 0/4 for the first of four shards") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise PosvitError(f"shard '{shard}': need 0 <= i < n")
+    return list(paths)[i::n]
+
+
+_STORE_SUFFIXES = (".zarr.zip", ".hdf5", ".zarr", ".zip", ".h5", ".hdf")
+
+
+def variant_path(path: str | os.PathLike, labels: Sequence[str]) -> str:
+    """The store of one variant of an extraction (a size of a sweep, a transform): labels go before the suffix.
+
+    ``variant_path("feats.h5", ["448"])`` → ``feats.448.h5``; ``("v.zarr.zip", ["224", "rot90"])`` →
+    ``v.224.rot90.zarr.zip``. A path without a store suffix gets the labels appended.
+    """
+    p = str(path).rstrip("/")
+    low = p.lower()
+    suffix = next((s for s in _STORE_SUFFIXES if low.endswith(s)), "")
+    base = p[: len(p) - len(suffix)] if suffix else p
+    return ".".join([base, *labels]) + p[len(base):]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tiling geometry
+
+
+def tile_starts(length: int, tile: int, overlap: int, patch: int) -> list[int]:
+    """Start offsets (pixels) of tiles of ``tile`` px covering ``length`` px with at least ``overlap`` px overlap.
+
+    Starts are patch-aligned; the last tile ends exactly at ``length`` (itself a patch multiple).
+    """
+    if length <= tile:
+        return [0]
+    step = tile - overlap
+    starts = list(range(0, length - tile, step))
+    last = length - tile
+    if starts[-1] != last:
+        starts.append(last)
+    return [s - s % patch for s in starts[:-1]] + [last]
+
+
+def blend_ramp(n: int, start: int, total: int, overlap_tokens: int) -> np.ndarray:
+    """Blending weights along one axis of a tile: a linear ramp over the overlap, 1 inside and at image borders.
+
+    Parameters
+    ----------
+    n : int
+        Tile length in tokens.
+    start : int
+        Tile start in tokens.
+    total : int
+        Image length in tokens.
+    overlap_tokens : int
+        Overlap in tokens.
+    """
+    w = np.ones(n, dtype=np.float32)
+    if overlap_tokens <= 0:
+        return w
+    ramp = (np.arange(overlap_tokens, dtype=np.float32) + 0.5) / overlap_tokens
+    k = min(overlap_tokens, n)
+    if start > 0:
+        w[:k] = np.minimum(w[:k], ramp[:k])
+    if start + n < total:
+        w[n - k :] = np.minimum(w[n - k :], ramp[:k][::-1])
+    return w
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Decoding ahead of the model
+
+
+@dataclasses.dataclass
+class _Prepared:
+    path: str
+    orig_size: tuple[int, int]
+    proc_size: tuple[int, int] = (0, 0)
+    tensor: Any = None  # (C, H, W) normalised, for untiled images
+    raw: np.ndarray | None = None  # decoded image, for tiled images
+    error: str | None = None
+
+
+def _prefetch(fn: Callable, items: Iterable, workers: int, window: int) -> Iterator:
+    """Map ``fn`` over ``items`` in a thread pool, yielding results in order, at most ``window`` ahead."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="posvit-decode") as pool:
+        pending: collections.deque = collections.deque()
+        it = iter(items)
+        for item in it:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= window:
+                break
+        while pending:
+            fut = pending.popleft()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append(pool.submit(fn, nxt))
+            yield fut.result()
+
+
+def _prepare(path: Path, encoder, opts: ExtractOptions) -> _Prepared:
+    p = str(path)
+    try:
+        raw = read_image(path)
+        orig = (int(raw.shape[0]), int(raw.shape[1]))
+        patch = encoder.patch_size
+        resize_hw, crop = plan_resize(orig, opts.size, patch)
+        proc = crop or resize_hw
+        if opts.tile and max(proc) > opts.tile:
+            if opts.size.kind != "native":
+                img = to_channels(to_float(raw, opts.intensity), _own_channels(raw))
+                t, proc = resize_and_normalise(img, opts.size, patch, (0.0,) * img.shape[-1], (1.0,) * img.shape[-1])
+                raw = t.permute(1, 2, 0).numpy()
+            return _Prepared(p, orig, proc, raw=raw)
+        if max(proc) > opts.max_side:
+            return _Prepared(
+                p, orig, proc,
+                error=f"{proc[0]}×{proc[1]} px exceeds --max-side {opts.max_side}; tile it (--tile 518) or resize "
+                "(--size short:N)",
+            )
+        img = to_channels(to_float(raw, opts.intensity), encoder.in_chans)
+        tensor, proc = resize_and_normalise(img, opts.size, patch, encoder.mean, encoder.std)
+        return _Prepared(p, orig, proc, tensor=tensor)
+    except PosvitError as exc:
+        return _Prepared(p, (0, 0), error=str(exc))
+    except Exception as exc:  # a decoder bug on one file must not stop a 10k-image run
+        return _Prepared(p, (0, 0), error=f"{type(exc).__name__}: {exc}")
+
+
+def _own_channels(raw: np.ndarray) -> int:
+    return 1 if raw.ndim == 2 or raw.shape[-1] in (1, 2) else 3
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The engine
+
+
+class _Runner:
+    """Runs batches through the encoder and writes results to the store."""
+
+    def __init__(self, encoder, writer, opts: ExtractOptions, device):
+        import torch
+
+        from posvit_cli.core.device import autocast
+
+        self.torch = torch
+        self.encoder, self.writer, self.opts, self.device = encoder, writer, opts, device
+        self.autocast = lambda: autocast(device, opts.precision)
+
+    def forward(self, batch):
+        """Tokens for a (B, C, H, W) CPU tensor: dict layer -> float32 ndarray (B, h, w, C), prefix dict or None."""
+        torch = self.torch
+        x = batch.to(self.device, non_blocking=True)
+        tf = self.opts.image_transform
+        if tf is not None:
+            x = tf.apply(x)
+        with torch.inference_mode(), self.autocast():
+            tokens, prefix = self.encoder.forward_tokens(x, self.opts.layers, keep_prefix=self.opts.keep_prefix)
+        out = {}
+        for layer, t in tokens.items():
+            t = t.float()
+            if tf is not None:
+                t = tf.invert_tokens(t)
+            if self.opts.postprocess is not None:
+                with torch.inference_mode():
+                    t = self.opts.postprocess(layer, t)
+            out[layer] = t.cpu().numpy()
+        pre = {k: v.float().cpu().numpy() for k, v in prefix.items()} if prefix else None
+        return out, pre
+
+    def run_batch(self, items: list[_Prepared]) -> None:
+        batch = self.torch.stack([it.tensor for it in items])
+        tokens, prefix = self.forward(batch)
+        for i, it in enumerate(items):
+            self.writer.add(
+                it.path,
+                {layer: tokens[layer][i] for layer in self.opts.layers},
+                orig_size=it.orig_size,
+                proc_size=it.proc_size,
+                prefix={layer: prefix[layer][i] for layer in self.opts.layers} if prefix else None,
+            )
+        self.writer.commit()
+
+    def run_tiled(self, it: _Prepared) -> None:
+        """Extract one large image tile by tile, blending tokens and writing finished row bands."""
+        torch = self.torch
+        enc, opts = self.encoder, self.opts
+        patch = enc.patch_size
+        raw = it.raw
+        H, W = it.proc_size
+        # native mode tiles the decoded image directly; the remainder beyond the last patch multiple is cropped.
+        raw = raw[:H, :W]
+        if raw.dtype == np.float32 and opts.size.kind != "native":
+            scale = None
+        else:
+            scale = _global_intensity(raw, opts.intensity)
+        tile = opts.tile - opts.tile % patch
+        overlap = opts.overlap - opts.overlap % patch
+        ys = tile_starts(H, tile, overlap, patch)
+        xs = tile_starts(W, tile, overlap, patch)
+        gh, gw = H // patch, W // patch
+        C = enc.embed_dim
+        layers = opts.layers
+        handle = self.writer.begin_image(
+            it.path, (gh, gw), C, orig_size=it.orig_size, proc_size=it.proc_size,
+            meta={"tiles": {"tile": tile, "overlap": overlap, "rows": ys, "cols": xs}},
+        )
+        ov_t = overlap // patch
+        acc = {layer: np.zeros((0, gw, C), np.float32) for layer in layers}
+        wsum = np.zeros((0, gw), np.float32)
+        acc_start = 0  # token row of acc[0]
+        for yi, y0 in enumerate(ys):
+            th = min(tile, H - y0)
+            ty0 = y0 // patch
+            need = ty0 + th // patch
+            if need > acc_start + wsum.shape[0]:
+                grow = need - acc_start - wsum.shape[0]
+                for layer in layers:
+                    acc[layer] = np.concatenate([acc[layer], np.zeros((grow, gw, C), np.float32)])
+                wsum = np.concatenate([wsum, np.zeros((grow, gw), np.float32)])
+            wy = blend_ramp(th // patch, ty0, gh, ov_t)
+            for b0 in range(0, len(xs), opts.batch_size):
+                cols = xs[b0 : b0 + opts.batch_size]
+                tiles = []
+                for x0 in cols:
+                    tw = min(tile, W - x0)
+                    tiles.append(self._tile_tensor(raw[y0 : y0 + th, x0 : x0 + tw], scale))
+                if len({t.shape for t in tiles}) == 1:
+                    groups = [(cols, torch.stack(tiles))]
+                else:
+                    groups = [([c], t[None]) for c, t in zip(cols, tiles)]
+                for gcols, batch in groups:
+                    tokens, _ = self.forward(batch)
+                    for j, x0 in enumerate(gcols):
+                        tw_t = batch.shape[-1] // patch
+                        tx0 = x0 // patch
+                        wx = blend_ramp(tw_t, tx0, gw, ov_t)
+                        wgt = wy[:, None] * wx[None, :]
+                        r0 = ty0 - acc_start
+                        for layer in layers:
+                            acc[layer][r0 : r0 + len(wy), tx0 : tx0 + tw_t] += tokens[layer][j] * wgt[..., None]
+                        wsum[r0 : r0 + len(wy), tx0 : tx0 + tw_t] += wgt
+            # Rows above the next tile row's start receive no more contributions: normalise and write them.
+            done_to = ys[yi + 1] // patch if yi + 1 < len(ys) else gh
+            n_done = done_to - acc_start
+            if n_done > 0:
+                w = np.maximum(wsum[:n_done], 1e-12)[..., None]
+                for layer in layers:
+                    handle.write_rows(layer, acc_start, acc[layer][:n_done] / w)
+                    acc[layer] = acc[layer][n_done:]
+                wsum = wsum[n_done:]
+                acc_start = done_to
+        handle.finish()
+        self.writer.commit()
+
+    def _tile_tensor(self, raw_tile: np.ndarray, scale):
+        torch = self.torch
+        enc = self.encoder
+        if scale is None:
+            img = raw_tile.astype(np.float32)
+        else:
+            lo, hi = scale
+            img = np.clip((raw_tile.astype(np.float32) - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros(
+                raw_tile.shape, np.float32
+            )
+        img = to_channels(img, enc.in_chans)
+        m = np.asarray(enc.mean, np.float32)
+        s = np.asarray(enc.std, np.float32)
+        img = (img - m) / s
+        return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
+
+
+def _global_intensity(raw: np.ndarray, intensity: str) -> tuple[float, float]:
+    """The (lo, hi) intensity window of a whole image, so every tile is scaled the same way."""
+    rule, pct = parse_intensity(intensity)
+    if rule == "auto":
+        rule = "dtype" if raw.dtype == np.uint8 else "minmax"
+    if rule == "dtype":
+        if np.issubdtype(raw.dtype, np.integer):
+            info = np.iinfo(raw.dtype)
+            return float(info.min), float(info.max)
+        return 0.0, 1.0
+    if rule == "minmax":
+        return float(np.nanmin(raw)), float(np.nanmax(raw))
+    sample = raw[:: max(1, raw.shape[0] // 2048), :: max(1, raw.shape[1] // 2048)]
+    lo, hi = np.nanpercentile(sample, pct)
+    return float(lo), float(hi)
+
+
+def extract_images(
+    paths: Sequence[str | os.PathLike],
+    encoder,
+    writer,
+    options: ExtractOptions,
+    *,
+    device=None,
+    progress: ProgressCallback | None = None,
+) -> ExtractSummary:
+    """Extract features of ``paths`` into ``writer`` (a :class:`~posvit_cli.core.features.store.StoreWriter`).
+
+    Images already in the writer (``writer.done``, after ``--resume``) are skipped. Unreadable images are
+    skipped with a :class:`PosvitWarning` and listed in the summary, or raise with ``options.strict``.
+
+    Returns
+    -------
+    ExtractSummary
+    """
+    import torch
+
+    progress = report(progress)
+    device = device or torch.device("cpu")
+    t0 = time.perf_counter()
+    summary = ExtractSummary(requested=len(paths))
+    done = {os.path.abspath(d) for d in writer.done} | set(writer.done)
+    todo = [Path(p) for p in paths if str(p) not in done and os.path.abspath(p) not in done]
+    summary.already_done = len(paths) - len(todo)
+    runner = _Runner(encoder, writer, options, device)
+    total = len(todo)
+    progress("extract", 0, total)
+    buckets: dict[tuple, list[_Prepared]] = collections.OrderedDict()
+    buffered = 0
+    finished = 0
+
+    def flush(key) -> None:
+        nonlocal buffered, finished
+        items = buckets.pop(key)
+        runner.run_batch(items)
+        buffered -= len(items)
+        finished += len(items)
+        summary.written += len(items)
+        progress("extract", finished + len(summary.skipped), total)
+
+    window = max(2 * options.batch_size, 4)
+    prepared = _prefetch(lambda p: _prepare(p, encoder, options), todo, options.workers, window)
+    for it in prepared:
+        if it.error is not None:
+            if options.strict:
+                raise PosvitError(f"'{it.path}': {it.error} (stopped by --strict; finished images are kept for --resume)")
+            warnings.warn(f"skipped '{it.path}': {it.error}", PosvitWarning, stacklevel=2)
+            summary.skipped.append((it.path, it.error))
+            progress("extract", finished + len(summary.skipped), total)
+            continue
+        if it.raw is not None:
+            runner.run_tiled(it)
+            finished += 1
+            summary.written += 1
+            summary.tiled += 1
+            progress("extract", finished + len(summary.skipped), total)
+            continue
+        key = tuple(it.tensor.shape)
+        buckets.setdefault(key, []).append(it)
+        buffered += 1
+        if len(buckets[key]) >= options.batch_size:
+            flush(key)
+        elif buffered >= window:
+            flush(max(buckets, key=lambda k: len(buckets[k])))
+    while buckets:
+        flush(next(iter(buckets)))
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def extraction_provenance(encoder, options: ExtractOptions, *, device, command: str = "", shard: str | None = None,
+                          debias: list | None = None, transform: str | None = None) -> dict:
+    """The store provenance of an extraction: model, weights, layers, preprocessing and run settings."""
+    import platform
+
+    import torch
+
+    from posvit_cli import __version__
+
+    prov = encoder.provenance()
+    prov.update(
+        {
+            "posvit_version": __version__,
+            "layers": list(options.layers),
+            "prefix_tokens": encoder.num_prefix_tokens if options.keep_prefix else 0,
+            "preprocessing": {
+                "size": str(options.size),
+                "interpolation": "bilinear-antialias",
+                "intensity": options.intensity,
+                "mean": list(encoder.mean),
+                "std": list(encoder.std),
+                "in_chans": encoder.in_chans,
+            },
+            "tiling": {"tile": options.tile, "overlap": options.overlap} if options.tile else None,
+            "precision": options.precision,
+            "device": str(device),
+            "debias": debias or [],
+            "transform": transform,
+            "shard": shard,
+            "command": command,
+            "torch_version": torch.__version__,
+            "python_version": platform.python_version(),
+        }
+    )
+    return prov

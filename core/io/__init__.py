@@ -1,0 +1,1 @@
+"""Reading images and label masks, preprocessing and geometric transforms."""

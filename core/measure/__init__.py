@@ -1,0 +1,1 @@
+"""Measurements of positional bias and of semantics: probes, metrics and reports."""

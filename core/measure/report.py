@@ -1,0 +1,379 @@
+"""One table across feature stores: positional R², semantic mIoU, robustness and overclustering per store.
+
+A *row* is one untransformed store: an encoder (raw, RASA-cleaned, ALiBi, NoPE, a baseline) at one input size.
+Stores made with ``posvit extract --transform T`` are not rows: each joins the row of the untransformed store of
+the same model, weights, debiasing, preprocessing and images (read from the provenance, never from file names),
+and gives that row's robustness scores. So a resolution sweep (``extract --size 224,448,672,896`` → one store per
+size) and an encoder comparison are the same call:
+
+``compare_stores([raw.224, raw.448, ...], masks=...)`` or ``compare_stores([raw, rasa, alibi, nope], masks=...)``.
+
+Per row, all measured on the same images with the same settings:
+
+positional
+    :func:`posvit_cli.core.measure.probe.probe_store` (``holdout`` protocol): mean held-out stack R² per target
+    (``xy`` is the joint score; ``random`` the null).
+semantic (with masks)
+    :func:`posvit_cli.core.measure.semantic.semantic_probe` on a seeded split of the images by name (the same split for
+    every row of the same images): mIoU of the held-out images from one confusion matrix.
+robustness (with masks and transformed stores)
+    The same head scored on each transformed store: mIoU per transform.
+overclustering (with masks)
+    :func:`posvit_cli.core.cluster.overclustering.overcluster_eval` (standard protocol): mIoU mean ± std over seeds per k and
+    the spatial entropy of the clusters.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from posvit_cli.core.errors import PosvitError
+from posvit_cli.core.progress import ProgressCallback, report
+
+__all__ = ["REPORT_SCHEMA", "compare_stores", "group_stores", "read_report", "report_markdown", "report_table",
+           "store_label", "write_report"]
+
+REPORT_SCHEMA = "posvit-report"
+REPORT_SCHEMA_VERSION = 1
+#: Positional targets of a report (``xy``: the joint x, y score; ``random``: the null).
+REPORT_TARGETS = ("xy", "lr", "ud", "radial", "random")
+_STORE_SUFFIXES = (".zarr.zip", ".hdf5", ".zarr", ".zip", ".h5", ".hdf")
+
+
+def store_label(source: str) -> str:
+    """A row name from a store path: the file name without its store suffix (``runs/raw.448.h5`` → ``raw.448``)."""
+    name = Path(str(source).rstrip("/")).name
+    low = name.lower()
+    for s in _STORE_SUFFIXES:
+        if low.endswith(s):
+            return name[: -len(s)]
+    return name
+
+
+def group_stores(stores: Sequence) -> list[tuple[Any, list]]:
+    """Rows: each untransformed store with the transformed stores (``provenance.transform``) of its images.
+
+    A transformed store joins the first untransformed store of the same model, weights, debiasing and
+    preprocessing whose image names it holds.
+
+    Raises
+    ------
+    PosvitError
+        If a transformed store matches no untransformed store, or no store is untransformed.
+    """
+    from posvit_cli.core.measure.semantic import check_same_features
+
+    rows: list[tuple[Any, list]] = [(s, []) for s in stores if not s.provenance.get("transform")]
+    if not rows:
+        raise PosvitError("every store given is a transformed copy (extract --transform): add the untransformed store")
+    for s in stores:
+        if not s.provenance.get("transform"):
+            continue
+        names = {r.name for r in s.records}
+        for base, extra in rows:
+            try:
+                check_same_features(base, s, "transformed store", same_preprocessing=True)
+            except PosvitError:
+                continue
+            if {r.name for r in base.records} <= names:
+                extra.append(s)
+                break
+        else:
+            raise PosvitError(
+                f"transformed store '{s.source}' ({s.provenance['transform']}) matches no untransformed store given "
+                "(same model, weights, debiasing, --size and images): add the store it is a copy of"
+            )
+    return rows
+
+
+def _describe(store) -> dict:
+    prov = store.provenance
+    debias = [d.get("method", "?") if isinstance(d, dict) else str(d) for d in prov.get("debias") or []]
+    mods = [m.get("name", "?") if isinstance(m, dict) else str(m) for m in prov.get("modifications") or []]
+    groups = store.groups
+    grid = groups[0].grid if groups else None
+    return {
+        "store": store.source,
+        "model": prov.get("model"),
+        "weights": prov.get("weights"),
+        "weights_sha256": prov.get("weights_sha256"),
+        "modifications": mods,
+        "debias": debias,
+        "size": (prov.get("preprocessing") or {}).get("size"),
+        "grid": list(grid) if grid else None,
+        "grids": {g.name: int(len(g.indices)) for g in groups},
+        "n_images": len(store),
+        "channels": store.channels,
+    }
+
+
+def compare_stores(
+    stores: Sequence,
+    *,
+    names: Sequence[str] | None = None,
+    masks: str | None = None,
+    num_classes: int | None = None,
+    ignore_index: int | None = 255,
+    class_names: Sequence[str] | None = None,
+    positional=None,
+    semantic=None,
+    ks: Sequence[int] = (100,),
+    cluster_seeds: Sequence[int] | None = None,
+    cluster: bool = True,
+    layer: str | None = None,
+    device: str = "cpu",
+    threads: int | None = 1,
+    cluster_threads: int | None = None,
+    progress: ProgressCallback | None = None,
+) -> dict:
+    """Measure every row (see the module docstring) and return the report document.
+
+    Parameters
+    ----------
+    stores : sequence of FeatureStore
+        Untransformed stores (rows, in order) and transformed copies (robustness).
+    names : sequence of str, optional
+        Row names, one per untransformed store (default: file names without suffix).
+    masks : str, optional
+        Mask folder (matched by stem) for the semantic probe, robustness and overclustering.
+    num_classes, ignore_index, class_names
+        As for ``posvit probe --masks``; without ``num_classes`` the first row's masks decide it for all rows.
+    positional : ProbeSettings, optional
+        Default: the ``holdout`` protocol on :data:`REPORT_TARGETS`, no per-channel scores or extras.
+    semantic : SemanticSettings, optional
+        Default: :class:`~posvit_cli.core.measure.semantic.SemanticSettings` defaults.
+    ks : sequence of int
+        Cluster counts of the overclustering (k above a row's token count is skipped with a note).
+    cluster_seeds : sequence of int, optional
+        Default: the standard protocol's seeds 0–4.
+    cluster : bool
+        Run the overclustering evaluation (with masks).
+    layer : str, optional
+    device : str
+    threads : int or None
+        Torch threads of the positional and semantic probes (small products: one thread by default).
+    cluster_threads : int or None
+        Torch threads of k-means (None: torch's setting).
+    progress : callable, optional
+
+    Returns
+    -------
+    dict
+        Schema ``posvit-report`` (``docs/report.md``).
+    """
+    from posvit_cli import __version__
+    from posvit_cli.core.measure.probe import make_settings, probe_store
+    from posvit_cli.core.measure.semantic import SemanticSettings, semantic_probe
+
+    prog = report(progress)
+    t0 = time.perf_counter()
+    if not stores:
+        raise PosvitError("no stores to report on")
+    for s in stores:
+        if len(s) == 0:
+            raise PosvitError(f"'{s.source}' holds no images")
+        if not s.layers:
+            raise PosvitError(f"'{s.source}' holds no feature layers (a maps-only store)")
+    rows = group_stores(stores)
+    if names is not None and len(names) != len(rows):
+        raise PosvitError(f"{len(names)} names given for {len(rows)} untransformed stores")
+    if positional is None:
+        positional, _ = make_settings("holdout", targets=REPORT_TARGETS, per_channel=False, extras=False)
+    semantic = (semantic or SemanticSettings()).validated() if masks else None
+    ks = sorted({int(k) for k in ks}) if (masks and cluster) else []
+    if any(k < 1 for k in ks):
+        raise PosvitError("every k must be at least 1")
+    out_rows = []
+    notes: list[str] = []
+    for n, (store, transformed) in enumerate(rows):
+        name = names[n] if names is not None else store_label(store.source)
+        t_row = time.perf_counter()
+        row: dict[str, Any] = {"name": name, **_describe(store),
+                               "transformed_stores": [t.source for t in transformed]}
+        task = f"[{n + 1}/{len(rows)}] {name}"
+        prog(task, 0, 3 if masks else 1)
+        ly = store.check_layer(layer)
+        pos = probe_store(store, positional, layers=[ly], device=device, threads=threads)
+        block = pos["results"][ly]["stack_r2"]
+        row["positional"] = {
+            "stack_r2": {t: block[t]["mean"] for t in positional.targets},
+            "stack_r2_std": {t: block[t]["std"] for t in positional.targets},
+        }
+        prog(task, 1, 3 if masks else 1)
+        row["semantic"], row["robustness"], row["cluster"] = None, [], None
+        if masks:
+            sem = semantic_probe(store, masks, semantic, robustness=transformed, num_classes=num_classes,
+                                 ignore_index=ignore_index, class_names=class_names, layer=ly, device=device,
+                                 threads=threads)
+            if num_classes is None:
+                num_classes = sem["masks"]["num_classes"]
+            if class_names is None:
+                class_names = sem["masks"]["class_names"]
+            res = sem["results"]
+            row["semantic"] = {
+                "miou": res["miou"], "pixel_accuracy": res["pixel_accuracy"],
+                "iou_per_class": res["iou_per_class"], "scored_images": len(sem["split"]["scored_images"]),
+                "fit_images": len(sem["split"]["fit_images"]), "epochs_run": sem["training"]["epochs_run"],
+                "samples": sem["training"]["samples"],
+            }
+            row["robustness"] = [{k: r[k] for k in ("transform", "store", "miou", "delta_miou", "pixel_accuracy")}
+                                 for r in sem["robustness"] if r["transform"] != "identity"]
+            prog(task, 2, 3)
+            if ks:
+                row["cluster"] = _overcluster(store, masks, ks, num_classes, ignore_index, class_names, cluster_seeds,
+                                              ly, device, cluster_threads, notes, name)
+            prog(task, 3, 3)
+        row["seconds"] = round(time.perf_counter() - t_row, 3)
+        out_rows.append(row)
+    return {
+        "schema": REPORT_SCHEMA,
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "posvit_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "settings": {
+            "layer": layer or "final (each store's default)",
+            "positional": positional.as_dict(),
+            "semantic": semantic.as_dict() if semantic else None,
+            "masks": str(masks) if masks else None,
+            "num_classes": num_classes,
+            "class_names": list(class_names) if class_names else None,
+            "ignore_index": ignore_index,
+            "cluster": {"ks": ks, "seeds": list(cluster_seeds) if cluster_seeds is not None else [0, 1, 2, 3, 4],
+                        "protocol": "standard"} if ks else None,
+        },
+        "rows": out_rows,
+        "notes": notes,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
+def _overcluster(store, masks, ks, num_classes, ignore_index, class_names, seeds, layer, device, threads, notes,
+                 name) -> list[dict]:
+    from posvit_cli.core.cluster.overclustering import load_masks, overcluster_eval
+    from posvit_cli.core.measure.probe import torch_threads
+
+    n_tokens = sum(r.grid[0] * r.grid[1] for r in store.records)
+    usable = [k for k in ks if k <= n_tokens]
+    if len(usable) < len(ks):
+        notes.append(f"{name}: k={', '.join(str(k) for k in ks if k > n_tokens)} skipped (only {n_tokens} tokens)")
+    if not usable:
+        return []
+    mask_set = load_masks(store, masks, ignore_index=ignore_index, num_classes=num_classes, class_names=class_names)
+    with torch_threads(threads):
+        res = overcluster_eval(store, mask_set, usable, protocol="standard", seeds=seeds, layer=layer, device=device)
+    keep = ("k", "matching", "miou_mean", "miou_std", "spatial_entropy", "spatial_entropy_shuffled")
+    return [{k: r[k] for k in keep} for r in res["results"]]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Rendering
+
+
+def _num(v, digits=3) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return ""
+    return f"{v:.{digits}f}"
+
+
+def report_table(doc: dict) -> tuple[list[str], list[list[str]]]:
+    """The report as a header and rows of strings (what the Markdown and the terminal table show)."""
+    rows = doc["rows"]
+    transforms: list[str] = []
+    cluster_cols: list[tuple[int, str]] = []
+    for r in rows:
+        for t in r["robustness"]:
+            if t["transform"] not in transforms:
+                transforms.append(t["transform"])
+        for c in r["cluster"] or []:
+            if (c["k"], c["matching"]) not in cluster_cols:
+                cluster_cols.append((c["k"], c["matching"]))
+    has_sem = any(r["semantic"] for r in rows)
+    header = ["store", "model", "debias", "size", "grid", "R² xy", "R² lr", "R² ud", "R² random"]
+    if has_sem:
+        header.append("semantic mIoU")
+    header += [f"mIoU {t}" for t in transforms]
+    for k, m in cluster_cols:
+        header += [f"cluster mIoU k={k}" + (f" ({m})" if m != "precision" else ""), f"entropy k={k}"]
+    body = []
+    for r in rows:
+        pos = r["positional"]["stack_r2"]
+        dbs = "+".join(r["debias"] + r["modifications"]) or "none"
+        line = [r["name"], r["model"] or "", dbs, str(r["size"] or ""),
+                "×".join(str(v) for v in r["grid"]) + ("" if len(r["grids"]) <= 1 else f" (+{len(r['grids']) - 1})")
+                if r["grid"] else "",
+                _num(pos.get("xy")), _num(pos.get("lr")), _num(pos.get("ud")), _num(pos.get("random"))]
+        if has_sem:
+            line.append(_num(r["semantic"]["miou"]) if r["semantic"] else "")
+        rob = {t["transform"]: t for t in r["robustness"]}
+        line += [_num(rob[t]["miou"]) + (f" ({rob[t]['delta_miou']:+.3f})" if rob[t]["delta_miou"] is not None else "")
+                 if t in rob else "" for t in transforms]
+        cl = {(c["k"], c["matching"]): c for c in r["cluster"] or []}
+        for key in cluster_cols:
+            c = cl.get(key)
+            line += [f"{_num(c['miou_mean'])} ± {_num(c['miou_std'])}" if c else "",
+                     _num(c["spatial_entropy"]) if c else ""]
+        body.append(line)
+    return header, body
+
+
+def report_markdown(doc: dict) -> str:
+    """The report as Markdown: a title, the table and how each column was measured."""
+    header, body = report_table(doc)
+    s = doc["settings"]
+    lines = ["# posvit report", "",
+             f"{len(doc['rows'])} stores, posvit {doc['posvit_version']}, {doc['created']}.", "",
+             "| " + " | ".join(header) + " |", "|" + "|".join("---" if i < 5 else "---:" for i in range(len(header))) + "|"]
+    for row in body:
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |")
+    p = s["positional"]
+    lines += ["", "- **R²**: held-out stack R² of a ridge probe of the positional ramp (mean over images × "
+              f"{p['repeats']} repeats, training fraction {p['fraction']:.4g}, α {p['alpha']:g}); `xy` is the joint "
+              "x, y score, `random` the null: ramps at the null's level carry no position."]
+    if s["semantic"]:
+        sem = s["semantic"]
+        lines.append(f"- **semantic mIoU**: {sem['head']} head ({sem['head_form']}) trained on each store's features, "
+                     f"scored on the held-out {sem['test_fraction']:.0%} of the images (split by name, the same for "
+                     f"every store of the same images); masks {sem['masks']}; {sem['metric']}.")
+        if any(r["robustness"] for r in doc["rows"]):
+            lines.append("- **mIoU T**: the same head on features of images transformed by T (extract --transform), "
+                         "mapped back to the original frame; in brackets the change from the untransformed mIoU.")
+    if s["cluster"]:
+        seeds = s["cluster"]["seeds"]
+        lines.append(f"- **cluster mIoU**: overclustering, standard protocol (z-score, PCA 50, k-means, seeds "
+                     f"{seeds[0]}–{seeds[-1]}, precision many-to-one matching above the class count, Hungarian at it), "
+                     "mean ± std over seeds. **entropy**: spatial entropy of the clusters (1 = spread over the grid, "
+                     "low = clusters that follow position).")
+    for note in doc.get("notes", []):
+        lines.append(f"- note: {note}")
+    return "\n".join(lines) + "\n"
+
+
+def _json_text(doc: dict) -> str:
+    from posvit_cli.core.measure.probe import probe_result_json
+
+    return probe_result_json(doc)
+
+
+def write_report(path, doc: dict) -> Path:
+    """Write the report atomically: Markdown for ``.md``, JSON for ``.json`` (by suffix)."""
+    from posvit_cli.core.fileio import write_text_atomic
+
+    p = Path(path)
+    if p.suffix.lower() == ".md":
+        return write_text_atomic(p, report_markdown(doc))
+    if p.suffix.lower() == ".json":
+        return write_text_atomic(p, _json_text(doc) + "\n")
+    raise PosvitError(f"report output '{path}': name a .md (Markdown) or .json file")
+
+
+def read_report(path) -> dict:
+    """Read a JSON report written by :func:`write_report` (``posvit report -o report.json``)."""
+    from posvit_cli.core.fileio import read_tagged_json
+
+    return read_tagged_json(path, REPORT_SCHEMA, REPORT_SCHEMA_VERSION, "report",
+                            hint="write one with `posvit report STORES -o report.json`")

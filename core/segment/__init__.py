@@ -1,0 +1,1 @@
+"""Trainable (scribble) segmentation: filters, classifiers, CRF, training labels and evaluation."""

@@ -1,0 +1,1 @@
+"""Generated micrographs and textures with ground truth, for the demo and the tests."""

@@ -1,0 +1,117 @@
+"""Baselines with known answers: the constant-image SVD subspace removes a planted positional pattern exactly;
+test-time averaging over torus rolls leaves a roll-equivariant (ALiBi, wrap-around) model's features unchanged;
+the most positional channels of a planted store are found."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_MODEL, write_store
+
+from posvit_cli.core.debias.baselines import (
+    constant_image_subspace, parse_image_size, report_indices, stack_r2_report, store_positional_channels,
+)
+from posvit_cli.core.features.encoders import load_encoder
+from posvit_cli.core.errors import PosvitError, PosvitWarning
+from posvit_cli.core.debias.heads import ProjectionHead, TTAHead
+from posvit_cli.core.features.store import FeatureStore
+
+
+class _PlantedEncoder:
+    """Tokens = content (patch means through a linear map, plus a constant) + a rank-3 positional pattern."""
+
+    patch_size, in_chans, embed_dim = 4, 3, 24
+
+    def __init__(self, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.mix = torch.randn(3, self.embed_dim, generator=g, dtype=torch.float64)
+        self.bias = torch.randn(self.embed_dim, generator=g, dtype=torch.float64)
+        self.pos_dirs = torch.randn(3, self.embed_dim, generator=g, dtype=torch.float64)
+
+    def content(self, x):
+        B, C, H, W = x.shape
+        p = self.patch_size
+        pooled = x.double().reshape(B, C, H // p, p, W // p, p).mean(dim=(3, 5)).permute(0, 2, 3, 1)
+        return pooled @ self.mix + self.bias
+
+    def position(self, h, w):
+        r = torch.linspace(0, 1, h, dtype=torch.float64)[:, None].expand(h, w)
+        c = torch.linspace(0, 1, w, dtype=torch.float64)[None, :].expand(h, w)
+        return torch.stack([r, c, r * c], -1) @ self.pos_dirs
+
+    def forward_tokens(self, x, layers, keep_prefix=False):
+        h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        return {"final": (self.content(x) + self.position(h, w)).float()}, None
+
+
+def test_svd_subspace_removes_a_planted_positional_pattern_exactly():
+    enc = _PlantedEncoder()
+    basis, info = constant_image_subspace(enc, (20, 28), rank=4)
+    assert basis.shape == (4, 24) and info["grid"] == [5, 7]
+    assert np.allclose(basis @ basis.T, np.eye(4), atol=1e-5)
+    assert info["explained"] == pytest.approx(1.0)  # bias + 3 positional directions: rank 4 exactly
+    head = ProjectionHead(basis[None], method="svd", exact=True)
+    x = torch.randn(2, 3, 20, 28, generator=torch.Generator().manual_seed(1))
+    feats = enc.forward_tokens(x, ["final"])[0]["final"]
+    content_only = enc.content(x).float()
+    # After the head, features carry no trace of position: they equal the cleaned content.
+    assert torch.allclose(head.apply(feats), head.apply(content_only), atol=1e-4)
+    assert (feats - content_only).abs().max() > 0.5
+    with pytest.warns(PosvitWarning, match="only 4 directions"):
+        more, _ = constant_image_subspace(enc, (20, 28), rank=16)
+    assert more.shape == (4, 24)
+
+
+def test_svd_on_a_real_vit_and_size_parsing():
+    enc = load_encoder(TINY_MODEL, "random", seed=0)
+    basis, info = constant_image_subspace(enc, (64, 96), rank=8)
+    assert basis.shape == (8, 64) and np.allclose(basis @ basis.T, np.eye(8), atol=1e-5)
+    assert 0 < info["explained"] <= 1 and info["grid"] == [4, 6]
+    assert parse_image_size("70x100", 16) == (64, 96) and parse_image_size("square:40", 16) == (32, 32)
+    for bad in ("big", "8", "3x40"):
+        with pytest.raises(PosvitError):
+            parse_image_size(bad, 16)
+    with pytest.raises(PosvitError, match="--rank"):
+        constant_image_subspace(enc, (64, 64), rank=0)
+
+
+def test_tta_over_rolls_returns_the_unaveraged_features_of_a_roll_equivariant_model():
+    from posvit_cli.core.features.alibi import retrofit
+
+    x = torch.randn(2, 3, 80, 96, generator=torch.Generator().manual_seed(0))  # 5 × 6 grid, non-square
+    head = TTAHead("rolls:3,roll:-2,5")
+    original = load_encoder(TINY_MODEL, "random", seed=0)
+    plain, avg = (e.forward_tokens(x, ["final"])[0]["final"] for e in (original, head.wrap_encoder(original)))
+    assert (plain - avg).abs().max() > 1e-2  # a learned position embedding is not roll-equivariant
+    alibi = retrofit(load_encoder(TINY_MODEL, "random", seed=0), "alibi")  # torus distances: equivariant
+    wrapped = head.wrap_encoder(alibi)
+    plain = alibi.forward_tokens(x, ["final"])[0]["final"]
+    avg, _ = wrapped.forward_tokens(x, ["final"])
+    assert torch.allclose(avg["final"], plain, atol=1e-4)
+    assert wrapped.patch_size == 16 and wrapped.provenance()["model"] == TINY_MODEL
+
+
+def _ramp_store(path, n=4, h=9, w=11, C=16, seed=0):
+    rng = np.random.default_rng(seed)
+    grids = []
+    for _ in range(n):
+        f = rng.normal(size=(h, w, C)).astype(np.float32)
+        f[..., 3] = np.linspace(0, 1, w)[None, :] + 0.01 * rng.normal(size=(h, w))  # left-right ramp
+        f[..., 7] = np.linspace(0, 1, h)[:, None] + 0.01 * rng.normal(size=(h, w))  # up-down ramp
+        grids.append(f)
+    return write_store(path, grids)
+
+
+def test_positional_channels_of_a_planted_store_and_the_report(tmp_path):
+    with FeatureStore(_ramp_store(tmp_path / "s.h5")) as s:
+        channels, result = store_positional_channels(s, k=1)
+        assert {3, 7} <= set(channels) and result["results"]["final"]["top_channels"]["lr"] == [3]
+        from posvit_cli.core.debias.heads import BlankHead
+
+        head = BlankHead([3, 7], channels=16)
+        images = [{"name": r.name, "path": r.path, "grid": list(r.grid)} for r in s.records]
+        rep = stack_r2_report(lambda i: s.features(i), images, apply=head.apply_numpy)
+    assert rep["images"] == 4 and set(rep["before"]) == {"lr", "ud", "diag", "radial", "xy"}
+    assert rep["before"]["xy"] > 0.7 and rep["after"]["xy"] < 0.1 and rep["fraction"] == pytest.approx(16 / 99)
+    assert report_indices(10, 4) == [0, 3, 6, 9] and report_indices(3, 8) == [0, 1, 2]

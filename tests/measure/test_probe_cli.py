@@ -1,0 +1,152 @@
+"""`posvit probe` on the command line: outputs, protocols, the pipe from extract and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import TINY_MODEL, run_posvit, write_store
+from test_probe import PLANTED, planted_grid
+
+
+@pytest.fixture
+def planted_store(tmp_path):
+    rng = np.random.default_rng(0)
+    return write_store(tmp_path / "planted.h5", [planted_grid(rng) for _ in range(3)])
+
+
+def _json(result):
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_probe_writes_json_csv_and_a_table(cli, planted_store, tmp_path):
+    out, csv = tmp_path / "r.json", tmp_path / "c.csv"
+    res = cli(["probe", planted_store, "--fraction", "0.25", "--top-k", "1", "-o", out, "--csv", csv, "--json"])
+    doc = _json(res)
+    assert doc["results"]["final"]["positional_channels"] == sorted(PLANTED.values())
+    assert json.loads(out.read_text())["results"]["final"]["top_channels"] == doc["results"]["final"]["top_channels"]
+    assert csv.read_text().splitlines()[0].startswith("layer,channel,lr_mean")
+    assert doc["settings"]["fraction"] == 0.25 and doc["settings"]["protocol"] == "holdout"
+    assert doc["store"]["model"] == "synthetic" and "command" in doc
+    # the human-readable report goes to stderr, never stdout
+    assert "stack R²" in res.stderr and "most positional channels" in res.stderr
+    assert "stack R²" not in res.stdout
+
+
+def test_quiet_without_json_prints_nothing_on_stdout(cli, planted_store, tmp_path):
+    res = cli(["probe", planted_store, "--fraction", "0.25", "--quiet", "-o", tmp_path / "r.json"])
+    assert res.exit_code == 0 and res.stdout == "" and res.stderr == ""
+    assert (tmp_path / "r.json").exists()
+
+
+def test_dino_saw_is_reproducible_on_the_command_line(cli, tmp_path):
+    rng = np.random.default_rng(1)
+    store = write_store(tmp_path / "noise.h5", [rng.normal(size=(37, 37, 16)).astype(np.float32) for _ in range(2)])
+    runs = [_json(cli(["probe", store, "--protocol", "dino-saw", "--no-extras", "--json", "-q"])) for _ in range(2)]
+    for doc in runs:
+        doc.pop("created")
+    assert runs[0] == runs[1]
+    assert runs[0]["settings"]["seed"] == 100001 and runs[0]["settings"]["evaluated_on"] == "all tokens"
+    warned = cli(["probe", store, "--protocol", "dino-saw", "--alpha", "5", "--no-extras", "-q"])
+    assert warned.exit_code == 0 and "not the published setting" in warned.stderr
+
+
+def test_all_layers_fingerprint_table(cli, tmp_path):
+    from posvit_cli.core.features.store import StoreWriter
+
+    rng = np.random.default_rng(2)
+    path = tmp_path / "layers.h5"
+    with StoreWriter(path, provenance={"model": "synthetic", "patch_size": 16, "channels": 32},
+                     layers=["block0", "final"], dtype="float32") as w:
+        for i in range(2):
+            g = planted_grid(rng, 12, 12, 32)
+            w.add(f"im{i}.png", {"block0": rng.normal(size=g.shape).astype(np.float32), "final": g},
+                  orig_size=(192, 192), proc_size=(192, 192))
+    res = cli(["probe", path, "--all-layers", "--fraction", "0.25", "--json"])
+    doc = _json(res)
+    assert doc["layers"] == ["block0", "final"] and doc["primary_layer"] == "final"
+    assert "per layer" in res.stderr
+    only = _json(cli(["probe", path, "--layer", "0", "--fraction", "0.25", "--json", "-q"]))
+    assert only["layers"] == ["block0"]
+
+
+def test_extract_piped_into_probe(image_dir):
+    """`posvit extract imgs/ | posvit probe` with real pipes and a random tiny ViT."""
+    ext = run_posvit(["extract", image_dir, "--model", TINY_MODEL, "--weights", "random", "--quiet"])
+    assert ext.returncode == 0, ext.stderr.decode()
+    res = run_posvit(["probe", "--fraction", "0.25", "--repeats", "2", "--json", "--quiet"], input=ext.stdout)
+    assert res.returncode == 0, res.stderr.decode()
+    doc = json.loads(res.stdout)
+    assert doc["store"]["n_images"] == 7 and doc["store"]["model"] == TINY_MODEL
+    assert doc["store"]["channels"] == 64 and len(doc["results"]["final"]["channel_r2"]["lr"]["mean"]) == 64
+    assert {tuple(im["grid"]) for im in doc["images"]} == {(6, 8), (4, 4)}
+    assert doc["store"]["preprocessing"] is not None and "weights_sha256" in doc["store"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Bad input: one line on stderr, exit 2
+
+
+def _fails(res, message, after_progress=False):
+    """Exit 2 with exactly one error line (the last line; progress bars may precede it), no traceback."""
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], res.stderr
+    assert "Traceback" not in res.stderr
+    if not after_progress:
+        assert len(lines) == 1, res.stderr
+    assert message in errors[0], errors[0]
+
+
+def test_empty_store(cli, tmp_path):
+    store = write_store(tmp_path / "empty.h5", [], provenance={"channels": 8})
+    _fails(cli(["probe", store]), "holds no images")
+
+
+def test_maps_only_store(cli, tmp_path):
+    store = write_store(tmp_path / "maps.h5", [np.zeros((4, 5, 1))], layers=(), provenance={"channels": 0},
+                        maps={"labels": [np.zeros((4, 5), np.int32)]})
+    _fails(cli(["probe", store]), "no feature layers (a maps-only store: labels)")
+
+
+def test_one_by_one_grid(cli, tmp_path):
+    store = write_store(tmp_path / "dot.h5", [np.ones((1, 1, 8), np.float32)], names=["dot.png"])
+    _fails(cli(["probe", store]), "'dot' has a 1×1 token grid")
+
+
+def test_nonfinite_features_name_the_images(cli, tmp_path):
+    rng = np.random.default_rng(3)
+    grids = [rng.normal(size=(12, 12, 8)).astype(np.float32) for _ in range(3)]
+    grids[0][0, 0, 0] = np.nan
+    grids[2][5, 5, 5] = np.inf
+    store = write_store(tmp_path / "bad.h5", grids, names=["good_a.png", "broken.png", "worse.png"])
+    store_names = write_store(tmp_path / "bad2.h5", grids, names=["cracked.png", "fine.png", "dark.png"])
+    _fails(cli(["probe", store, "--fraction", "0.2"]), "'good_a', 'worse'", after_progress=True)
+    _fails(cli(["probe", store_names, "--fraction", "0.2"]), "NaN or inf: 'cracked', 'dark'", after_progress=True)
+
+
+def test_unknown_target(cli, planted_store):
+    _fails(cli(["probe", planted_store, "--targets", "lr,updown"]), "unknown target 'updown'")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--layer", "block9"], "layer 'block9' is not in"),
+        (["--layer", "final", "--all-layers"], "either --layer or --all-layers"),
+        (["--sampling", "spiral"], "unknown sampling 'spiral'"),
+        (["--fraction", "0.001"], "training token(s) with --fraction"),
+        (["--alpha", "0"], "--alpha > 0"),
+        (["--protocol", "paper"], "unknown protocol 'paper'"),
+    ],
+)
+def test_bad_options(cli, planted_store, args, message):
+    _fails(cli(["probe", planted_store, *args]), message)
+
+
+def test_missing_store(cli, tmp_path):
+    _fails(cli(["probe", tmp_path / "nowhere.h5"]), "does not exist")

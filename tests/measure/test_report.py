@@ -1,0 +1,152 @@
+"""`posvit report`: one table across stores (planted position and content signals come out in the right rows),
+transformed stores join their row by provenance, the resolution sweep end to end, outputs and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import TINY_MODEL, write_store
+from posvit_cli.core.errors import PosvitError
+from posvit_cli.core.measure.probe import make_settings
+from posvit_cli.core.measure.report import compare_stores, group_stores, read_report, report_markdown, store_label
+from posvit_cli.core.features.store import FeatureStore
+
+K = 3
+# 8 × 8 grids: the default 1/36 of the tokens would train on one token.
+POSITIONAL = make_settings("holdout", targets=("xy", "lr", "ud", "random"), fraction=0.25, per_channel=False,
+                           extras=False)[0]
+
+
+def _dataset(tmp_path, n=12, grid=(8, 8)):
+    """Content classes (linear in 8 channels) plus two positional ramp channels and noise."""
+    rng = np.random.default_rng(0)
+    h, w = grid
+    ys, xs = np.mgrid[0:h, 0:w] / np.array([h - 1, w - 1])[:, None, None]
+    M = rng.normal(size=(K, 8)) * 3
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    positional, clean = [], []
+    for i in range(n):
+        lab = rng.integers(0, K, size=grid)
+        content = np.eye(K)[lab] @ M + 0.2 * rng.normal(size=(h, w, 8))
+        ramps = np.stack([xs, ys], -1) * 5 + 0.01 * rng.normal(size=(h, w, 2))
+        positional.append(np.concatenate([content, ramps], -1).astype(np.float32))
+        clean.append(np.concatenate([content, 0.01 * rng.normal(size=(h, w, 2))], -1).astype(np.float32))
+        Image.fromarray(np.kron(lab, np.ones((16, 16), np.int64)).astype(np.uint8)).save(masks / f"img{i:03d}.png")
+    prov = {"preprocessing": {"size": "native"}}
+    write_store(tmp_path / "raw.h5", positional, provenance=prov)
+    write_store(tmp_path / "clean.h5", clean, provenance={**prov, "debias": [{"method": "rasa", "head_sha256": "ab"}]})
+    # A transformed copy of the clean store, deceptively named like the raw one: provenance decides.
+    write_store(tmp_path / "raw.roll.h5", clean, provenance={**prov, "transform": "roll:0,2",
+                                                             "debias": [{"method": "rasa", "head_sha256": "ab"}]})
+    return masks
+
+
+def test_report_rows_show_the_planted_signals(tmp_path):
+    masks = _dataset(tmp_path)
+    with FeatureStore(tmp_path / "raw.h5") as raw, FeatureStore(tmp_path / "clean.h5") as clean, \
+            FeatureStore(tmp_path / "raw.roll.h5") as roll:
+        rows = group_stores([raw, roll, clean])
+        assert [(b.source, [t.source for t in ts]) for b, ts in rows] == [
+            (raw.source, []), (clean.source, [roll.source])]
+        doc = compare_stores([raw, roll, clean], masks=masks, ks=(3, 12), cluster_seeds=(0,), positional=POSITIONAL,
+                             cluster_threads=1)
+    by = {r["name"]: r for r in doc["rows"]}
+    assert list(by) == ["raw", "clean"]
+    assert by["raw"]["positional"]["stack_r2"]["xy"] > 0.95
+    assert by["clean"]["positional"]["stack_r2"]["xy"] < 0.3
+    assert by["raw"]["semantic"]["miou"] == 1.0 and by["clean"]["semantic"]["miou"] == 1.0
+    assert by["clean"]["debias"] == ["rasa"] and by["raw"]["debias"] == []
+    rob = by["clean"]["robustness"]
+    assert [r["transform"] for r in rob] == ["roll:0,2"] and rob[0]["miou"] == 1.0 and rob[0]["delta_miou"] == 0.0
+    cl = {(c["k"], c["matching"]): c for c in by["clean"]["cluster"]}
+    assert set(cl) == {(3, "hungarian"), (12, "precision")}
+    assert cl[(3, "hungarian")]["miou_mean"] > 0.99
+    md = report_markdown(doc)
+    assert "| raw | synthetic | none |" in md and "| clean | synthetic | rasa |" in md
+    assert "mIoU roll:0,2" in md and "cluster mIoU k=3 (hungarian)" in md
+
+
+def test_cli_report_writes_markdown_and_json(tmp_path, cli):
+    masks = _dataset(tmp_path, n=8)
+    md, js = tmp_path / "r.md", tmp_path / "r.json"
+    r = cli(["report", tmp_path / "raw.h5", tmp_path / "clean.h5", tmp_path / "raw.roll.h5", "--masks", masks,
+             "--names", "dinov2,rasa", "--head", "ridge", "--fraction", "0.25", "-k", "3", "--cluster-seeds", "0", "--cluster-threads", "1", "-o", md, "-o", js,
+             "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["schema"] == "posvit-report" and [row["name"] for row in doc["rows"]] == ["dinov2", "rasa"]
+    assert read_report(js)["rows"] == doc["rows"]
+    assert "| dinov2 |" in md.read_text() and "R² xy" in md.read_text()
+    r = cli(["report", tmp_path / "raw.h5", tmp_path / "clean.h5", "--fraction", "0.25"])  # positional only
+    assert r.exit_code == 0 and "R² xy" in r.output and "semantic" not in r.output
+
+    # viz report draws the same numbers, one colour per row, and indexes the figure.
+    r = cli(["viz", "report", js, "-o", tmp_path / "viz", "--json"])
+    assert r.exit_code == 0, r.output
+    fig = json.loads(r.stdout)["figures"]
+    assert len(fig) == 1 and fig[0]["kind"] == "report"
+    drawn = fig[0]["numbers"]["rows"]
+    assert [d["name"] for d in drawn] == ["dinov2", "rasa"]
+    for d, row in zip(drawn, doc["rows"]):
+        assert d["xy_r2"] == row["positional"]["stack_r2"]["xy"]
+        assert d["semantic_miou"] == row["semantic"]["miou"]
+        assert d["cluster_miou"]["3"] == row["cluster"][0]["miou_mean"]
+    assert (tmp_path / "viz" / fig[0]["file"]).stat().st_size > 1000
+    assert fig[0]["file"] in (tmp_path / "viz" / "index.html").read_text()
+    r = cli(["viz", "report", md, "-o", tmp_path / "viz"])  # the Markdown table is not the document
+    assert r.exit_code == 2 and "cannot read" in r.output
+
+
+def _one_line_error(result, text):
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.output.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and text in lines[0], result.output
+
+
+def test_report_bad_input(tmp_path, cli):
+    masks = _dataset(tmp_path, n=6)
+    raw, clean, roll = tmp_path / "raw.h5", tmp_path / "clean.h5", tmp_path / "raw.roll.h5"
+    _one_line_error(cli(["report", raw, roll]), "matches no untransformed store")
+    _one_line_error(cli(["report", roll]), "every store given is a transformed copy")
+    _one_line_error(cli(["report", raw, clean, "--names", "a"]), "1 names given for 2 untransformed stores")
+    _one_line_error(cli(["report", raw, "-o", tmp_path / "r.txt"]), "name a .md (Markdown) or .json file")
+    _one_line_error(cli(["report", raw, raw]), "named twice")
+    _one_line_error(cli(["report", raw]), "raise --fraction")
+    _one_line_error(cli(["report", raw, "--masks", masks, "--num-classes", "2", "--no-cluster", "--fraction", "0.25"]),
+                    "≥ --num-classes 2")
+    _one_line_error(cli(["report", raw, "--cluster-seeds", "a-b", "--masks", masks]), "--cluster-seeds")
+    assert not list(tmp_path.glob("r.*"))
+    with pytest.raises(PosvitError, match="no stores"):
+        compare_stores([])
+    assert store_label("runs/raw.448.zarr.zip") == "raw.448" and store_label("x.zarr/") == "x"
+
+
+def test_resolution_sweep_end_to_end(tmp_path, cli):
+    """extract --size 64,128 (one store each) → report: one row per size, positional R², semantic and
+    overclustering columns."""
+    imgs, masks = tmp_path / "imgs", tmp_path / "masks"
+    imgs.mkdir()
+    masks.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(8):
+        lab = rng.integers(0, 2, size=(4, 4))
+        big = np.kron(lab, np.ones((32, 32), np.int64))
+        img = np.clip(0.25 + 0.5 * big + 0.05 * rng.normal(size=big.shape), 0, 1)
+        Image.fromarray((img * 255).astype(np.uint8)).save(imgs / f"s{i}.png")
+        Image.fromarray(big.astype(np.uint8)).save(masks / f"s{i}.png")
+    r = cli(["extract", imgs, "-m", TINY_MODEL, "-w", "random", "--size", "64,128", "-o", tmp_path / "raw.h5", "-q"])
+    assert r.exit_code == 0, r.output
+    r = cli(["report", tmp_path / "raw.64.h5", tmp_path / "raw.128.h5", "--masks", masks, "-k", "2",
+             "--cluster-seeds", "0", "--cluster-threads", "1", "--fraction", "0.25", "--json", "-q"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)["rows"]
+    assert [(row["name"], row["size"], row["grid"]) for row in rows] == [
+        ("raw.64", "square:64", [4, 4]), ("raw.128", "square:128", [8, 8])]
+    for row in rows:
+        assert row["positional"]["stack_r2"]["xy"] is not None
+        assert row["semantic"]["miou"] > 0.5 and row["cluster"][0]["k"] == 2
