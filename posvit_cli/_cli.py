@@ -48,12 +48,8 @@ __all__ = [
 
 console = Console(stderr=True, highlight=False)
 
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables on stderr.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON results on stdout.")]
-DebugOpt = Annotated[
-    bool, typer.Option("--debug", help="Show the full traceback on errors (also POSVIT_DEBUG=1).", envvar="POSVIT_DEBUG")
-]
-DeviceOpt = Annotated[str, typer.Option("--device", help="Torch device: auto (CUDA if available), cpu, cuda, cuda:N.")]
+# The shared option types are defined once in posvit_cli.options; these names stay importable from here.
+from posvit_cli.options import DebugOpt, DeviceOpt, JsonOpt, QuietOpt  # noqa: E402
 
 
 def _error_line(message: str) -> None:

@@ -1,0 +1,123 @@
+"""The options that more than one command takes, defined once.
+
+Every command imports its shared options from here, so an option name means the same thing (same spelling, same
+short flag, same help, same type) everywhere. Per-command defaults are given at the parameter (``= ...``); a
+command whose default differs from the one documented here says why in its own help.
+
+Short flags have one meaning each across posvit: ``-o`` output, ``-r`` ``--recursive``, ``-l`` ``--layer``,
+``-k`` numbers of clusters (``cluster``, ``report``), ``-m`` ``--model``, ``-w`` ``--weights``, ``-b``
+``--batch-size`` (images), ``-q`` ``--quiet``.
+
+Old spellings kept for one release are declared with :func:`deprecated_option` (hidden from ``--help``) and
+reported with :func:`warn_deprecated` when used.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from posvit_cli.core.errors import PosvitWarning
+
+__all__ = [
+    "BatchSizeOpt",
+    "ClassNamesOpt",
+    "DebugOpt",
+    "DeviceOpt",
+    "IgnoreIndexOpt",
+    "JsonOpt",
+    "LayerOpt",
+    "MasksOpt",
+    "ModelOpt",
+    "OverwriteOpt",
+    "PosvitDeprecationWarning",
+    "QuietOpt",
+    "RecursiveOpt",
+    "SeedOpt",
+    "SeedsOpt",
+    "StoreArg",
+    "ThreadsOpt",
+    "WeightsOpt",
+    "deprecated_option",
+    "warn_deprecated",
+]
+
+
+class PosvitDeprecationWarning(PosvitWarning):
+    """An old option spelling or command form that still works for one release."""
+
+
+def warn_deprecated(old: str, new: str) -> None:
+    """Say once, on stderr, that ``old`` still works but ``new`` is the spelling to use."""
+    warnings.warn(f"{old} is deprecated and will be removed in the next release: use {new}",
+                  PosvitDeprecationWarning, stacklevel=2)
+
+
+def deprecated_option(*flags: str, **kwargs: Any) -> Any:
+    """A hidden option for an old spelling; the command calls :func:`warn_deprecated` when it is given."""
+    return typer.Option(*flags, hidden=True, show_default=False, **kwargs)
+
+
+# Output conventions
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables on stderr.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON results on stdout.")]
+DebugOpt = Annotated[
+    bool, typer.Option("--debug", help="Show the full traceback on errors (also POSVIT_DEBUG=1).", envvar="POSVIT_DEBUG")
+]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")]
+
+# Inputs
+StoreArg = Annotated[
+    Optional[str],
+    typer.Argument(help="Feature store (.h5, .zarr, .zarr.zip), or - / a pipe for standard input.", show_default=False),
+]
+RecursiveOpt = Annotated[bool, typer.Option("--recursive", "-r", help="Also read images in sub-folders.")]
+LayerOpt = Annotated[
+    Optional[str],
+    typer.Option("--layer", "-l", help="Stored layer to read: final, or a block index stored with extract --layers. "
+                                       "Default: final.", show_default=False),
+]
+MasksOpt = Annotated[
+    Optional[Path],
+    typer.Option("--masks", help="Folder of ground-truth label images (PNG/TIFF) matched to the images by file stem; "
+                                 "see 'Label conventions' in the README.", show_default=False),
+]
+IgnoreIndexOpt = Annotated[
+    int, typer.Option("--ignore-index", help="Mask value meaning 'unlabelled', left out of training and scoring; "
+                                             "-1 for none.")
+]
+ClassNamesOpt = Annotated[
+    Optional[str],
+    typer.Option("--class-names", help="Class names in class-index order, comma-separated, or a text file with one "
+                                       "name per line. Default: 0, 1, 2, ...", show_default=False),
+]
+
+# Encoders
+ModelOpt = Annotated[
+    Optional[str],
+    typer.Option("--model", "-m", help="Encoder: a posvit name (posvit doctor lists them) or any timm model name.",
+                 show_default=False),
+]
+WeightsOpt = Annotated[
+    str, typer.Option("--weights", "-w", help="pretrained (timm/Hugging Face cache), random, or a checkpoint file "
+                                              "(.safetensors, .pth).")
+]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")]
+
+# Compute
+DeviceOpt = Annotated[
+    str, typer.Option("--device", help="Torch device: auto (CUDA if available), cpu, cuda, cuda:N.")
+]
+ThreadsOpt = Annotated[
+    Optional[int],
+    typer.Option("--threads", min=1, help="Torch CPU threads. Default: torch's choice (all cores).",
+                 show_default=False),
+]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (sampling, initialisation, shuffling).")]
+SeedsOpt = Annotated[
+    Optional[str],
+    typer.Option("--seeds", help="Seeds, comma-separated or a range such as 0-4.", show_default=False),
+]
