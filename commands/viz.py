@@ -101,7 +101,8 @@ def _points(at, units):
 
 
 def _finish(outdir: Path, entries, json_out: bool, quiet: bool) -> None:
-    from posvit_cli.core.viz.index import json_clean, update_index
+    from posvit_cli.core.fileio import json_clean
+    from posvit_cli.core.viz.index import update_index
 
     page = update_index(outdir, entries)
     if not quiet:

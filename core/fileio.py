@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -16,7 +17,16 @@ from typing import Any
 
 from posvit_cli.core.errors import PosvitError
 
-__all__ = ["atomic_path", "file_mode", "json_default", "read_tagged_json", "write_json_atomic", "write_text_atomic"]
+__all__ = [
+    "atomic_path",
+    "file_mode",
+    "json_clean",
+    "json_default",
+    "json_text",
+    "read_tagged_json",
+    "write_json_atomic",
+    "write_text_atomic",
+]
 
 
 def _umask_mode() -> int:
@@ -34,7 +44,9 @@ def file_mode() -> int:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, *, keep_suffix: bool = False, make_parents: bool = True) -> Iterator[str]:
+def atomic_path(
+    path: str | os.PathLike, *, keep_suffix: bool = False, make_parents: bool = True, durable: bool = False
+) -> Iterator[str]:
     """A temporary file name beside ``path`` that becomes ``path`` when the block completes.
 
     Parameters
@@ -45,6 +57,9 @@ def atomic_path(path: str | os.PathLike, *, keep_suffix: bool = False, make_pare
         End the temporary name with ``path``'s suffix too, for writers that pick the format by suffix.
     make_parents : bool
         Create missing parent folders (otherwise a missing folder is an error).
+    durable : bool
+        Flush the temporary file to the disk (``fsync``) before the rename, for checkpoints that must survive a
+        power cut, not only a killed process.
 
     Yields
     ------
@@ -61,6 +76,9 @@ def atomic_path(path: str | os.PathLike, *, keep_suffix: bool = False, make_pare
     os.close(fd)
     try:
         yield tmp
+        if durable:
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
         os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
@@ -76,20 +94,67 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return Path(path)
 
 
-def json_default(o: Any) -> Any:
-    """``json.dumps`` fallback: NumPy scalars and arrays as Python numbers and lists, anything else as ``str``."""
+def json_clean(obj: Any) -> Any:
+    """A strict-JSON copy of ``obj``: the one cleaner every JSON document posvit writes goes through.
+
+    NaN and ±inf become ``None`` (``null``), NumPy scalars and arrays become Python numbers and (nested) lists,
+    tuples and sets become lists, paths become strings and mapping keys become strings. Other objects are
+    returned unchanged, so ``json.dumps`` still refuses what has no JSON form.
+
+    Parameters
+    ----------
+    obj : any
+        Nested dicts, lists, tuples, sets, NumPy values, paths and JSON scalars.
+
+    Returns
+    -------
+    any
+        An object that ``json.dumps(..., allow_nan=False)`` accepts when ``obj`` held only the types above.
+    """
     import numpy as np
 
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
+    if isinstance(obj, dict):
+        return {str(k): json_clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_clean(v) for v in obj]
+    if isinstance(obj, (set, frozenset)):
+        return [json_clean(v) for v in sorted(obj, key=repr)]
+    if isinstance(obj, np.ndarray):
+        return json_clean(obj.tolist())
+    if isinstance(obj, np.generic) or (getattr(obj, "ndim", None) == 0 and callable(getattr(obj, "item", None))):
+        obj = obj.item()  # NumPy scalars, and 0-d arrays or tensors from other libraries
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    return obj
+
+
+def json_text(obj: Any, *, indent: int | None = 2, default=None, ensure_ascii: bool = True) -> str:
+    """``obj`` as strict JSON text after :func:`json_clean` (no NaN literals, which other readers reject).
+
+    ``default`` is passed to ``json.dumps`` for objects :func:`json_clean` leaves alone (``str`` to write
+    their text instead of refusing them).
+    """
+    return json.dumps(json_clean(obj), indent=indent, allow_nan=False, default=default, ensure_ascii=ensure_ascii)
+
+
+def json_default(o: Any) -> Any:
+    """``json.dumps`` fallback: NumPy scalars and arrays as Python numbers and lists, anything else as ``str``.
+
+    Prefer :func:`json_text` (or ``json.dumps(json_clean(obj))``): a ``default`` hook never sees Python floats,
+    so it cannot turn NaN into ``null``.
+    """
+    import numpy as np
+
+    if isinstance(o, (np.generic, np.ndarray)):
+        return json_clean(o)
     return str(o)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON (NumPy values converted) to ``path`` atomically. Returns the path."""
-    return write_text_atomic(path, json.dumps(obj, indent=2, default=json_default) + "\n")
+    """Write ``obj`` as indented strict JSON (:func:`json_clean`) to ``path`` atomically. Returns the path."""
+    return write_text_atomic(path, json_text(obj, default=str) + "\n")
 
 
 def read_tagged_json(path: str | os.PathLike, schema: str, max_version: int, what: str, hint: str = "") -> dict:

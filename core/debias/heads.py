@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from posvit_cli.core.fileio import atomic_path, json_default
+from posvit_cli.core.fileio import atomic_path, json_text
 from posvit_cli.core.errors import PosvitError, PosvitWarning
 from posvit_cli.core.progress import ProgressCallback, report
 
@@ -474,7 +474,7 @@ def save_head(head: Head, path: str | os.PathLike, *, layout: str = "posvit") ->
         "method": head.method,
         "channels": "any" if head.channels is None else str(head.channels),
         "layout": layout,
-        "posvit": json.dumps(doc, default=json_default),
+        "posvit": json_text(doc, indent=None, default=str),
     }
     if layout == "franca":
         if not isinstance(head, ProjectionHead) or head.method != "rasa" or head.planes.shape[1] != 2:

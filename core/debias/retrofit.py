@@ -41,6 +41,7 @@ import numpy as np
 
 from posvit_cli.core.features.alibi import METHODS, AlibiConfig, retrofit
 from posvit_cli.core.errors import PosvitError
+from posvit_cli.core.fileio import atomic_path
 from posvit_cli.core.io.images import read_image, to_channels, to_float
 from posvit_cli.core.io.preprocess import ResizeMode, parse_size, resize_and_normalise
 from posvit_cli.core.measure.probe import RAMP_TARGETS, stack_r2
@@ -682,24 +683,18 @@ def read_training_state(path: str | os.PathLike) -> dict:
 def _atomic_torch_save(obj, path: Path) -> None:
     import torch
 
-    tmp = path.with_name(path.name + ".tmp")
     buf = io.BytesIO()
     torch.save(obj, buf)
-    with open(tmp, "wb") as f:
+    with atomic_path(path, durable=True) as tmp, open(tmp, "wb") as f:
         f.write(buf.getbuffer())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _write_csv(rows: list[dict], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=list(LOG_COLUMNS), extrasaction="ignore")
         wr.writeheader()
         for r in rows:
             wr.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in LOG_COLUMNS})
-    os.replace(tmp, path)
 
 
 def _rng_state() -> dict:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from posvit_cli.core.errors import PosvitError
+from posvit_cli.core.fileio import atomic_path, json_text
 
 __all__ = [
     "ENCODERS",
@@ -247,12 +248,11 @@ def save_encoder_checkpoint(path: str | os.PathLike, encoder: Encoder, extra: di
     meta = dict(encoder.checkpoint_meta())
     meta.update(extra or {})
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     sd = {k: v.detach().cpu().contiguous() for k, v in encoder.model.state_dict().items()}
     if dtype is not None:
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-    save_file(sd, str(tmp), metadata={"posvit": json.dumps(meta)})
-    os.replace(tmp, path)
+    with atomic_path(path, keep_suffix=True) as tmp:
+        save_file(sd, tmp, metadata={"posvit": json_text(meta, indent=None)})
     return path
 
 

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from posvit_cli.core.errors import PosvitError
-from posvit_cli.core.fileio import read_tagged_json, write_text_atomic
+from posvit_cli.core.fileio import json_text, read_tagged_json, write_text_atomic
 from posvit_cli.core.progress import ProgressCallback, report
 
 __all__ = [
@@ -1237,26 +1237,9 @@ def probe_store(
 # Reading results back
 
 
-def _json_clean(obj: Any) -> Any:
-    """NaN/inf → null and NumPy types → Python, so the document is strict JSON."""
-    if isinstance(obj, dict):
-        return {str(k): _json_clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_clean(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _json_clean(obj.tolist())
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
 def probe_result_json(result: dict) -> str:
     """The result document as strict JSON text (NaN written as null)."""
-    return json.dumps(_json_clean(result), indent=1, allow_nan=False)
+    return json_text(result, indent=1)
 
 
 def write_probe_result(path: str | os.PathLike, result: dict) -> Path:

@@ -22,7 +22,6 @@ import datetime
 import io
 import json
 import os
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Callable, Sequence
@@ -33,7 +32,7 @@ import numpy as np
 from posvit_cli.core.segment.filters import ClassicalConfig, classical_features, feature_names
 from posvit_cli.core.segment.classifiers import ClassifierConfig, PixelClassifier, load_classifier
 from posvit_cli.core.segment.crf import CrfConfig, crf_halo, mean_field_crf
-from posvit_cli.core.fileio import atomic_path, json_default
+from posvit_cli.core.fileio import atomic_path, json_text
 from posvit_cli.core.errors import PosvitError, PosvitWarning
 from posvit_cli.core.progress import ProgressCallback, report
 from posvit_cli.core.segment.vit_pixels import ReducedTokens, SharedPCA, VitConfig, upsample_region
@@ -346,7 +345,7 @@ class Segmenter:
             files["pca.npz"] = buf.getvalue()
             meta["features"]["vit"]["pca_file"] = "pca.npz"
         with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
-            z.writestr("segmenter.json", json.dumps(meta, indent=2, default=json_default))
+            z.writestr("segmenter.json", json_text(meta, default=str))
             for name, data in files.items():
                 z.writestr(name, data)
         return path
@@ -643,12 +642,6 @@ def label_palette(classes: ClassTable) -> list[int]:
     return pal
 
 
-def _atomic_target(path: Path) -> str:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
-    os.close(fd)
-    return tmp
-
-
 def write_label_image(path: str | os.PathLike, labels: np.ndarray, classes: ClassTable) -> Path:
     """Write a label image atomically: a palette PNG (values ≤ 255, viewable and read back as class values)
     or, for ``.tif``/``.tiff`` paths or larger values, a compressed integer TIFF."""
@@ -679,8 +672,10 @@ class ProbabilityWriter:
         import tifffile
 
         self.path = Path(path)
-        self._tmp = _atomic_target(self.path)
-        os.unlink(self._tmp)
+        # The memory map is filled under atomic_path's temporary name, which becomes the file only on success.
+        self._atomic = atomic_path(self.path, keep_suffix=True)
+        self._tmp = self._atomic.__enter__()
+        os.unlink(self._tmp)  # tifffile.memmap creates the file itself
         nbytes = int(np.prod(shape)) * 4
         self.array = tifffile.memmap(
             self._tmp, shape=tuple(shape), dtype=np.float32, photometric="minisblack", bigtiff=nbytes > 2**31 - 2**25,
@@ -695,10 +690,7 @@ class ProbabilityWriter:
         if arr is not None:
             arr.flush()
             del arr
-        if exc_type is None:
-            os.replace(self._tmp, self.path)
-        elif os.path.exists(self._tmp):
-            os.unlink(self._tmp)
+        self._atomic.__exit__(exc_type, exc, tb)
 
 
 def warn(message: str) -> None:

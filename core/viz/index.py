@@ -19,9 +19,9 @@ from pathlib import Path
 from urllib.parse import quote
 
 from posvit_cli.core.errors import PosvitError
-from posvit_cli.core.fileio import write_text_atomic
+from posvit_cli.core.fileio import json_clean, json_text, write_text_atomic
 
-__all__ = ["INDEX_NAME", "MANIFEST_NAME", "FigureEntry", "json_clean", "read_manifest", "render_html", "update_index"]
+__all__ = ["INDEX_NAME", "MANIFEST_NAME", "FigureEntry", "read_manifest", "render_html", "update_index"]
 
 INDEX_NAME = "index.html"
 MANIFEST_NAME = "viz-index.json"
@@ -72,21 +72,6 @@ class FigureEntry:
 
     def files(self) -> list[str]:
         return [self.file, *self.extra]
-
-
-def json_clean(obj):
-    """NaN and inf → None, NumPy scalars → Python numbers: strict JSON for the manifest and ``--json``."""
-    import math
-
-    if isinstance(obj, dict):
-        return {str(k): json_clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_clean(v) for v in obj]
-    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def _now() -> str:
@@ -146,7 +131,7 @@ def update_index(folder: str | os.PathLike, entries: Sequence[FigureEntry], titl
         for e in merged:
             e.numbers = json_clean(e.numbers)
         doc = {"schema": MANIFEST_SCHEMA, "schema_version": 1, "entries": [dataclasses.asdict(e) for e in merged]}
-        write_text_atomic(folder / MANIFEST_NAME, json.dumps(doc, indent=1, ensure_ascii=False, allow_nan=False) + "\n")
+        write_text_atomic(folder / MANIFEST_NAME, json_text(doc, indent=1, ensure_ascii=False) + "\n")
         page = folder / INDEX_NAME
         write_text_atomic(page, render_html(merged, title))
     return page
