@@ -101,12 +101,9 @@ def _results_path(results_json, output) -> Path | None:
     if results_json is not None:
         return Path(results_json)
     if output and output != "-":
-        name = str(output).rstrip("/")
-        for ext in (".zarr.zip", ".zarr", ".hdf5", ".h5", ".hdf", ".zip"):
-            if name.lower().endswith(ext):
-                name = name[: -len(ext)]
-                break
-        return Path(name + ".cluster.json")
+        from posvit_cli.core.features.backends import split_store_suffix
+
+        return Path(split_store_suffix(output)[0] + ".cluster.json")
     return None
 
 

@@ -277,9 +277,6 @@ _METHODS = {
 # rasa / blank / svd / tta: heads for final patch tokens
 
 
-_STORE_SUFFIXES = (".h5", ".hdf5", ".hdf", ".zarr", ".zarr.zip", ".zip")
-
-
 def _given(ctx, name: str) -> bool:
     """True when the user set option ``name`` on the command line (not its default)."""
     source = ctx.get_parameter_source(name) if ctx is not None else None
@@ -294,6 +291,8 @@ def _head_inputs(inputs, method: str, blank: str, ctx) -> tuple[str | None, list
     """
     import sys
 
+    from posvit_cli.core.features.backends import is_store_path
+
     items = [str(i) for i in (inputs or [])]
     if not items:
         wants_store = (method == "rasa" or (method == "blank" and (blank or "auto").strip().lower() == "auto")
@@ -301,7 +300,7 @@ def _head_inputs(inputs, method: str, blank: str, ctx) -> tuple[str | None, list
         if wants_store and not sys.stdin.isatty():
             return "-", []
         return None, []
-    stores = [i for i in items if i == "-" or i.lower().rstrip("/").endswith(_STORE_SUFFIXES)]
+    stores = [i for i in items if i == "-" or is_store_path(i)]
     if stores:
         if len(items) > 1:
             raise PosvitError(f"give one feature store (got {len(items)} inputs: {', '.join(items[:3])} ...)")

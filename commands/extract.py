@@ -80,11 +80,10 @@ def _merge(inputs, out, overwrite, json_out, quiet):
         emit_json({"merged": [str(i) for i in inputs], "images": n, "output": out})
 
 
-_STORE_SUFFIXES = (".h5", ".hdf5", ".hdf", ".zarr", ".zarr.zip", ".zip")
-
-
 def _is_store_input(inputs) -> bool:
-    return len(inputs) == 1 and (inputs[0] == "-" or str(inputs[0]).lower().rstrip("/").endswith(_STORE_SUFFIXES))
+    from posvit_cli.core.features.backends import is_store_path
+
+    return len(inputs) == 1 and (inputs[0] == "-" or is_store_path(inputs[0]))
 
 
 def _apply_head(inputs, out, head, overwrite, dtype, compression, transform, resume, json_out, quiet):

@@ -104,13 +104,14 @@ def _robustness_stores(items) -> list[str]:
     """Store paths from --robustness values: paths, comma lists, or folders (every store inside, sorted)."""
     from pathlib import Path
 
-    suffixes = (".h5", ".hdf5", ".hdf", ".zarr", ".zarr.zip")
+    from posvit_cli.core.features.backends import is_store_path
+
     out: list[str] = []
     for item in items or []:
         for part in parse_csv(item):
             p = Path(part)
-            if p.is_dir() and not p.name.lower().endswith(".zarr"):
-                found = sorted(str(c) for c in p.iterdir() if c.name.lower().endswith(suffixes))
+            if p.is_dir() and not is_store_path(p):
+                found = sorted(str(c) for c in p.iterdir() if is_store_path(c))
                 if not found:
                     raise PosvitError(f"--robustness folder '{part}' holds no feature stores (.h5, .zarr, .zarr.zip)")
                 out.extend(found)

@@ -29,6 +29,7 @@ __all__ = [
     "open_stream",
     "remove_path",
     "resize_rows",
+    "split_store_suffix",
     "store_format",
     "unzip_dir",
     "zip_dir",
@@ -45,9 +46,9 @@ _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
-def _suffix_of(path: str | os.PathLike) -> str | None:
+def _suffix_of(path: str | os.PathLike, allow_partial: bool = False) -> str | None:
     p = str(path).lower().rstrip("/")
-    if p.endswith(PARTIAL_SUFFIX):
+    if allow_partial and p.endswith(PARTIAL_SUFFIX):
         p = p[: -len(PARTIAL_SUFFIX)]
     return next((s for s in STORE_SUFFIXES if p.endswith(s)), None)
 
@@ -55,9 +56,18 @@ def _suffix_of(path: str | os.PathLike) -> str | None:
 def is_store_path(path: str | os.PathLike) -> bool:
     """True when ``path`` names a feature store by its suffix (one of :data:`STORE_SUFFIXES`, any case).
 
-    Only the name is read: the path need not exist, and ``-`` (a store on a pipe) is not a path.
+    Only the name is read: the path need not exist. ``-`` (a store on a pipe) is not a path, and an
+    unfinished ``<store>.partial`` is not a store.
     """
     return _suffix_of(path) is not None
+
+
+def split_store_suffix(path: str | os.PathLike) -> tuple[str, str]:
+    """``(base, suffix)`` of a store path, the suffix as written (``"runs/a.448.Zarr.zip"`` →
+    ``("runs/a.448", ".Zarr.zip")``); ``(path, "")`` when it has no store suffix. A trailing ``/`` is dropped."""
+    p = str(path).rstrip("/")
+    suffix = _suffix_of(p)
+    return (p[: len(p) - len(suffix)], p[len(p) - len(suffix):]) if suffix else (p, "")
 
 
 def store_format(path: str | os.PathLike) -> str:
@@ -68,7 +78,7 @@ def store_format(path: str | os.PathLike) -> str:
     PosvitError
         If the suffix names no known store format.
     """
-    suffix = _suffix_of(path)
+    suffix = _suffix_of(path, allow_partial=True)
     if suffix is None:
         raise PosvitError(
             f"cannot tell the store format of '{path}': use a name ending in .h5, .zarr or .zarr.zip"

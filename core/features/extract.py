@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from posvit_cli.core.errors import PosvitError, PosvitWarning
+from posvit_cli.core.features.backends import split_store_suffix
 from posvit_cli.core.io.images import parse_intensity, read_image, to_channels, to_float
 from posvit_cli.core.io.preprocess import ResizeMode, parse_size, plan_resize, resize_and_normalise
 from posvit_cli.core.progress import ProgressCallback, report
@@ -118,20 +119,14 @@ def shard_paths(paths: Sequence[Path], shard: str | None) -> list[Path]:
     return list(paths)[i::n]
 
 
-_STORE_SUFFIXES = (".zarr.zip", ".hdf5", ".zarr", ".zip", ".h5", ".hdf")
-
-
 def variant_path(path: str | os.PathLike, labels: Sequence[str]) -> str:
     """The store of one variant of an extraction (a size of a sweep, a transform): labels go before the suffix.
 
     ``variant_path("feats.h5", ["448"])`` → ``feats.448.h5``; ``("v.zarr.zip", ["224", "rot90"])`` →
     ``v.224.rot90.zarr.zip``. A path without a store suffix gets the labels appended.
     """
-    p = str(path).rstrip("/")
-    low = p.lower()
-    suffix = next((s for s in _STORE_SUFFIXES if low.endswith(s)), "")
-    base = p[: len(p) - len(suffix)] if suffix else p
-    return ".".join([base, *labels]) + p[len(base):]
+    base, suffix = split_store_suffix(path)
+    return ".".join([base, *labels]) + suffix
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -42,17 +42,13 @@ REPORT_SCHEMA = "posvit-report"
 REPORT_SCHEMA_VERSION = 1
 #: Positional targets of a report (``xy``: the joint x, y score; ``random``: the null).
 REPORT_TARGETS = ("xy", "lr", "ud", "radial", "random")
-_STORE_SUFFIXES = (".zarr.zip", ".hdf5", ".zarr", ".zip", ".h5", ".hdf")
 
 
 def store_label(source: str) -> str:
     """A row name from a store path: the file name without its store suffix (``runs/raw.448.h5`` → ``raw.448``)."""
-    name = Path(str(source).rstrip("/")).name
-    low = name.lower()
-    for s in _STORE_SUFFIXES:
-        if low.endswith(s):
-            return name[: -len(s)]
-    return name
+    from posvit_cli.core.features.backends import split_store_suffix
+
+    return split_store_suffix(Path(str(source).rstrip("/")).name)[0]
 
 
 def group_stores(stores: Sequence) -> list[tuple[Any, list]]:
