@@ -40,6 +40,7 @@ import numpy as np
 
 from posvit_cli.core.fileio import atomic_path, json_text
 from posvit_cli.core.errors import PosvitError, PosvitWarning
+from posvit_cli.core.features.provenance import INPUT_KEYS, STORAGE_KEYS, identity_differences
 from posvit_cli.core.progress import ProgressCallback, report
 
 __all__ = [
@@ -177,21 +178,29 @@ class Head:
 
     def check_backbone(self, provenance: dict | None, what: str = "these features") -> None:
         """Warn when the head was trained on another model (or other weights) than ``provenance`` names."""
-        mine = self.info.get("backbone") or {}
-        theirs = provenance or {}
+        mine = {k: v for k, v in (self.info.get("backbone") or {}).items() if v is not None}
+        theirs = {k: v for k, v in (provenance or {}).items() if v is not None}
         if not mine.get("model") or not theirs.get("model"):
             return
-        if mine["model"] != theirs["model"]:
+        # Channels are checked (as an error) by check_channels; debiasing and input may legitimately differ.
+        diff = identity_differences(mine, theirs, ignore=("channels", "debias") + INPUT_KEYS + STORAGE_KEYS,
+                                    missing_ok=True)
+        if "model" in diff:
             warnings.warn(
                 f"head '{self.source or self.method}' was trained on {mine['model']} features; {what} come from "
                 f"{theirs['model']}",
                 PosvitWarning, stacklevel=2,
             )
-        elif mine.get("weights_sha256") and theirs.get("weights_sha256") and \
-                mine["weights_sha256"] != theirs["weights_sha256"]:
+        elif "weights_sha256" in diff:
             warnings.warn(
                 f"head '{self.source or self.method}' was trained on {mine['model']} with other weights "
                 f"(sha256 {mine['weights_sha256'][:12]}…) than {what} ({theirs['weights_sha256'][:12]}…)",
+                PosvitWarning, stacklevel=2,
+            )
+        elif diff:
+            warnings.warn(
+                f"head '{self.source or self.method}' was trained on {mine['model']} features with other "
+                f"{', '.join(diff)} than {what}",
                 PosvitWarning, stacklevel=2,
             )
 

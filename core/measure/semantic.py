@@ -760,19 +760,6 @@ def scores_from_confusion(conf: np.ndarray, class_names: Sequence[str]) -> dict:
 # Store compatibility
 
 
-_MODEL_KEYS = ("model", "weights_sha256", "channels", "patch_size", "modifications")
-
-
-def _debias_signature(prov: dict) -> list:
-    out = []
-    for d in prov.get("debias") or []:
-        if isinstance(d, dict):
-            out.append((d.get("method"), d.get("head_sha256"), d.get("channels_zeroed"), tuple(d.get("transforms") or ())))
-        else:
-            out.append(str(d))
-    return out
-
-
 def check_same_features(reference, other, what: str, *, same_preprocessing: bool = False) -> None:
     """Refuse a store whose features come from another model, weights or debiasing than ``reference``.
 
@@ -789,28 +776,29 @@ def check_same_features(reference, other, what: str, *, same_preprocessing: bool
     PosvitError
         Naming the first difference.
     """
-    a, b = reference.provenance, other.provenance
-    for key in _MODEL_KEYS:
-        va, vb = a.get(key), b.get(key)
-        if key == "channels":
-            va, vb = reference.channels or None, other.channels or None
-        if (va or None) != (vb or None):
-            show = (lambda v: (str(v)[:12] + "…") if key == "weights_sha256" and v else v)
-            raise PosvitError(
-                f"{what} '{other.source}' holds features of another model ({key} {show(vb)} vs {show(va)} in "
-                f"'{reference.source}'): a head trained on one model's features cannot score another's"
-            )
-    if _debias_signature(a) != _debias_signature(b):
+    from posvit_cli.core.features.provenance import NETWORK_KEYS, STORAGE_KEYS, identity_differences
+
+    ignore = STORAGE_KEYS + ("tiling", "transform") + (() if same_preprocessing else ("preprocessing",))
+    diff = identity_differences(reference.provenance, other.provenance, ignore=ignore)
+    if not diff:
+        return
+    key = diff[0]
+    if key in NETWORK_KEYS:
+        va, vb = reference.provenance.get(key), other.provenance.get(key)
+        show = (lambda v: (str(v)[:12] + "…") if key == "weights_sha256" and v else v)
+        raise PosvitError(
+            f"{what} '{other.source}' holds features of another model ({key} {show(vb)} vs {show(va)} in "
+            f"'{reference.source}'): a head trained on one model's features cannot score another's"
+        )
+    if key == "debias":
         raise PosvitError(
             f"{what} '{other.source}' was debiased differently from '{reference.source}' "
             "(provenance 'debias' differs): score features made the same way"
         )
-    if same_preprocessing and (a.get("preprocessing") or {}) != (b.get("preprocessing") or {}):
-        pa, pb = (a.get("preprocessing") or {}).get("size"), (b.get("preprocessing") or {}).get("size")
-        raise PosvitError(
-            f"{what} '{other.source}' was preprocessed differently from '{reference.source}' (size {pb} vs {pa}): "
-            "extract it with the same --size and --intensity"
-        )
+    raise PosvitError(
+        f"{what} '{other.source}' was preprocessed differently from '{reference.source}' ({', '.join(diff)} differ: "
+        f"size {other.size_rule} vs {reference.size_rule}): extract it with the same --size and --intensity"
+    )
 
 
 def _store_summary(store) -> dict:

@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from posvit_cli.core.errors import PosvitError
+from posvit_cli.core.features.provenance import STORAGE_KEYS, identity_differences
 
 __all__ = [
-    "IDENTITY_KEYS",
     "PCA_POLICIES",
     "ExtractedStore",
     "ReducedTokens",
@@ -324,9 +324,8 @@ class TokenSource:
     def identity(self) -> dict:
         """Provenance keys that define what these features are (checked when a model is applied)."""
         prov = self.store.provenance
-        keys = ("model", "timm_name", "weights", "weights_sha256", "patch_size", "channels", "preprocessing",
-                "debias", "transform", "modifications", "seed")
-        ident = {k: prov.get(k) for k in keys if k in prov}
+        ident = {k: v for k, v in self.store.identity.items() if k not in STORAGE_KEYS}
+        ident.update({k: prov[k] for k in ("timm_name", "weights", "seed") if k in prov})  # descriptive
         ident["layer"] = self.layer
         return ident
 
@@ -400,19 +399,14 @@ class TokenSource:
 # Extracting on the fly
 
 
-#: Identity keys that must agree between the features a segmenter was trained on and those it is applied to.
-IDENTITY_KEYS = ("model", "weights_sha256", "channels", "layer", "debias", "transform")
-
-
 def identity_mismatch(trained: dict, given: dict) -> list[str]:
-    """Names of the identity entries that differ between two feature identities (empty when compatible)."""
-    bad = [k for k in IDENTITY_KEYS if (trained.get(k) or None) != (given.get(k) or None)]
-    pre_t = trained.get("preprocessing") or {}
-    pre_g = given.get("preprocessing") or {}
-    for k in ("size", "intensity"):
-        if pre_t.get(k) is not None and pre_g.get(k) is not None and pre_t.get(k) != pre_g.get(k):
-            bad.append(f"preprocessing.{k}")
-    return bad
+    """Names of the identity entries that differ between two feature identities (empty when compatible).
+
+    The identity keys of :mod:`posvit_cli.core.features.provenance` plus the layer; how the tokens were stored
+    and whether they were extracted in tiles may differ, and entries a saved model predates are not compared.
+    """
+    bad = ["layer"] if (trained.get("layer") or None) != (given.get("layer") or None) else []
+    return bad + identity_differences(trained, given, ignore=STORAGE_KEYS + ("tiling",), missing_ok=True)
 
 
 class ExtractedStore:

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from posvit_cli.core.errors import PosvitError
+from posvit_cli.core.features.provenance import INPUT_KEYS, STORAGE_KEYS, identity_differences
 from posvit_cli.core.progress import ProgressCallback
 
 __all__ = [
@@ -94,36 +95,41 @@ def _debias_key(v) -> str:
 def check_result_matches_store(result: dict, store, result_name: str = "the probe result") -> None:
     """Refuse a probe result that was not made from this store's features.
 
-    Compares the model, the weights' SHA-256, the debiasing applied and the channel count recorded in the
-    result with the store's provenance. Keys missing on either side are not compared.
+    Compares the feature identity recorded in the result (model, weights' SHA-256, architecture changes,
+    patch size, channel count, debiasing; :func:`~posvit_cli.core.features.provenance.identity_differences`)
+    with the store's provenance. Keys missing on either side are not compared.
 
     Raises
     ------
     PosvitError
         Naming both models (or weights, or debiasing) when they differ.
     """
-    rs = result.get("store") or {}
-    prov = store.provenance or {}
+    rs = {k: v for k, v in (result.get("store") or {}).items() if v is not None}
+    prov = {k: v for k, v in {**(store.provenance or {}), "channels": store.channels or None}.items() if v is not None}
+    diff = identity_differences(rs, prov, ignore=INPUT_KEYS + STORAGE_KEYS, missing_ok=True)
     a, b = rs.get("model"), prov.get("model")
-    if a and b and a != b:
+    if "model" in diff:
         raise PosvitError(
             f"{result_name} was made from model '{a}', but '{store.source}' holds features of model '{b}': "
             "pass the probe result of this store (or none, to probe it here)"
         )
     a, b = rs.get("weights_sha256"), prov.get("weights_sha256")
-    if a and b and a != b:
+    if "weights_sha256" in diff:
         raise PosvitError(
             f"{result_name} was made from other weights of '{prov.get('model')}' (sha256 {a[:12]}…) than "
             f"'{store.source}' (sha256 {b[:12]}…): pass the probe result of this store"
         )
-    if ("debias" in rs or "debias" in prov) and _debias_key(rs.get("debias")) != _debias_key(prov.get("debias")):
+    if "debias" in diff:
         raise PosvitError(
             f"{result_name} was made from features with debiasing {_debias_key(rs.get('debias'))}, "
             f"'{store.source}' holds {_debias_key(prov.get('debias'))}: pass the probe result of this store"
         )
-    a, b = rs.get("channels"), store.channels
-    if a and b and int(a) != int(b):
-        raise PosvitError(f"{result_name} has {a} channels, '{store.source}' {b}: not the same features")
+    if "channels" in diff:
+        raise PosvitError(f"{result_name} has {rs['channels']} channels, '{store.source}' {prov['channels']}: "
+                          "not the same features")
+    if diff:
+        raise PosvitError(f"{result_name} was made from other features than '{store.source}' ({', '.join(diff)} "
+                          "differ): pass the probe result of this store")
 
 
 def _image_index_map(result: dict, store) -> dict[int, int]:
