@@ -373,7 +373,9 @@ def _open_store(src: str):
 
 
 def _backbone(prov: dict) -> dict:
-    keys = ("model", "timm_name", "weights", "weights_sha256", "patch_size", "channels", "modifications")
+    from posvit_cli.core.features.provenance import NETWORK_KEYS
+
+    keys = NETWORK_KEYS + ("timm_name", "weights")  # what identifies the network, and how it was named
     return {k: prov.get(k) for k in keys if prov.get(k) is not None}
 
 
@@ -444,7 +446,7 @@ def _head_rasa(store_src, images, out, model, weights, seed, dev, prec, threads,
             "backbone": _backbone(prov),
             "input": {"store": store.source, "images": len(store), "grids": token_cache.grids,
                       "size": list(_most_common_size(store)),
-                      "preprocessing": prov.get("preprocessing"), "augmentation": prov.get("augmentation")},
+                      "preprocessing": store.preprocessing, "augmentation": prov.get("augmentation")},
             "training": {**config.as_dict(), "tokens": result.tokens, "tokens_sampled": token_cache.sampled,
                          "steps_per_round": result.steps_per_round, "device": str(dev),
                          "seconds": round(result.seconds, 3)},
@@ -555,19 +557,18 @@ def _encoder_for(store, model, weights, seed, dev, ctx):
     """The encoder that made a store (from its provenance) unless --model/--weights are given."""
     from posvit_cli.core.features.encoders import load_encoder
 
-    prov = store.provenance if store is not None else {}
     if _given(ctx, "model") or _given(ctx, "weights") or store is None:
         if store is None and not _given(ctx, "model"):
             raise PosvitError("svd needs the encoder: give the feature store it will clean, or --model (and --weights)")
         return load_encoder(model, weights, device=str(dev), seed=seed)
-    if not prov.get("model") or prov.get("model") == "synthetic":
+    if not store.model or store.model == "synthetic":
         raise PosvitError(f"'{store.source}' does not name the encoder that made it: pass --model and --weights")
-    w = prov.get("weights") or "pretrained"
+    w = store.weights or "pretrained"
     if str(w).startswith("bundled:"):
         w = "pretrained"
-    mods = prov.get("modifications") or None
-    enc = load_encoder(prov["model"], w, device=str(dev), seed=seed, modifications=mods)
-    sha = prov.get("weights_sha256")
+    mods = store.modifications or None
+    enc = load_encoder(store.model, w, device=str(dev), seed=seed, modifications=mods)
+    sha = store.weights_sha256
     if sha and enc.weights_sha256 != sha:
         import warnings
 

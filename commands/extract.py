@@ -70,14 +70,9 @@ def extract(
 
 
 def _merge(inputs, out, overwrite, json_out, quiet):
-    from posvit_cli.core.features.store import merge_stores
+    from posvit_cli.commands.store import run_merge
 
-    with RichProgress(quiet) as progress:
-        n = merge_stores(inputs, out, overwrite=overwrite, progress=progress)
-    if not quiet:
-        console.print(f"merged {len(inputs)} stores: {n} images → {out}")
-    if json_out:
-        emit_json({"merged": [str(i) for i in inputs], "images": n, "output": out})
+    run_merge(inputs, out, overwrite=overwrite, json_out=json_out, quiet=quiet)
 
 
 def _is_store_input(inputs) -> bool:

@@ -599,7 +599,7 @@ def bench(
             encoders = []
             for f in features or []:
                 st = stack.enter_context(FeatureStore(f))
-                label = f"{st.provenance.get('model', Path(f).stem)}"
+                label = st.model or Path(f).stem
                 encoders.append((_unique(label, encoders), TokenSource(st, layer)))
             for m, w in zip(models, wts):
                 ext = stack.enter_context(ExtractedStore(paths, model=m, weights=w, layer=layer or "final",

@@ -6,7 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from posvit_cli._cli import DebugOpt, JsonOpt, QuietOpt, RichProgress, cli_context, console, emit_json, store_input
+from posvit_cli._cli import RichProgress, cli_context, console, emit_json, store_input
+from posvit_cli.options import DebugOpt, JsonOpt, OverwriteOpt, QuietOpt
 
 app = typer.Typer(help="Inspect and merge feature stores.", no_args_is_help=True)
 
@@ -25,6 +26,8 @@ def info(
 
         with FeatureStore(store_input(store)) as fs:
             summary = fs.info()
+            debias, tiling, preprocessing, dtype = fs.debias, fs.tiling, fs.preprocessing, fs.dtype
+            model = f"{fs.model} (weights {fs.weights}, sha256 {str(fs.weights_sha256)[:12]})"
             summary["images"] = [
                 {"path": r.path, "grid": list(r.grid), "orig_size": list(r.orig_size), "proc_size": list(r.proc_size)}
                 | ({"sha256": fs.checksum(r.index)} if checksums else {})
@@ -35,18 +38,19 @@ def info(
         if not quiet:
             from rich.table import Table
 
-            prov = summary["provenance"]
             t = Table(title=f"feature store {summary['source']}", show_header=False, title_justify="left")
             t.add_row("format", f"{summary['format']} (schema {summary['schema_version']})")
             t.add_row("images", str(summary["n_images"]))
             t.add_row("grids", ", ".join(f"{g} ×{n}" for g, n in summary["groups"].items()) or "-")
             t.add_row("layers", ", ".join(summary["layers"]))
             t.add_row("channels", str(summary["channels"]))
-            t.add_row("model", f"{prov.get('model')} (weights {prov.get('weights')}, sha256 {str(prov.get('weights_sha256'))[:12]})")
-            t.add_row("preprocessing", str(prov.get("preprocessing")))
-            t.add_row("dtype", str(prov.get("dtype")))
-            if prov.get("debias"):
-                t.add_row("debias", str(prov.get("debias")))
+            t.add_row("model", model)
+            t.add_row("preprocessing", str(preprocessing))
+            t.add_row("dtype", dtype)
+            if tiling:
+                t.add_row("tiling", f"{tiling.get('tile')} px tiles, {tiling.get('overlap')} px overlap")
+            if debias:
+                t.add_row("debias", str(debias))
             if summary["maps"]:
                 t.add_row("maps", ", ".join(summary["maps"]))
             console.print(t)
@@ -56,18 +60,24 @@ def info(
 def merge(
     stores: Annotated[list[str], typer.Argument(help="Stores to join, in order.", show_default=False)],
     output: Annotated[str, typer.Option("--output", "-o", help="Output store (.h5, .zarr, .zarr.zip).", show_default=False)],
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
+    overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Join stores made with the same settings (e.g. shards from `extract --shard i/n`)."""
     with cli_context(debug, quiet):
-        from posvit_cli.core.features.store import merge_stores
+        run_merge(stores, output, overwrite=overwrite, json_out=json_out, quiet=quiet)
 
-        with RichProgress(quiet) as progress:
-            n = merge_stores(stores, output, overwrite=overwrite, progress=progress)
-        if not quiet:
-            console.print(f"merged {len(stores)} stores: {n} images → {output}")
-        if json_out:
-            emit_json({"merged": stores, "images": n, "output": output})
+
+def run_merge(stores: list[str], output: str, *, overwrite: bool, json_out: bool, quiet: bool) -> None:
+    """The merge both spellings run (`posvit store merge` and `posvit extract --merge`): one core call, one
+    report. Call inside :func:`cli_context`."""
+    from posvit_cli.core.features.store import merge_stores
+
+    with RichProgress(quiet) as progress:
+        n = merge_stores(stores, output, overwrite=overwrite, progress=progress)
+    if not quiet:
+        console.print(f"merged {len(stores)} stores: {n} images → {output}")
+    if json_out:
+        emit_json({"merged": [str(s) for s in stores], "images": n, "output": str(output)})

@@ -210,7 +210,7 @@ def similarity(
             idx = select_images(fs, parse_csv(images), max_images)
             with RichProgress(quiet) as progress:
                 # Every point is checked on every image before anything is probed or drawn.
-                query_tokens(fs, idx, points, units, (fs.provenance or {}).get("preprocessing"))
+                query_tokens(fs, idx, points, units, fs.preprocessing)
                 sc = _score(fs, idx, ly, probe, score, progress)
                 entries = similarity_figure(fs, outdir, points, units=units, layer=ly, indices=idx, vmin=vmin,
                                             vmax=vmax, alpha=alpha, cmap=cmap, score=sc, options=opts,

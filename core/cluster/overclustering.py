@@ -368,9 +368,8 @@ def load_masks(store, mask_dir, *, eval_size=(100, 100), ignore_index: int | Non
 def _store_resize(store):
     from posvit_cli.core.io.preprocess import parse_size
 
-    prep = store.provenance.get("preprocessing") or {}
     try:
-        mode = parse_size(prep.get("size", "native"))
+        mode = store.resize_mode
     except PosvitError:
         mode = parse_size("native")
     return mode, int(store.patch_size or 1)

@@ -716,14 +716,14 @@ def apply_head_to_store(
     head.check_backbone(source.provenance, f"the tokens of '{source.source}'")
     prov = dict(source.provenance)
     if any(isinstance(d, dict) and d.get("head_sha256") and d.get("head_sha256") == head.sha256
-           for d in prov.get("debias") or []):
+           for d in source.debias):
         warnings.warn(f"'{source.source}' was already cleaned with this head; applying it again", PosvitWarning,
                       stacklevel=2)
     prov["debias"] = list(prov.get("debias") or []) + [{**head.provenance(), "applied_to_store": source.source}]
     if command:
         prov["command"] = command
     prov.pop("complete", None)
-    dtype = dtype or prov.get("dtype", "float16")
+    dtype = dtype or source.dtype
     maps = source.map_names()
     total = len(source)
     progress("apply head", 0, total)

@@ -179,7 +179,7 @@ def load_token_cache(
     keep = np.maximum(1, np.floor(counts * (max_tokens / total)).astype(np.int64)) if sampled else counts
     M = int(keep.sum())
     D = store.channels or int(store.features(0, layer).shape[-1])
-    half = str(store.provenance.get("dtype", "float32")) == "float16"
+    half = store.dtype == "float16"
     dtype = torch.float16 if half else torch.float32
     tokens = torch.empty((M, D), dtype=dtype)
     coords = torch.empty((M, 2), dtype=torch.float32)

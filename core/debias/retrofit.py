@@ -877,17 +877,16 @@ class _Run:
         sizes = {st.size for st in self.cfg.stages}
         for path in self.teacher_stores:
             with FeatureStore(path) as fs:
-                prov = fs.provenance or {}
                 if fs.channels != t.embed_dim:
                     raise PosvitError(
                         f"width mismatch: teacher store '{path}' has {fs.channels} channels, the teacher {t.name} "
                         f"has {t.embed_dim}"
                     )
-                if prov.get("weights_sha256") and prov.get("weights_sha256") != t.weights_sha256:
+                if fs.weights_sha256 and fs.weights_sha256 != t.weights_sha256:
                     raise PosvitError(f"teacher store '{path}' was extracted with other weights than the teacher's")
                 if "final" not in fs.layers:
                     raise PosvitError(f"teacher store '{path}' has no final layer")
-                pre = prov.get("preprocessing") or {}
+                pre = fs.preprocessing
                 if pre.get("intensity", self.cfg.intensity) != self.cfg.intensity:
                     raise PosvitError(
                         f"teacher store '{path}' was extracted with --intensity {pre.get('intensity')}, the training "

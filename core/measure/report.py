@@ -64,11 +64,11 @@ def group_stores(stores: Sequence) -> list[tuple[Any, list]]:
     """
     from posvit_cli.core.measure.semantic import check_same_features
 
-    rows: list[tuple[Any, list]] = [(s, []) for s in stores if not s.provenance.get("transform")]
+    rows: list[tuple[Any, list]] = [(s, []) for s in stores if not s.transform]
     if not rows:
         raise PosvitError("every store given is a transformed copy (extract --transform): add the untransformed store")
     for s in stores:
-        if not s.provenance.get("transform"):
+        if not s.transform:
             continue
         names = {r.name for r in s.records}
         for base, extra in rows:
@@ -81,26 +81,25 @@ def group_stores(stores: Sequence) -> list[tuple[Any, list]]:
                 break
         else:
             raise PosvitError(
-                f"transformed store '{s.source}' ({s.provenance['transform']}) matches no untransformed store given "
+                f"transformed store '{s.source}' ({s.transform}) matches no untransformed store given "
                 "(same model, weights, debiasing, --size and images): add the store it is a copy of"
             )
     return rows
 
 
 def _describe(store) -> dict:
-    prov = store.provenance
-    debias = [d.get("method", "?") if isinstance(d, dict) else str(d) for d in prov.get("debias") or []]
-    mods = [m.get("name", "?") if isinstance(m, dict) else str(m) for m in prov.get("modifications") or []]
+    debias = store.debias_methods
+    mods = [m.get("name", "?") if isinstance(m, dict) else str(m) for m in store.modifications]
     groups = store.groups
     grid = groups[0].grid if groups else None
     return {
         "store": store.source,
-        "model": prov.get("model"),
-        "weights": prov.get("weights"),
-        "weights_sha256": prov.get("weights_sha256"),
+        "model": store.model,
+        "weights": store.weights,
+        "weights_sha256": store.weights_sha256,
         "modifications": mods,
         "debias": debias,
-        "size": (prov.get("preprocessing") or {}).get("size"),
+        "size": store.preprocessing.get("size"),
         "grid": list(grid) if grid else None,
         "grids": {g.name: int(len(g.indices)) for g in groups},
         "n_images": len(store),

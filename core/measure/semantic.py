@@ -802,20 +802,19 @@ def check_same_features(reference, other, what: str, *, same_preprocessing: bool
 
 
 def _store_summary(store) -> dict:
-    prov = dict(store.provenance)
     return {
         "source": store.source,
         "format": store.format,
         "n_images": len(store),
         "channels": store.channels,
         "grids": {g.name: int(len(g.indices)) for g in store.groups},
-        "model": prov.get("model"),
-        "weights": prov.get("weights"),
-        "weights_sha256": prov.get("weights_sha256"),
-        "patch_size": prov.get("patch_size"),
-        "preprocessing": prov.get("preprocessing"),
-        "debias": prov.get("debias"),
-        "transform": prov.get("transform"),
+        "model": store.model,
+        "weights": store.weights,
+        "weights_sha256": store.weights_sha256,
+        "patch_size": store.patch_size,
+        "preprocessing": store.preprocessing,
+        "debias": store.debias,
+        "transform": store.transform,
     }
 
 
@@ -1008,7 +1007,7 @@ def _semantic_probe(train_store, masks, settings, val_store, val_masks, robustne
         for tstore in robustness:
             check_same_features(score_store_, tstore, "transformed store", same_preprocessing=True)
             tstore.check_layer(layer)
-            spec = tstore.provenance.get("transform") or "identity"
+            spec = tstore.transform or "identity"
             index = _names_index(tstore, "transformed store")
             lacking = [n for n in base_names if n not in index]
             if lacking:

@@ -306,8 +306,7 @@ class TokenSource:
     def __init__(self, store, layer: str | None = None):
         self.store = store
         self.layer = store.check_layer(layer)
-        prov = store.provenance
-        size = str((prov.get("preprocessing") or {}).get("size", "native"))
+        size = store.size_rule
         if size.startswith("crop"):
             raise PosvitError(
                 f"'{store.source}' was extracted with --size {size}: centre-cropped features do not cover the "

@@ -107,12 +107,11 @@ def slug(text: str, max_len: int = 60) -> str:
 
 def store_label(store) -> str:
     """A short name for a store's features: model, weights marker and debiasing, e.g. ``dinov2-s-reg + rasa``."""
-    prov = store.provenance or {}
-    name = prov.get("model") or Path(store.source).stem or "features"
-    if prov.get("weights") == "random":
+    name = store.model or Path(store.source).stem or "features"
+    if store.weights == "random":
         name += " (random weights)"
-    methods = [str(d.get("method", "?")) for d in (prov.get("debias") or []) if isinstance(d, dict)]
-    mods = [str(m.get("name", "?")) for m in (prov.get("modifications") or []) if isinstance(m, dict)]
+    methods = store.debias_methods
+    mods = [str(m.get("name", "?")) for m in store.modifications if isinstance(m, dict)]
     for m in mods + methods:
         name += f" + {m}"
     return name
@@ -209,7 +208,7 @@ class _Sources:
 
 
 def _intensity(store) -> str:
-    return str(((store.provenance or {}).get("preprocessing") or {}).get("intensity") or "auto")
+    return store.intensity
 
 
 def _row_label(record, score: PositionScore | None, fp: Footprint | None = None) -> str:
@@ -307,7 +306,7 @@ def pca_figure(
             raise PosvitError(f"unknown PCA variant '{v}': use raw or std")
     outdir = Path(outdir)
     label = opts.label or store_label(store)
-    prep = (store.provenance or {}).get("preprocessing")
+    prep = store.preprocessing
     sources = _Sources(store.source, opts.image_dir, _intensity(store))
     recs = [store.record(i) for i in indices]
     tokens = _LazyTokens(store, indices, layer)
@@ -492,7 +491,7 @@ def similarity_figure(
     if not vmax > vmin:
         raise PosvitError(f"--vmax must exceed --vmin, got {vmin}..{vmax}")
     indices = list(indices) if indices is not None else select_images(store)
-    prep = (store.provenance or {}).get("preprocessing")
+    prep = store.preprocessing
     queries = query_tokens(store, indices, points, units, prep)
     outdir = Path(outdir)
     label = opts.label or store_label(store)
@@ -588,7 +587,7 @@ def channels_figure(
         raise PosvitError(f"channel {bad[0]} does not exist: the features have channels 0..{C - 1}")
     outdir = Path(outdir)
     label = opts.label or store_label(store)
-    prep = (store.provenance or {}).get("preprocessing")
+    prep = store.preprocessing
     recs = [store.record(i) for i in indices]
     hws = [fit_size(fp.height, fp.width, opts.panel_size) for fp in (token_footprint(r, prep) for r in recs)]
     # Only the drawn channels are kept in memory: (h, w, len(chans)) per image.
@@ -695,7 +694,7 @@ def clusters_figure(
     indices = list(indices) if indices is not None else select_images(store)
     outdir = Path(outdir)
     label = opts.label or store_label(store)
-    prep = (store.provenance or {}).get("preprocessing")
+    prep = store.preprocessing
     sources = _Sources(store.source, opts.image_dir, _intensity(store))
     maps = {(i, n): np.asarray(store.token_map(i, n)) for i in indices for n in names}
     for (i, n), m in maps.items():
@@ -963,7 +962,7 @@ def compare_figure(
         raise PosvitError("no query point: pass --at X,Y")
     chosen = shared_images(stores, images, max_images)
     by_name = [{Path(r.path).name: r.index for r in reversed(s.records)} for s in stores]
-    preps = [(s.provenance or {}).get("preprocessing") for s in stores]
+    preps = [s.preprocessing for s in stores]
     queries = {}
     for k, s in enumerate(stores):
         for n in chosen:
