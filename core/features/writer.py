@@ -436,7 +436,7 @@ class StoreWriter:
             zip_dir(self.work_path, self.path)
             remove_path(self.work_path)
         else:
-            if self.path.exists():
+            if self.path.is_dir():  # a directory cannot be replaced in one step; a file can, atomically
                 remove_path(self.path)
             os.replace(self.work_path, self.path)
         return self.path
