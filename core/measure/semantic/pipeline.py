@@ -4,6 +4,7 @@ the held-out or validation images and on transformed copies, and build the resul
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import time
 from collections.abc import Sequence
@@ -178,11 +179,87 @@ def semantic_probe(
     return doc
 
 
+@dataclasses.dataclass
+class _Split:
+    """Which images train, stop early and are scored, and where their masks come from."""
+
+    fit: list[int]
+    stop: list[int]
+    scored: list[int]
+    train_source: MaskSource
+    score_store: Any
+    score_source: MaskSource
+    scored_on: str
+
+
 def _semantic_probe(train_store, masks, settings, val_store, val_masks, robustness, num_classes, ignore_index,
                     class_names, layer, device, prog) -> tuple[dict, AffineHead]:
     from posvit_cli import __version__
 
     t_start = time.perf_counter()
+    layer = _check_stores(train_store, val_store, layer)
+    class_names, num_classes = _check_classes(class_names, num_classes)
+    split = _split_images(train_store, val_store, masks, val_masks, settings)
+    # One pass over every mask: label range, token-grid masks, labelled-pixel counts.
+    held_out = set(split.scored) if val_store is None else set()
+    train_scan = scan_masks(split.train_source, sorted(set(split.fit) | set(split.stop) | held_out),
+                            ignore_index=ignore_index, num_classes=num_classes, progress=prog)
+    max_label = train_scan.max_label
+    score_scan = train_scan
+    if val_store is not None:
+        score_scan = scan_masks(split.score_source, split.scored, ignore_index=ignore_index, num_classes=num_classes,
+                                progress=prog, task="read validation masks")
+        max_label = max(max_label, score_scan.max_label)
+    if num_classes is None:
+        num_classes = max_label + 1
+        if num_classes < 2:
+            raise PosvitError(f"the masks hold {max(num_classes, 0)} class(es): a semantic probe needs at least 2 "
+                              f"(every pixel is label 0 or the ignore index {ignore_index}?)")
+    class_names = list(class_names) if class_names is not None else [str(c) for c in range(num_classes)]
+    notes: list[str] = []
+    head, log = _fit_head(train_store, layer, split, train_scan, settings, num_classes, class_names, ignore_index,
+                          device, notes, prog)
+    scoring = dict(num_classes=num_classes, ignore_index=ignore_index, resolution=settings.resolution,
+                   token_masks=score_scan.tokens, device=device, progress=prog)
+    conf = score_store(head, split.score_store, layer, split.score_source, split.scored, **scoring)
+    results = scores_from_confusion(conf, class_names)
+    rob = _robustness_rows(head, robustness, split, layer, results, class_names, scoring) if robustness else []
+    all_resized = sorted(set(split.train_source.resized) | set(split.score_source.resized))
+    if all_resized:
+        notes.append(f"{len(all_resized)} mask(s) had another size than their image and were resized (nearest)")
+    return {
+        "schema": SEMANTIC_SCHEMA,
+        "schema_version": SEMANTIC_SCHEMA_VERSION,
+        "posvit_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "store": {"train": _store_summary(train_store),
+                  "val": _store_summary(val_store) if val_store is not None else None},
+        "layer": layer,
+        "masks": {
+            "train": split.train_source.mask_dir,
+            "val": split.score_source.mask_dir,
+            "num_classes": int(num_classes),
+            "ignore_index": ignore_index,
+            "class_names": class_names,
+            "resized": all_resized,
+        },
+        "settings": settings.as_dict(),
+        "split": {
+            "scored_on": split.scored_on,
+            "fit_images": [train_store.record(i).name for i in split.fit],
+            "early_stopping_images": [train_store.record(i).name for i in split.stop],
+            "scored_images": [split.score_store.record(i).name for i in split.scored],
+        },
+        "training": log,
+        "results": results,
+        "robustness": rob,
+        "seconds": round(time.perf_counter() - t_start, 3),
+        "notes": notes,
+    }, head
+
+
+def _check_stores(train_store, val_store, layer: str | None) -> str:
+    """Both stores hold images and feature layers of the same features; returns the layer to read."""
     for st, what in ((train_store, "training store"), (val_store, "validation store")):
         if st is None:
             continue
@@ -194,6 +271,10 @@ def _semantic_probe(train_store, masks, settings, val_store, val_masks, robustne
     if val_store is not None:
         check_same_features(train_store, val_store, "validation store")
         val_store.check_layer(layer)
+    return layer
+
+
+def _check_classes(class_names, num_classes: int | None) -> tuple[list[str] | None, int | None]:
     if class_names is not None:
         class_names = [str(c) for c in class_names]
         if num_classes is not None and len(class_names) != num_classes:
@@ -201,7 +282,10 @@ def _semantic_probe(train_store, masks, settings, val_store, val_masks, robustne
         num_classes = len(class_names)
     if num_classes is not None and num_classes < 2:
         raise PosvitError(f"--num-classes must be at least 2, got {num_classes}")
+    return class_names, num_classes
 
+
+def _split_images(train_store, val_store, masks, val_masks, settings: SemanticSettings) -> _Split:
     train_source = MaskSource(train_store, masks)
     names = [r.name for r in train_store.records]
     if val_store is None:
@@ -217,8 +301,8 @@ def _semantic_probe(train_store, masks, settings, val_store, val_masks, robustne
         score_store_ = val_store
         scored = list(range(len(val_store)))
         scored_on = "the validation store"
-    use_stop = settings.head == "linear" and settings.patience > 0
-    if use_stop:
+    fit, stop = list(fit_pool), []
+    if settings.head == "linear" and settings.patience > 0:
         fit, stop = image_split([names[i] for i in fit_pool], settings.holdout_fraction, settings.seed, salt=1)
         fit, stop = [fit_pool[i] for i in fit], [fit_pool[i] for i in stop]
         if not stop:
@@ -226,40 +310,26 @@ def _semantic_probe(train_store, masks, settings, val_store, val_masks, robustne
                 f"early stopping needs at least 2 training images ({len(fit_pool)} available): add images or "
                 "pass --patience 0"
             )
-    else:
-        fit, stop = list(fit_pool), []
+    return _Split(fit, stop, scored, train_source, score_store_, score_source, scored_on)
 
-    # One pass over every mask: label range, token-grid masks, labelled-pixel counts.
-    train_scan = scan_masks(train_source, sorted(set(fit) | set(stop) | (set(scored) if val_store is None else set())),
-                            ignore_index=ignore_index, num_classes=num_classes, progress=prog)
-    max_label = train_scan.max_label
-    if val_store is not None:
-        score_scan = scan_masks(score_source, scored, ignore_index=ignore_index, num_classes=num_classes,
-                                progress=prog, task="read validation masks")
-        max_label = max(max_label, score_scan.max_label)
-    else:
-        score_scan = train_scan
-    if num_classes is None:
-        num_classes = max_label + 1
-        if num_classes < 2:
-            raise PosvitError(f"the masks hold {max(num_classes, 0)} class(es): a semantic probe needs at least 2 "
-                              f"(every pixel is label 0 or the ignore index {ignore_index}?)")
-    class_names = list(class_names) if class_names is not None else [str(c) for c in range(num_classes)]
 
-    X, y, info = gather_samples(train_store, layer, train_source, train_scan, fit, ignore_index=ignore_index,
-                                resolution=settings.resolution, max_samples=settings.max_train_tokens,
-                                pixels_per_token=settings.pixels_per_token, seed=settings.seed, progress=prog)
+def _fit_head(train_store, layer, split: _Split, train_scan, settings, num_classes, class_names, ignore_index,
+              device, notes: list[str], prog) -> tuple[AffineHead, dict]:
+    """Gather the training (and early-stopping) samples and fit the head; returns it and its training log."""
+    X, y, info = gather_samples(train_store, layer, split.train_source, train_scan, split.fit,
+                                ignore_index=ignore_index, resolution=settings.resolution,
+                                max_samples=settings.max_train_tokens, pixels_per_token=settings.pixels_per_token,
+                                seed=settings.seed, progress=prog)
     if len(y) == 0:
         raise PosvitError("no labelled training tokens: every mask pixel of the training images is ignored")
     present = np.bincount(y, minlength=num_classes)
-    notes = []
     missing_train = [class_names[c] for c in range(num_classes) if present[c] == 0]
     if missing_train:
         notes.append(f"classes never seen in training: {', '.join(missing_train)}")
     X_stop = y_stop = None
-    if stop:
+    if split.stop:
         X_stop, y_stop, _ = gather_samples(
-            train_store, layer, train_source, train_scan, stop, ignore_index=ignore_index,
+            train_store, layer, split.train_source, train_scan, split.stop, ignore_index=ignore_index,
             resolution=settings.resolution, max_samples=max(2, settings.max_train_tokens // 4),
             pixels_per_token=settings.pixels_per_token, seed=settings.seed, salt=4, progress=prog,
             task="gather early-stopping tokens")
@@ -272,69 +342,31 @@ def _semantic_probe(train_store, masks, settings, val_store, val_masks, robustne
     log["seconds"] = round(time.perf_counter() - t_fit, 3)
     log["samples"] = info
     log["sample_kind"] = "tokens" if settings.resolution == "tokens" else "pixels (bilinear features)"
-    del X, y, X_stop, y_stop
+    return head, log
 
-    conf = score_store(head, score_store_, layer, score_source, scored, num_classes=num_classes,
-                       ignore_index=ignore_index, resolution=settings.resolution, token_masks=score_scan.tokens,
-                       device=device, progress=prog)
-    results = scores_from_confusion(conf, class_names)
 
-    rob = []
-    if robustness:
-        base_names = {score_store_.record(i).name: i for i in scored}
-        rob.append({"transform": "identity", "store": score_store_.source, **_brief(results), "delta_miou": 0.0})
-        for tstore in robustness:
-            check_same_features(score_store_, tstore, "transformed store", same_preprocessing=True)
-            tstore.check_layer(layer)
-            spec = tstore.provenance.get("transform") or "identity"
-            index = _names_index(tstore, "transformed store")
-            lacking = [n for n in base_names if n not in index]
-            if lacking:
-                shown = ", ".join(lacking[:5]) + (f" and {len(lacking) - 5} more" if len(lacking) > 5 else "")
-                raise PosvitError(f"transformed store '{tstore.source}' lacks {len(lacking)} scored image(s): {shown} "
-                                  "(extract the same images with --transform)")
-            fmap = {i: index[n] for n, i in base_names.items()}
-            tconf = score_store(head, tstore, layer, score_source, scored, num_classes=num_classes,
-                                ignore_index=ignore_index, resolution=settings.resolution,
-                                token_masks=score_scan.tokens, feature_index=fmap, device=device, progress=prog,
-                                task=f"score {spec}")
-            tres = scores_from_confusion(tconf, class_names)
-            delta = None if tres["miou"] is None or results["miou"] is None else tres["miou"] - results["miou"]
-            rob.append({"transform": spec, "store": tstore.source, **_brief(tres), "delta_miou": delta,
-                        "iou_per_class": tres["iou_per_class"]})
-
-    all_resized = sorted(set(train_source.resized) | set(score_source.resized))
-    if all_resized:
-        notes.append(f"{len(all_resized)} mask(s) had another size than their image and were resized (nearest)")
-    return {
-        "schema": SEMANTIC_SCHEMA,
-        "schema_version": SEMANTIC_SCHEMA_VERSION,
-        "posvit_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "store": {"train": _store_summary(train_store),
-                  "val": _store_summary(val_store) if val_store is not None else None},
-        "layer": layer,
-        "masks": {
-            "train": train_source.mask_dir,
-            "val": score_source.mask_dir,
-            "num_classes": int(num_classes),
-            "ignore_index": ignore_index,
-            "class_names": class_names,
-            "resized": all_resized,
-        },
-        "settings": settings.as_dict(),
-        "split": {
-            "scored_on": scored_on,
-            "fit_images": [train_store.record(i).name for i in fit],
-            "early_stopping_images": [train_store.record(i).name for i in stop],
-            "scored_images": [score_store_.record(i).name for i in scored],
-        },
-        "training": log,
-        "results": results,
-        "robustness": rob,
-        "seconds": round(time.perf_counter() - t_start, 3),
-        "notes": notes,
-    }, head
+def _robustness_rows(head, robustness, split: _Split, layer, results, class_names, scoring: dict) -> list[dict]:
+    """The same head scored on each transformed store of the scored images, with the original masks."""
+    base_names = {split.score_store.record(i).name: i for i in split.scored}
+    rows = [{"transform": "identity", "store": split.score_store.source, **_brief(results), "delta_miou": 0.0}]
+    for tstore in robustness:
+        check_same_features(split.score_store, tstore, "transformed store", same_preprocessing=True)
+        tstore.check_layer(layer)
+        spec = tstore.provenance.get("transform") or "identity"
+        index = _names_index(tstore, "transformed store")
+        lacking = [n for n in base_names if n not in index]
+        if lacking:
+            shown = ", ".join(lacking[:5]) + (f" and {len(lacking) - 5} more" if len(lacking) > 5 else "")
+            raise PosvitError(f"transformed store '{tstore.source}' lacks {len(lacking)} scored image(s): {shown} "
+                              "(extract the same images with --transform)")
+        fmap = {i: index[n] for n, i in base_names.items()}
+        tconf = score_store(head, tstore, layer, split.score_source, split.scored, feature_index=fmap,
+                            task=f"score {spec}", **scoring)
+        tres = scores_from_confusion(tconf, class_names)
+        delta = None if tres["miou"] is None or results["miou"] is None else tres["miou"] - results["miou"]
+        rows.append({"transform": spec, "store": tstore.source, **_brief(tres), "delta_miou": delta,
+                     "iou_per_class": tres["iou_per_class"]})
+    return rows
 
 
 def _brief(res: dict) -> dict[str, Any]:
