@@ -35,7 +35,7 @@ from typing import Any
 from posvit_cli.core.errors import PosvitError
 from posvit_cli.core.progress import ProgressCallback, report
 
-__all__ = ["REPORT_SCHEMA", "compare_stores", "group_stores", "read_report", "report_markdown", "report_table",
+__all__ = ["REPORT_SCHEMA", "compare_stores", "group_stores", "read_report", "report_json", "report_markdown", "report_table",
            "store_label", "write_report"]
 
 REPORT_SCHEMA = "posvit-report"
@@ -353,7 +353,8 @@ def report_markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _json_text(doc: dict) -> str:
+def report_json(doc: dict) -> str:
+    """The report document as strict JSON text (NaN written as null), as :func:`write_report` writes it."""
     from posvit_cli.core.measure.probe import probe_result_json
 
     return probe_result_json(doc)
@@ -367,7 +368,7 @@ def write_report(path, doc: dict) -> Path:
     if p.suffix.lower() == ".md":
         return write_text_atomic(p, report_markdown(doc))
     if p.suffix.lower() == ".json":
-        return write_text_atomic(p, _json_text(doc) + "\n")
+        return write_text_atomic(p, report_json(doc) + "\n")
     raise PosvitError(f"report output '{path}': name a .md (Markdown) or .json file")
 
 
