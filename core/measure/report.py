@@ -142,7 +142,7 @@ def compare_stores(
     masks : str, optional
         Mask folder (matched by stem) for the semantic probe, robustness and overclustering.
     num_classes, ignore_index, class_names
-        As for ``posvit probe --masks``; without ``num_classes`` the first row's masks decide it for all rows.
+        As for ``posvit probe semantic``; without ``num_classes`` the first row's masks decide it for all rows.
     positional : ProbeSettings, optional
         Default: the ``holdout`` protocol on :data:`REPORT_TARGETS`, no per-channel scores or extras.
     semantic : SemanticSettings, optional

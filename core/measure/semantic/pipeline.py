@@ -374,7 +374,7 @@ def _brief(res: dict) -> dict[str, Any]:
 
 
 def read_semantic_result(path) -> dict:
-    """Read a result written by ``posvit probe --masks ... -o FILE``.
+    """Read a result written by ``posvit probe semantic STORE --masks DIR -o FILE``.
 
     Raises
     ------
