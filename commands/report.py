@@ -35,7 +35,7 @@ def report(
     resolution: Annotated[Resolution, typer.Option("--resolution", help="Semantic probe: tokens (masks at the token grid) or pixels (logits bilinearly upsampled to the masks).")] = Resolution.tokens,
     test_fraction: Annotated[float, typer.Option("--test-fraction", min=0.0, max=1.0, help="Fraction of the images held out and scored by the semantic probe (split by image name, the same for every store).")] = 0.2,
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Most epochs of the linear head.")] = 50,
-    fraction: Annotated[float, typer.Option("--fraction", min=0.0, max=1.0, show_default="0.0278 (1/36)", help="Positional probe: fraction of each image's tokens used for training (raise it for tiny grids).")] = 1 / 36,
+    fraction: Annotated[float, typer.Option("--fraction", min=0.0, max=1.0, show_default="0.0278", help="Positional probe: fraction of each image's tokens used for training, 1/36 as published (raise it for tiny grids).")] = 1 / 36,
     repeats: Annotated[int, typer.Option("--repeats", min=1, help="Positional probe: sampling masks per image.")] = 6,
     seed: SeedOpt = 0,
     layer: LayerOpt = None,

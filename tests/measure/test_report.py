@@ -184,3 +184,14 @@ def test_resolution_sweep_end_to_end(tmp_path, cli):
     for row in rows:
         assert row["positional"]["stack_r2"]["xy"] is not None
         assert row["semantic"]["miou"] > 0.5 and row["cluster"][0]["k"] == 2
+
+
+def test_cli_report_help_lists_choices_and_rounded_defaults(cli):
+    import re
+
+    r = cli(["report", "--help"])
+    assert r.exit_code == 0
+    flat = re.sub(r"[\s│]+", " ", r.output)
+    assert "linear|ridge" in flat and "tokens|pixels" in flat
+    assert "[default: (0.0278)]" in flat and "0.027777" not in flat
+    assert "--seeds" in flat and "--cluster-seeds" not in flat  # the old spelling is hidden
