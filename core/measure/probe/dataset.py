@@ -93,7 +93,8 @@ def probe_dataset(
     settings : ProbeSettings
     device : str
     threads : int or None
-        Torch intra-op threads while probing (see :func:`torch_threads`); None keeps torch's setting.
+        Torch intra-op threads while probing (see :func:`posvit_cli.core.device.torch_threads`); None keeps
+        torch's setting.
     progress : callable, optional
         Called as ``progress("probe", done, total)`` and ``progress("position classifier", done, total)``.
 
@@ -269,7 +270,7 @@ def probe_store(
         Layers to probe (default: the store's default layer).
     device : str
     threads : int or None
-        Torch intra-op threads (see :func:`torch_threads`).
+        Torch intra-op threads (see :func:`posvit_cli.core.device.torch_threads`).
     progress : callable, optional
 
     Returns
