@@ -76,7 +76,8 @@ def sklearn_study(features, settings, images, repeats):
 
 
 def posvit_study(features, settings, threads):
-    from posvit_cli.core.measure.probe import probe_dataset, probe_image, sampling_plan, torch_threads
+    from posvit_cli.core.device import torch_threads
+    from posvit_cli.core.measure.probe import probe_dataset, probe_image, sampling_plan
 
     images = [{"name": f"img{i}", "path": "", "grid": f.shape[:2]} for i, f in enumerate(features)]
     t0 = time.perf_counter()

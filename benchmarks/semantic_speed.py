@@ -8,7 +8,7 @@ are scored.
 
 Measured:
 
-* posvit, linear head (``posvit probe STORE --masks DIR``, defaults: token resolution, batch norm + linear,
+* posvit, linear head (``posvit probe semantic STORE --masks DIR``, defaults: token resolution, batch norm + linear,
   AdamW 1e-3, at most 1M training tokens in memory, 50 epochs with early stopping, one CPU thread): wall time
   of the whole probe (mask reading, token gathering, training, scoring) and the held-out mIoU;
 * posvit, ridge head (closed form): time and mIoU, to document whether the closed form matches the trained head;

@@ -1,103 +1,185 @@
-"""`posvit probe`: how much absolute position is linearly decodable from a store's patch features."""
+"""`posvit probe`: how much absolute position is linearly decodable from a store's patch features
+(``posvit probe STORE``, short for ``posvit probe positional STORE``), and how much semantics a linear head still
+reads from them (``posvit probe semantic STORE --masks DIR``)."""
 
 from __future__ import annotations
 
 import sys
+from enum import Enum
 from typing import Annotated, Optional
 
+import click
 import typer
+from typer.core import TyperGroup
 
 from posvit_cli._cli import (
-    DebugOpt, JsonOpt, QuietOpt, RichProgress, cli_context, command_line, console, parse_csv, store_input,
+    RichProgress, cli_context, command_line, console, parse_class_names, parse_csv, store_input,
 )
 from posvit_cli.core.errors import PosvitError
+from posvit_cli.options import (
+    ClassNamesOpt, DebugOpt, DeviceOpt, IgnoreIndexOpt, JsonOpt, LayerOpt, MasksOpt, QuietOpt, SeedOpt, StoreArg,
+    ThreadsOpt, deprecated_option, warn_deprecated,
+)
 
 _TARGETS_DEFAULT = "lr,ud,diag,radial,xy,random,raster"
+_POSITIONAL = "positional"
+_SEMANTIC = "semantic"
+# Set on the context by the group when the old one-command spelling routes to the semantic probe; the command
+# reports it inside cli_context so that the warning prints like every other.
+_OLD_SEMANTIC_SPELLING = "posvit.probe.old_semantic_spelling"
 
 
-def probe(
-    store: Annotated[Optional[str], typer.Argument(help="Feature store (.h5, .zarr, .zarr.zip), or - / nothing to read a piped store.", show_default=False)] = None,
+class Protocol(str, Enum):
+    holdout = "holdout"
+    dino_saw = "dino-saw"
+
+
+class Sampling(str, Enum):
+    random = "random"
+    grid = "grid"
+    grid_holdout = "grid-holdout"
+
+
+class Regressor(str, Enum):
+    ridge = "ridge"
+    ols = "ols"
+
+
+class Head(str, Enum):
+    linear = "linear"
+    ridge = "ridge"
+
+
+class Resolution(str, Enum):
+    tokens = "tokens"
+    pixels = "pixels"
+
+
+class _DefaultPositional(TyperGroup):
+    """``probe`` with the positional probe as its default subcommand.
+
+    ``posvit probe STORE ...`` (and ``posvit probe`` reading a piped store, and ``posvit probe --help``) run
+    ``probe positional``: the first argument is not a subcommand name. The one-command spelling of the last release,
+    ``posvit probe STORE --masks DIR`` (or ``--semantic``), runs ``probe semantic`` and warns.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args or args[0] not in self.commands:
+            if any(a == "--masks" or a.startswith("--masks=") or a == "--semantic" for a in args):
+                ctx.meta[_OLD_SEMANTIC_SPELLING] = True
+                args = [_SEMANTIC, *(a for a in args if a != "--semantic")]
+            else:
+                args = [_POSITIONAL, *args]
+        return super().parse_args(ctx, args)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [_POSITIONAL, _SEMANTIC]
+
+
+app = typer.Typer(cls=_DefaultPositional, context_settings={"help_option_names": ["-h", "--help"]},
+                  help="Probe positional bias (the default subcommand) or semantic retention.")
+
+
+@app.command(_POSITIONAL, epilog="posvit probe STORE is short for posvit probe positional STORE. "
+             "The semantic probe: posvit probe semantic STORE --masks DIR (see its --help).")
+def positional(
+    store: StoreArg = None,
     targets: Annotated[str, typer.Option("--targets", "-t", help="Comma-separated targets: lr, ud, diag, radial, xy (joint x,y: mean of two R²) and the controls random, raster.")] = _TARGETS_DEFAULT,
-    protocol: Annotated[str, typer.Option("--protocol", help="holdout: R² on tokens not used for training, one mask per repeat shared by all targets. dino-saw: the published setting (R² over all tokens, ridge alpha 1 on standardised features, step-6 random masks per target, 6 repeats, seed 100001).")] = "holdout",
-    sampling: Annotated[Optional[str], typer.Option("--sampling", help="Training tokens: random (a fraction of the tokens), grid (every --step-th row and column), grid-holdout (grid inside the top-left --cutoff box; holdout tests on the tokens outside it). Default: random.")] = None,
-    fraction: Annotated[Optional[float], typer.Option("--fraction", help="Fraction of tokens drawn for training by random sampling. Default: 1/36 (dino-saw: 1/step²).")] = None,
-    step: Annotated[Optional[int], typer.Option("--step", help="Grid spacing in tokens for grid sampling. Default: 6.")] = None,
-    cutoff: Annotated[Optional[float], typer.Option("--cutoff", help="Side fraction of the sampling box (a centred box for radial). Default: 1, or 0.7 for grid-holdout.")] = None,
-    repeats: Annotated[Optional[int], typer.Option("--repeats", "-r", help="Fresh sampling masks per image. Default: 6.")] = None,
-    alpha: Annotated[Optional[float], typer.Option("--alpha", "-a", help="Ridge strength on per-channel standardised features. Default: 1.")] = None,
-    regressor: Annotated[Optional[str], typer.Option("--regressor", help="ridge (closed form) or ols (minimum-norm least squares). Default: ridge.")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of the masks and the random target. Default: 0 (dino-saw: 100001).")] = None,
-    layer: Annotated[Optional[str], typer.Option("--layer", "-l", help="Layer(s) to probe, comma-separated (final, block3, 3). Default: the store's default layer (final).")] = None,
+    protocol: Annotated[Protocol, typer.Option("--protocol", help="holdout: R² on tokens not used for training, one mask per repeat shared by all targets. dino-saw: the published setting (R² over all tokens, ridge alpha 1 on standardised features, step-6 random masks per target, 6 repeats, seed 100001).")] = Protocol.holdout,
+    sampling: Annotated[Optional[Sampling], typer.Option("--sampling", help="Training tokens: random (a fraction of the tokens), grid (every --step-th row and column), grid-holdout (grid inside the top-left --cutoff box; holdout tests on the tokens outside it). Default: random.", show_default=False)] = None,
+    fraction: Annotated[Optional[float], typer.Option("--fraction", min=0.0, max=1.0, help="Fraction of tokens drawn for training by random sampling. Default: 1/36 = 0.0278 (dino-saw: 1/step²).", show_default=False)] = None,
+    step: Annotated[Optional[int], typer.Option("--step", min=1, help="Grid spacing in tokens for grid sampling. Default: 6.", show_default=False)] = None,
+    cutoff: Annotated[Optional[float], typer.Option("--cutoff", min=0.0, max=1.0, help="Side fraction of the sampling box (a centred box for radial). Default: 1, or 0.7 for grid-holdout.", show_default=False)] = None,
+    repeats: Annotated[Optional[int], typer.Option("--repeats", min=1, help="Fresh sampling masks per image. Default: 6.", show_default=False)] = None,
+    repeats_short: Annotated[Optional[int], deprecated_option("-r", min=1)] = None,
+    alpha: Annotated[Optional[float], typer.Option("--alpha", "-a", min=0.0, help="Ridge strength on per-channel standardised features (> 0). Default: 1.", show_default=False)] = None,
+    regressor: Annotated[Optional[Regressor], typer.Option("--regressor", help="ridge (closed form) or ols (minimum-norm least squares). Default: ridge.", show_default=False)] = None,
+    seed: SeedOpt = None,
+    layer: LayerOpt = None,
     all_layers: Annotated[bool, typer.Option("--all-layers", help="Probe every stored layer (a layers × channels fingerprint).")] = False,
-    top_k: Annotated[int, typer.Option("--top-k", "-k", help="Most positional channels kept per ramp (lr, ud, diag, radial); their union is reported.")] = 2,
+    top_k: Annotated[int, typer.Option("--top-k", min=1, help="Most positional channels kept per ramp (lr, ud, diag, radial); their union is reported.")] = 2,
+    top_k_short: Annotated[Optional[int], deprecated_option("-k", min=1)] = None,
     per_channel: Annotated[bool, typer.Option("--per-channel/--no-per-channel", help="Score every channel alone too.")] = True,
     extras: Annotated[bool, typer.Option("--extras/--no-extras", help="Also measure the 2-D coordinate RMSE and the token-index classifier accuracy.")] = True,
-    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write the results as JSON to this file. Default: none.")] = None,
-    csv_path: Annotated[Optional[str], typer.Option("--csv", help="Write the per-channel R² of every layer and target as CSV to this file. Default: none.")] = None,
-    device: Annotated[str, typer.Option("--device", help="Torch device for the solves: cpu, cuda, cuda:N or auto.")] = "cpu",
-    threads: Annotated[int, typer.Option("--threads", help="Torch CPU threads for the solves (the per-image problems are small; more threads rarely help).")] = 1,
-    masks: Annotated[Optional[str], typer.Option("--masks", help="Semantic probe: folder of class masks of the store's images (matched by file stem; palette PNG, greyscale or integer TIFF). Switches from the positional probe to a linear-probe segmentation. Default: none.", rich_help_panel="Semantic probe")] = None,
-    semantic: Annotated[bool, typer.Option("--semantic", help="Ask for the semantic probe explicitly (it needs --masks).", rich_help_panel="Semantic probe")] = False,
-    val: Annotated[Optional[str], typer.Option("--val", help="Store of validation images to score (same model, weights and debiasing). Default: none: --test-fraction of the store's images are held out and scored.", rich_help_panel="Semantic probe")] = None,
-    val_masks: Annotated[Optional[str], typer.Option("--val-masks", help="Mask folder of the --val images. Default: --masks.", rich_help_panel="Semantic probe")] = None,
-    num_classes: Annotated[Optional[int], typer.Option("--num-classes", help="Number of classes; a mask label at or above it (other than --ignore-index) is an error. Default: the largest label + 1.", rich_help_panel="Semantic probe")] = None,
-    ignore_index: Annotated[int, typer.Option("--ignore-index", help="Mask value that is never trained on or scored (VOC's 255 borders); -1 for none.", rich_help_panel="Semantic probe")] = 255,
-    class_names: Annotated[Optional[str], typer.Option("--class-names", help="Comma-separated class names in label order (sets --num-classes). Default: 0, 1, ...", rich_help_panel="Semantic probe")] = None,
-    resolution: Annotated[str, typer.Option("--resolution", help="tokens: masks nearest-downsampled to the token grid (class at each patch centre), scored per token. pixels: logits bilinearly upsampled to the mask in the frame the encoder saw, scored per pixel (the published setting).", rich_help_panel="Semantic probe")] = "tokens",
-    head: Annotated[str, typer.Option("--head", help="linear: batch norm + linear layer, AdamW, cross-entropy, early stopping (published). ridge: closed-form least squares on one-hot labels (one pass, no epochs).", rich_help_panel="Semantic probe")] = "linear",
-    epochs: Annotated[int, typer.Option("--epochs", help="Most training epochs of the linear head.", rich_help_panel="Semantic probe")] = 50,
-    patience: Annotated[int, typer.Option("--patience", help="Stop after this many epochs without a lower loss on the early-stopping images (10 % of the training images); 0 trains all --epochs on all images.", rich_help_panel="Semantic probe")] = 5,
-    lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate.", rich_help_panel="Semantic probe")] = 1e-3,
-    weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay.", rich_help_panel="Semantic probe")] = 1e-2,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Tokens per optimiser step (smaller for small training sets: at least 20 steps per epoch).", rich_help_panel="Semantic probe")] = 8192,
-    dropout: Annotated[float, typer.Option("--dropout", help="Dropout on the normalised channels (the published head drops channel maps with p 0.1; off here: it doubles the step time and a head of C × K weights on many tokens needs no such regulariser).", rich_help_panel="Semantic probe")] = 0.0,
-    max_train_tokens: Annotated[int, typer.Option("--max-train-tokens", help="Most training tokens held in memory (float16, tokens × channels × 2 bytes); beyond it every image gives the same fraction.", rich_help_panel="Semantic probe")] = 1_000_000,
-    test_fraction: Annotated[float, typer.Option("--test-fraction", help="Without --val: fraction of the images held out and scored (split by image, seeded).", rich_help_panel="Semantic probe")] = 0.2,
-    robustness: Annotated[Optional[list[str]], typer.Option("--robustness", help="Stores of the scored images made with `posvit extract --transform T` (repeat the option, or give a folder of such stores): the same head is scored on each, one mIoU per transform. Default: none.", rich_help_panel="Semantic probe")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write the results as JSON to this file. Default: none.", show_default=False)] = None,
+    csv_path: Annotated[Optional[str], typer.Option("--csv", help="Write the per-channel R² of every layer and target as CSV to this file. Default: none.", show_default=False)] = None,
+    device: DeviceOpt = "auto",
+    threads: ThreadsOpt = 1,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
-    ctx: typer.Context = None,
 ) -> None:
-    """Probe positional bias (R² of linear probes of position ramps), or, with --masks, semantic retention.
+    """Probe positional bias: R² of linear probes of position ramps, per target, channel and layer.
 
     For every image, a linear regressor is fitted on a sample of its tokens (standardised channels) to each
     positional target and scored by R² on the held-out tokens (or, with --protocol dino-saw, on all tokens as
     published). Reports the whole-stack R² per target (mean ± std over images × repeats), the R² of every
     channel alone, the most positional channels, the 2-D coordinate RMSE and a token-index classifier's accuracy.
 
-    With --masks: a linear head (batch norm + linear) is trained on the stored features against the class masks
-    and scored on --val (or held-out images) by mIoU from one dataset-wide confusion matrix; --robustness scores
-    the same head on features of flipped, rotated or rolled images mapped back to the original frame.
+    --layer takes several layers, comma-separated. --seed defaults to 0 (dino-saw: 100001). --threads defaults
+    to 1 here: the per-image solves are small, and intra-op threads on shared cores slow them down.
     """
     with cli_context(debug, quiet):
-        given = _given_options(ctx)
-        if masks is not None or semantic:
-            _semantic(**locals())
-        else:
-            semantic_only = sorted(given & _SEMANTIC_ONLY)
-            if semantic_only:
-                raise PosvitError(f"--{semantic_only[0].replace('_', '-')} belongs to the semantic probe: add --masks DIR")
-            _positional(**locals())
+        if repeats_short is not None:
+            warn_deprecated("-r (for --repeats)", "--repeats")
+            repeats = repeats if repeats is not None else repeats_short
+        if top_k_short is not None:
+            warn_deprecated("-k (for --top-k)", "--top-k")
+            top_k = top_k_short
+        _positional(store, targets, protocol.value, sampling.value if sampling else None, fraction, step, cutoff,
+                    repeats, alpha, regressor.value if regressor else None, seed, layer, all_layers, top_k,
+                    per_channel, extras, output, csv_path, device, threads, json_out, quiet)
 
 
-_POSITIONAL_ONLY = {"targets", "protocol", "sampling", "fraction", "step", "cutoff", "repeats", "regressor",
-                    "all_layers", "top_k", "per_channel", "extras", "csv_path"}
-_SEMANTIC_ONLY = {"val", "val_masks", "num_classes", "ignore_index", "class_names", "resolution", "head", "epochs",
-                  "patience", "lr", "weight_decay", "batch_size", "dropout", "max_train_tokens", "test_fraction",
-                  "robustness"}
-_OPTION_NAMES = {"csv_path": "csv", "top_k": "top-k", "all_layers": "all-layers", "per_channel": "per-channel"}
+@app.command(_SEMANTIC)
+def semantic(
+    store: StoreArg = None,
+    masks: MasksOpt = ...,
+    val: Annotated[Optional[str], typer.Option("--val", help="Store of validation images to score (same model, weights and debiasing). Default: none: --test-fraction of the store's images are held out and scored.", show_default=False)] = None,
+    val_masks: Annotated[Optional[str], typer.Option("--val-masks", help="Mask folder of the --val images. Default: --masks.", show_default=False)] = None,
+    num_classes: Annotated[Optional[int], typer.Option("--num-classes", min=2, help="Number of classes; a mask label at or above it (other than --ignore-index) is an error. Default: the largest label + 1.", show_default=False)] = None,
+    ignore_index: IgnoreIndexOpt = 255,
+    class_names: ClassNamesOpt = None,
+    resolution: Annotated[Resolution, typer.Option("--resolution", help="tokens: masks nearest-downsampled to the token grid (class at each patch centre), scored per token. pixels: logits bilinearly upsampled to the mask in the frame the encoder saw, scored per pixel (the published setting).")] = Resolution.tokens,
+    head: Annotated[Head, typer.Option("--head", help="linear: batch norm + linear layer, AdamW, cross-entropy, early stopping (published). ridge: closed-form least squares on one-hot labels (one pass, no epochs).")] = Head.linear,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Most training epochs of the linear head.")] = 50,
+    patience: Annotated[int, typer.Option("--patience", min=0, help="Stop after this many epochs without a lower loss on the early-stopping images (10 % of the training images); 0 trains all --epochs on all images.")] = 5,
+    lr: Annotated[float, typer.Option("--lr", min=0.0, help="AdamW learning rate.")] = 1e-3,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", min=0.0, help="AdamW weight decay.")] = 1e-2,
+    token_batch: Annotated[int, typer.Option("--token-batch", min=1, help="Tokens per optimiser step (smaller for small training sets: at least 20 steps per epoch).")] = 8192,
+    batch_size_old: Annotated[Optional[int], deprecated_option("--batch-size", min=1)] = None,
+    dropout: Annotated[float, typer.Option("--dropout", min=0.0, max=0.99, help="Dropout on the normalised channels (the published head drops channel maps with p 0.1; off here: it doubles the step time and a head of C × K weights on many tokens needs no such regulariser).")] = 0.0,
+    max_train_tokens: Annotated[int, typer.Option("--max-train-tokens", min=1, help="Most training tokens held in memory (float16, tokens × channels × 2 bytes); beyond it every image gives the same fraction.")] = 1_000_000,
+    test_fraction: Annotated[float, typer.Option("--test-fraction", min=0.0, max=1.0, help="Without --val: fraction of the images held out and scored (split by image, seeded).")] = 0.2,
+    robustness: Annotated[Optional[list[str]], typer.Option("--robustness", help="Stores of the scored images made with `posvit extract --transform T` (repeat the option, or give a folder of such stores): the same head is scored on each, one mIoU per transform. Default: none.", show_default=False)] = None,
+    alpha: Annotated[float, typer.Option("--alpha", "-a", min=0.0, help="Ridge strength of the ridge head (> 0).")] = 1.0,
+    seed: SeedOpt = 0,
+    layer: LayerOpt = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write the results as JSON to this file. Default: none.", show_default=False)] = None,
+    device: DeviceOpt = "auto",
+    threads: ThreadsOpt = 1,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+    ctx: typer.Context = None,
+) -> None:
+    """Probe semantic retention: train a linear head on the stored features against class masks, score its mIoU.
 
+    The head (batch norm + linear, or closed-form ridge) is trained on the store's features against the class
+    masks and scored on --val (or held-out images) by mIoU from one dataset-wide confusion matrix; --robustness
+    scores the same head on features of flipped, rotated or rolled images mapped back to the original frame.
 
-def _given_options(ctx) -> set[str]:
-    if ctx is None:
-        return set()
-    out = set()
-    for name in _POSITIONAL_ONLY | _SEMANTIC_ONLY:
-        src = ctx.get_parameter_source(name)
-        if src is not None and src.name not in ("DEFAULT", "DEFAULT_MAP"):
-            out.add(name)
-    return out
+    --threads defaults to 1 here: the head's products are small, and intra-op threads on shared cores slow them.
+    """
+    with cli_context(debug, quiet):
+        if ctx is not None and ctx.meta.get(_OLD_SEMANTIC_SPELLING):
+            warn_deprecated("posvit probe STORE --masks DIR", "posvit probe semantic STORE --masks DIR")
+        if batch_size_old is not None:
+            warn_deprecated("--batch-size (tokens per step of the semantic probe)", "--token-batch")
+            token_batch = batch_size_old
+        _semantic(store, str(masks), val, val_masks, num_classes, ignore_index, class_names, resolution.value,
+                  head.value, epochs, patience, lr, weight_decay, token_batch, dropout, max_train_tokens,
+                  test_fraction, robustness, alpha, seed, layer, output, device, threads, json_out, quiet)
 
 
 def _robustness_stores(items) -> list[str]:
@@ -121,33 +203,25 @@ def _robustness_stores(items) -> list[str]:
 
 
 def _semantic(store, masks, val, val_masks, num_classes, ignore_index, class_names, resolution, head, epochs,
-              patience, lr, weight_decay, batch_size, dropout, max_train_tokens, test_fraction, robustness, alpha,
-              seed, layer, output, device, threads, json_out, quiet, given, **_):
+              patience, lr, weight_decay, token_batch, dropout, max_train_tokens, test_fraction, robustness, alpha,
+              seed, layer, output, device, threads, json_out, quiet) -> None:
     import contextlib
 
+    from posvit_cli.core.features.store import FeatureStore
     from posvit_cli.core.measure.probe import probe_result_json, write_probe_result
     from posvit_cli.core.measure.semantic import SemanticSettings, semantic_probe
-    from posvit_cli.core.features.store import FeatureStore
 
-    if masks is None:
-        raise PosvitError("--semantic needs --masks DIR (the class masks of the store's images)")
-    positional_only = sorted(given & _POSITIONAL_ONLY)
-    if positional_only:
-        name = _OPTION_NAMES.get(positional_only[0], positional_only[0].replace("_", "-"))
-        raise PosvitError(f"--{name} belongs to the positional probe: drop it or drop --masks")
     if val_masks and not val:
         raise PosvitError("--val-masks needs --val STORE (the validation images' features)")
-    if threads < 1:
-        raise PosvitError("--threads must be at least 1")
     layers = parse_csv(layer)
     if len(layers) > 1:
         raise PosvitError("the semantic probe trains on one layer: name one with --layer")
     settings = SemanticSettings(
         head=head, resolution=resolution, epochs=epochs, patience=patience, lr=lr, weight_decay=weight_decay,
-        batch_size=batch_size, dropout=dropout, alpha=1.0 if alpha is None else alpha, test_fraction=test_fraction,
-        max_train_tokens=max_train_tokens, seed=0 if seed is None else seed,
+        batch_size=token_batch, dropout=dropout, alpha=alpha, test_fraction=test_fraction,
+        max_train_tokens=max_train_tokens, seed=seed,
     ).validated()
-    names = parse_csv(class_names) if class_names else None
+    names = parse_class_names(class_names)
     dev = _device(device)
     paths = _robustness_stores(robustness)
     with contextlib.ExitStack() as stack:
@@ -179,7 +253,7 @@ def _print_semantic(result: dict, output: str | None) -> None:
     tr = result["training"]
     unit = "tokens" if s["resolution"] == "tokens" else "pixels"
     console.print(
-        f"[bold]posvit probe --masks[/] · {'stdin' if st['source'] == '-' else st['source']} · "
+        f"[bold]posvit probe semantic[/] · {'stdin' if st['source'] == '-' else st['source']} · "
         f"{st.get('model') or 'unknown model'} · layer {result['layer']} · {result['masks']['num_classes']} classes",
         markup=True,
     )
@@ -222,19 +296,17 @@ def _print_semantic(result: dict, output: str | None) -> None:
 
 
 def _positional(store, targets, protocol, sampling, fraction, step, cutoff, repeats, alpha, regressor, seed, layer,
-                all_layers, top_k, per_channel, extras, output, csv_path, device, threads, json_out, quiet, **_):
+                all_layers, top_k, per_channel, extras, output, csv_path, device, threads, json_out, quiet) -> None:
     import warnings
 
     from posvit_cli.core.errors import PosvitWarning
+    from posvit_cli.core.features.store import FeatureStore
     from posvit_cli.core.measure.probe import (
         check_targets, make_settings, probe_result_json, probe_store, write_channel_csv, write_probe_result,
     )
-    from posvit_cli.core.features.store import FeatureStore
 
     if layer and all_layers:
         raise PosvitError("give either --layer or --all-layers, not both")
-    if threads < 1:
-        raise PosvitError("--threads must be at least 1")
     if csv_path and not per_channel:
         raise PosvitError("--csv writes per-channel scores: drop --no-per-channel")
     target_list = check_targets(parse_csv(targets))

@@ -9,33 +9,39 @@ from typing import Annotated, Optional
 import typer
 
 from posvit_cli._cli import (
-    DebugOpt, JsonOpt, QuietOpt, RichProgress, cli_context, command_line, console, parse_csv,
+    RichProgress, cli_context, command_line, console, parse_class_names, parse_csv, parse_seeds,
 )
+from posvit_cli.commands.probe import Head, Resolution
 from posvit_cli.core.errors import PosvitError
+from posvit_cli.options import (
+    ClassNamesOpt, DebugOpt, DeviceOpt, IgnoreIndexOpt, JsonOpt, LayerOpt, MasksOpt, QuietOpt, SeedOpt, SeedsOpt,
+    ThreadsOpt, deprecated_option, warn_deprecated,
+)
 
 
 def report(
     stores: Annotated[list[str], typer.Argument(help="Feature stores: one row per untransformed store (an encoder, a debiasing, an input size); stores made with `extract --transform` join the row of their untransformed store as robustness scores.", show_default=False)],
-    masks: Annotated[Optional[str], typer.Option("--masks", help="Folder of class masks matched by file stem: adds the semantic probe, robustness and overclustering. Default: none (positional R² only).")] = None,
-    output: Annotated[Optional[list[str]], typer.Option("--output", "-o", help="Write the report: .md (Markdown table) or .json (the full document); repeat for both. Default: none.")] = None,
-    names: Annotated[Optional[str], typer.Option("--names", help="Row names, comma-separated, one per untransformed store. Default: file names without suffix.")] = None,
-    num_classes: Annotated[Optional[int], typer.Option("--num-classes", help="Number of classes. Default: the largest mask label + 1 (of the first store's masks).")] = None,
-    ignore_index: Annotated[int, typer.Option("--ignore-index", help="Mask value never trained on or scored; -1 for none.")] = 255,
-    class_names: Annotated[Optional[str], typer.Option("--class-names", help="Class names, comma-separated, in label order. Default: 0, 1, ...")] = None,
+    masks: MasksOpt = None,
+    output: Annotated[Optional[list[str]], typer.Option("--output", "-o", help="Write the report: .md (Markdown table) or .json (the full document); repeat for both. Default: none.", show_default=False)] = None,
+    names: Annotated[Optional[str], typer.Option("--names", help="Row names, comma-separated, one per untransformed store. Default: file names without suffix.", show_default=False)] = None,
+    num_classes: Annotated[Optional[int], typer.Option("--num-classes", min=2, help="Number of classes. Default: the largest mask label + 1 (of the first store's masks).", show_default=False)] = None,
+    ignore_index: IgnoreIndexOpt = 255,
+    class_names: ClassNamesOpt = None,
     k: Annotated[str, typer.Option("-k", "--k", help="Overclustering k values, comma-separated (k above a store's token count is skipped).")] = "100",
-    cluster_seeds: Annotated[str, typer.Option("--cluster-seeds", help="k-means seeds of the overclustering, comma-separated or a range.")] = "0-4",
+    seeds: SeedsOpt = None,
+    cluster_seeds: Annotated[Optional[str], deprecated_option("--cluster-seeds")] = None,
     no_cluster: Annotated[bool, typer.Option("--no-cluster", help="Skip the overclustering (the slowest column).")] = False,
-    head: Annotated[str, typer.Option("--head", help="Semantic probe head: linear (batch norm + linear, AdamW, early stopping) or ridge (closed form).")] = "linear",
-    resolution: Annotated[str, typer.Option("--resolution", help="Semantic probe: tokens (masks at the token grid) or pixels (logits bilinearly upsampled to the masks).")] = "tokens",
-    test_fraction: Annotated[float, typer.Option("--test-fraction", help="Fraction of the images held out and scored by the semantic probe (split by image name, the same for every store).")] = 0.2,
-    epochs: Annotated[int, typer.Option("--epochs", help="Most epochs of the linear head.")] = 50,
-    fraction: Annotated[float, typer.Option("--fraction", help="Positional probe: fraction of each image's tokens used for training (raise it for tiny grids).")] = 1 / 36,
-    repeats: Annotated[int, typer.Option("--repeats", help="Positional probe: sampling masks per image.")] = 6,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the positional masks, the image split and the head.")] = 0,
-    layer: Annotated[Optional[str], typer.Option("--layer", "-l", help="Stored layer to measure. Default: each store's default (final).")] = None,
-    device: Annotated[str, typer.Option("--device", help="Torch device: cpu, cuda, cuda:N or auto.")] = "cpu",
-    threads: Annotated[int, typer.Option("--threads", help="Torch CPU threads of the probes (their products are small).")] = 1,
-    cluster_threads: Annotated[Optional[int], typer.Option("--cluster-threads", help="Torch CPU threads of k-means. Default: torch's choice (all cores).")] = None,
+    head: Annotated[Head, typer.Option("--head", help="Semantic probe head: linear (batch norm + linear, AdamW, early stopping) or ridge (closed form).")] = Head.linear,
+    resolution: Annotated[Resolution, typer.Option("--resolution", help="Semantic probe: tokens (masks at the token grid) or pixels (logits bilinearly upsampled to the masks).")] = Resolution.tokens,
+    test_fraction: Annotated[float, typer.Option("--test-fraction", min=0.0, max=1.0, help="Fraction of the images held out and scored by the semantic probe (split by image name, the same for every store).")] = 0.2,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Most epochs of the linear head.")] = 50,
+    fraction: Annotated[float, typer.Option("--fraction", min=0.0, max=1.0, show_default="0.0278", help="Positional probe: fraction of each image's tokens used for training, 1/36 as published (raise it for tiny grids).")] = 1 / 36,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Positional probe: sampling masks per image.")] = 6,
+    seed: SeedOpt = 0,
+    layer: LayerOpt = None,
+    device: DeviceOpt = "auto",
+    threads: ThreadsOpt = 1,
+    cluster_threads: Annotated[Optional[int], typer.Option("--cluster-threads", min=1, help="Torch CPU threads of k-means. Default: torch's choice (all cores).", show_default=False)] = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -45,28 +51,24 @@ def report(
     Rows are encoders (raw, RASA, ALiBi, NoPE, baselines) or input sizes of one encoder (a resolution sweep made
     with `posvit extract --size 224,448,672,896`): does the debiasing keep the semantics, and does it survive high
     resolution? Every row is measured on the same images with the same settings.
+
+    --seeds are the overclustering's k-means seeds (default 0-4). --threads defaults to 1 here: the probes'
+    products are small, and intra-op threads on shared cores slow them down.
     """
     with cli_context(debug, quiet):
-        _run(**locals())
+        if cluster_seeds is not None:
+            warn_deprecated("--cluster-seeds", "--seeds")
+            if seeds is not None:
+                raise PosvitError("give --seeds only (--cluster-seeds is its old spelling)")
+            seeds = cluster_seeds
+        _run(stores, None if masks is None else str(masks), output, names, num_classes, ignore_index, class_names,
+             k, parse_seeds("0-4" if seeds is None else seeds), no_cluster, head.value, resolution.value,
+             test_fraction, epochs, fraction, repeats, seed, layer, device, threads, cluster_threads, json_out, quiet)
 
 
-def _seeds(text: str) -> list[int]:
-    """``0-4`` or ``0,3,7`` → a list of seeds."""
-    out: list[int] = []
-    for part in parse_csv(text):
-        lo, sep, hi = part.partition("-")
-        try:
-            out.extend(range(int(lo), int(hi) + 1) if sep and lo else [int(part)])
-        except ValueError:
-            raise PosvitError(f"cannot read --cluster-seeds '{text}': use 0,1,2 or a range such as 0-4") from None
-    if not out:
-        raise PosvitError("--cluster-seeds is empty")
-    return out
-
-
-def _run(stores, masks, output, names, num_classes, ignore_index, class_names, k, cluster_seeds, no_cluster, head,
+def _run(stores, masks, output, names, num_classes, ignore_index, class_names, k, seed_list, no_cluster, head,
          resolution, test_fraction, epochs, fraction, repeats, seed, layer, device, threads, cluster_threads,
-         json_out, quiet, **_):
+         json_out, quiet) -> None:
     import contextlib
 
     from posvit_cli.core.device import resolve_device
@@ -79,8 +81,6 @@ def _run(stores, masks, output, names, num_classes, ignore_index, class_names, k
     for o in outputs:
         if not o.lower().endswith((".md", ".json")):
             raise PosvitError(f"report output '{o}': name a .md (Markdown) or .json file")
-    if threads < 1 or (cluster_threads is not None and cluster_threads < 1):
-        raise PosvitError("--threads and --cluster-threads must be at least 1")
     if len(set(stores)) != len(stores):
         raise PosvitError("a store is named twice")
     ks = parse_csv(k, int)
@@ -98,8 +98,8 @@ def _run(stores, masks, output, names, num_classes, ignore_index, class_names, k
             doc = compare_stores(
                 opened, names=row_names, masks=masks, num_classes=num_classes,
                 ignore_index=None if ignore_index < 0 else ignore_index,
-                class_names=parse_csv(class_names) if class_names else None, positional=positional,
-                semantic=semantic, ks=ks, cluster_seeds=_seeds(cluster_seeds), cluster=not no_cluster,
+                class_names=parse_class_names(class_names), positional=positional,
+                semantic=semantic, ks=ks, cluster_seeds=seed_list, cluster=not no_cluster,
                 layer=layer, device=dev, threads=threads, cluster_threads=cluster_threads, progress=progress,
             )
     doc["command"] = command_line()
@@ -108,9 +108,9 @@ def _run(stores, masks, output, names, num_classes, ignore_index, class_names, k
     if not quiet:
         _print(doc, outputs)
     if json_out:
-        from posvit_cli.core.measure.report import _json_text
+        from posvit_cli.core.measure.report import report_json
 
-        sys.stdout.write(_json_text(doc) + "\n")
+        sys.stdout.write(report_json(doc) + "\n")
         sys.stdout.flush()
 
 

@@ -6,7 +6,7 @@ import contextlib
 
 from posvit_cli.core.errors import PosvitError
 
-__all__ = ["autocast", "resolve_device", "resolve_precision"]
+__all__ = ["autocast", "resolve_device", "resolve_precision", "torch_threads"]
 
 
 def resolve_device(spec: str = "auto"):
@@ -51,3 +51,24 @@ def autocast(device, precision: str):
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None):
+    """Run a block with ``threads`` torch intra-op threads (None: leave torch's setting), then restore it.
+
+    Small per-image solves (the probes, k-means on a few thousand tokens) gain little from intra-op threads and,
+    on shared or oversubscribed cores, their synchronisation can make them ten times slower; callers therefore
+    pass 1 for such work and None for large products.
+    """
+    import torch
+
+    if threads is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(threads)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)

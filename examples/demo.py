@@ -137,7 +137,7 @@ class Demo:
         report = self.posvit(
             "report", *(o / f"particles_{m}.h5" for m in ("raw", "rasa", "alibi")), "--names", "raw,RASA,ALiBi",
             "--masks", DATA / "masks", "--num-classes", "3", "--class-names", "binder,particle,pore",
-            "-k", "3,12", "--cluster-seeds", "0", "--cluster-threads", "1",
+            "-k", "3,12", "--seeds", "0", "--cluster-threads", "1",
             "-o", o / "report.md", "-o", o / "report.json", "-q", json_out=True,
         )
 

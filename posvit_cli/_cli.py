@@ -15,6 +15,7 @@ import os
 import sys
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -41,6 +42,9 @@ __all__ = [
     "cli_context",
     "console",
     "emit_json",
+    "parse_class_names",
+    "parse_csv",
+    "parse_seeds",
     "sigterm_as_interrupt",
     "store_input",
     "store_output",
@@ -204,6 +208,64 @@ def parse_csv(value: str | None, cast=str) -> list:
         return [cast(v.strip()) for v in str(value).split(",") if v.strip()]
     except ValueError:
         raise PosvitError(f"cannot read '{value}' as a comma-separated list of {cast.__name__}") from None
+
+
+def parse_seeds(value: str | None, option: str = "--seeds") -> list[int]:
+    """Read a seed list: comma-separated integers and ascending ranges, e.g. ``0-4``, ``1,3`` or ``0-2,7``.
+
+    Parameters
+    ----------
+    value : str
+        The option's text.
+    option : str
+        The option's name, for messages.
+
+    Returns
+    -------
+    list of int
+        Seeds in the order given (a range expands low to high), duplicates dropped.
+
+    Raises
+    ------
+    PosvitError
+        For an empty list, a value that is not an integer or range, a negative seed, or a descending range
+        (``3-1``: the message suggests ``1-3``).
+    """
+    seeds: list[int] = []
+    for part in parse_csv(value):
+        lo, sep, hi = part.partition("-")
+        try:
+            first, last = (int(lo), int(hi)) if sep and lo.strip() else (int(part), int(part))
+        except ValueError:
+            raise PosvitError(f"cannot read {option} '{value}': use integers such as 0,1,2 or a range such as 0-4") \
+                from None
+        if last < first:  # PosvitError is a ValueError: raised outside the try so it is not reworded
+            raise PosvitError(f"{option} range '{part}' runs backwards: did you mean {last}-{first}?")
+        seeds.extend(range(first, last + 1))
+    if not seeds:
+        raise PosvitError(f"{option} is empty: give seeds such as 0,1,2 or a range such as 0-4")
+    negative = [s for s in seeds if s < 0]
+    if negative:
+        raise PosvitError(f"{option} '{value}' holds the negative seed {negative[0]}: seeds are 0 or more")
+    return list(dict.fromkeys(seeds))
+
+
+def parse_class_names(value: str | None, option: str = "--class-names") -> list[str] | None:
+    """Class names from a comma-separated list or a text file with one name per line (None when not given).
+
+    Raises
+    ------
+    PosvitError
+        If the list or the file holds no names.
+    """
+    if value is None:
+        return None
+    path = Path(value)
+    names = ([ln.strip() for ln in path.read_text().splitlines() if ln.strip()] if path.is_file()
+             else parse_csv(value))
+    if not names:
+        raise PosvitError(f"{option} is empty: give names such as background,cell or a file with one name per line")
+    return names
 
 
 def command_line() -> str:

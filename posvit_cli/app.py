@@ -47,7 +47,7 @@ def _root(
 
 # Pipeline order: images -> extract -> store -> probe | debias-train | cluster | report | segment | viz.
 app.command("extract")(extract_cmd.extract)
-app.command("probe")(probe_cmd.probe)
+app.add_typer(probe_cmd.app, name="probe")
 app.command("debias-train")(debias_train_cmd.debias_train)
 app.command("cluster")(cluster_cmd.cluster)
 app.command("report")(report_cmd.report)

@@ -425,7 +425,7 @@ def train_rasa(
     -------
     RasaResult
     """
-    from posvit_cli.core.measure.probe import torch_threads
+    from posvit_cli.core.device import torch_threads
 
     config.validate()
     with torch_threads(threads if cache.tokens.device.type == "cpu" else None):

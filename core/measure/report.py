@@ -35,7 +35,7 @@ from typing import Any
 from posvit_cli.core.errors import PosvitError
 from posvit_cli.core.progress import ProgressCallback, report
 
-__all__ = ["REPORT_SCHEMA", "compare_stores", "group_stores", "read_report", "report_markdown", "report_table",
+__all__ = ["REPORT_SCHEMA", "compare_stores", "group_stores", "read_report", "report_json", "report_markdown", "report_table",
            "store_label", "write_report"]
 
 REPORT_SCHEMA = "posvit-report"
@@ -137,7 +137,7 @@ def compare_stores(
     masks : str, optional
         Mask folder (matched by stem) for the semantic probe, robustness and overclustering.
     num_classes, ignore_index, class_names
-        As for ``posvit probe --masks``; without ``num_classes`` the first row's masks decide it for all rows.
+        As for ``posvit probe semantic``; without ``num_classes`` the first row's masks decide it for all rows.
     positional : ProbeSettings, optional
         Default: the ``holdout`` protocol on :data:`REPORT_TARGETS`, no per-channel scores or extras.
     semantic : SemanticSettings, optional
@@ -250,7 +250,7 @@ def compare_stores(
 def _overcluster(store, masks, ks, num_classes, ignore_index, class_names, seeds, layer, device, threads, notes,
                  name) -> list[dict]:
     from posvit_cli.core.cluster.overclustering import load_masks, overcluster_eval
-    from posvit_cli.core.measure.probe import torch_threads
+    from posvit_cli.core.device import torch_threads
 
     n_tokens = sum(r.grid[0] * r.grid[1] for r in store.records)
     usable = [k for k in ks if k <= n_tokens]
@@ -348,7 +348,8 @@ def report_markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _json_text(doc: dict) -> str:
+def report_json(doc: dict) -> str:
+    """The report document as strict JSON text (NaN written as null), as :func:`write_report` writes it."""
     from posvit_cli.core.measure.probe import probe_result_json
 
     return probe_result_json(doc)
@@ -362,7 +363,7 @@ def write_report(path, doc: dict) -> Path:
     if p.suffix.lower() == ".md":
         return write_text_atomic(p, report_markdown(doc))
     if p.suffix.lower() == ".json":
-        return write_text_atomic(p, _json_text(doc) + "\n")
+        return write_text_atomic(p, report_json(doc) + "\n")
     raise PosvitError(f"report output '{path}': name a .md (Markdown) or .json file")
 
 

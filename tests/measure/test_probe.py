@@ -1,4 +1,4 @@
-"""Known-answer tests of the positional probe engine (core/measure/probe.py)."""
+"""Known-answer tests of the positional probe engine (core/measure/probe/)."""
 
 from __future__ import annotations
 

@@ -36,6 +36,18 @@ def test_probe_writes_json_csv_and_a_table(cli, planted_store, tmp_path):
     assert "stack R²" not in res.stdout
 
 
+def test_old_short_flags_work_and_warn(cli, planted_store):
+    """-r and -k (now --recursive and cluster counts elsewhere) still mean --repeats and --top-k, with a warning."""
+    new = _json(cli(["probe", planted_store, "--fraction", "0.25", "--repeats", "2", "--top-k", "1", "--json", "-q"]))
+    res = cli(["probe", planted_store, "--fraction", "0.25", "-r", "2", "-k", "1", "--json", "-q"])
+    old = _json(res)
+    assert old["settings"]["repeats"] == 2 and old["settings"]["top_k"] == 1
+    assert old["results"] == new["results"]
+    warned = " ".join(res.stderr.split())
+    assert "-r (for --repeats) is deprecated" in warned and "-k (for --top-k) is deprecated" in warned
+    assert cli(["probe", "positional", planted_store, "--fraction", "0.25", "-q"]).exit_code == 0
+
+
 def test_quiet_without_json_prints_nothing_on_stdout(cli, planted_store, tmp_path):
     res = cli(["probe", planted_store, "--fraction", "0.25", "--quiet", "-o", tmp_path / "r.json"])
     assert res.exit_code == 0 and res.stdout == "" and res.stderr == ""
@@ -138,14 +150,30 @@ def test_unknown_target(cli, planted_store):
     [
         (["--layer", "block9"], "layer 'block9' is not in"),
         (["--layer", "final", "--all-layers"], "either --layer or --all-layers"),
-        (["--sampling", "spiral"], "unknown sampling 'spiral'"),
         (["--fraction", "0.001"], "training token(s) with --fraction"),
         (["--alpha", "0"], "--alpha > 0"),
-        (["--protocol", "paper"], "unknown protocol 'paper'"),
     ],
 )
 def test_bad_options(cli, planted_store, args, message):
     _fails(cli(["probe", planted_store, *args]), message)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--sampling", "spiral"], "'spiral' is not one of 'random', 'grid', 'grid-holdout'"),
+        (["--protocol", "paper"], "'paper' is not one of 'holdout', 'dino-saw'"),
+        (["--regressor", "lasso"], "'lasso' is not one of 'ridge', 'ols'"),
+        (["--repeats", "0"], "Invalid value for '--repeats': Input should be greater than or equal to 1"),
+        (["--fraction", "1.5"], "Invalid value for '--fraction'"),
+    ],
+)
+def test_bad_choices_and_ranges_are_usage_errors(cli, planted_store, args, message):
+    """Choices and ranges are checked by Click before any work: exit 2 with the allowed values named."""
+    res = cli(["probe", planted_store, *args])
+    assert res.exit_code == 2, res.output
+    assert message in " ".join(res.output.split()), res.output
+    assert "Traceback" not in res.output
 
 
 def test_missing_store(cli, tmp_path):

@@ -75,7 +75,7 @@ def test_cli_report_writes_markdown_and_json(tmp_path, cli):
     masks = _dataset(tmp_path, n=8)
     md, js = tmp_path / "r.md", tmp_path / "r.json"
     r = cli(["report", tmp_path / "raw.h5", tmp_path / "clean.h5", tmp_path / "raw.roll.h5", "--masks", masks,
-             "--names", "dinov2,rasa", "--head", "ridge", "--fraction", "0.25", "-k", "3", "--cluster-seeds", "0", "--cluster-threads", "1", "-o", md, "-o", js,
+             "--names", "dinov2,rasa", "--head", "ridge", "--fraction", "0.25", "-k", "3", "--seeds", "0", "--cluster-threads", "1", "-o", md, "-o", js,
              "--json"])
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
@@ -102,6 +102,39 @@ def test_cli_report_writes_markdown_and_json(tmp_path, cli):
     assert r.exit_code == 2 and "cannot read" in r.output
 
 
+def test_cli_report_old_cluster_seeds_spelling_works_and_warns(tmp_path, cli):
+    masks = _dataset(tmp_path, n=6)
+    stores = [tmp_path / "raw.h5", "--masks", masks, "--head", "ridge", "-k", "3", "--cluster-threads", "1",
+              "--fraction", "0.25", "--json", "-q"]
+    new = cli(["report", *stores, "--seeds", "1,3"])
+    old = cli(["report", *stores, "--cluster-seeds", "1,3"])
+    assert new.exit_code == 0 and old.exit_code == 0, old.output
+    new_doc, old_doc = json.loads(new.stdout), json.loads(old.stdout)
+    assert old_doc["settings"]["cluster"]["seeds"] == [1, 3] == new_doc["settings"]["cluster"]["seeds"]
+    for old_row, new_row in zip(old_doc["rows"], new_doc["rows"]):  # the same numbers (timings aside)
+        assert old_row["cluster"] == new_row["cluster"] and old_row["positional"] == new_row["positional"]
+        assert old_row["semantic"]["miou"] == new_row["semantic"]["miou"]
+    assert "--cluster-seeds is deprecated" in old.stderr and "use --seeds" in old.stderr
+    assert "deprecated" not in new.stderr
+
+
+def test_parse_seeds():
+    from posvit_cli._cli import parse_seeds
+
+    assert parse_seeds("0-4") == [0, 1, 2, 3, 4]
+    assert parse_seeds("1,3") == [1, 3]
+    assert parse_seeds("0-2,7, 2") == [0, 1, 2, 7]
+    assert parse_seeds("5") == [5]
+    with pytest.raises(PosvitError, match=r"--seeds range '3-1' runs backwards: did you mean 1-3\?"):
+        parse_seeds("3-1")
+    with pytest.raises(PosvitError, match="cannot read --cluster-seeds 'x'"):
+        parse_seeds("x", "--cluster-seeds")
+    with pytest.raises(PosvitError, match="--seeds is empty"):
+        parse_seeds(" , ")
+    with pytest.raises(PosvitError, match="negative seed -2"):
+        parse_seeds("-2")
+
+
 def _one_line_error(result, text):
     assert result.exit_code == 2, result.output
     lines = [ln for ln in result.output.strip().splitlines() if ln.startswith("error:")]
@@ -119,7 +152,8 @@ def test_report_bad_input(tmp_path, cli):
     _one_line_error(cli(["report", raw]), "raise --fraction")
     _one_line_error(cli(["report", raw, "--masks", masks, "--num-classes", "2", "--no-cluster", "--fraction", "0.25"]),
                     "≥ --num-classes 2")
-    _one_line_error(cli(["report", raw, "--cluster-seeds", "a-b", "--masks", masks]), "--cluster-seeds")
+    _one_line_error(cli(["report", raw, "--seeds", "a-b", "--masks", masks]), "cannot read --seeds 'a-b'")
+    _one_line_error(cli(["report", raw, "--seeds", "3-1", "--masks", masks]), "did you mean 1-3?")
     assert not list(tmp_path.glob("r.*"))
     with pytest.raises(PosvitError, match="no stores"):
         compare_stores([])
@@ -142,7 +176,7 @@ def test_resolution_sweep_end_to_end(tmp_path, cli):
     r = cli(["extract", imgs, "-m", TINY_MODEL, "-w", "random", "--size", "64,128", "-o", tmp_path / "raw.h5", "-q"])
     assert r.exit_code == 0, r.output
     r = cli(["report", tmp_path / "raw.64.h5", tmp_path / "raw.128.h5", "--masks", masks, "-k", "2",
-             "--cluster-seeds", "0", "--cluster-threads", "1", "--fraction", "0.25", "--json", "-q"])
+             "--seeds", "0", "--cluster-threads", "1", "--fraction", "0.25", "--json", "-q"])
     assert r.exit_code == 0, r.output
     rows = json.loads(r.stdout)["rows"]
     assert [(row["name"], row["size"], row["grid"]) for row in rows] == [
@@ -150,3 +184,14 @@ def test_resolution_sweep_end_to_end(tmp_path, cli):
     for row in rows:
         assert row["positional"]["stack_r2"]["xy"] is not None
         assert row["semantic"]["miou"] > 0.5 and row["cluster"][0]["k"] == 2
+
+
+def test_cli_report_help_lists_choices_and_rounded_defaults(cli):
+    import re
+
+    r = cli(["report", "--help"])
+    assert r.exit_code == 0
+    flat = re.sub(r"[\s│]+", " ", r.output)
+    assert "linear|ridge" in flat and "tokens|pixels" in flat
+    assert "[default: (0.0278)]" in flat and "0.027777" not in flat
+    assert "--seeds" in flat and "--cluster-seeds" not in flat  # the old spelling is hidden

@@ -278,22 +278,92 @@ def _one_line_error(result, text):
     assert len(lines) == 1 and text in lines[0], result.output
 
 
+def _usage_error(result, text):
+    """Click refused the command line (exit 2) before any work, naming ``text``."""
+    assert result.exit_code == 2, result.output
+    assert text in " ".join(result.output.replace("│", " ").split()), result.output
+    assert "Traceback" not in result.output
+
+
+def _no_created(doc):
+    return {k: v for k, v in doc.items() if k not in ("created", "seconds", "training", "command")}
+
+
 def test_cli_semantic_probe_json_and_file(tmp_path, cli):
     rng = np.random.default_rng(7)
     f, lab = _linear_dataset(rng, 10)
     write_store(tmp_path / "s.h5", f)
     _save_masks(tmp_path / "m", lab)
     out = tmp_path / "sem.json"
-    r = cli(["probe", tmp_path / "s.h5", "--masks", tmp_path / "m", "--class-names", "a,b,c", "--head", "ridge",
-             "-o", out, "--json", "-q"])
+    r = cli(["probe", "semantic", tmp_path / "s.h5", "--masks", tmp_path / "m", "--class-names", "a,b,c",
+             "--head", "ridge", "-o", out, "--json", "-q"])
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert doc["schema"] == "posvit-semantic-probe-result" and doc["results"]["miou"] == 1.0
     assert set(doc["results"]["iou_per_class"]) == {"a", "b", "c"} and "command" in doc
     assert json.loads(out.read_text())["results"] == doc["results"]
     assert len(doc["split"]["scored_images"]) == 2 and doc["store"]["val"] is None
-    r = cli(["probe", tmp_path / "s.h5", "--masks", tmp_path / "m", "--head", "ridge"])
+    r = cli(["probe", "semantic", tmp_path / "s.h5", "--masks", tmp_path / "m", "--head", "ridge"])
     assert r.exit_code == 0 and "mIoU" in r.output and "1.000" in r.output
+    assert "deprecated" not in r.output
+
+
+def test_cli_old_one_command_spelling_warns_and_gives_the_same_json(tmp_path, cli):
+    """`posvit probe STORE --masks DIR` (last release) runs the semantic probe, warns once, same document."""
+    rng = np.random.default_rng(9)
+    f, lab = _linear_dataset(rng, 8)
+    write_store(tmp_path / "s.h5", f)
+    _save_masks(tmp_path / "m", lab)
+    (tmp_path / "names.txt").write_text("a\nb\nc\n")
+    common = ["--masks", tmp_path / "m", "--class-names", tmp_path / "names.txt", "--head", "ridge", "--json",
+              "-q", "--device", "cpu"]
+    new = cli(["probe", "semantic", tmp_path / "s.h5", *common])
+    old = cli(["probe", tmp_path / "s.h5", *common])
+    assert new.exit_code == 0 and old.exit_code == 0, old.output
+    assert "deprecated" not in new.stderr
+    warnings = [ln for ln in old.stderr.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1 and "use posvit probe semantic STORE --masks DIR" in warnings[0], old.stderr
+    new_doc, old_doc = json.loads(new.stdout), json.loads(old.stdout)
+    assert old_doc["results"]["miou"] == 1.0 and old_doc["masks"]["class_names"] == ["a", "b", "c"]
+    assert _no_created(old_doc) == _no_created(new_doc)
+    # the old --semantic flag and the old --batch-size spelling still work, and warn
+    flag = cli(["probe", tmp_path / "s.h5", "--semantic", *common, "--batch-size", "64"])
+    assert flag.exit_code == 0, flag.output
+    assert "--batch-size (tokens per step of the semantic probe) is deprecated" in " ".join(flag.stderr.split())
+    flag_doc = json.loads(flag.stdout)
+    assert flag_doc["settings"]["batch_size"] == 64 and flag_doc["results"] == new_doc["results"]
+
+
+def test_cli_options_belong_to_their_subcommand(tmp_path, cli):
+    rng = np.random.default_rng(10)
+    f, lab = _linear_dataset(rng, 4)
+    write_store(tmp_path / "s.h5", f)
+    _save_masks(tmp_path / "m", lab)
+    s, m = tmp_path / "s.h5", tmp_path / "m"
+    for option in (["--targets", "lr"], ["--top-k", "3"], ["--protocol", "holdout"], ["--all-layers"]):
+        _usage_error(cli(["probe", "semantic", s, "--masks", m, *option]), f"No such option: {option[0]}")
+    _usage_error(cli(["probe", s, "--val", s]), "No such option: --val")
+    _usage_error(cli(["probe", "positional", s, "--epochs", "3"]), "No such option: --epochs")
+    _usage_error(cli(["probe", "semantic", s]), "Missing option '--masks'")
+    _usage_error(cli(["probe", s, "--semantic"]), "Missing option '--masks'")
+    _usage_error(cli(["probe", "semantic", s, "--masks", m, "--head", "svm"]), "'svm' is not one of 'linear', 'ridge'")
+    _usage_error(cli(["probe", "semantic", s, "--masks", m, "--num-classes", "1"]), "Invalid value for '--num-classes'")
+
+
+def test_cli_help_lists_the_choices(cli):
+    import re
+
+    flat = lambda r: re.sub(r"[\s│]+", " ", r.output)  # noqa: E731
+    positional = cli(["probe", "--help"])
+    assert positional.exit_code == 0
+    for choices in ("holdout|dino-saw", "random|grid|grid-holdout", "ridge|ols"):
+        assert choices in flat(positional), choices
+    assert "posvit probe semantic" in flat(positional) and "--masks" not in flat(positional).split("semantic")[0]
+    semantic = cli(["probe", "semantic", "--help"])
+    assert semantic.exit_code == 0
+    assert "linear|ridge" in flat(semantic) and "tokens|pixels" in flat(semantic)
+    assert "--token-batch" in flat(semantic) and "--targets" not in flat(semantic)
+    assert cli(["probe", "positional", "--help"]).output == positional.output
 
 
 def test_cli_semantic_bad_input(tmp_path, cli):
@@ -304,17 +374,15 @@ def test_cli_semantic_bad_input(tmp_path, cli):
     _save_masks(tmp_path / "m", lab)
     _save_masks(tmp_path / "few", lab[:2])
     s, m = tmp_path / "s.h5", tmp_path / "m"
-    _one_line_error(cli(["probe", s, "--masks", m, "--num-classes", "2"]),
+    sem = ["probe", "semantic"]
+    _one_line_error(cli([*sem, s, "--masks", m, "--num-classes", "2"]),
                     "holds label 2, which is ≥ --num-classes 2")
-    _one_line_error(cli(["probe", s, "--masks", m, "--val", tmp_path / "other.h5"]),
+    _one_line_error(cli([*sem, s, "--masks", m, "--val", tmp_path / "other.h5"]),
                     "validation store")
-    _one_line_error(cli(["probe", s, "--masks", m, "--val", tmp_path / "other.h5"]), "another model")
-    _one_line_error(cli(["probe", s, "--masks", tmp_path / "few"]), "no mask in")
-    _one_line_error(cli(["probe", s, "--masks", tmp_path / "nope"]), "does not exist")
-    _one_line_error(cli(["probe", s, "--masks", m, "--targets", "lr"]), "--targets belongs to the positional probe")
-    _one_line_error(cli(["probe", s, "--val", s]), "--val belongs to the semantic probe")
-    _one_line_error(cli(["probe", s, "--semantic"]), "--semantic needs --masks")
-    _one_line_error(cli(["probe", s, "--masks", m, "--head", "svm"]), "unknown head 'svm'")
-    _one_line_error(cli(["probe", s, "--masks", m, "--class-names", "a,b", "--num-classes", "3"]),
+    _one_line_error(cli([*sem, s, "--masks", m, "--val", tmp_path / "other.h5"]), "another model")
+    _one_line_error(cli([*sem, s, "--masks", tmp_path / "few"]), "no mask in")
+    _one_line_error(cli([*sem, s, "--masks", tmp_path / "nope"]), "does not exist")
+    _one_line_error(cli([*sem, s, "--masks", m, "--class-names", "a,b", "--num-classes", "3"]),
                     "2 class names given for --num-classes 3")
-    _one_line_error(cli(["probe", s, "--masks", m, "--robustness", tmp_path / "missing.h5"]), "does not exist")
+    _one_line_error(cli([*sem, s, "--masks", m, "--robustness", tmp_path / "missing.h5"]), "does not exist")
+    _one_line_error(cli([*sem, s, "--masks", m, "--val-masks", m]), "--val-masks needs --val")

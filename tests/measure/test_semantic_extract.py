@@ -1,6 +1,6 @@
 """`posvit extract --transform` and `--size` lists end to end: features of transformed images mapped back to the
 original frame on odd/even, square/non-square grids; roll-equivariant models; the resolution sweep's stores;
-the robustness table of `posvit probe --masks --robustness` on real extractions."""
+the robustness table of `posvit probe semantic --masks --robustness` on real extractions."""
 
 from __future__ import annotations
 
@@ -145,7 +145,7 @@ def test_robustness_table_of_a_roll_equivariant_model(tmp_path, cli):
     rob.mkdir()
     r = cli(["extract", tmp_path / "val", *common, "--transform", "roll:1,2,roll:0,3,flip-ud", "-o", rob / "v.h5"])
     assert r.exit_code == 0, r.output
-    r = cli(["probe", tmp_path / "t.h5", "--masks", tmp_path / "masks", "--val", tmp_path / "v.h5",
+    r = cli(["probe", "semantic", tmp_path / "t.h5", "--masks", tmp_path / "masks", "--val", tmp_path / "v.h5",
              "--robustness", rob, "--json", "-q"])
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
@@ -154,6 +154,6 @@ def test_robustness_table_of_a_roll_equivariant_model(tmp_path, cli):
     assert doc["results"]["miou"] > 0.6
     for spec in ("roll:1,2", "roll:0,3"):
         assert rows[spec]["miou"] == pytest.approx(rows["identity"]["miou"], abs=1e-12)
-    r = cli(["probe", tmp_path / "t.h5", "--masks", tmp_path / "masks", "--val", tmp_path / "v.h5",
+    r = cli(["probe", "semantic", tmp_path / "t.h5", "--masks", tmp_path / "masks", "--val", tmp_path / "v.h5",
              "--robustness", rob / "v.roll-1_2.h5", "--robustness", rob / "v.flip-ud.h5"])
     assert r.exit_code == 0 and "robustness" in r.output and "roll:1,2" in r.output
