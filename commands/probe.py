@@ -36,7 +36,7 @@ def probe(
     csv_path: Annotated[Optional[str], typer.Option("--csv", help="Write the per-channel R² of every layer and target as CSV to this file. Default: none.")] = None,
     device: Annotated[str, typer.Option("--device", help="Torch device for the solves: cpu, cuda, cuda:N or auto.")] = "cpu",
     threads: Annotated[int, typer.Option("--threads", help="Torch CPU threads for the solves (the per-image problems are small; more threads rarely help).")] = 1,
-    masks: Annotated[Optional[str], typer.Option("--masks", help="Semantic probe: folder of class masks of the store's images (matched by file stem; palette PNG, greyscale or integer TIFF). Switches from the positional probe to a linear-probe segmentation. Default: none.", rich_help_panel="Semantic probe")] = None,
+    masks: Annotated[Optional[str], typer.Option("--masks", help="Semantic probe: folder of dense masks of the store's images (class indices 0..C-1, --ignore-index = unlabelled; matched by file stem; palette PNG, greyscale or integer TIFF; see docs/labels.md). Switches from the positional probe to a linear-probe segmentation. Default: none.", rich_help_panel="Semantic probe")] = None,
     semantic: Annotated[bool, typer.Option("--semantic", help="Ask for the semantic probe explicitly (it needs --masks).", rich_help_panel="Semantic probe")] = False,
     val: Annotated[Optional[str], typer.Option("--val", help="Store of validation images to score (same model, weights and debiasing). Default: none: --test-fraction of the store's images are held out and scored.", rich_help_panel="Semantic probe")] = None,
     val_masks: Annotated[Optional[str], typer.Option("--val-masks", help="Mask folder of the --val images. Default: --masks.", rich_help_panel="Semantic probe")] = None,

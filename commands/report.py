@@ -16,7 +16,7 @@ from posvit_cli.core.errors import PosvitError
 
 def report(
     stores: Annotated[list[str], typer.Argument(help="Feature stores: one row per untransformed store (an encoder, a debiasing, an input size); stores made with `extract --transform` join the row of their untransformed store as robustness scores.", show_default=False)],
-    masks: Annotated[Optional[str], typer.Option("--masks", help="Folder of class masks matched by file stem: adds the semantic probe, robustness and overclustering. Default: none (positional R² only).")] = None,
+    masks: Annotated[Optional[str], typer.Option("--masks", help="Folder of dense masks (class indices 0..C-1, --ignore-index = unlabelled; docs/labels.md) matched by file stem: adds the semantic probe, robustness and overclustering. Default: none (positional R² only).")] = None,
     output: Annotated[Optional[list[str]], typer.Option("--output", "-o", help="Write the report: .md (Markdown table) or .json (the full document); repeat for both. Default: none.")] = None,
     names: Annotated[Optional[str], typer.Option("--names", help="Row names, comma-separated, one per untransformed store. Default: file names without suffix.")] = None,
     num_classes: Annotated[Optional[int], typer.Option("--num-classes", help="Number of classes. Default: the largest mask label + 1 (of the first store's masks).")] = None,

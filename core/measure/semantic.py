@@ -53,7 +53,7 @@ import numpy as np
 
 from posvit_cli.core.cluster.overclustering import MASK_SUFFIXES
 from posvit_cli.core.errors import PosvitError, PosvitWarning
-from posvit_cli.core.io.labels import check_label_range
+from posvit_cli.core.io.labels import LabelCheck, check_label_range
 from posvit_cli.core.progress import ProgressCallback, report
 
 __all__ = [
@@ -231,13 +231,11 @@ class MaskSource:
         image if its size differs (nearest, with a warning), then through the store's resize and crop.
         """
         from posvit_cli.core.cluster.overclustering import _to_processed_frame
-        from posvit_cli.core.io.labels import load_label_image, resize_labels_nearest
+        from posvit_cli.core.io.labels import read_label_image, resize_labels_nearest
 
         r = self.store.record(index)
         path = self.files[index]
-        lab, _ = load_label_image(path)
-        if lab.ndim != 2:
-            raise PosvitError(f"mask '{path}' is not a 2-D label image (shape {lab.shape})")
+        lab = read_label_image(path, "mask", ignore_index=None).values
         if tuple(lab.shape) != tuple(r.orig_size) and r.orig_size[0] > 0:
             if str(path) not in self.resized:
                 self.resized.append(str(path))
@@ -277,7 +275,7 @@ class MaskScan:
 
 def scan_masks(source: MaskSource, indices: Sequence[int], *, ignore_index: int | None,
                num_classes: int | None = None, progress: ProgressCallback | None = None,
-               task: str = "read masks") -> MaskScan:
+               task: str = "read masks", check: LabelCheck | None = None) -> MaskScan:
     """Read the masks of ``indices`` once: token-grid masks, labelled-pixel counts, label range checks.
 
     Raises
@@ -291,6 +289,8 @@ def scan_masks(source: MaskSource, indices: Sequence[int], *, ignore_index: int 
     for n, i in enumerate(indices):
         lab = source.processed(i)
         hi, labelled = check_label_range(lab, source.files[i], num_classes, ignore_index)
+        if check is not None:
+            check.add(lab, source.files[i], None if ignore_index is None else lab == ignore_index)
         max_label = max(max_label, hi)
         tokens[i] = source.tokens(i, lab)
         valid[i] = labelled
@@ -963,16 +963,18 @@ def _semantic_probe(train_store, masks, settings, val_store, val_masks, robustne
     else:
         fit, stop = list(fit_pool), []
 
-    # One pass over every mask: label range, token-grid masks, labelled-pixel counts.
+    # One pass over every mask: label range, token-grid masks, labelled-pixel counts, the off-by-one check.
+    check = LabelCheck("mask", num_classes)
     train_scan = scan_masks(train_source, sorted(set(fit) | set(stop) | (set(scored) if val_store is None else set())),
-                            ignore_index=ignore_index, num_classes=num_classes, progress=prog)
+                            ignore_index=ignore_index, num_classes=num_classes, progress=prog, check=check)
     max_label = train_scan.max_label
     if val_store is not None:
         score_scan = scan_masks(score_source, scored, ignore_index=ignore_index, num_classes=num_classes,
-                                progress=prog, task="read validation masks")
+                                progress=prog, task="read validation masks", check=check)
         max_label = max(max_label, score_scan.max_label)
     else:
         score_scan = train_scan
+    check.finish()
     if num_classes is None:
         num_classes = max_label + 1
         if num_classes < 2:
