@@ -82,7 +82,7 @@ def reference_epoch_seconds(store_path, masks_dir, names, channels, k, batch=8):
     import torch.nn.functional as F
     from torch import nn
 
-    from posvit_cli.core.io.labels import load_label_image
+    from posvit_cli.core.io.labels import read_label_image
     from posvit_cli.core.features.store import FeatureStore
 
     torch.manual_seed(0)
@@ -91,7 +91,7 @@ def reference_epoch_seconds(store_path, masks_dir, names, channels, k, batch=8):
     with FeatureStore(store_path) as st:
         index = {r.name: r.index for r in st.records}
         feats = [torch.from_numpy(st.features(index[n])).permute(2, 0, 1) for n in names]
-    masks = [torch.from_numpy(load_label_image(os.path.join(masks_dir, n + ".png"))[0]) for n in names]
+    masks = [torch.from_numpy(read_label_image(os.path.join(masks_dir, n + ".png"), "mask").values) for n in names]
     t0 = time.perf_counter()
     for b in range(0, len(names), batch):
         x = torch.stack(feats[b:b + batch])

@@ -18,7 +18,7 @@ from posvit_cli.core.fileio import write_json_atomic
 def cluster(
     store: Annotated[Optional[str], typer.Argument(help="Feature store (.h5, .zarr, .zarr.zip), or - / a pipe for standard input.", show_default=False)] = None,
     k: Annotated[str, typer.Option("-k", "--k", help="Numbers of clusters, comma-separated (e.g. 21,100,300,500).")] = "21,100,300,500",
-    masks: Annotated[Optional[Path], typer.Option("--masks", help="Folder of label images (PNG/TIFF, VOC palette PNGs decode to class indices) matched to the store's images by file stem. Default: none (no evaluation, label maps only).")] = None,
+    masks: Annotated[Optional[Path], typer.Option("--masks", help="Folder of dense masks (class indices 0..C-1 per pixel, --ignore-index = unlabelled; grey/palette PNG or integer TIFF, see docs/labels.md) matched to the store's images by file stem. Default: none (no evaluation, label maps only).")] = None,
     ignore_index: Annotated[int, typer.Option("--ignore-index", help="Mask value that is left out of the evaluation; -1 for none.")] = 255,
     num_classes: Annotated[Optional[int], typer.Option("--num-classes", help="Number of classes, background included. Default: the number of --class-names, else the largest mask label + 1.")] = None,
     class_names: Annotated[Optional[str], typer.Option("--class-names", help="Class names, comma-separated, or a text file with one name per line. Default: 0, 1, 2, ...")] = None,

@@ -18,6 +18,7 @@ from posvit_cli._cli import (
 )
 from posvit_cli.core.errors import PosvitError
 from posvit_cli.core.fileio import write_json_atomic
+from posvit_cli.options import IgnoreIndexOpt, deprecated_option, warn_deprecated
 
 app = typer.Typer(
     name="segment",
@@ -48,7 +49,8 @@ TileOpt = Annotated[int, typer.Option("--tile", help="Process images in tiles of
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU threads. Default: all cores this process may use.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (pixel subsampling, classifier, random weights, scribbles).")]
 RecursiveOpt = Annotated[bool, typer.Option("--recursive", "-r", help="Search image folders recursively.")]
-GtOffsetOpt = Annotated[int, typer.Option("--gt-offset", help="Added to ground-truth values (use 1 for ground truth coded 0..K-1); afterwards 0 means unlabelled and is not scored.")]
+# Deprecated: ground truth was 1-based (0 = unlabelled) with --gt-offset added; it is now 0-based with --ignore-index.
+GtOffsetOpt = Annotated[Optional[int], deprecated_option("--gt-offset")]
 
 
 def _device(spec: str) -> str:
@@ -372,10 +374,11 @@ def _vit_for_apply(stack, seg, paths, features, weights, dev, progress):
 @app.command("eval")
 def eval_(
     pred_or_model: Annotated[str, typer.Argument(metavar="PRED_OR_MODEL", help="Predicted label images (files or a folder), or a .posvit-seg model to apply to --images.", show_default=False)],
-    gt: Annotated[Optional[Path], typer.Option("--gt", help="Folder of dense ground-truth label images named like the predictions / images. Default: none (positional diagnostic only).")] = None,
+    gt: Annotated[Optional[Path], typer.Option("--gt", help="Folder of dense ground-truth masks named like the predictions / images: classes 0..K-1, --ignore-index = unlabelled (class k is prediction value k+1). Default: none (positional diagnostic only).")] = None,
     images: Annotated[Optional[list[str]], typer.Option("--images", "-i", help="Images to segment when evaluating a model (repeatable; files, folders or lists). Default: none.")] = None,
     features: FeaturesOpt = None,
-    gt_offset: GtOffsetOpt = 0,
+    ignore_index: IgnoreIndexOpt = 255,
+    gt_offset: GtOffsetOpt = None,
     grid: Annotated[int, typer.Option("--grid", help="Longer side of the coarse grid on which the prediction maps are probed for positional ramps.")] = 64,
     threshold: Annotated[float, typer.Option("--bias-threshold", help="Flag an image when the probe's best R² of its prediction exceeds that of its ground truth (or 0 without one) by more than this.")] = 0.3,
     tile: TileOpt = 2048,
@@ -391,8 +394,8 @@ def eval_(
     with the linear probe of posvit probe; a classifier that learned position shows ramps in its output.
     """
     with cli_context(debug, quiet):
-        from posvit_cli.core.io.images import list_images, read_label_image
-        from posvit_cli.core.io.labels import stem
+        from posvit_cli.core.io.images import list_images
+        from posvit_cli.core.io.labels import LabelCheck, read_label_image, stem
         from posvit_cli.core.segment.evaluate import SegmentationScores
         from posvit_cli.core.segment.training_labels import pair_label_files
         from posvit_cli.core.segment.segmenter import load_grey, load_segmenter, segment_image, warn
@@ -428,6 +431,9 @@ def eval_(
                 warn(f"no ground truth for '{n}' in '{gt}': scored for the positional diagnostic only")
         class_names = dict(zip(seg.classes.values, seg.classes.names)) if seg else None
         scores = SegmentationScores(ignore_value=0, grid=grid, threshold=threshold, class_names=class_names)
+        gt_check = _gt_check(gt_offset, len(seg.classes) if seg else None)
+        pred_check = LabelCheck("prediction", len(seg.classes) if seg else None,
+                                fix="add 1 (posvit predictions are 1..K, 0 = unlabelled; see docs/labels.md)")
         with contextlib.ExitStack() as stack, RichProgress(quiet) as progress:
             src = None
             if seg is not None:
@@ -444,14 +450,17 @@ def eval_(
                     pred, probs = segment_image(seg, grey, reduced, tile=tile, probabilities=True, device=dev,
                                                 threads=threads)
                 else:
-                    pred = read_label_image(p)
+                    pred = read_label_image(p, "prediction").values
+                    pred_check.add(pred, p)
                     if n in prob_files:
                         probs = _read_probs(prob_files[n], pred.shape)
                 g = None
                 if n in gts:
-                    g = _read_gt(gts[n], seg) + gt_offset
+                    g = _read_gt(gts[n], seg, ignore_index, gt_offset, gt_check)
                 scores.add(n, pred, g, probs, class_values=seg.classes.values if seg else None)
                 progress("eval", i + 1, len(paths))
+        gt_check.finish()
+        pred_check.finish()
         summary = scores.summary()
         if not quiet:
             _print_eval(scores.images, summary)
@@ -473,23 +482,48 @@ def _read_probs(path, hw):
     return np.moveaxis(arr, 0, -1)
 
 
-def _read_gt(path, seg):
-    """Ground-truth values; colour images are mapped with the model's colour table or by sorted colours."""
-    from posvit_cli.core.io.labels import rgb_to_classes
-    from posvit_cli.core.segment.training_labels import read_labels_any
+def _gt_check(gt_offset, num_classes):
+    """The off-by-one check of the ground truth; warns that --gt-offset is deprecated when it is given."""
+    from posvit_cli.core.io.labels import LabelCheck
 
-    labels, is_rgb = read_labels_any(path)
-    if not is_rgb:
-        return labels
-    if seg is not None and seg.classes.colours:
-        table = [(0, 0, 0)] + [tuple(c) for c in seg.classes.colours]
-        mapped, _ = rgb_to_classes(labels, table)
-        lut = [0] + list(seg.classes.values)
-        import numpy as np
+    if gt_offset is not None:
+        warn_deprecated("--gt-offset", "0-based ground truth (classes 0..K-1, unlabelled = --ignore-index; "
+                                       "docs/labels.md)")
+    return LabelCheck("mask", num_classes, fix="subtract 1 from the ground truth (class k is k-1, unlabelled "
+                                               "= --ignore-index); see docs/labels.md")
 
-        return np.asarray(lut)[mapped]
-    mapped, _ = rgb_to_classes(labels)
-    return mapped
+
+def _read_gt(path, seg, ignore_index, gt_offset, check):
+    """Ground truth in the scores' value space: 0 = unlabelled (not scored), class k = value k + 1.
+
+    Ground truth is a dense mask (classes 0..K-1, ``ignore_index`` = unlabelled). Colour images are mapped with
+    the model's colour table, else by the file's sorted colours (black = unlabelled). With the deprecated
+    ``gt_offset`` the old reading is kept: stored values + ``gt_offset``, 0 = unlabelled.
+    """
+    import numpy as np
+
+    from posvit_cli.core.io.labels import read_label_image
+
+    table = list(seg.classes.colours) if seg is not None and seg.classes.colours else "sorted"
+    if gt_offset is not None:
+        old = read_label_image(path, "scribbles", colours=table)
+        values = old.values if old.colours is None else _model_values(old.values, old.ignored, seg)
+        return values + gt_offset
+    mask = read_label_image(path, "mask", ignore_index=None if ignore_index < 0 else ignore_index, colours=table)
+    check.add(mask)
+    if mask.colours is not None:
+        return _model_values(mask.values + 1, mask.ignored, seg)
+    return np.where(mask.ignored, 0, mask.values + 1)
+
+
+def _model_values(positions, ignored, seg):
+    """Colour-table positions 1..K (0 = unlabelled) as the model's class values (its table may skip values)."""
+    import numpy as np
+
+    if seg is None or not seg.classes.colours:
+        return np.where(ignored, 0, positions)
+    lut = np.asarray([0] + list(seg.classes.values))
+    return np.where(ignored, 0, lut[np.where(ignored, 0, positions)])
 
 
 def _fmt(x, digits=3):
@@ -526,7 +560,7 @@ def _print_eval(images, summary) -> None:
 @app.command("bench")
 def bench(
     images: Annotated[list[str], typer.Argument(metavar="IMAGES...", help="Images (files, folders or lists), in order: the first --train are training images, the rest are held out.", show_default=False)],
-    gt: Annotated[Path, typer.Option("--gt", help="Folder of dense ground-truth label images named like the images (0 = unlabelled unless --gt-offset).", show_default=False)],
+    gt: Annotated[Path, typer.Option("--gt", help="Folder of dense ground-truth masks named like the images: classes 0..K-1, --ignore-index = unlabelled.", show_default=False)],
     n_train: Annotated[int, typer.Option("--train", help="Number of training images (the first ones).")] = 5,
     rounds: Annotated[int, typer.Option("--rounds", help="Correction rounds after the initial scribbles.")] = 3,
     model: Annotated[Optional[list[str]], typer.Option("--model", "-m", help="Encoder to compare (repeatable); its features are extracted on the fly. Default: none.")] = None,
@@ -546,7 +580,8 @@ def bench(
     length: Annotated[Optional[int], typer.Option("--scribble-length", help="Steps per scribble. Default: a quarter of the image's shorter side.")] = None,
     width: Annotated[int, typer.Option("--scribble-width", help="Scribble width in pixels.")] = 1,
     margin: Annotated[float, typer.Option("--margin", help="Minimum distance of scribbles from class boundaries, in pixels.")] = 3.0,
-    gt_offset: GtOffsetOpt = 0,
+    ignore_index: IgnoreIndexOpt = 255,
+    gt_offset: GtOffsetOpt = None,
     classifier: ClassifierOpt = "xgboost",
     trees: TreesOpt = 100,
     depth: DepthOpt = 8,
@@ -589,7 +624,9 @@ def bench(
         missing = [p for p in paths if p not in found]
         if missing:
             raise PosvitError(f"no ground truth for '{missing[0]}' in '{gt}' (every benchmark image needs one)")
-        ground = {p: _read_gt(found[p], None) + gt_offset for p in paths}
+        gt_check = _gt_check(gt_offset, None)
+        ground = {p: _read_gt(found[p], None, ignore_index, gt_offset, gt_check) for p in paths}
+        gt_check.finish()
         classical_cfg = _classical_config(classical, sigmas, weka_compat, feature_groups)
         clf_cfg = ClassifierConfig(kind=classifier, trees=trees, depth=depth, learning_rate=learning_rate,
                                    device="cuda" if dev.startswith("cuda") else "cpu", threads=threads, seed=seed)

@@ -12,6 +12,7 @@ from posvit_cli._cli import (
     DebugOpt, JsonOpt, QuietOpt, RichProgress, cli_context, command_line, console, emit_json, parse_csv, store_input,
 )
 from posvit_cli.core.errors import PosvitError
+from posvit_cli.options import IgnoreIndexOpt
 
 app = typer.Typer(
     name="viz",
@@ -366,12 +367,12 @@ def clusters(
 @app.command("segmentation")
 def segmentation(
     images: Annotated[str, typer.Argument(help="Images: a folder, a file, or a .txt list of paths.", show_default=False)],
-    pred: Annotated[str, typer.Argument(help="Folder of predicted label images (PNG/TIFF class indices), matched to images by file stem.", show_default=False)],
+    pred: Annotated[str, typer.Argument(help="Folder of predicted label images as posvit segment apply writes them (class k = value k+1, 0 = unlabelled), matched to images by file stem.", show_default=False)],
     output: OutOpt = "viz",
     truth: Annotated[Optional[str], typer.Option("--truth", help="Folder of ground-truth label images (matched by stem) for per-image and overall mIoU. Default: none.")] = None,
     suffixes: Annotated[str, typer.Option("--suffixes", help="Label file name endings tried after the image stem (comma-separated; empty = same stem).")] = ",_pred,_prediction,_labels,_label,_mask,_seg,_gt",
-    class_names: Annotated[Optional[str], typer.Option("--class-names", help="Legend names of classes 0, 1, ... (comma-separated). Default: class numbers.")] = None,
-    ignore_index: Annotated[Optional[int], typer.Option("--ignore-index", help="Ground-truth value that never counts (e.g. 255). Default: none.")] = None,
+    class_names: Annotated[Optional[str], typer.Option("--class-names", help="Legend names of classes 0, 1, ... (prediction values 1, 2, ...; comma-separated). Default: class numbers.")] = None,
+    ignore_index: IgnoreIndexOpt = 255,
     alpha: Annotated[float, typer.Option("--alpha", help="Opacity of the class colours over the image.")] = 0.5,
     intensity: Annotated[str, typer.Option("--intensity", help="Display scaling of the images: auto (8-bit /255, other types min-max), dtype, minmax, percentile:LO,HI.")] = "auto",
     max_images: MaxImagesOpt = 8,
@@ -417,7 +418,7 @@ def segmentation(
         outdir = _outdir(output)
         with RichProgress(quiet) as progress:
             entries = segmentation_figure(drawn, found, outdir, truth=gt, class_names=parse_csv(class_names) or None,
-                                          ignore_index=ignore_index, alpha=alpha, intensity=intensity,
+                                          ignore_index=None if ignore_index < 0 else ignore_index, alpha=alpha, intensity=intensity,
                                           label=label or Path(pred).resolve().name, options=opts, progress=progress)
         _finish(outdir, entries, json_out, quiet)
 

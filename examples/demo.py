@@ -130,8 +130,8 @@ class Demo:
             self.posvit("segment", "train", *train, "--labels", DATA / "scribbles", *feats, "-o", model, "-q")
             pred = o / f"segmentation_{variant}"
             self.posvit("segment", "apply", model, *held_out, *feats, "-o", pred, "-q")
-            segments[variant] = self.posvit("segment", "eval", pred, "--gt", DATA / "masks", "--gt-offset", "1",
-                                            "-q", json_out=True)
+            segments[variant] = self.posvit("segment", "eval", pred, "--gt", DATA / "masks", "-q",
+                                            json_out=True)
 
         self.step("8. report: positional R², semantic mIoU and overclustering of the micrograph features, one table")
         report = self.posvit(

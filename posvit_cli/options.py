@@ -82,8 +82,9 @@ LayerOpt = Annotated[
 ]
 MasksOpt = Annotated[
     Optional[Path],
-    typer.Option("--masks", help="Folder of ground-truth label images (PNG/TIFF) matched to the images by file stem; "
-                                 "see 'Label conventions' in the README.", show_default=False),
+    typer.Option("--masks", help="Folder of dense ground-truth masks (PNG/TIFF) matched to the images by file stem: "
+                                 "class indices 0..C-1, --ignore-index = unlabelled (docs/labels.md).",
+                 show_default=False),
 ]
 IgnoreIndexOpt = Annotated[
     int, typer.Option("--ignore-index", help="Mask value meaning 'unlabelled', left out of training and scoring; "

@@ -316,7 +316,7 @@ def load_masks(store, mask_dir, *, eval_size=(100, 100), ignore_index: int | Non
         ``ignore_index``, or the class names do not fit.
     """
     from posvit_cli.core.io.labels import (
-        check_label_range, find_label_files, load_label_image, resize_labels_nearest,
+        LabelCheck, check_label_range, find_label_files, read_label_image, resize_labels_nearest,
     )
 
     records = store.records
@@ -338,12 +338,13 @@ def load_masks(store, mask_dir, *, eval_size=(100, 100), ignore_index: int | Non
     size_mode, patch = _store_resize(store)
     resized, files = [], []
     max_label = -1
+    check = LabelCheck("mask", num_classes)
     for i, r in enumerate(records):
         path = found[r.name]
         files.append(str(path))
-        lab, _ = load_label_image(path)
-        if lab.ndim != 2:
-            raise PosvitError(f"mask '{path}' is not a 2-D label image (shape {lab.shape})")
+        mask = read_label_image(path, "mask", ignore_index=ignore_index)
+        check.add(mask)
+        lab = mask.values
         if tuple(lab.shape) != tuple(r.orig_size):
             resized.append(str(path))
             warnings.warn(
@@ -357,6 +358,7 @@ def load_masks(store, mask_dir, *, eval_size=(100, 100), ignore_index: int | Non
         max_label = max(max_label, check_label_range(lab, path, num_classes, ignore_index)[0])
         out[i] = lab
         prog("read masks", i + 1, len(records))
+    check.finish()
     if num_classes is None:
         num_classes = max_label + 1
         if num_classes < 1:

@@ -19,7 +19,6 @@ __all__ = [
     "list_images",
     "parse_intensity",
     "read_image",
-    "read_label_image",
     "to_float",
     "to_channels",
 ]
@@ -207,46 +206,3 @@ def to_channels(img: np.ndarray, channels: int) -> np.ndarray:
         lum = img[..., 0] * 0.299 + img[..., 1] * 0.587 + img[..., 2] * 0.114
         return lum[..., None].astype(np.float32)
     raise PosvitError(f"cannot feed a {c}-channel image to a {channels}-channel encoder")
-
-
-def read_label_image(path: str | os.PathLike) -> np.ndarray:
-    """Read a label image as integer class indices, shape ``(H, W)``.
-
-    Palette PNGs (VOC masks) give their palette indices; greyscale and integer TIFFs give their values. RGB
-    label images are rejected here; :func:`posvit_cli.core.io.labels.rgb_to_classes` maps colours explicitly.
-
-    Raises
-    ------
-    PosvitError
-        If the file cannot be read or is a colour image.
-    """
-    p = Path(path)
-    try:
-        if p.suffix.lower() in (".tif", ".tiff"):
-            import tifffile
-
-            arr = tifffile.imread(str(p), key=0)
-        else:
-            from PIL import Image
-
-            with Image.open(p) as im:
-                im.load()
-                if im.mode in ("P", "L", "I", "I;16", "1"):
-                    arr = np.asarray(im)
-                elif im.mode in ("LA", "PA"):
-                    arr = np.asarray(im)[..., 0]
-                else:
-                    arr = np.asarray(im.convert("RGB"))
-    except Exception as exc:
-        raise PosvitError(f"cannot read label image '{path}' ({type(exc).__name__}: {exc})") from exc
-    if arr.ndim == 3:
-        if arr.shape[-1] in (3, 4) and np.all(arr[..., 0] == arr[..., 1]) and np.all(arr[..., 1] == arr[..., 2]):
-            arr = arr[..., 0]
-        else:
-            raise PosvitError(
-                f"label image '{path}' is a colour image; save labels as palette/greyscale class indices"
-            )
-    if np.issubdtype(arr.dtype, np.floating):
-        if not np.all(np.equal(np.mod(arr, 1), 0)):
-            raise PosvitError(f"label image '{path}' holds non-integer values")
-    return arr.astype(np.int64)

@@ -1,23 +1,66 @@
-"""Label images (masks, scribbles): matching them to images by file stem, colour tables, resizing.
+"""Label images (dense masks, scribbles, predictions): one reader, one convention, one value check.
 
-Class masks are integer arrays ``(H, W)``. Palette PNGs (VOC) decode to palette indices, greyscale and integer
-TIFFs to their values; RGB label images are mapped to classes by colour (:func:`rgb_to_classes`).
+The convention (``docs/labels.md`` has the full text):
+
+- **dense masks** (ground truth: ``--masks``, ``--gt``, ``--truth``) store the class index ``0 .. C-1`` per
+  pixel; the ignore value (``--ignore-index``, 255 by default) means unlabelled and is never scored;
+- **scribbles** (``segment train --labels``) and the **predictions** ``segment apply`` writes store ``0`` for
+  unlabelled and ``k + 1`` for class ``k``, so that class ``k`` of a mask is value ``k + 1`` of a scribble.
+
+Greyscale and palette PNGs and integer TIFFs (8/16/32-bit) decode to their stored values; RGB label images are
+mapped to values through an explicit colour table (black is unlabelled). :func:`read_label_image` is the reader
+every command uses; :class:`LabelCheck` looks at the values of a whole run and warns once when they look shifted
+by one against the convention.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from posvit_cli.core.errors import PosvitError
-from posvit_cli.core.io.images import IMAGE_SUFFIXES, read_label_image
+from posvit_cli.core.errors import PosvitError, PosvitWarning
+from posvit_cli.core.io.images import IMAGE_SUFFIXES
 
 __all__ = [
-    "find_label_files", "load_label_image", "nearest_indices", "resize_labels_nearest", "rgb_to_classes", "stem",
+    "ColourLabelsError",
+    "LabelCheck",
+    "LabelImage",
+    "LabelImageError",
+    "ROLES",
+    "UnknownColourError",
+    "check_label_range",
+    "colour_codes",
+    "decode_labels",
+    "find_label_files",
+    "label_files_by_stem",
+    "nearest_indices",
+    "read_label_image",
+    "resize_labels_nearest",
+    "rgb_to_classes",
+    "sorted_colours",
+    "stem",
 ]
+
+#: What a label image is: a dense ``mask`` (0..C-1 and an ignore value), ``scribbles`` or a ``prediction``
+#: (0 = unlabelled, value k + 1 = class k).
+ROLES = ("mask", "scribbles", "prediction")
+
+
+class LabelImageError(PosvitError):
+    """A label image that cannot be read as labels."""
+
+
+class ColourLabelsError(LabelImageError):
+    """An RGB label image was given where no colour table says which colour is which class."""
+
+
+class UnknownColourError(LabelImageError):
+    """An RGB label image holds a colour that is not in the colour table."""
 
 
 def stem(path: str | os.PathLike) -> str:
@@ -78,14 +121,15 @@ def find_label_files(
 
 
 def check_label_range(labels: np.ndarray, source, num_classes: int | None, ignore_index: int | None) -> tuple[int, int]:
-    """Validate a mask's class values; return (largest label, number of labelled pixels), ignored pixels excluded.
+    """Validate a dense mask's class values; return (largest label, number of labelled pixels), ignored excluded.
 
     The largest label is -1 for a mask with no labelled pixel.
 
     Raises
     ------
     PosvitError
-        For a negative label, or one ≥ ``num_classes`` that is not the ignore index (naming ``source``).
+        For a negative label, or one ≥ ``num_classes`` that is not the ignore index (naming ``source``, and
+        saying so when the mask looks 1-based).
     """
     kept = labels if ignore_index is None else labels[labels != ignore_index]
     if not kept.size:
@@ -95,65 +139,324 @@ def check_label_range(labels: np.ndarray, source, num_classes: int | None, ignor
         raise PosvitError(f"mask '{source}' holds the negative label {lo}")
     if num_classes is not None and hi >= num_classes:
         ign = f" and is not the ignore index {ignore_index}" if ignore_index is not None else ""
-        raise PosvitError(f"mask '{source}' holds label {hi}, which is ≥ --num-classes {num_classes}{ign}")
+        hint = ""
+        if hi == num_classes:
+            hint = (f": labels look 1-based (classes are 0..{num_classes - 1}); subtract 1"
+                    + (" (unlabelled pixels stay the ignore value)" if ignore_index is not None else ""))
+        raise PosvitError(f"mask '{source}' holds label {hi}, which is ≥ --num-classes {num_classes}{ign}{hint}")
     return hi, int(kept.size)
 
 
-def rgb_to_classes(rgb: np.ndarray, colours: Sequence[tuple[int, int, int]] | None = None):
-    """Map an RGB label image to class indices by colour.
+# --------------------------------------------------------------------------------------------------------------
+# Decoding
+
+
+def decode_labels(path: str | os.PathLike) -> np.ndarray:
+    """Decode a label file to its stored values ``(H, W)`` int64, or its colours ``(H, W, 3)`` uint8.
+
+    Palette PNGs give their palette indices (VOC), greyscale PNGs and integer TIFFs (8/16/32-bit, first page)
+    their values; an RGB(A) image whose three channels are equal is greyscale. Any other colour image comes
+    back as colours, for :func:`rgb_to_classes`.
+
+    Raises
+    ------
+    LabelImageError
+        If the file cannot be decoded, holds non-integer values, or has an unsupported shape.
+    """
+    p = Path(path)
+    try:
+        if p.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            arr = tifffile.imread(str(p), key=0)
+            if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[-1] > 4:
+                arr = np.moveaxis(arr, 0, -1)
+        else:
+            from PIL import Image
+
+            with Image.open(p) as im:
+                im.load()
+                if im.mode in ("P", "L", "I", "I;16", "1"):
+                    arr = np.asarray(im)
+                elif im.mode in ("LA", "PA"):
+                    arr = np.asarray(im)[..., 0]
+                else:
+                    arr = np.asarray(im.convert("RGB"))
+    except Exception as exc:
+        raise LabelImageError(f"cannot read label image '{path}' ({type(exc).__name__}: {exc})") from exc
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim == 3:
+        if arr.shape[-1] not in (3, 4):
+            raise LabelImageError(f"label image '{path}' has shape {arr.shape}; expected (H, W) or (H, W, 3)")
+        arr = arr[..., :3]
+        if np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 1], arr[..., 2]):
+            arr = arr[..., 0]
+        else:
+            return np.ascontiguousarray(arr.astype(np.uint8))
+    if arr.ndim != 2:
+        raise LabelImageError(f"label image '{path}' has shape {arr.shape}; expected (H, W)")
+    if np.issubdtype(arr.dtype, np.floating) and not np.all(np.equal(np.mod(arr, 1), 0)):
+        raise LabelImageError(f"label image '{path}' holds non-integer values; store class indices as integers")
+    return arr.astype(np.int64)
+
+
+def colour_codes(rgb: np.ndarray) -> np.ndarray:
+    """``0xRRGGBB`` integer code of each pixel of an ``(..., 3)`` colour array, int64."""
+    rgb = np.asarray(rgb)[..., :3].astype(np.int64)
+    return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+
+
+def sorted_colours(rgb_images: Iterable[np.ndarray]) -> list[tuple[int, int, int]]:
+    """The distinct colours other than black of some RGB label images, sorted by ``0xRRGGBB`` code.
+
+    This is the default colour table: the ``k``-th colour is class ``k`` (mask value ``k``, scribble value
+    ``k + 1``). Build it once over every image of a run, so that all images share it.
+    """
+    codes = np.unique(np.concatenate([np.unique(colour_codes(a)).ravel() for a in rgb_images] or [np.zeros(0, int)]))
+    return [((c >> 16) & 255, (c >> 8) & 255, c & 255) for c in codes.tolist() if c != 0]
+
+
+def rgb_to_classes(rgb: np.ndarray, colours: Sequence[tuple[int, int, int]]) -> np.ndarray:
+    """Map an RGB label image to colour-table positions: ``colours[i]`` → ``i``.
 
     Parameters
     ----------
     rgb : ndarray, shape (H, W, 3) or (H, W, 4)
-    colours : sequence of (r, g, b), optional
-        The colour of class i at position i. By default the distinct colours are sorted, black first.
+    colours : sequence of (r, g, b)
 
     Returns
     -------
-    labels : ndarray of int64, shape (H, W)
-    colours : list of (r, g, b)
-        The colour table used, so it can be printed and reused for other images.
+    ndarray of int64, shape (H, W)
 
     Raises
     ------
-    PosvitError
-        If ``colours`` is given and the image holds a colour that is not in it.
+    UnknownColourError
+        If the image holds a colour that is not in ``colours``.
     """
-    rgb = np.asarray(rgb)[..., :3].astype(np.int64)
-    codes = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
-    if colours is None:
-        uniq = np.unique(codes)
-        table = [(int(c >> 16) & 255, int(c >> 8) & 255, int(c) & 255) for c in uniq]
-    else:
-        table = [tuple(int(v) for v in c) for c in colours]
-        uniq = np.array([(r << 16) | (g << 8) | b for r, g, b in table], dtype=np.int64)
-    order = np.argsort(uniq)
-    pos = np.searchsorted(uniq[order], codes)
-    pos = np.clip(pos, 0, len(uniq) - 1)
-    found = uniq[order][pos] == codes
+    codes = colour_codes(rgb)
+    table = np.array([(int(r) << 16) | (int(g) << 8) | int(b) for r, g, b in colours], dtype=np.int64)
+    order = np.argsort(table, kind="stable")
+    pos = np.clip(np.searchsorted(table[order], codes), 0, max(len(table) - 1, 0))
+    found = table[order][pos] == codes if len(table) else np.zeros(codes.shape, bool)
     if not found.all():
-        c = int(codes[~found][0])
-        raise PosvitError(f"colour {(c >> 16) & 255, (c >> 8) & 255, c & 255} is not in the label colour table")
-    return order[pos].astype(np.int64), table
+        c = int(codes[~found].flat[0])
+        raise UnknownColourError(f"colour {((c >> 16) & 255, (c >> 8) & 255, c & 255)} is not in the label colour "
+                                 f"table ({len(table)} colours)")
+    return order[pos].astype(np.int64)
 
 
-def load_label_image(path: str | os.PathLike, colours=None, allow_rgb: bool = False):
-    """Read a label image as class indices ``(H, W)``; RGB images map by colour only with ``allow_rgb``.
+# --------------------------------------------------------------------------------------------------------------
+# The reader
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelImage:
+    """A label image read under the convention of its role.
+
+    Attributes
+    ----------
+    values : ndarray of int64, shape (H, W)
+        Stored values in the role's convention: for a ``mask`` the class index (or the ignore value), for
+        ``scribbles`` and ``prediction`` 0 (unlabelled) or ``class + 1``.
+    ignored : ndarray of bool, shape (H, W)
+        Pixels that are unlabelled (the ignore value of a mask, 0 of scribbles and predictions).
+    role : str
+    source : str
+        The file, for messages.
+    colours : list of (r, g, b) or None
+        The colour table used when the file was an RGB image (class ``k`` at position ``k``).
+    """
+
+    values: np.ndarray
+    ignored: np.ndarray
+    role: str
+    source: str
+    colours: list | None = None
+
+    @property
+    def classes(self) -> np.ndarray:
+        """Class indices ``0 .. C-1`` per pixel, ``-1`` where unlabelled; int64 ``(H, W)``."""
+        idx = self.values if self.role == "mask" else self.values - 1
+        return np.where(self.ignored, -1, idx)
+
+
+def read_label_image(
+    path: str | os.PathLike,
+    role: str = "mask",
+    *,
+    ignore_index: int | None = 255,
+    colours: Sequence[tuple[int, int, int]] | str | None = None,
+) -> LabelImage:
+    """Read a mask, scribble or prediction image under the label convention.
+
+    Parameters
+    ----------
+    path : path-like
+        Greyscale or palette PNG, integer TIFF, or an RGB image with ``colours``.
+    role : {"mask", "scribbles", "prediction"}
+        ``mask``: values are class indices ``0 .. C-1`` and ``ignore_index`` is unlabelled; ``scribbles`` and
+        ``prediction``: 0 is unlabelled and value ``k + 1`` is class ``k``.
+    ignore_index : int or None
+        The unlabelled value of a mask (``None``: every pixel counts). Not used for the other roles.
+    colours : sequence of (r, g, b), "sorted" or None
+        Colour table of RGB label images: colour ``k`` is class ``k``; black, when not in the table, is
+        unlabelled. ``"sorted"`` takes this file's own colours (:func:`sorted_colours`) -- only safe when every
+        file holds every class. ``None`` rejects RGB images.
 
     Returns
     -------
-    labels : ndarray of int64, shape (H, W)
-    colours : list of (r, g, b) or None
-        The colour table when the file was an RGB image.
-    """
-    try:
-        return read_label_image(path), None
-    except PosvitError as exc:
-        if not allow_rgb or "colour image" not in str(exc):
-            raise
-    from posvit_cli.core.io.images import read_image
+    LabelImage
 
-    return rgb_to_classes(read_image(path), colours)
+    Raises
+    ------
+    ColourLabelsError
+        An RGB image without a colour table.
+    UnknownColourError
+        An RGB image with a colour outside the table.
+    LabelImageError
+        The file cannot be decoded, or holds negative values.
+    """
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, not {role!r}")
+    raw = decode_labels(path)
+    table = None
+    if raw.ndim == 3:
+        if colours is None:
+            raise ColourLabelsError(
+                f"label image '{path}' is a colour (RGB) image: save class indices as a greyscale or palette "
+                "PNG or an integer TIFF (see docs/labels.md), or give the colour table"
+            )
+        table = sorted_colours([raw]) if isinstance(colours, str) else [tuple(int(v) for v in c) for c in colours]
+        black = (0, 0, 0)
+        if black in table:
+            pos = rgb_to_classes(raw, table)
+            unlabelled = np.zeros(pos.shape, bool)
+        else:
+            pos = rgb_to_classes(raw, [black] + table) - 1
+            unlabelled = pos < 0
+        if role == "mask":
+            fill = ignore_index if ignore_index is not None else -1
+            values = np.where(unlabelled, fill, pos)
+            ignored = unlabelled
+        else:
+            values = np.where(unlabelled, 0, pos + 1)
+            ignored = unlabelled
+        return LabelImage(values.astype(np.int64), ignored, role, str(path), table)
+    if raw.size and raw.min() < 0:
+        raise LabelImageError(f"label image '{path}' holds the negative value {int(raw.min())}")
+    if role == "mask":
+        ignored = np.zeros(raw.shape, bool) if ignore_index is None else raw == ignore_index
+    else:
+        ignored = raw == 0
+    return LabelImage(raw, ignored, role, str(path), None)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The off-by-one check
+
+
+class LabelCheck:
+    """Watches the values of every label image of a run and warns once when they look shifted by one.
+
+    The rules (``C`` = number of classes when known from ``--num-classes``, ``--class-names`` or the model):
+
+    - ``mask`` (classes ``0 .. C-1``): with ``C`` known, the masks look **1-based** when no mask holds 0 and
+      the values found are ``{1 .. C}`` or a subset holding ``C``; or when they hold exactly ``0 .. C`` (1-based
+      with 0 as unlabelled, the scribble convention). With ``C`` unknown: no mask holds 0 and the values found
+      are exactly ``{1 .. M}``, ``M ≥ 2`` (class 0 would be empty).
+    - ``prediction`` (values ``1 .. C``, 0 = unlabelled): a posvit prediction labels every pixel, so predictions
+      look **0-based** when some pixel holds 0 and (``C`` known) no prediction holds ``C``, or (``C`` unknown)
+      when some pixel holds 0 at all.
+    - ``scribbles``: 0 is normal there (most of the image); with ``C`` known they look 0-based when value ``C``
+      never occurs but 0 .. C-1 all do. Without ``C`` nothing can be told.
+
+    Parameters
+    ----------
+    role : {"mask", "scribbles", "prediction"}
+    num_classes : int, optional
+    fix : str, optional
+        How the user fixes it on this command (e.g. ``"pass --gt-offset -1"``); a generic hint by default.
+    """
+
+    def __init__(self, role: str = "mask", num_classes: int | None = None, fix: str | None = None):
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, not {role!r}")
+        self.role = role
+        self.num_classes = num_classes
+        self.fix = fix
+        self.present: set[int] = set()
+        self.first_with: dict[int, str] = {}
+        self.warned: str | None = None
+
+    def add(self, image: LabelImage | np.ndarray, source: str | os.PathLike | None = None,
+            ignored: np.ndarray | None = None) -> None:
+        """Record the labelled values of one image (a :class:`LabelImage`, or values with their ignore mask)."""
+        if isinstance(image, LabelImage):
+            values, ignored, source = image.values, image.ignored, source or image.source
+        else:
+            values = np.asarray(image)
+        kept = values if ignored is None else values[~ignored]
+        if self.role != "mask":
+            kept = values  # 0 is evidence here, not something to drop
+        if not kept.size:
+            return
+        lo, hi = int(kept.min()), int(kept.max())
+        found = np.flatnonzero(np.bincount(kept.ravel() - lo)) + lo if hi - lo < 1 << 20 else np.unique(kept)
+        for v in found.tolist():
+            if v not in self.present:
+                self.present.add(int(v))
+                self.first_with[int(v)] = str(source)
+
+    def verdict(self) -> str | None:
+        """The warning the values so far deserve, or None."""
+        P, C = self.present, self.num_classes
+        if not P:
+            return None
+        top = max(P)
+        if self.role == "mask":
+            generic = "subtract 1 from the mask values (keep unlabelled pixels at the ignore value)"
+            if C is not None and C >= 1:
+                if 0 not in P and C in P and P <= set(range(1, C + 1)):
+                    why = ""
+                elif C >= 2 and P == set(range(0, C + 1)):
+                    why = " with 0 as unlabelled (the scribble convention)"
+                    generic = "subtract 1 and store unlabelled pixels as the ignore value (255)"
+                else:
+                    return None
+                return (f"{self.first_with[C]} holds {_span(P)} but classes are 0..{C - 1}: labels look 1-based"
+                        f"{why}; {self.fix or generic}")
+            if 0 not in P and top >= 2 and P == set(range(1, top + 1)):
+                return (f"{self.first_with[top]} holds {_span(P)} and no mask holds 0, so class 0 would be empty: "
+                        f"labels look 1-based; {self.fix or generic}, or give --num-classes/--class-names if "
+                        "class 0 is really absent")
+            return None
+        generic = "add 1 (classes are values 1..C, 0 = unlabelled)"
+        if self.role == "prediction":
+            if 0 in P and (C is None or C not in P):
+                classes = f"classes are 1..{C}" if C is not None else "predictions label classes 1..C"
+                return (f"{self.first_with[0]} holds {_span(P)} but {classes} (0 = unlabelled): values look "
+                        f"0-based; {self.fix or generic}")
+            return None
+        if C is not None and C >= 2 and C not in P and P == set(range(0, C)):
+            return (f"{self.first_with[C - 1]} holds {_span(P)} and never {C}, but classes are 1..{C} "
+                    f"(0 = unlabelled): scribbles look 0-based; {self.fix or generic}")
+        return None
+
+    def finish(self) -> str | None:
+        """Warn (one :class:`PosvitWarning`) if the run's values look shifted; return the message or None."""
+        msg = self.verdict()
+        if msg and not self.warned:
+            self.warned = msg
+            warnings.warn(msg, PosvitWarning, stacklevel=2)
+        return msg
+
+
+def _span(values: set[int]) -> str:
+    v = sorted(values)
+    if v == list(range(v[0], v[-1] + 1)) and len(v) >= 2:
+        return f"{v[0]}..{v[-1]}"
+    return ", ".join(str(x) for x in v[:8]) + (", …" if len(v) > 8 else "")
 
 
 def resize_labels_nearest(labels: np.ndarray, out_hw: tuple[int, int], sampling: str = "centre") -> np.ndarray:

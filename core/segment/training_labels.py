@@ -1,9 +1,8 @@
 """Scribble label images for training: pairing with images, colour labels, validation, the class table.
 
-Conventions: a label image has the image's size; 0 means unlabelled and every other value is a class. Colour
-(RGB) label images are mapped to classes by colour: black is unlabelled and the other colours, sorted, are
-classes 1, 2, ... in the same way for every image of a training set (the table is returned so it can be
-printed). Label files are matched to images by file stem, optionally followed by a suffix such as ``_labels``.
+Conventions (``docs/labels.md``): a scribble image has the image's size; 0 means unlabelled and value ``k + 1`` is
+class ``k``. Colour (RGB) label images are mapped to classes by colour: black is unlabelled and the other colours,
+sorted over the whole training set, are values 1, 2, ... (the table is returned so it can be printed). Label files are matched to images by file stem, optionally followed by a suffix such as ``_labels``.
 """
 
 from __future__ import annotations
@@ -16,7 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from posvit_cli.core.errors import PosvitError
-from posvit_cli.core.io.labels import label_files_by_stem, rgb_to_classes, stem
+from posvit_cli.core.io.labels import (
+    decode_labels, label_files_by_stem, rgb_to_classes, sorted_colours, stem,
+)
 from posvit_cli.core.segment.segmenter import ClassTable, LabelledImage
 
 __all__ = [
@@ -25,7 +26,6 @@ __all__ = [
     "image_hw",
     "load_training_labels",
     "pair_label_files",
-    "read_labels_any",
 ]
 
 #: Suffixes tried after an image's stem when looking for its label file.
@@ -82,24 +82,6 @@ def pair_label_files(
                 out[p] = hit
                 break
     return out
-
-
-def read_labels_any(path: str | os.PathLike) -> tuple[np.ndarray, bool]:
-    """Read a label image: ``(values (H, W) int64, False)`` or, for a colour image, ``(rgb (H, W, 3), True)``."""
-    from posvit_cli.core.io.images import read_image, read_label_image
-
-    try:
-        return read_label_image(path), False
-    except PosvitError as exc:
-        if "colour image" not in str(exc):
-            raise
-    rgb = np.asarray(read_image(path))[..., :3]
-    return rgb, True
-
-
-def _colour_codes(rgb: np.ndarray) -> np.ndarray:
-    rgb = rgb.astype(np.int64)
-    return np.unique((rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2])
 
 
 @dataclasses.dataclass
@@ -169,7 +151,8 @@ def load_training_labels(
     kinds = set()
     for s, lab_path in found.items():
         img_path = by_stem[s]
-        labels, is_rgb = read_labels_any(lab_path)
+        labels = decode_labels(lab_path)
+        is_rgb = labels.ndim == 3
         if not is_rgb and labels.size and labels.min() >= 0 and labels.max() < 2**16:
             labels = labels.astype(np.uint16)  # int64 label maps of huge images would cost 8 bytes a pixel
         kinds.add(is_rgb)
@@ -184,12 +167,11 @@ def load_training_labels(
         raise PosvitError("the label images mix colour (RGB) and class-index images: use one kind")
     colour_table = None
     if kinds == {True}:
-        codes = np.unique(np.concatenate([_colour_codes(v) for v in raw.values()]))
-        codes = codes[codes != 0]
-        colours = [(0, 0, 0)] + [((c >> 16) & 255, (c >> 8) & 255, c & 255) for c in codes.tolist()]
+        # One table for the whole set: a colour missing from one image must not shift the others' classes.
+        colours = sorted_colours(raw.values())
         for s in raw:
-            raw[s], _ = rgb_to_classes(raw[s], colours)
-        colour_table = [(tuple(int(v) for v in c), i) for i, c in enumerate(colours) if i > 0]
+            raw[s] = rgb_to_classes(raw[s], [(0, 0, 0)] + colours)  # black → 0, colour k → k + 1
+        colour_table = [(tuple(int(v) for v in c), i + 1) for i, c in enumerate(colours)]
 
     values_per_image = {s: np.unique(v) for s, v in raw.items()}
     for s, vals in values_per_image.items():
@@ -206,8 +188,13 @@ def load_training_labels(
             raise PosvitError(f"label value {beyond[0]} has no name: {len(names)} class names were given")
         absent = [n for v, n in zip(values, names) if v not in all_values]
         if absent:
-            raise PosvitError(f"class '{absent[0]}' (value {values[names.index(absent[0])]}) has no labelled "
-                              "pixel in any label image")
+            v = values[names.index(absent[0])]
+            shifted = ""
+            if v == len(names) and len(absent) == 1:
+                # 0..C-1 scribbles: the first class was painted as 0, which means unlabelled.
+                shifted = (f"; if the scribbles hold 0..{len(names) - 1} they are 0-based: add 1 (0 = unlabelled, "
+                           f"1..{len(names)} = classes)")
+            raise PosvitError(f"class '{absent[0]}' (value {v}) has no labelled pixel in any label image{shifted}")
     else:
         values = all_values
         if colour_table:

@@ -759,7 +759,7 @@ def segmentation_figure(
     *,
     truth: dict[str, Path] | None = None,
     class_names: Sequence[str] | None = None,
-    ignore_index: int | None = None,
+    ignore_index: int | None = 255,
     alpha: float = 0.5,
     intensity: str = "auto",
     label: str = "segmentation",
@@ -773,21 +773,22 @@ def segmentation_figure(
     images : sequence of path-like
         Source images, in drawing order.
     predictions : dict of str to Path
-        Image stem → predicted label image (class indices).
+        Image stem → predicted label image as ``posvit segment apply`` writes it: value ``k + 1`` is class ``k``,
+        0 is unlabelled (``docs/labels.md``).
     truth : dict of str to Path, optional
-        Image stem → ground-truth label image; enables per-image and overall mIoU (classes absent from both
-        an image's truth and prediction are left out of its mean).
+        Image stem → ground-truth mask (class indices ``0 .. C-1``); enables per-image and overall mIoU (classes
+        absent from both an image's truth and prediction are left out of its mean).
     class_names : sequence of str, optional
-        Legend names of classes 0, 1, ...
+        Legend names of classes 0, 1, ... (prediction values 1, 2, ...).
     ignore_index : int, optional
-        Ground-truth value that never counts (and is drawn uncoloured).
+        Ground-truth value that never counts (and is drawn uncoloured); 255 by default.
 
     Returns
     -------
     list of FigureEntry
     """
     from posvit_cli.core.io.images import read_image
-    from posvit_cli.core.io.labels import load_label_image, resize_labels_nearest, stem as stem_of
+    from posvit_cli.core.io.labels import LabelCheck, read_label_image, resize_labels_nearest, stem as stem_of
     from posvit_cli.core.measure.metrics import accumulate_confusion, confusion_matrix, miou
 
     opts = options or FigureOptions()
@@ -798,14 +799,24 @@ def segmentation_figure(
         raise PosvitError(f"--alpha must be in [0, 1], got {alpha}")
     outdir = Path(outdir)
     loaded = []
+    n_named = len(class_names) if class_names else None
+    pred_check = LabelCheck("prediction", n_named, fix="add 1 (class k is prediction value k+1, 0 = unlabelled)")
+    truth_check = LabelCheck("mask", n_named)
     for p in images:
         s = stem_of(p)
-        pred, _ = load_label_image(predictions[s])
-        gt = load_label_image(truth[s])[0] if truth and s in truth else None
-        loaded.append((Path(p), s, pred, gt))
-    skip = set() if ignore_index is None else {int(ignore_index)}
+        # Both become class indices 0..C-1 (-1 = unlabelled), so the legend's names index them directly.
+        pr = read_label_image(predictions[s], "prediction")
+        pred_check.add(pr)
+        gt = None
+        if truth and s in truth:
+            g = read_label_image(truth[s], "mask", ignore_index=ignore_index)
+            truth_check.add(g)
+            gt = g.classes
+        loaded.append((Path(p), s, pr.classes, gt))
+    pred_check.finish()
+    truth_check.finish()
     values = sorted({int(v) for _, _, pr, gt in loaded for a in (pr, gt) if a is not None
-                     for v in np.unique(a) if v >= 0 and int(v) not in skip})
+                     for v in np.unique(a) if v >= 0})
     palette = label_palette(max(len(values), 1))
     n_cls = (max(values) + 1) if values else 1
     total = None
@@ -833,9 +844,12 @@ def segmentation_figure(
         row = [Panel(img, size=hw, placeholder="image unreadable")]
         if gt is not None:
             pr = pred if pred.shape == gt.shape else resize_labels_nearest(pred, gt.shape)
-            gt_ok = gt if ignore_index is None else np.where(gt == ignore_index, -1, gt)
+            gt_ok = gt
             keep = gt_ok >= 0
             bad = (pr[keep] < 0) | (pr[keep] >= n_cls)
+            if (pr[keep] < 0).any():
+                raise PosvitError(f"prediction of '{s}' leaves pixels unlabelled (value 0) where the ground truth "
+                                  "has a class: predictions hold class k as value k+1 (docs/labels.md)")
             if bad.any():
                 raise PosvitError(f"prediction of '{s}' holds label {int(pr[keep][bad][0])}, not a class of the "
                                   f"ground truth or the other predictions")
@@ -860,14 +874,17 @@ def segmentation_figure(
         else "no ground truth given (--truth): η² = share of column (x) / row (y) variance explained by the labels")
     headers = ["image", "prediction"] + (["ground truth"] if any(gt is not None for *_, gt in loaded) else [])
     path = outdir / f"segmentation_{slug(label)}.png"
-    grid = PanelGrid(rows, title=title, row_labels=labels, col_headers=headers,
-                     legend=_legend(values, palette, class_names, "class"),
+    legend = _legend(values, palette, class_names, "class")
+    grid = PanelGrid(rows, title=title, row_labels=labels, col_headers=headers, legend=legend,
                      footer=f"Class colours at opacity {alpha:g}."
                      + (f" Ground-truth value {ignore_index} ignored." if ignore_index is not None else ""))
     size = _write(grid, path, title.split("\n")[0])
     caption = f"{len(loaded)} images." + (f" mIoU {fmt(overall, 3)}." if overall is not None else "")
     return [FigureEntry(path.relative_to(outdir).as_posix(), "segmentation", title.split("\n")[0], caption, [],
-                        {"size": list(size), "miou": overall, "images": numbers}, opts.command)]
+                        {"size": list(size), "miou": overall, "images": numbers,
+                         "legend": [{"class": int(v), "name": name, "colour": [int(c) for c in colour]}
+                                    for v, (colour, name) in zip(values, legend.entries)]},
+                        opts.command)]
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -66,7 +66,7 @@ def seg_data(tmp_path):
     for i in range(3):
         img, gt = two_phase(96, i, blob=12)
         save_png(dirs["imgs"] / f"im{i}.png", (img * 255).astype(np.uint8))
-        save_png(dirs["gt"] / f"im{i}.png", gt)
+        save_png(dirs["gt"] / f"im{i}.png", gt - 1)  # dense masks are 0-based (docs/labels.md)
         save_png(dirs["labels"] / f"im{i}.png", draw_scribbles(gt, 3, seed=i).astype(np.uint8))
     return dirs
 
@@ -245,7 +245,8 @@ def test_miou_of_hand_made_label_maps_equals_the_hand_computed_values():
 def test_eval_command_reports_the_hand_computed_miou(tmp_path, cli):
     (tmp_path / "pred").mkdir()
     (tmp_path / "gt").mkdir()
-    gt = np.array([[1, 1, 2, 2], [1, 1, 2, 2], [1, 1, 2, 2], [0, 0, 2, 2]], np.uint8)
+    # ground truth: classes 0..1 and 255 = unlabelled; predictions: class k is value k + 1 (docs/labels.md)
+    gt = np.array([[0, 0, 1, 1], [0, 0, 1, 1], [0, 0, 1, 1], [255, 255, 1, 1]], np.uint8)
     pred = np.array([[1, 1, 1, 2], [1, 1, 2, 2], [3, 1, 2, 2], [1, 3, 3, 2]], np.uint8)
     save_png(tmp_path / "pred" / "x.png", pred)
     save_png(tmp_path / "gt" / "x.png", gt)

@@ -396,7 +396,7 @@ def test_segmentation_command_hand_computed_miou(cli, tmp_path):
     guess[:8, :8] = 3                                                         # 64 px of class 0 called 3
     Image.fromarray((np.random.default_rng(0).random((48, 64)) * 255).astype(np.uint8)).save(imgs / "a.png")
     Image.fromarray(truth).save(gt / "a.png")
-    Image.fromarray(guess).save(pred / "a_pred.png")
+    Image.fromarray(guess + 1).save(pred / "a_pred.png")                      # predictions: class k is k + 1
     r = cli(["viz", "segmentation", imgs, pred, "--truth", gt, "-o", tmp_path / "out", "--json", "-q"])
     assert r.exit_code == 0, r.output
     q = 24 * 32

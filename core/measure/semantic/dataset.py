@@ -14,7 +14,7 @@ import numpy as np
 
 from posvit_cli.core.cluster.overclustering import MASK_SUFFIXES
 from posvit_cli.core.errors import PosvitError, PosvitWarning
-from posvit_cli.core.io.labels import check_label_range
+from posvit_cli.core.io.labels import LabelCheck, check_label_range
 from posvit_cli.core.measure.semantic.heads import AffineHead, bilinear_taps, upsample_argmax
 from posvit_cli.core.progress import ProgressCallback, report
 
@@ -66,13 +66,11 @@ class MaskSource:
         image if its size differs (nearest, with a warning), then through the store's resize and crop.
         """
         from posvit_cli.core.cluster.overclustering import _to_processed_frame
-        from posvit_cli.core.io.labels import load_label_image, resize_labels_nearest
+        from posvit_cli.core.io.labels import read_label_image, resize_labels_nearest
 
         r = self.store.record(index)
         path = self.files[index]
-        lab, _ = load_label_image(path)
-        if lab.ndim != 2:
-            raise PosvitError(f"mask '{path}' is not a 2-D label image (shape {lab.shape})")
+        lab = read_label_image(path, "mask", ignore_index=None).values
         if tuple(lab.shape) != tuple(r.orig_size) and r.orig_size[0] > 0:
             if str(path) not in self.resized:
                 self.resized.append(str(path))
@@ -112,7 +110,7 @@ class MaskScan:
 
 def scan_masks(source: MaskSource, indices: Sequence[int], *, ignore_index: int | None,
                num_classes: int | None = None, progress: ProgressCallback | None = None,
-               task: str = "read masks") -> MaskScan:
+               task: str = "read masks", check: LabelCheck | None = None) -> MaskScan:
     """Read the masks of ``indices`` once: token-grid masks, labelled-pixel counts, label range checks.
 
     Raises
@@ -126,6 +124,8 @@ def scan_masks(source: MaskSource, indices: Sequence[int], *, ignore_index: int 
     for n, i in enumerate(indices):
         lab = source.processed(i)
         hi, labelled = check_label_range(lab, source.files[i], num_classes, ignore_index)
+        if check is not None:
+            check.add(lab, source.files[i], None if ignore_index is None else lab == ignore_index)
         max_label = max(max_label, hi)
         tokens[i] = source.tokens(i, lab)
         valid[i] = labelled

@@ -16,6 +16,7 @@ from posvit_cli.core.device import torch_threads
 from posvit_cli.core.errors import PosvitError
 from posvit_cli.core.features.provenance import NETWORK_KEYS, STORAGE_KEYS, identity_differences
 from posvit_cli.core.fileio import read_tagged_json
+from posvit_cli.core.io.labels import LabelCheck
 from posvit_cli.core.measure.semantic.dataset import (
     MaskSource, gather_samples, image_split, scan_masks, score_store, scores_from_confusion,
 )
@@ -186,16 +187,18 @@ def _semantic_probe(train_store, masks, settings, val_store, val_masks, robustne
     layer = _check_stores(train_store, val_store, layer)
     class_names, num_classes = _check_classes(class_names, num_classes)
     split = _split_images(train_store, val_store, masks, val_masks, settings)
-    # One pass over every mask: label range, token-grid masks, labelled-pixel counts.
+    # One pass over every mask: label range, token-grid masks, labelled-pixel counts, the off-by-one check.
+    check = LabelCheck("mask", num_classes)
     held_out = set(split.scored) if val_store is None else set()
     train_scan = scan_masks(split.train_source, sorted(set(split.fit) | set(split.stop) | held_out),
-                            ignore_index=ignore_index, num_classes=num_classes, progress=prog)
+                            ignore_index=ignore_index, num_classes=num_classes, progress=prog, check=check)
     max_label = train_scan.max_label
     score_scan = train_scan
     if val_store is not None:
         score_scan = scan_masks(split.score_source, split.scored, ignore_index=ignore_index, num_classes=num_classes,
-                                progress=prog, task="read validation masks")
+                                progress=prog, task="read validation masks", check=check)
         max_label = max(max_label, score_scan.max_label)
+    check.finish()
     if num_classes is None:
         num_classes = max_label + 1
         if num_classes < 2:
