@@ -17,7 +17,7 @@ import numpy as np
 
 from posvit_cli.core.errors import PosvitError
 from posvit_cli.core.io.labels import label_files_by_stem, rgb_to_classes, stem
-from posvit_cli.core.segment.segmenter import ClassTable, LabelledImage
+from posvit_cli.core.segment.classes import ClassTable, LabelledImage
 
 __all__ = [
     "LABEL_SUFFIXES",
