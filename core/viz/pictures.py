@@ -224,29 +224,7 @@ def marker_xy(fp: Footprint, token: tuple[int, int], out_hw: tuple[int, int]) ->
 
 
 def write_grid(grid: PanelGrid, path: Path, title: str) -> tuple[int, int]:
-    """Render a panel grid and write it atomically as PNG; returns the figure's ``(width, height)`` in pixels."""
+    """Render a panel grid and write it atomically as PNG; returns the figure's ``(height, width)`` in pixels."""
     fig = render_grid(grid)
     save_figure(fig.figure, path, ("png",), title=title)
     return fig.size
-
-
-# --------------------------------------------------------------------------------------------------------------
-# PCA
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Similarity
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Positional channels
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Label maps: clusters and segmentations
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Compare models
-
-
