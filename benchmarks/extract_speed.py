@@ -69,7 +69,8 @@ def main() -> None:
     from posvit_cli.core.features.encoders import load_encoder
     from posvit_cli.core.features.extract import ExtractOptions, _prepare, extract_images
     from posvit_cli.core.io.preprocess import parse_size
-    from posvit_cli.core.features.store import FeatureStore, StoreWriter
+    from posvit_cli.core.features.store import FeatureStore
+    from posvit_cli.core.features.writer import StoreWriter
 
     tmp = Path(tempfile.mkdtemp(prefix="posvit-bench-"))
     paths = make_images(tmp / "imgs", args.n, args.size + 32)

@@ -123,7 +123,8 @@ def main() -> None:
     from posvit_cli.core.io.images import read_image, to_channels, to_float
     from posvit_cli.core.io.preprocess import parse_size, resize_and_normalise
     from posvit_cli.core.debias.rasa import RasaConfig, grid_coordinates, initial_weights, load_token_cache, train_rasa
-    from posvit_cli.core.features.store import FeatureStore, StoreWriter
+    from posvit_cli.core.features.store import FeatureStore
+    from posvit_cli.core.features.writer import StoreWriter
 
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="posvit-rasa-bench-"))

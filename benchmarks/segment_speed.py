@@ -58,7 +58,8 @@ def main() -> None:
     from posvit_cli.core.segment.classifiers import ClassifierConfig
     from posvit_cli.core.measure.metrics import class_average_miou
     from posvit_cli.core.segment.scribbles import draw_scribbles
-    from posvit_cli.core.segment.segmenter import ClassTable, FeatureSpec, LabelledImage, load_grey, segment_image, train_segmenter
+    from posvit_cli.core.segment.classes import ClassTable, LabelledImage
+    from posvit_cli.core.segment.segmenter import FeatureSpec, load_grey, segment_image, train_segmenter
 
     n = args.size
     threads = _threads(args.threads)

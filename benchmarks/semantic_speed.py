@@ -50,7 +50,7 @@ def label_field(rng, h, w, k, smooth=3.0):
 def make_dataset(workdir, n, grid, channels, k, seed=0):
     from PIL import Image
 
-    from posvit_cli.core.features.store import StoreWriter
+    from posvit_cli.core.features.writer import StoreWriter
 
     rng = np.random.default_rng(seed)
     h = w = grid

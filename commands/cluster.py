@@ -150,6 +150,7 @@ def _run(store, k, masks, ignore_index, num_classes, class_names, seeds, pca_dim
     import torch
 
     from posvit_cli.core.cluster import overclustering as C
+    from posvit_cli.core.cluster.masks import load_masks
     from posvit_cli.core.device import resolve_device
     from posvit_cli.core.features.store import FeatureStore
 
@@ -164,8 +165,8 @@ def _run(store, k, masks, ignore_index, num_classes, class_names, seeds, pca_dim
             out = C.per_image_kmeans(fs, ks, n_init=n_init or 15, max_iter=max_iter or 300,
                                      seed=(seed_list or [0])[0], layer=layer, device=dev, progress=progress)
         elif masks is not None:
-            mask_set = C.load_masks(fs, masks, eval_size=eval_hw, ignore_index=None if ignore_index < 0 else ignore_index,
-                                    num_classes=num_classes, class_names=names, progress=progress)
+            mask_set = load_masks(fs, masks, eval_size=eval_hw, ignore_index=None if ignore_index < 0 else ignore_index,
+                                  num_classes=num_classes, class_names=names, progress=progress)
             out = C.overcluster_eval(fs, mask_set, ks, protocol=protocol, seeds=seed_list, pca_dim=pca_dim,
                                      n_init=n_init, max_iter=max_iter, layer=layer, device=dev,
                                      max_points_per_cluster=max_points_per_cluster, keep_maps=bool(output),

@@ -467,7 +467,7 @@ def _extract_views(images, out, model, weights, seed, dev, recursive, skip_unrea
     from posvit_cli.core.features.encoders import load_encoder
     from posvit_cli.core.io.images import list_images, parse_intensity
     from posvit_cli.core.debias.rasa import extract_views, view_provenance
-    from posvit_cli.core.features.store import StoreWriter
+    from posvit_cli.core.features.writer import StoreWriter
 
     parse_intensity(intensity)
     cache_path = Path(cache) if cache is not None else out.with_suffix(".views.h5")

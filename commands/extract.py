@@ -263,7 +263,7 @@ def transform_label(spec: str) -> str:
 
 def _extract_one(paths, encoder, options, prov, out, layer_names, dtype, overwrite, resume, compression, dev, quiet):
     from posvit_cli.core.features.extract import extract_images
-    from posvit_cli.core.features.store import StoreWriter
+    from posvit_cli.core.features.writer import StoreWriter
 
     writer = StoreWriter(out, provenance=prov, layers=layer_names, dtype=dtype, overwrite=overwrite,
                          resume=resume, compression=compression)

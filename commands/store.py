@@ -73,7 +73,7 @@ def merge(
 def run_merge(stores: list[str], output: str, *, overwrite: bool, json_out: bool, quiet: bool) -> None:
     """The merge both spellings run (`posvit store merge` and `posvit extract --merge`): one core call, one
     report. Call inside :func:`cli_context`."""
-    from posvit_cli.core.features.store import merge_stores
+    from posvit_cli.core.features.merge import merge_stores
 
     with RichProgress(quiet) as progress:
         n = merge_stores(stores, output, overwrite=overwrite, progress=progress)

@@ -152,7 +152,8 @@ def pca(
     """
     with cli_context(debug, quiet):
         from posvit_cli.core.features.store import FeatureStore
-        from posvit_cli.core.viz.pictures import pca_figure, require_features, select_images
+        from posvit_cli.core.viz.pca_figure import pca_figure
+        from posvit_cli.core.viz.pictures import require_features, select_images
 
         variants = {"both": ("raw", "std"), "on": ("std",), "off": ("raw",)}.get(standardise)
         if variants is None:
@@ -201,7 +202,8 @@ def similarity(
     """
     with cli_context(debug, quiet):
         from posvit_cli.core.features.store import FeatureStore
-        from posvit_cli.core.viz.pictures import query_tokens, require_features, select_images, similarity_figure
+        from posvit_cli.core.viz.pictures import require_features, select_images
+        from posvit_cli.core.viz.similarity import query_tokens, similarity_figure
 
         opts = _options(panel_size, upsample, raw, image_dir, label)
         points, units = _points(at, units)
@@ -245,7 +247,8 @@ def channels(
     with cli_context(debug, quiet):
         from posvit_cli.core.measure.probe import read_probe_result
         from posvit_cli.core.features.store import FeatureStore
-        from posvit_cli.core.viz.pictures import channels_figure, require_features, select_images
+        from posvit_cli.core.viz.channels import channels_figure
+        from posvit_cli.core.viz.pictures import require_features, select_images
         from posvit_cli.core.viz.scores import channel_scores
 
         if top_k < 1:
@@ -352,7 +355,8 @@ def clusters(
     """
     with cli_context(debug, quiet):
         from posvit_cli.core.features.store import FeatureStore
-        from posvit_cli.core.viz.pictures import clusters_figure, select_images
+        from posvit_cli.core.viz.label_maps import clusters_figure
+        from posvit_cli.core.viz.pictures import select_images
 
         opts = _options(panel_size, "nearest", False, image_dir, label)
         outdir = _outdir(output)
@@ -390,7 +394,7 @@ def segmentation(
         from posvit_cli.core.errors import PosvitWarning
         from posvit_cli.core.io.images import list_images, parse_intensity
         from posvit_cli.core.io.labels import find_label_files, stem
-        from posvit_cli.core.viz.pictures import segmentation_figure
+        from posvit_cli.core.viz.label_maps import segmentation_figure
 
         parse_intensity(intensity)
         if max_images < 1:
@@ -455,7 +459,7 @@ def compare(
         import contextlib
 
         from posvit_cli.core.features.store import FeatureStore
-        from posvit_cli.core.viz.pictures import compare_figure
+        from posvit_cli.core.viz.compare import compare_figure
 
         if sum(1 for s in stores if s == "-") > 1:
             raise PosvitError("only one store can come from stdin (-)")
@@ -481,7 +485,8 @@ def compare(
 
 def _compare_scores(fss, layer, images, max_images, probes, enabled, progress):
     """Scores of every store on the images the comparison draws (the same images for every model)."""
-    from posvit_cli.core.viz.pictures import require_features, shared_images
+    from posvit_cli.core.viz.compare import shared_images
+    from posvit_cli.core.viz.pictures import require_features
 
     chosen = shared_images(fss, parse_csv(images), max_images)
     out = []

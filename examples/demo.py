@@ -213,7 +213,8 @@ def _generate_training_images(folder: Path, n_per_kind: int) -> None:
     import numpy as np
     from PIL import Image
 
-    from posvit_cli.core.synthetic.generate import KINDS, make_sample
+    from posvit_cli.core.synthetic.generate import make_sample
+    from posvit_cli.core.synthetic.structures import KINDS
 
     folder.mkdir(parents=True, exist_ok=True)
     i = 0

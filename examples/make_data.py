@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from posvit_cli.core.synthetic.generate import KINDS, STRUCTURE_KINDS, make_sample
+from posvit_cli.core.synthetic.generate import make_sample
+from posvit_cli.core.synthetic.structures import KINDS, STRUCTURE_KINDS
 
 #: Colours of classes 0, 1, 2, ... in mask PNGs (scribble PNGs shift them by one: index 0 is black, unlabelled).
 CLASS_COLOURS = [

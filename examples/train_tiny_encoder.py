@@ -463,7 +463,8 @@ def extract_folder(encoder, folder) -> dict:
     """
     from posvit_cli.core.features.extract import ExtractOptions, extract_images, extraction_provenance
     from posvit_cli.core.io.images import list_images
-    from posvit_cli.core.features.store import FeatureStore, StoreWriter
+    from posvit_cli.core.features.store import FeatureStore
+    from posvit_cli.core.features.writer import StoreWriter
 
     opts = ExtractOptions(layers=["final"], workers=0)
     with tempfile.TemporaryDirectory() as tmp:

@@ -21,7 +21,7 @@ TINY_MODEL = "test_vit"
 
 def write_store(path, grids, *, names=None, provenance=None, layers=("final",), maps=None, dtype="float32"):
     """Write a store straight from arrays: ``grids`` is a list of (h, w, C) arrays (one per image)."""
-    from posvit_cli.core.features.store import StoreWriter
+    from posvit_cli.core.features.writer import StoreWriter
 
     grids = [np.asarray(g) for g in grids]
     prov = {"model": "synthetic", "patch_size": 16, "channels": int(grids[0].shape[-1]) if grids else 0}

@@ -11,6 +11,7 @@ import pytest
 from scipy import ndimage as ndi
 
 from conftest import REPO
+from posvit_cli.core.synthetic import acquisition, fields, structures
 from posvit_cli.core.synthetic import generate as syn
 from posvit_cli.core.io.images import read_image
 from posvit_cli.core.io.labels import decode_labels
@@ -43,7 +44,7 @@ def card():
 # The generator
 
 
-@pytest.mark.parametrize("kind", syn.KINDS)
+@pytest.mark.parametrize("kind", structures.KINDS)
 def test_same_seed_gives_identical_arrays_and_another_seed_differs(kind):
     a = syn.make_sample(kind, 96, seed=3, ramp_max=0.2)
     b = syn.make_sample(kind, 96, seed=3, ramp_max=0.2)
@@ -52,7 +53,7 @@ def test_same_seed_gives_identical_arrays_and_another_seed_differs(kind):
     np.testing.assert_array_equal(a.image, b.image)
     assert a.params == b.params
     assert not np.array_equal(a.image, c.image)
-    if kind in syn.STRUCTURE_KINDS:
+    if kind in structures.STRUCTURE_KINDS:
         np.testing.assert_array_equal(a.mask, b.mask)
         np.testing.assert_array_equal(a.scribbles, b.scribbles)
     else:
@@ -74,11 +75,11 @@ def test_scribble_settings_do_not_change_the_image():
     assert not np.array_equal(a.scribbles, b.scribbles)
 
 
-@pytest.mark.parametrize("kind", syn.STRUCTURE_KINDS)
+@pytest.mark.parametrize("kind", structures.STRUCTURE_KINDS)
 def test_flat_structure_is_its_mask(kind):
     """With within-class texture off, every class is one grey level: the image and the mask are the same partition."""
-    s = syn.make_structure(kind, (160, 192), np.random.default_rng(11), texture=0.0)
-    k = len(syn.CLASS_NAMES[kind])
+    s = structures.make_structure(kind, (160, 192), np.random.default_rng(11), texture=0.0)
+    k = len(structures.CLASS_NAMES[kind])
     assert s.mask.shape == (160, 192) and s.mask.dtype == np.uint8
     assert set(np.unique(s.mask)) == set(range(k))  # every class present, nothing unassigned
     levels = np.asarray(s.params["levels"], np.float32)
@@ -87,13 +88,13 @@ def test_flat_structure_is_its_mask(kind):
     per_level = [(s.clean == levels[c]).sum() for c in range(k)]
     np.testing.assert_array_equal(per_level, np.bincount(s.mask.ravel(), minlength=k))
     # An ideal microscope (no blur, no noise, linear response) keeps the classes apart at 8 bits.
-    img = syn.to_uint8(syn.acquire(s.clean, syn.Acquisition(blur_sigma=0.0, noise_sigma=0.0), np.random.default_rng(0)))
-    np.testing.assert_array_equal(img, syn.to_uint8(levels)[s.mask])
+    img = acquisition.to_uint8(acquisition.acquire(s.clean, acquisition.Acquisition(blur_sigma=0.0, noise_sigma=0.0), np.random.default_rng(0)))
+    np.testing.assert_array_equal(img, acquisition.to_uint8(levels)[s.mask])
 
 
 def test_pore_count_is_exact_and_particle_coverage_follows_the_boolean_model():
     H, W = 384, 320
-    s = syn.particle_structure((H, W), np.random.default_rng(2), radius=10.0, particle_fraction=0.45,
+    s = structures.particle_structure((H, W), np.random.default_rng(2), radius=10.0, particle_fraction=0.45,
                                pore_fraction=0.12, texture=0.0)
     counts = np.bincount(s.mask.ravel(), minlength=3)
     assert counts.sum() == H * W
@@ -102,13 +103,13 @@ def test_pore_count_is_exact_and_particle_coverage_follows_the_boolean_model():
 
 
 def test_grain_phase_fraction_and_boundary_width():
-    s = syn.grain_structure((512, 512), np.random.default_rng(4), grain_size=24.0, phase_fraction=0.3,
+    s = structures.grain_structure((512, 512), np.random.default_rng(4), grain_size=24.0, phase_fraction=0.3,
                             boundary_width=4.0, texture=0.0)
     counts = np.bincount(s.mask.ravel(), minlength=3)
     assert abs(counts[1] / (counts[0] + counts[1]) - 0.3) < 0.06
     # A boundary 4 px wide around grains of mean diameter 24 px covers about 4 * perimeter / area ≈ 0.3.
     assert 0.2 < counts[2] / counts.sum() < 0.45
-    thin = syn.grain_structure((512, 512), np.random.default_rng(4), grain_size=24.0, boundary_width=2.0, texture=0.0)
+    thin = structures.grain_structure((512, 512), np.random.default_rng(4), grain_size=24.0, boundary_width=2.0, texture=0.0)
     assert (thin.mask == 2).sum() < 0.7 * counts[2]
 
 
@@ -116,16 +117,16 @@ def test_voronoi_and_fields_live_on_a_torus():
     """Shifting the seeds by (dy, dx) rolls the tessellation by (dy, dx): no edge or position is special."""
     rng = np.random.default_rng(0)
     seeds = rng.random((40, 2)) * [90, 120]
-    lab = syn._voronoi((90, 120), seeds)
-    shifted = syn._voronoi((90, 120), (seeds + [30, 77]) % [90, 120])
+    lab = fields.voronoi_labels((90, 120), seeds)
+    shifted = fields.voronoi_labels((90, 120), (seeds + [30, 77]) % [90, 120])
     np.testing.assert_array_equal(np.roll(lab, (30, 77), axis=(0, 1)), shifted)
     # A field is periodic: its wrap-around differences are as small as its interior ones.
-    f = syn.gaussian_field((128, 128), rng, syn._smooth_amplitude(4.0))
+    f = fields.gaussian_field((128, 128), rng, fields.smooth_amplitude(4.0))
     inner = np.abs(np.diff(f, axis=1)).mean()
     assert np.abs(f[:, 0] - f[:, -1]).mean() < 2 * inner
 
 
-@pytest.mark.parametrize("kind", syn.STRUCTURE_KINDS)
+@pytest.mark.parametrize("kind", structures.STRUCTURE_KINDS)
 def test_scribbles_lie_inside_their_class_away_from_boundaries(kind):
     s = syn.make_sample(kind, 256, seed=8)
     k = len(s.class_names)
@@ -149,11 +150,11 @@ def test_scribbles_lie_inside_their_class_away_from_boundaries(kind):
 
 def test_shipped_set_matches_its_manifest(manifest):
     images = manifest["images"]
-    assert {e["kind"] for e in images} == set(syn.KINDS)
+    assert {e["kind"] for e in images} == set(structures.KINDS)
     for e in images:
         img = read_image(DATA / e["file"])
         assert img.dtype == np.uint8 and img.shape == tuple(e["size"])
-        if e["kind"] in syn.STRUCTURE_KINDS:
+        if e["kind"] in structures.STRUCTURE_KINDS:
             mask = decode_labels(DATA / e["mask"])
             scrib = decode_labels(DATA / e["scribbles"])
             k = len(e["class_names"])
@@ -180,10 +181,10 @@ def test_shipped_set_regenerates_from_its_seeds(manifest):
         shipped = read_image(DATA / e["file"]).astype(int)
         # FFT round-off may move a rare pixel across a grey level on another platform.
         assert np.mean(np.abs(shipped - s.image) > 1) < 1e-3
-        if e["kind"] in syn.STRUCTURE_KINDS:
+        if e["kind"] in structures.STRUCTURE_KINDS:
             np.testing.assert_array_equal(decode_labels(DATA / e["mask"]), s.mask)
             np.testing.assert_array_equal(decode_labels(DATA / e["scribbles"]), s.scribbles)
-    assert seen == set(syn.KINDS)
+    assert seen == set(structures.KINDS)
 
 
 # --------------------------------------------------------------------------------------------------------------

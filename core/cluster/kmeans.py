@@ -741,7 +741,6 @@ def _lloyd_batched(x, centers, max_iter: int, tol_abs: float, tick):
 
     R, k, d = centers.shape
     n = x.shape[0]
-    xn = (x * x).sum(1)
     xd = x.double()
     active = torch.ones(R, dtype=torch.bool, device=x.device)
     sums = torch.zeros(R, k, d, dtype=torch.float64, device=x.device)

@@ -697,7 +697,7 @@ def apply_head_to_store(
     """
     import time
 
-    from posvit_cli.core.features.store import StoreWriter
+    from posvit_cli.core.features.writer import StoreWriter
 
     progress = report(progress)
     t0 = time.perf_counter()

@@ -406,7 +406,7 @@ def extract_images(
     device=None,
     progress: ProgressCallback | None = None,
 ) -> ExtractSummary:
-    """Extract features of ``paths`` into ``writer`` (a :class:`~posvit_cli.core.features.store.StoreWriter`).
+    """Extract features of ``paths`` into ``writer`` (a :class:`~posvit_cli.core.features.writer.StoreWriter`).
 
     Images already in the writer (``writer.done``, after ``--resume``) are skipped. Unreadable images are
     skipped with a :class:`PosvitWarning` and listed in the summary, or raise with ``options.strict``.

@@ -6,10 +6,11 @@ back to pixels. Images with the same grid share one array per layer, so a datase
 one ``(N, h, w, C)`` array; images of other sizes go to other groups. The layout is documented in
 ``docs/feature-store.md``.
 
-Reading is lazy (one image costs one image's I/O). Writing (:class:`StoreWriter`, in
-:mod:`posvit_cli.core.features.writer`) goes to ``<path>.partial`` and is renamed to ``<path>`` only when the
+Reading is lazy (one image costs one image's I/O). Writing (:class:`~posvit_cli.core.features.writer.StoreWriter`)
+goes to ``<path>.partial`` and is renamed to ``<path>`` only when the
 writer finishes, so a store under its final name is always complete. The suffixes and backends live in
-:mod:`~posvit_cli.core.features.backends`, the identity check in :mod:`~posvit_cli.core.features.provenance`.
+:mod:`~posvit_cli.core.features.backends`, the identity check in :mod:`~posvit_cli.core.features.provenance`, joining shards in
+:mod:`~posvit_cli.core.features.merge`.
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ from posvit_cli.core.features.records import (
     ImageRecord,
     canonical_layer_name,
 )
-from posvit_cli.core.features.writer import StoreWriter
 
 __all__ = [
     "SCHEMA_NAME",
@@ -51,11 +51,9 @@ __all__ = [
     "FeatureStore",
     "GridGroup",
     "ImageRecord",
-    "StoreWriter",
     "canonical_layer_name",
     "check_same_way",
     "is_store_path",
-    "merge_stores",
     "read_bytes_store",
     "store_format",
 ]
@@ -398,72 +396,6 @@ class FeatureStore:
             "maps": self.map_names(),
             "provenance": self.provenance,
         }
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Merging shards
-
-
-def merge_stores(
-    sources: Sequence[str | os.PathLike],
-    output: str | os.PathLike,
-    *,
-    overwrite: bool = False,
-    progress=None,
-) -> int:
-    """Join stores made with the same settings (``extract --shard i/n``) into one.
-
-    Images keep the order of ``sources``; an image path present in several sources is written once. Returns the
-    number of images written.
-
-    Raises
-    ------
-    PosvitError
-        If the sources were made with different settings (model, weights, layers, preprocessing, ...).
-    """
-    from posvit_cli.core.progress import report
-
-    progress = report(progress)
-    if not sources:
-        raise PosvitError("nothing to merge: name at least one store")
-    stores = [FeatureStore(s) for s in sources]
-    try:
-        first = stores[0]
-        for other in stores[1:]:
-            check_same_way(first, other, "merge")
-        prov = dict(first.provenance)
-        prov["merged_from"] = [str(s) for s in sources]
-        shards = [s.provenance.get("shard") for s in stores]
-        prov.pop("shard", None)
-        if any(shards):
-            prov["merged_shards"] = shards
-        total = sum(len(s) for s in stores)
-        seen: set[str] = set()
-        has_prefix = first.n_prefix_tokens > 0
-        with StoreWriter(
-            output, provenance=prov, layers=first.layers, dtype=first.dtype,
-            overwrite=overwrite,
-        ) as writer:
-            done = 0
-            for store in stores:
-                for rec in store.records:
-                    done += 1
-                    if rec.path in seen:
-                        continue
-                    seen.add(rec.path)
-                    feats = {layer: store.features(rec.index, layer, dtype=writer.dtype) for layer in store.layers}
-                    prefix = (
-                        {layer: store.prefix_tokens(rec.index, layer) for layer in store.layers}
-                        if has_prefix else None
-                    )
-                    writer.add(rec.path, feats, orig_size=rec.orig_size, proc_size=rec.proc_size, prefix=prefix,
-                               meta=rec.meta)
-                    progress("merge", done, total)
-                writer.commit()
-        return len(seen)
-    finally:
-        for s in stores:
-            s.close()
 
 
 def check_same_way(reference: FeatureStore, other: FeatureStore, action: str, *, ignore=()) -> None:

@@ -249,7 +249,8 @@ def compare_stores(
 
 def _overcluster(store, masks, ks, num_classes, ignore_index, class_names, seeds, layer, device, threads, notes,
                  name) -> list[dict]:
-    from posvit_cli.core.cluster.overclustering import load_masks, overcluster_eval
+    from posvit_cli.core.cluster.masks import load_masks
+    from posvit_cli.core.cluster.overclustering import overcluster_eval
     from posvit_cli.core.device import torch_threads
 
     n_tokens = sum(r.grid[0] * r.grid[1] for r in store.records)

@@ -57,6 +57,126 @@ class BenchConfig:
         return dataclasses.asdict(self)
 
 
+def _class_lookup(gt: dict[str, np.ndarray], ignore: int | None) -> tuple[list[int], np.ndarray]:
+    """Class values present in the ground truth (``ignore`` left out) and a table value → class index."""
+    values = sorted(set().union(*[set(np.unique(g).tolist()) for g in gt.values()]) - ({ignore} if ignore is not None else set()))
+    if len(values) < 2:
+        raise PosvitError("the ground truth holds fewer than two classes")
+    lut = np.full(max(values) + 1, -1, np.int64)
+    lut[values] = np.arange(len(values))
+    return values, lut
+
+
+class _BenchFeatures:
+    """Per-pixel features of every benchmark image, computed once: classical features memory-mapped from
+    ``workdir``, ViT tokens reduced per encoder and upsampled on request."""
+
+    def __init__(self, images, gt, encoders, train, *, classical, intensity, threads, vit_dims, pca, workdir,
+                 progress):
+        self.cache: dict[str, np.ndarray] = {}
+        self.shapes: dict[str, tuple[int, int]] = {}
+        spec_c = FeatureSpec(classical=classical, vit=None, intensity=intensity) if classical else None
+        progress("features", 0, len(images))
+        for i, p in enumerate(images):
+            grey = load_grey(p, intensity)
+            if grey.shape != gt[p].shape:
+                raise PosvitError(f"ground truth of '{p}' is {gt[p].shape[0]}×{gt[p].shape[1]} px, the image "
+                                  f"{grey.shape[0]}×{grey.shape[1]} px")
+            self.shapes[p] = grey.shape
+            if spec_c is not None:
+                f = pixel_features(grey, (0, grey.shape[0]), (0, grey.shape[1]), spec_c, None, threads=threads)
+                fn = os.path.join(workdir, f"classical_{i}.npy")
+                np.save(fn, f)
+                del f
+                self.cache[p] = np.load(fn, mmap_mode="r")
+            progress("features", i + 1, len(images))
+        self.vit_maps: dict[str, dict[str, object]] = {}
+        for name, src in encoders:
+            shared = fit_shared_pca([src.token_rows(p) for p in train], vit_dims) if pca == "shared" else None
+            self.vit_maps[name] = {p: src.reduced(p, self.shapes[p], vit_dims, shared) for p in images}
+
+    def __call__(self, p: str, enc: str | None) -> np.ndarray:
+        """Features ``(H, W, F)`` of image ``p``: classical (if any), then encoder ``enc``'s (if given)."""
+        parts = []
+        if p in self.cache:
+            parts.append(np.asarray(self.cache[p]))
+        if enc is not None:
+            H, W = self.shapes[p]
+            parts.append(upsample_region(self.vit_maps[enc][p], (0, H), (0, W)))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
+
+
+class _RoundModel:
+    """A classifier fitted on the scribbled pixels of the training images, predicting class values."""
+
+    def __init__(self, features: _BenchFeatures, enc, train, labels, lut, values, classifier):
+        self.features, self.enc = features, enc
+        Xs, ys = [], []
+        for p in train:
+            m = labels[p] != 0
+            f = features(p, enc)
+            Xs.append(f[m])
+            ys.append(lut[labels[p][m]])
+        X, y = np.concatenate(Xs), np.concatenate(ys)
+        present = np.unique(y)
+        if present.size < 2:
+            raise PosvitError("the scribbles cover fewer than two classes; draw more (--scribbles)")
+        # Classes absent from the scribbles cannot be predicted; fit on the present ones.
+        remap = np.full(len(values), -1, np.int64)
+        remap[present] = np.arange(present.size)
+        self.model = PixelClassifier.fit(X, remap[y], present.size, classifier)
+        self.out_values = np.asarray(values)[present]
+
+    def predict(self, p: str) -> np.ndarray:
+        """Class values ``(H, W)`` of image ``p``, predicted 256 rows at a time."""
+        f = self.features(p, self.enc)
+        H, W = self.features.shapes[p]
+        prob = np.concatenate([self.model.predict_proba(f[i : i + 256].reshape(-1, f.shape[-1]))
+                               for i in range(0, H, 256)]).reshape(H, W, -1)
+        return self.out_values[np.argmax(prob, axis=-1)]
+
+
+def _round_scores(model: _RoundModel, test, gt, labels, train, shapes, ignore, r: int, t0: float) -> dict:
+    """Held-out scores of one round, with the labelled share of the training pixels."""
+    scores = SegmentationScores(ignore_value=ignore)
+    for p in test:
+        scores.add(os.path.basename(p), model.predict(p), gt[p])
+    summ = scores.summary()
+    n_lab = int(sum((labels[p] != 0).sum() for p in train))
+    n_pix = int(sum(np.prod(shapes[p]) for p in train))
+    return {
+        "round": r,
+        "labelled_pixels": n_lab,
+        "labelled_fraction": n_lab / n_pix,
+        "class_avg_miou_mean": summ["class_avg_miou_mean"],
+        "class_avg_miou_std": summ["class_avg_miou_std"],
+        "dataset_miou": summ["dataset_miou"],
+        "per_class_iou": summ["per_class_iou"],
+        "positional_r2_mean": summ["positional_r2_mean"],
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+def _run_configuration(features, enc, initial, train, test, gt, lut, values, classifier, bench: BenchConfig,
+                       tick) -> list[dict]:
+    """Every round of one feature configuration: train, score the held-out images, correct the scribbles."""
+    labels = {p: initial[p].copy() for p in train}
+    rounds = []
+    for r in range(bench.rounds + 1):
+        t0 = time.perf_counter()
+        model = _RoundModel(features, enc, train, labels, lut, values, classifier)
+        rounds.append(_round_scores(model, test, gt, labels, train, features.shapes, bench.ignore_value, r, t0))
+        if r < bench.rounds:
+            for i, p in enumerate(train):
+                labels[p] = correction_scribbles(
+                    gt[p], model.predict(p), labels[p], bench.corrections, length=bench.length,
+                    width=bench.width, margin=min(bench.margin, 2.0), ignore_value=bench.ignore_value,
+                    seed=bench.seed + 1000 * i + 17 * (r + 1),
+                )
+        tick()
+    return rounds
+
+
 def run_benchmark(
     images: Sequence[str],
     ground_truth: dict[str, np.ndarray],
@@ -102,122 +222,41 @@ def run_benchmark(
                           f"({len(images)} images)")
     train, test = list(images[: bench.n_train]), list(images[bench.n_train :])
     gt = {p: np.asarray(ground_truth[p]) for p in images}
-    ignore = bench.ignore_value
-    values = sorted(set().union(*[set(np.unique(g).tolist()) for g in gt.values()]) - ({ignore} if ignore is not None else set()))
-    if len(values) < 2:
-        raise PosvitError("the ground truth holds fewer than two classes")
-    lut = np.full(max(values) + 1, -1, np.int64)
-    lut[values] = np.arange(len(values))
-    configs: list[tuple[str, TokenSource | None]] = []
+    values, lut = _class_lookup(gt, bench.ignore_value)
+    configs: list[tuple[str, str | None]] = []
     if include_classical_only and classical is not None:
         configs.append(("classical", None))
-    for name, src in encoders:
-        configs.append((f"classical+{name}" if classical is not None else name, src))
+    for name, _ in encoders:
+        configs.append((f"classical+{name}" if classical is not None else name, name))
     if not configs:
         raise PosvitError("nothing to compare: give an encoder or keep the classical features")
 
     own_dir = workdir is None
     workdir = workdir or tempfile.mkdtemp(prefix="posvit-bench-")
     t_start = time.perf_counter()
+    features = None
     try:
-        # Classical features once per image, memory-mapped from disk.
-        cache: dict[str, np.ndarray] = {}
-        spec_c = FeatureSpec(classical=classical, vit=None, intensity=intensity) if classical else None
-        greys = {}
-        progress("features", 0, len(images))
-        for i, p in enumerate(images):
-            grey = load_grey(p, intensity)
-            if grey.shape != gt[p].shape:
-                raise PosvitError(f"ground truth of '{p}' is {gt[p].shape[0]}×{gt[p].shape[1]} px, the image "
-                                  f"{grey.shape[0]}×{grey.shape[1]} px")
-            greys[p] = grey.shape
-            if spec_c is not None:
-                f = pixel_features(grey, (0, grey.shape[0]), (0, grey.shape[1]), spec_c, None, threads=threads)
-                fn = os.path.join(workdir, f"classical_{i}.npy")
-                np.save(fn, f)
-                del f
-                cache[p] = np.load(fn, mmap_mode="r")
-            progress("features", i + 1, len(images))
-        # Reduced ViT grids per encoder.
-        vit_maps: dict[str, dict[str, object]] = {}
-        for name, src in encoders:
-            shared = fit_shared_pca([src.token_rows(p) for p in train], vit_dims) if pca == "shared" else None
-            vit_maps[name] = {p: src.reduced(p, greys[p], vit_dims, shared) for p in images}
-
-        def features(p: str, enc: str | None) -> np.ndarray:
-            parts = []
-            if p in cache:
-                parts.append(np.asarray(cache[p]))
-            if enc is not None:
-                H, W = greys[p]
-                parts.append(upsample_region(vit_maps[enc][p], (0, H), (0, W)))
-            return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
-
+        features = _BenchFeatures(images, gt, encoders, train, classical=classical, intensity=intensity,
+                                  threads=threads, vit_dims=vit_dims, pca=pca, workdir=workdir, progress=progress)
         initial = {p: draw_scribbles(gt[p], bench.per_class, length=bench.length, width=bench.width,
-                                     margin=bench.margin, ignore_value=ignore, seed=bench.seed + 1000 * i)
+                                     margin=bench.margin, ignore_value=bench.ignore_value, seed=bench.seed + 1000 * i)
                    for i, p in enumerate(train)}
-        results = []
         total_steps = len(configs) * (bench.rounds + 1)
-        step = 0
+        done = [0]
+
+        def tick() -> None:
+            done[0] += 1
+            progress("bench", done[0], total_steps)
+
         progress("bench", 0, total_steps)
-        for cname, src in configs:
-            enc = None if src is None else next(n for n, s in encoders if s is src)
-            labels = {p: initial[p].copy() for p in train}
-            rounds = []
-            for r in range(bench.rounds + 1):
-                t0 = time.perf_counter()
-                Xs, ys = [], []
-                for p in train:
-                    m = labels[p] != 0
-                    f = features(p, enc)
-                    Xs.append(f[m])
-                    ys.append(lut[labels[p][m]])
-                X, y = np.concatenate(Xs), np.concatenate(ys)
-                present = np.unique(y)
-                if present.size < 2:
-                    raise PosvitError("the scribbles cover fewer than two classes; draw more (--scribbles)")
-                # Classes absent from the scribbles cannot be predicted; fit on the present ones.
-                remap = np.full(len(values), -1, np.int64)
-                remap[present] = np.arange(present.size)
-                model = PixelClassifier.fit(X, remap[y], present.size, classifier)
-                out_values = np.asarray(values)[present]
-
-                def predict(p: str) -> np.ndarray:
-                    f = features(p, enc)
-                    H, W = greys[p]
-                    prob = np.concatenate([model.predict_proba(f[i : i + 256].reshape(-1, f.shape[-1]))
-                                           for i in range(0, H, 256)]).reshape(H, W, -1)
-                    return out_values[np.argmax(prob, axis=-1)]
-
-                scores = SegmentationScores(ignore_value=ignore)
-                for p in test:
-                    scores.add(os.path.basename(p), predict(p), gt[p])
-                summ = scores.summary()
-                n_lab = int(sum((labels[p] != 0).sum() for p in train))
-                n_pix = int(sum(np.prod(greys[p]) for p in train))
-                rounds.append({
-                    "round": r,
-                    "labelled_pixels": n_lab,
-                    "labelled_fraction": n_lab / n_pix,
-                    "class_avg_miou_mean": summ["class_avg_miou_mean"],
-                    "class_avg_miou_std": summ["class_avg_miou_std"],
-                    "dataset_miou": summ["dataset_miou"],
-                    "per_class_iou": summ["per_class_iou"],
-                    "positional_r2_mean": summ["positional_r2_mean"],
-                    "seconds": round(time.perf_counter() - t0, 2),
-                })
-                if r < bench.rounds:
-                    for i, p in enumerate(train):
-                        labels[p] = correction_scribbles(
-                            gt[p], predict(p), labels[p], bench.corrections, length=bench.length,
-                            width=bench.width, margin=min(bench.margin, 2.0), ignore_value=ignore,
-                            seed=bench.seed + 1000 * i + 17 * (r + 1),
-                        )
-                step += 1
-                progress("bench", step, total_steps)
-            results.append({"name": cname, "encoder": enc, "rounds": rounds})
+        results = [{"name": cname, "encoder": enc,
+                    "rounds": _run_configuration(features, enc, initial, train, test, gt, lut, values, classifier,
+                                                 bench, tick)}
+                   for cname, enc in configs]
     finally:
-        cache = {}
+        if features is not None:
+            # Drop the memory maps before their files are removed.
+            features.cache.clear()
         if own_dir:
             import shutil
 

@@ -18,7 +18,7 @@ from posvit_cli.core.errors import PosvitError
 from posvit_cli.core.io.labels import (
     decode_labels, label_files_by_stem, rgb_to_classes, sorted_colours, stem,
 )
-from posvit_cli.core.segment.segmenter import ClassTable, LabelledImage
+from posvit_cli.core.segment.classes import ClassTable, LabelledImage
 
 __all__ = [
     "LABEL_SUFFIXES",

@@ -439,7 +439,8 @@ class ExtractedStore:
         from posvit_cli.core.features.extract import ExtractOptions, extract_images, extraction_provenance
         from posvit_cli.core.io.preprocess import parse_size, plan_resize
         from posvit_cli.core.segment.training_labels import image_hw
-        from posvit_cli.core.features.store import FeatureStore, StoreWriter
+        from posvit_cli.core.features.store import FeatureStore
+        from posvit_cli.core.features.writer import StoreWriter
 
         self._dir = tempfile.mkdtemp(prefix="posvit-seg-")
         self.store = None

@@ -160,24 +160,42 @@ class RenderedFigure:
     boxes: dict[tuple[int, int], tuple[int, int, int, int]]
 
 
-def render_grid(grid: PanelGrid) -> RenderedFigure:
-    """Lay out a :class:`PanelGrid` and draw it on a matplotlib Figure (Agg canvas).
+@dataclasses.dataclass
+class _GridGeometry:
+    """Where every part of a :class:`PanelGrid` goes, in output pixels (``y`` grows down from the top edge)."""
 
-    Row heights and column widths are the largest panel in them; a smaller panel is centred in its cell.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.colors import Normalize
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Rectangle
+    width: int
+    height: int
+    label_w: int
+    col_x: list
+    col_w: list
+    row_y: list
+    row_h: list
+    title_lines: list
+    title: list
+    title_y: int
+    groups: list
+    group_y: int
+    headers: list
+    header_y: int
+    cbar_y: int
+    legend_y: int
+    legend_rows: int
+    legend_cols: int
+    legend_cell: int
+    footer: list
+    footer_y: int
 
-    rows = grid.rows
-    n_rows = len(rows)
+    @property
+    def bars_x(self) -> int:
+        """Left edge of the per-row colour bars: just right of the last column."""
+        return MARGIN + self.label_w + sum(self.col_w) + GAP * max(len(self.col_w) - 1, 0) + 8
+
+
+def _cell_sizes(rows) -> tuple[list[int], list[int], list[int]]:
+    """Column widths and row heights (the largest panel in each) and the panel-title lines of each row."""
     n_cols = max((len(r) for r in rows), default=0)
-    col_w = [0] * n_cols
-    row_h = [0] * n_rows
-    title_lines = [0] * n_rows
+    col_w, row_h, title_lines = [0] * n_cols, [0] * len(rows), [0] * len(rows)
     for r, row in enumerate(rows):
         for c, p in enumerate(row):
             if p is None:
@@ -186,37 +204,42 @@ def render_grid(grid: PanelGrid) -> RenderedFigure:
             col_w[c] = max(col_w[c], w)
             row_h[r] = max(row_h[r], h)
             title_lines[r] = max(title_lines[r], len(_lines(p.title)))
+    return col_w, row_h, title_lines
+
+
+def _figure_width(grid: PanelGrid, col_w: list[int]) -> tuple[int, int]:
+    """Width of the row-label column and of the whole figure."""
     label_w = 0
     if grid.row_labels:
         longest = max((_text_w(ln, "label") for lab in grid.row_labels for ln in _lines(lab)), default=0)
         # The first line is bold (about 10 % wider than the estimate) and needs air before the panels.
         label_w = min(max(int(longest * 1.1) + 16, 60), 240)
     bar_w = 78 if grid.row_colourbars and any(grid.row_colourbars) else 0
-    grid_w = label_w + sum(col_w) + GAP * max(n_cols - 1, 0) + bar_w
+    grid_w = label_w + sum(col_w) + GAP * max(len(col_w) - 1, 0) + bar_w
     # Headers are wrapped to their columns; the figure grows for a title only up to a sensible width.
     title_w = max((_text_w(ln, "title") for ln in _lines(grid.title)), default=0)
-    W = 2 * MARGIN + max(grid_w, min(title_w, max(grid_w, 900)), 360)
+    return label_w, 2 * MARGIN + max(grid_w, min(title_w, max(grid_w, 900)), 360)
+
+
+def _grid_geometry(grid: PanelGrid) -> _GridGeometry:
+    """Measure a grid: cell sizes, wrapped texts, and the top edge of every band from the title to the footer."""
+    col_w, row_h, title_lines = _cell_sizes(grid.rows)
+    n_cols = len(col_w)
+    label_w, W = _figure_width(grid, col_w)
     title = _wrap(grid.title, W - 2 * MARGIN, "title")
-    col_x = []
-    x = MARGIN + label_w
-    for c in range(n_cols):
-        col_x.append(x)
-        x += col_w[c] + GAP
+    col_x = [MARGIN + label_w + sum(col_w[:c]) + GAP * c for c in range(n_cols)]
     headers = [_wrap(h, max(col_w[c], 40), "header") if grid.col_headers and c < len(grid.col_headers) else []
                for c, h in enumerate((grid.col_headers or []) + [""] * n_cols)][:n_cols]
-    groups = []
-    for first, last, text in grid.groups or []:
-        span = col_x[last] + col_w[last] - col_x[first]
-        groups.append((first, last, _wrap(text, span, "header")))
-    y = MARGIN
-    title_y = y
+    groups = [(first, last, _wrap(text, col_x[last] + col_w[last] - col_x[first], "header"))
+              for first, last, text in grid.groups or []]
+    y = title_y = MARGIN
     y += len(title) * _line_h("title") + (8 if title else 0)
     group_y = y
     y += max((len(g[2]) for g in groups), default=0) * _line_h("header") + (6 if groups else 0)
     header_y = y
     y += max((len(h) for h in headers), default=0) * _line_h("header") + (4 if any(headers) else 0)
     row_y = []
-    for r in range(n_rows):
+    for r in range(len(grid.rows)):
         y += title_lines[r] * _line_h("panel") + (2 if title_lines[r] else 0)
         row_y.append(y)
         y += row_h[r] + GAP
@@ -224,9 +247,7 @@ def render_grid(grid: PanelGrid) -> RenderedFigure:
     cbar_y = y
     if grid.colourbar:
         y += 14 + 2 * _line_h("small") + 10
-    legend_y = y
-    legend_rows = 0
-    legend_cols = 1
+    legend_y, legend_rows, legend_cols, legend_cell = y, 0, 1, 0
     if grid.legend and grid.legend.entries:
         legend_cell = max(_text_w(t, "panel") for _, t in grid.legend.entries) + 34
         legend_cols = max(1, min(len(grid.legend.entries), (W - 2 * MARGIN) // legend_cell))
@@ -235,96 +256,145 @@ def render_grid(grid: PanelGrid) -> RenderedFigure:
     footer = _wrap(grid.footer, W - 2 * MARGIN, "small")
     footer_y = y
     y += len(footer) * _line_h("small")
-    H = int(y + MARGIN)
-    W = int(W)
+    return _GridGeometry(int(W), int(y + MARGIN), label_w, col_x, col_w, row_y, row_h, title_lines, title, title_y,
+                         groups, group_y, headers, header_y, cbar_y, legend_y, legend_rows, legend_cols, legend_cell,
+                         footer, footer_y)
 
-    fig = Figure(figsize=(W / DPI, H / DPI), dpi=DPI, facecolor="white")
-    FigureCanvasAgg(fig)
 
-    def text(px, py, s, kind, **kw):
-        fig.text(px / W, 1 - py / H, s, fontsize=_pt(FONT[kind]), va="top", **kw)
+class _Canvas:
+    """A matplotlib Figure addressed in output pixels from the top-left corner."""
 
-    for i, ln in enumerate(title):
-        text(MARGIN, title_y + i * _line_h("title"), ln, "title", ha="left", weight="bold" if i == 0 else "normal")
-    for first, last, lines in groups:
-        cx = (col_x[first] + col_x[last] + col_w[last]) / 2
-        for i, ln in enumerate(lines):
-            text(cx, group_y + i * _line_h("header"), ln, "header", ha="center", weight="bold")
-        x0, x1 = col_x[first] + 2, col_x[last] + col_w[last] - 2
-        yy = 1 - (header_y - 3) / H
-        fig.add_artist(Line2D([x0 / W, x1 / W], [yy, yy], transform=fig.transFigure, color="0.4", lw=0.8))
-    for c, lines in enumerate(headers):
-        cx = col_x[c] + col_w[c] / 2
-        for i, ln in enumerate(lines):
-            text(cx, header_y + i * _line_h("header"), ln, "header", ha="center")
-    boxes = {}
-    for r, row in enumerate(rows):
-        if grid.row_labels and r < len(grid.row_labels):
-            lines = _wrap(grid.row_labels[r], label_w - 10, "label")
-            block = len(lines) * _line_h("label")
-            top = row_y[r] + max(0, (row_h[r] - block) // 2)
-            for i, ln in enumerate(lines):
-                text(MARGIN, top + i * _line_h("label"), ln, "label", ha="left", weight="bold" if i == 0 else "normal")
-        for c, p in enumerate(row):
-            if p is None:
-                continue
-            h, w = p.hw
-            x0 = col_x[c] + (col_w[c] - w) // 2
-            y0 = row_y[r] + (row_h[r] - h) // 2
-            for i, ln in enumerate(_lines(p.title)):
-                ty = row_y[r] - (title_lines[r] - i) * _line_h("panel") - 2
-                text(x0 + w / 2, ty, ln, "panel", ha="center")
-            ax = fig.add_axes((x0 / W, 1 - (y0 + h) / H, w / W, h / H))
-            ax.set_axis_off()
-            if p.image is not None:
-                ax.imshow(p.image, interpolation="nearest", resample=False, aspect="auto",
-                          extent=(-0.5, w - 0.5, h - 0.5, -0.5))
-            else:
-                ax.add_patch(Rectangle((-0.5, -0.5), w, h, facecolor="0.88", edgecolor="0.6"))
-                ax.text(w / 2, h / 2, "\n".join(textwrap.wrap(p.placeholder, max(8, int(w / 7)))),
-                        ha="center", va="center", fontsize=_pt(FONT["small"]), color="0.3")
-            for mx, my in p.markers:
-                ax.plot([mx], [my], marker="o", ms=15, mfc="none", mec="black", mew=2.6)
-                ax.plot([mx], [my], marker="o", ms=15, mfc="none", mec="yellow", mew=1.2)
-            ax.set_xlim(-0.5, w - 0.5)
-            ax.set_ylim(h - 0.5, -0.5)
-            boxes[(r, c)] = (x0, y0, x0 + w, y0 + h)
-        if grid.row_colourbars and r < len(grid.row_colourbars) and grid.row_colourbars[r]:
-            cb = grid.row_colourbars[r]
-            bx = MARGIN + label_w + sum(col_w) + GAP * max(n_cols - 1, 0) + 8
-            bh = max(20, int(row_h[r] * 0.85))
-            by = row_y[r] + (row_h[r] - bh) // 2
-            cax = fig.add_axes((bx / W, 1 - (by + bh) / H, 10 / W, bh / H))
-            cbar = fig.colorbar(ScalarMappable(Normalize(cb.vmin, cb.vmax), cb.cmap), cax=cax, orientation="vertical")
-            cbar.ax.tick_params(labelsize=_pt(FONT["small"]), length=2)
-            if cb.label:
-                cbar.set_label(cb.label, fontsize=_pt(FONT["small"]))
-    if grid.colourbar:
-        cb = grid.colourbar
-        bw = min(W - 2 * MARGIN, 420)
-        bx = (W - bw) // 2
-        cax = fig.add_axes((bx / W, 1 - (cbar_y + 14) / H, bw / W, 14 / H))
-        cbar = fig.colorbar(ScalarMappable(Normalize(cb.vmin, cb.vmax), cb.cmap), cax=cax, orientation="horizontal")
+    def __init__(self, width: int, height: int):
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        self.W, self.H = width, height
+        self.fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, facecolor="white")
+        FigureCanvasAgg(self.fig)
+
+    def text(self, px, py, s, kind, **kw):
+        self.fig.text(px / self.W, 1 - py / self.H, s, fontsize=_pt(FONT[kind]), va="top", **kw)
+
+    def axes(self, x0, y0, w, h):
+        """Axes whose box covers pixels ``[x0, x0 + w) × [y0, y0 + h)``."""
+        return self.fig.add_axes((x0 / self.W, 1 - (y0 + h) / self.H, w / self.W, h / self.H))
+
+    def colourbar(self, bar: ColourBar, cax, orientation: str, labelpad: float | None = None):
+        from matplotlib.cm import ScalarMappable
+        from matplotlib.colors import Normalize
+
+        cbar = self.fig.colorbar(ScalarMappable(Normalize(bar.vmin, bar.vmax), bar.cmap), cax=cax,
+                                 orientation=orientation)
         cbar.ax.tick_params(labelsize=_pt(FONT["small"]), length=2)
-        if cb.label:
-            cbar.set_label(cb.label, fontsize=_pt(FONT["small"]), labelpad=2)
-    if legend_rows:
-        ly = legend_y
-        if grid.legend.title:
-            text(MARGIN, ly, grid.legend.title, "panel", ha="left", weight="bold")
-            ly += _line_h("panel")
-        cell = legend_cell
-        for i, (rgb, name) in enumerate(grid.legend.entries):
-            rr, cc = divmod(i, legend_cols)
-            sx, sy = MARGIN + cc * cell, ly + rr * (_line_h("panel") + 2)
-            fig.add_artist(Rectangle((sx / W, 1 - (sy + 12) / H), 12 / W, 12 / H, transform=fig.transFigure,
-                                     facecolor=np.asarray(rgb, float) / 255.0, edgecolor="0.3", lw=0.5))
-            text(sx + 17, sy - 1, name, "panel", ha="left")
-    for i, ln in enumerate(footer):
-        text(MARGIN, footer_y + i * _line_h("small"), ln, "small", ha="left", color="0.3")
-    return RenderedFigure(fig, (H, W), boxes)
+        if bar.label:
+            cbar.set_label(bar.label, fontsize=_pt(FONT["small"]), **({} if labelpad is None else {"labelpad": labelpad}))
 
 
+def _draw_headings(canvas: _Canvas, g: _GridGeometry) -> None:
+    """Title, column-group headers with their rule, and column headers."""
+    from matplotlib.lines import Line2D
+
+    W, H = canvas.W, canvas.H
+    for i, ln in enumerate(g.title):
+        canvas.text(MARGIN, g.title_y + i * _line_h("title"), ln, "title", ha="left",
+                    weight="bold" if i == 0 else "normal")
+    for first, last, lines in g.groups:
+        cx = (g.col_x[first] + g.col_x[last] + g.col_w[last]) / 2
+        for i, ln in enumerate(lines):
+            canvas.text(cx, g.group_y + i * _line_h("header"), ln, "header", ha="center", weight="bold")
+        x0, x1 = g.col_x[first] + 2, g.col_x[last] + g.col_w[last] - 2
+        yy = 1 - (g.header_y - 3) / H
+        canvas.fig.add_artist(Line2D([x0 / W, x1 / W], [yy, yy], transform=canvas.fig.transFigure, color="0.4",
+                                     lw=0.8))
+    for c, lines in enumerate(g.headers):
+        cx = g.col_x[c] + g.col_w[c] / 2
+        for i, ln in enumerate(lines):
+            canvas.text(cx, g.header_y + i * _line_h("header"), ln, "header", ha="center")
+
+
+def _draw_panel(canvas: _Canvas, p: Panel, x0: int, y0: int) -> None:
+    """One panel 1:1 in its pixel box: the image (or a grey placeholder) and its query markers."""
+    from matplotlib.patches import Rectangle
+
+    h, w = p.hw
+    ax = canvas.axes(x0, y0, w, h)
+    ax.set_axis_off()
+    if p.image is not None:
+        ax.imshow(p.image, interpolation="nearest", resample=False, aspect="auto",
+                  extent=(-0.5, w - 0.5, h - 0.5, -0.5))
+    else:
+        ax.add_patch(Rectangle((-0.5, -0.5), w, h, facecolor="0.88", edgecolor="0.6"))
+        ax.text(w / 2, h / 2, "\n".join(textwrap.wrap(p.placeholder, max(8, int(w / 7)))),
+                ha="center", va="center", fontsize=_pt(FONT["small"]), color="0.3")
+    for mx, my in p.markers:
+        ax.plot([mx], [my], marker="o", ms=15, mfc="none", mec="black", mew=2.6)
+        ax.plot([mx], [my], marker="o", ms=15, mfc="none", mec="yellow", mew=1.2)
+    ax.set_xlim(-0.5, w - 0.5)
+    ax.set_ylim(h - 0.5, -0.5)
+
+
+def _draw_row(canvas: _Canvas, grid: PanelGrid, g: _GridGeometry, r: int, boxes: dict) -> None:
+    """Row label, panels with their titles, and the row's colour bar; records each panel's box in ``boxes``."""
+    if grid.row_labels and r < len(grid.row_labels):
+        lines = _wrap(grid.row_labels[r], g.label_w - 10, "label")
+        top = g.row_y[r] + max(0, (g.row_h[r] - len(lines) * _line_h("label")) // 2)
+        for i, ln in enumerate(lines):
+            canvas.text(MARGIN, top + i * _line_h("label"), ln, "label", ha="left",
+                        weight="bold" if i == 0 else "normal")
+    for c, p in enumerate(grid.rows[r]):
+        if p is None:
+            continue
+        h, w = p.hw
+        x0 = g.col_x[c] + (g.col_w[c] - w) // 2
+        y0 = g.row_y[r] + (g.row_h[r] - h) // 2
+        for i, ln in enumerate(_lines(p.title)):
+            ty = g.row_y[r] - (g.title_lines[r] - i) * _line_h("panel") - 2
+            canvas.text(x0 + w / 2, ty, ln, "panel", ha="center")
+        _draw_panel(canvas, p, x0, y0)
+        boxes[(r, c)] = (x0, y0, x0 + w, y0 + h)
+    if grid.row_colourbars and r < len(grid.row_colourbars) and grid.row_colourbars[r]:
+        bh = max(20, int(g.row_h[r] * 0.85))
+        by = g.row_y[r] + (g.row_h[r] - bh) // 2
+        canvas.colourbar(grid.row_colourbars[r], canvas.axes(g.bars_x, by, 10, bh), "vertical")
+
+
+def _draw_legend(canvas: _Canvas, legend: Legend, g: _GridGeometry) -> None:
+    """Colour swatches with their names, ``legend_cols`` to a line."""
+    from matplotlib.patches import Rectangle
+
+    W, H = canvas.W, canvas.H
+    ly = g.legend_y
+    if legend.title:
+        canvas.text(MARGIN, ly, legend.title, "panel", ha="left", weight="bold")
+        ly += _line_h("panel")
+    for i, (rgb, name) in enumerate(legend.entries):
+        rr, cc = divmod(i, g.legend_cols)
+        sx, sy = MARGIN + cc * g.legend_cell, ly + rr * (_line_h("panel") + 2)
+        canvas.fig.add_artist(Rectangle((sx / W, 1 - (sy + 12) / H), 12 / W, 12 / H, transform=canvas.fig.transFigure,
+                                        facecolor=np.asarray(rgb, float) / 255.0, edgecolor="0.3", lw=0.5))
+        canvas.text(sx + 17, sy - 1, name, "panel", ha="left")
+
+
+def render_grid(grid: PanelGrid) -> RenderedFigure:
+    """Lay out a :class:`PanelGrid` and draw it on a matplotlib Figure (Agg canvas).
+
+    Row heights and column widths are the largest panel in them; a smaller panel is centred in its cell.
+    """
+    g = _grid_geometry(grid)
+    canvas = _Canvas(g.width, g.height)
+    _draw_headings(canvas, g)
+    boxes: dict = {}
+    for r in range(len(grid.rows)):
+        _draw_row(canvas, grid, g, r, boxes)
+    if grid.colourbar:
+        bw = min(g.width - 2 * MARGIN, 420)
+        cax = canvas.axes((g.width - bw) // 2, g.cbar_y, bw, 14)
+        canvas.colourbar(grid.colourbar, cax, "horizontal", labelpad=2)
+    if g.legend_rows:
+        _draw_legend(canvas, grid.legend, g)
+    for i, ln in enumerate(g.footer):
+        canvas.text(MARGIN, g.footer_y + i * _line_h("small"), ln, "small", ha="left", color="0.3")
+    return RenderedFigure(canvas.fig, (g.height, g.width), boxes)
 
 
 def save_figure(figure, path: str | os.PathLike, formats: Sequence[str] = ("png",), title: str = "") -> list[Path]:

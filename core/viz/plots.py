@@ -245,6 +245,83 @@ def stack_comparison_plot(results: Sequence[dict], labels: Sequence[str], outdir
     return [FigureEntry(rel[0], "probe", title, caption, rel[1:], {"results": numbers}, command)]
 
 
+def _number(v) -> float:
+    """A report value as a float, NaN where the report has none."""
+    return np.nan if v is None else float(v)
+
+
+def _label_bars(ax, pos, vals, errs=None) -> None:
+    """Write each finite bar's value above it (below for negative bars), clear of its error bar."""
+    errs = np.zeros_like(vals) if errs is None else errs
+    for px, m, s in zip(pos, vals, errs):
+        if math.isfinite(m):
+            ax.annotate(fmt(m), (px, m + s if m >= 0 else m - s), xytext=(0, 2 if m >= 0 else -2),
+                        textcoords="offset points", ha="center", va="bottom" if m >= 0 else "top", fontsize=8)
+
+
+def _positional_panel(ax, rows, labels, x, cols) -> list[dict]:
+    """Held-out xy stack R² per row (± std) with the random-target null as a tick; returns the numbers per row."""
+    xy = np.array([_number(r["positional"]["stack_r2"].get("xy")) for r in rows])
+    xy_std = np.array([_number((r["positional"].get("stack_r2_std") or {}).get("xy")) for r in rows])
+    null = np.array([_number(r["positional"]["stack_r2"].get("random")) for r in rows])
+    ax.bar(x, np.nan_to_num(xy), 0.7, yerr=np.nan_to_num(xy_std), color=cols, capsize=2, error_kw={"lw": 0.8})
+    ax.scatter(x, null, marker="_", s=900, color="black", zorder=3, label="null (random target)")
+    _label_bars(ax, x, xy, np.nan_to_num(xy_std))
+    finite = np.concatenate([(xy - np.nan_to_num(xy_std))[np.isfinite(xy)], null[np.isfinite(null)]])
+    low = min(0.0, float(finite.min())) if finite.size else 0.0
+    high = float(np.nanmax(xy + np.nan_to_num(xy_std))) if np.isfinite(xy).any() else 1.0
+    ax.set_ylim(low - 0.2 if low < 0 else 0.0, max(1.12, high + 0.15))
+    ax.axhline(0, color="0.3", lw=0.6)
+    ax.set_title("position: held-out xy stack R²\n(black tick: the random-target null)", fontsize=9)
+    return [{"name": lab, "xy_r2": None if not math.isfinite(a) else float(a),
+             "random_r2": None if not math.isfinite(b) else float(b)} for lab, a, b in zip(labels, xy, null)]
+
+
+def _semantic_panel(ax, rows, x, cols, numbers: list[dict]) -> None:
+    """Linear-probe mIoU per row, each transformed store's mIoU as a marker; adds ``semantic_miou`` to numbers."""
+    sem = np.array([_number((r.get("semantic") or {}).get("miou")) for r in rows])
+    ax.bar(x, np.nan_to_num(sem), 0.7, color=cols)
+    _label_bars(ax, x, sem)
+    transforms = []
+    for r in rows:
+        transforms += [t["transform"] for t in r.get("robustness") or [] if t["transform"] not in transforms]
+    markers = "v^<>sDpo*"
+    for j, t in enumerate(transforms):
+        vals = np.array([_number(next((q["miou"] for q in r.get("robustness") or [] if q["transform"] == t), None))
+                         for r in rows])
+        ax.scatter(x + 0.25, vals, marker=markers[j % len(markers)], s=28, color="black", zorder=3,
+                   label=f"on {t} store")
+    ax.set_ylim(0, 1.12)
+    ax.set_title("semantics: linear-probe mIoU" + ("\n(markers: on transformed images)" if transforms else "\n"),
+                 fontsize=9)
+    if transforms:
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=min(3, len(transforms)),
+                  frameon=False)
+    for d, v in zip(numbers, sem):
+        d["semantic_miou"] = None if not math.isfinite(v) else float(v)
+
+
+def _cluster_panel(ax, rows, ks, x, cols, numbers: list[dict]) -> None:
+    """Overclustering mIoU ± std per row, one bar per (k, matching); adds ``cluster_miou`` to numbers."""
+    w = 0.8 / len(ks)
+    for j, (k, matching) in enumerate(ks):
+        cl = [next((c for c in r.get("cluster") or [] if (c["k"], c["matching"]) == (k, matching)), None)
+              for r in rows]
+        m = np.array([_number(c["miou_mean"]) if c else np.nan for c in cl])
+        s = np.array([_number(c["miou_std"]) if c else 0.0 for c in cl])
+        pos = x - 0.4 + w * (j + 0.5)
+        ax.bar(pos, np.nan_to_num(m), w * 0.92, yerr=np.nan_to_num(s), color=cols, capsize=2,
+               error_kw={"lw": 0.8}, alpha=1.0 - 0.5 * j / max(1, len(ks) - 1) if len(ks) > 1 else 1.0)
+        _label_bars(ax, pos, m, np.nan_to_num(s))
+        for px in pos:
+            ax.annotate(f"k={k}", (px, 0), xytext=(0, 2), textcoords="offset points", ha="center",
+                        va="bottom", fontsize=7, color="white")
+        for d, v in zip(numbers, m):
+            d.setdefault("cluster_miou", {})[str(k)] = None if not math.isfinite(v) else float(v)
+    ax.set_ylim(0, 1.12)
+    ax.set_title("overclustering mIoU\n(mean ± std over seeds)", fontsize=9)
+
+
 def report_plot(doc: dict, outdir: str | os.PathLike, *, name: str = "the report",
                 command: str = "") -> list[FigureEntry]:
     """The comparison of a ``posvit report``, one colour per row: positional R², semantic mIoU, overclustering.
@@ -279,77 +356,11 @@ def report_plot(doc: dict, outdir: str | os.PathLike, *, name: str = "the report
     fig = _figure(width_px, 520)
     axes = np.atleast_1d(fig.subplots(1, panels))
     x = np.arange(n)
-
-    def _v(v):
-        return np.nan if v is None else float(v)
-
-    def _label_bars(ax, pos, vals, errs=None):
-        errs = np.zeros_like(vals) if errs is None else errs
-        for px, m, s in zip(pos, vals, errs):
-            if math.isfinite(m):
-                ax.annotate(fmt(m), (px, m + s if m >= 0 else m - s), xytext=(0, 2 if m >= 0 else -2),
-                            textcoords="offset points", ha="center", va="bottom" if m >= 0 else "top", fontsize=8)
-
-    ax = axes[0]
-    xy = np.array([_v(r["positional"]["stack_r2"].get("xy")) for r in rows])
-    xy_std = np.array([_v((r["positional"].get("stack_r2_std") or {}).get("xy")) for r in rows])
-    null = np.array([_v(r["positional"]["stack_r2"].get("random")) for r in rows])
-    ax.bar(x, np.nan_to_num(xy), 0.7, yerr=np.nan_to_num(xy_std), color=cols, capsize=2, error_kw={"lw": 0.8})
-    ax.scatter(x, null, marker="_", s=900, color="black", zorder=3, label="null (random target)")
-    _label_bars(ax, x, xy, np.nan_to_num(xy_std))
-    finite = np.concatenate([(xy - np.nan_to_num(xy_std))[np.isfinite(xy)], null[np.isfinite(null)]])
-    low = min(0.0, float(finite.min())) if finite.size else 0.0
-    high = float(np.nanmax(xy + np.nan_to_num(xy_std))) if np.isfinite(xy).any() else 1.0
-    ax.set_ylim(low - 0.2 if low < 0 else 0.0, max(1.12, high + 0.15))
-    ax.axhline(0, color="0.3", lw=0.6)
-    ax.set_title("position: held-out xy stack R²\n(black tick: the random-target null)", fontsize=9)
-    numbers = [{"name": lab, "xy_r2": None if not math.isfinite(a) else float(a),
-                "random_r2": None if not math.isfinite(b) else float(b)} for lab, a, b in zip(labels, xy, null)]
-
-    p = 1
+    numbers = _positional_panel(axes[0], rows, labels, x, cols)
     if has_sem:
-        ax = axes[p]
-        p += 1
-        sem = np.array([_v((r.get("semantic") or {}).get("miou")) for r in rows])
-        ax.bar(x, np.nan_to_num(sem), 0.7, color=cols)
-        _label_bars(ax, x, sem)
-        transforms = []
-        for r in rows:
-            transforms += [t["transform"] for t in r.get("robustness") or [] if t["transform"] not in transforms]
-        markers = "v^<>sDpo*"
-        for j, t in enumerate(transforms):
-            vals = np.array([_v(next((q["miou"] for q in r.get("robustness") or [] if q["transform"] == t), None))
-                             for r in rows])
-            ax.scatter(x + 0.25, vals, marker=markers[j % len(markers)], s=28, color="black", zorder=3,
-                       label=f"on {t} store")
-        ax.set_ylim(0, 1.12)
-        ax.set_title("semantics: linear-probe mIoU" + ("\n(markers: on transformed images)" if transforms else "\n"),
-                     fontsize=9)
-        if transforms:
-            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=min(3, len(transforms)),
-                      frameon=False)
-        for d, v in zip(numbers, sem):
-            d["semantic_miou"] = None if not math.isfinite(v) else float(v)
-
+        _semantic_panel(axes[1], rows, x, cols, numbers)
     if ks:
-        ax = axes[p]
-        w = 0.8 / len(ks)
-        for j, (k, matching) in enumerate(ks):
-            cl = [next((c for c in r.get("cluster") or [] if (c["k"], c["matching"]) == (k, matching)), None)
-                  for r in rows]
-            m = np.array([_v(c["miou_mean"]) if c else np.nan for c in cl])
-            s = np.array([_v(c["miou_std"]) if c else 0.0 for c in cl])
-            pos = x - 0.4 + w * (j + 0.5)
-            ax.bar(pos, np.nan_to_num(m), w * 0.92, yerr=np.nan_to_num(s), color=cols, capsize=2,
-                   error_kw={"lw": 0.8}, alpha=1.0 - 0.5 * j / max(1, len(ks) - 1) if len(ks) > 1 else 1.0)
-            _label_bars(ax, pos, m, np.nan_to_num(s))
-            for px in pos:
-                ax.annotate(f"k={k}", (px, 0), xytext=(0, 2), textcoords="offset points", ha="center",
-                            va="bottom", fontsize=7, color="white")
-            for d, v in zip(numbers, m):
-                d.setdefault("cluster_miou", {})[str(k)] = None if not math.isfinite(v) else float(v)
-        ax.set_ylim(0, 1.12)
-        ax.set_title("overclustering mIoU\n(mean ± std over seeds)", fontsize=9)
+        _cluster_panel(axes[-1], rows, ks, x, cols, numbers)
 
     for ax in axes:
         ax.set_xticks(x, labels, fontsize=8, rotation=20 if n > 4 else 0)

@@ -27,7 +27,7 @@ def _one_thread():
 
 
 def test_hungarian_on_hand_made_3x3_confusion():
-    from posvit_cli.core.cluster.overclustering import apply_matching, match_clusters
+    from posvit_cli.core.cluster.matching import apply_matching, match_clusters
     from posvit_cli.core.measure.metrics import iou_per_class, miou
 
     # rows: classes 0..2, columns: clusters 0..2
@@ -42,7 +42,7 @@ def test_hungarian_on_hand_made_3x3_confusion():
 
 
 def test_many_to_one_precision_and_iou_on_hand_made_confusion():
-    from posvit_cli.core.cluster.overclustering import apply_matching, match_clusters
+    from posvit_cli.core.cluster.matching import apply_matching, match_clusters
     from posvit_cli.core.measure.metrics import iou_per_class
 
     conf = np.array([[5, 1, 0, 3], [2, 0, 6, 3], [0, 4, 1, 0]])
@@ -65,7 +65,7 @@ def test_many_to_one_precision_and_iou_on_hand_made_confusion():
 
 
 def test_empty_cluster_maps_to_class_zero_and_matching_equals_relabelled_pixels():
-    from posvit_cli.core.cluster.overclustering import apply_matching, match_clusters
+    from posvit_cli.core.cluster.matching import apply_matching, match_clusters
     from posvit_cli.core.measure.metrics import confusion_matrix
 
     conf = np.array([[0, 3, 0], [0, 1, 5]])
@@ -113,7 +113,8 @@ def _blob_dataset(tmp_path, *, n_img=6, grid=8, patch=16, classes=4, dim=24, ign
 
 
 def test_blobs_give_miou_one_for_k_equal_classes_and_many_to_one(tmp_path):
-    from posvit_cli.core.cluster.overclustering import load_masks, overcluster_eval
+    from posvit_cli.core.cluster.masks import load_masks
+    from posvit_cli.core.cluster.overclustering import overcluster_eval
     from posvit_cli.core.features.store import FeatureStore
 
     store, mdir = _blob_dataset(tmp_path, ignore_rows=2)
@@ -132,7 +133,8 @@ def test_blobs_give_miou_one_for_k_equal_classes_and_many_to_one(tmp_path):
 
 
 def test_class_absent_from_masks_counts_zero(tmp_path):
-    from posvit_cli.core.cluster.overclustering import load_masks, overcluster_eval
+    from posvit_cli.core.cluster.masks import load_masks
+    from posvit_cli.core.cluster.overclustering import overcluster_eval
     from posvit_cli.core.features.store import FeatureStore
 
     store, mdir = _blob_dataset(tmp_path)
@@ -146,7 +148,8 @@ def test_class_absent_from_masks_counts_zero(tmp_path):
 
 
 def test_ignored_pixels_never_count(tmp_path):
-    from posvit_cli.core.cluster.overclustering import load_masks, overcluster_eval
+    from posvit_cli.core.cluster.masks import load_masks
+    from posvit_cli.core.cluster.overclustering import overcluster_eval
     from posvit_cli.core.features.store import FeatureStore
 
     # The ignored tokens carry a fifth blob; its clusters hold only ignored pixels, so they change nothing.
@@ -161,7 +164,8 @@ def test_ignored_pixels_never_count(tmp_path):
 
 
 def test_in_training_protocol_reports_iou_and_precision_matching(tmp_path):
-    from posvit_cli.core.cluster.overclustering import load_masks, overcluster_eval
+    from posvit_cli.core.cluster.masks import load_masks
+    from posvit_cli.core.cluster.overclustering import overcluster_eval
     from posvit_cli.core.features.store import FeatureStore
 
     store, mdir = _blob_dataset(tmp_path, n_img=4)
@@ -180,7 +184,7 @@ def test_in_training_protocol_reports_iou_and_precision_matching(tmp_path):
 
 
 def test_streamed_zscore_pca_matches_numpy(tmp_path):
-    from posvit_cli.core.cluster.overclustering import fit_projection, project_tokens
+    from posvit_cli.core.cluster.projection import fit_projection, project_tokens
     from posvit_cli.core.features.store import FeatureStore
 
     rng = np.random.default_rng(3)
@@ -291,7 +295,7 @@ def test_kmeans_cuda_agrees_with_cpu():
 
 
 def test_spatial_entropy_quadrants_and_content_clusters():
-    from posvit_cli.core.cluster.overclustering import spatial_entropy
+    from posvit_cli.core.cluster.entropy import spatial_entropy
 
     h = w = 16
     quad = (np.arange(h)[:, None] >= h // 2) * 2 + (np.arange(w)[None, :] >= w // 2)

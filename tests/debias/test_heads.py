@@ -12,7 +12,8 @@ from posvit_cli.core.errors import PosvitError, PosvitWarning
 from posvit_cli.core.debias.heads import (
     BlankHead, ProjectionHead, TTAHead, apply_head_to_store, gram_schmidt, load_head, save_head,
 )
-from posvit_cli.core.features.store import FeatureStore, StoreWriter
+from posvit_cli.core.features.store import FeatureStore
+from posvit_cli.core.features.writer import StoreWriter
 
 
 def _planes(T=3, D=12, seed=0):

@@ -19,7 +19,8 @@ from posvit_cli.core.errors import PosvitError
 from posvit_cli.core.features.extract import ExtractOptions, blend_ramp, extract_images, shard_paths, tile_starts
 from posvit_cli.core.io.images import list_images, read_image, to_channels, to_float
 from posvit_cli.core.io.preprocess import parse_size, plan_resize, resize_and_normalise
-from posvit_cli.core.features.store import FeatureStore, StoreWriter
+from posvit_cli.core.features.store import FeatureStore
+from posvit_cli.core.features.writer import StoreWriter
 
 
 def _direct_tokens(path, encoder, size="native"):

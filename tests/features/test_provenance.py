@@ -12,11 +12,11 @@ from posvit_cli.core.features.provenance import IDENTITY_KEYS, identity_differen
 from posvit_cli.core.features.store import (
     STORE_SUFFIXES,
     FeatureStore,
-    StoreWriter,
     is_store_path,
-    merge_stores,
     store_format,
 )
+from posvit_cli.core.features.merge import merge_stores
+from posvit_cli.core.features.writer import StoreWriter
 from posvit_cli.core.io.preprocess import ResizeMode
 
 PROVENANCE = {

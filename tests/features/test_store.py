@@ -11,12 +11,12 @@ import pytest
 from posvit_cli.core.errors import PosvitError
 from posvit_cli.core.features.store import (
     FeatureStore,
-    StoreWriter,
     canonical_layer_name,
-    merge_stores,
     read_bytes_store,
     store_format,
 )
+from posvit_cli.core.features.merge import merge_stores
+from posvit_cli.core.features.writer import StoreWriter
 
 FORMATS = ["f.h5", "f.zarr", "f.zarr.zip"]
 

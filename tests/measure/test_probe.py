@@ -261,7 +261,7 @@ def test_multi_layer_fingerprint(tmp_path):
     rng = np.random.default_rng(4)
     finals = [planted_grid(rng, 12, 12, 32) for _ in range(3)]
     path = tmp_path / "layers.h5"
-    from posvit_cli.core.features.store import StoreWriter
+    from posvit_cli.core.features.writer import StoreWriter
 
     with StoreWriter(path, provenance={"model": "synthetic", "patch_size": 16, "channels": 32},
                      layers=["block1", "final"], dtype="float32") as w:

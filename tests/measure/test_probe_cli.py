@@ -67,7 +67,7 @@ def test_dino_saw_is_reproducible_on_the_command_line(cli, tmp_path):
 
 
 def test_all_layers_fingerprint_table(cli, tmp_path):
-    from posvit_cli.core.features.store import StoreWriter
+    from posvit_cli.core.features.writer import StoreWriter
 
     rng = np.random.default_rng(2)
     path = tmp_path / "layers.h5"

@@ -24,10 +24,9 @@ from posvit_cli.core.errors import PosvitError
 from posvit_cli.core.measure.metrics import class_average_miou
 from posvit_cli.core.segment.scribbles import correction_scribbles, draw_scribbles
 from posvit_cli.core.segment.evaluate import SegmentationScores, block_average, class_fractions
+from posvit_cli.core.segment.classes import ClassTable, LabelledImage
 from posvit_cli.core.segment.segmenter import (
-    ClassTable,
     FeatureSpec,
-    LabelledImage,
     load_grey,
     load_segmenter,
     pixel_features,

@@ -248,7 +248,7 @@ def test_rendered_figure_is_a_png_with_the_panels_pixel_for_pixel(tmp_path):
 def test_similarity_panel_known_colours_and_aspect():
     from posvit_cli.core.viz.geometry import Footprint, fit_size
     from posvit_cli.core.viz.maps import blend, colormap_rgb
-    from posvit_cli.core.viz.pictures import similarity_panel
+    from posvit_cli.core.viz.similarity import similarity_panel
 
     rng = np.random.default_rng(0)
     t = rng.standard_normal((5, 10, 16))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from posvit_cli.core.cluster.overclustering import MASK_SUFFIXES
+from posvit_cli.core.cluster.masks import MASK_SUFFIXES
 from posvit_cli.core.errors import PosvitError, PosvitWarning
 from posvit_cli.core.io.labels import LabelCheck, check_label_range
 from posvit_cli.core.measure.semantic.heads import AffineHead, bilinear_taps, upsample_argmax
@@ -42,7 +42,7 @@ class MaskSource:
     """
 
     def __init__(self, store, mask_dir):
-        from posvit_cli.core.cluster.overclustering import _store_resize
+        from posvit_cli.core.cluster.masks import store_size_mode
         from posvit_cli.core.io.labels import find_label_files
 
         self.store = store
@@ -56,7 +56,7 @@ class MaskSource:
                 "(masks are matched by file stem, e.g. img1.jpg ↔ img1.png)"
             )
         self.files = [found[n] for n in names]
-        self.size_mode, self.patch = _store_resize(store)
+        self.size_mode, self.patch = store_size_mode(store)
         self.resized: list[str] = []
 
     def processed(self, index: int) -> np.ndarray:
@@ -65,7 +65,7 @@ class MaskSource:
         The same mapping as the overclustering evaluation (:mod:`posvit_cli.core.cluster.overclustering`): resized to the
         image if its size differs (nearest, with a warning), then through the store's resize and crop.
         """
-        from posvit_cli.core.cluster.overclustering import _to_processed_frame
+        from posvit_cli.core.cluster.masks import labels_to_processed_frame
         from posvit_cli.core.io.labels import read_label_image, resize_labels_nearest
 
         r = self.store.record(index)
@@ -79,7 +79,7 @@ class MaskSource:
                     f"{r.orig_size[0]}×{r.orig_size[1]}: resized to the image (nearest)", PosvitWarning, stacklevel=2,
                 )
             lab = resize_labels_nearest(lab, r.orig_size)
-        return _to_processed_frame(lab, r, self.size_mode, self.patch)
+        return labels_to_processed_frame(lab, r, self.size_mode, self.patch)
 
     def tokens(self, index: int, processed: np.ndarray | None = None) -> np.ndarray:
         """The mask on the token grid ``(h, w)``: the class under each patch centre."""
