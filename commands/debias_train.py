@@ -273,10 +273,7 @@ def alibi(
 ) -> None:
     """Retrofit the encoder with a 2-D ALiBi attention bias and distil it to the original on images.
 
-    Removes the encoder's position embedding (and RoPE), adds a 2-D ALiBi attention bias, and distils the result to
-    the original model's patch tokens with the most positional channels zeroed, on a folder of images, in stages
-    (224 px, then 518 px). Runs unchanged under `torchrun --nproc-per-node N`. Writes a posvit encoder checkpoint
-    for `posvit extract --weights`.
+    Removes the encoder's position embedding (and RoPE), adds a 2-D ALiBi attention bias, and distils the result to the original model's patch tokens with the most positional channels zeroed, on a folder of images, in stages (224 px, then 518 px). Runs unchanged under `torchrun --nproc-per-node N`. Writes a posvit encoder checkpoint for `posvit extract --weights`.
     """
     from posvit_cli.core.debias.blank import parse_blank
     from posvit_cli.core.debias.retrofit import RetrofitConfig, parse_stages
@@ -347,8 +344,7 @@ def nope(
 ) -> None:
     """Retrofit the encoder without any position encoding (NoPE) and distil it to the original on images.
 
-    As `alibi`, without an attention bias: the student's position embedding (and RoPE) is removed and nothing
-    replaces it. Writes a posvit encoder checkpoint for `posvit extract --weights`.
+    As `alibi`, without an attention bias: the student's position embedding (and RoPE) is removed and nothing replaces it. Writes a posvit encoder checkpoint for `posvit extract --weights`.
     """
     from posvit_cli.core.debias.blank import parse_blank
     from posvit_cli.core.debias.retrofit import RetrofitConfig, parse_stages
@@ -497,10 +493,7 @@ def rasa(
 ) -> None:
     """Train a RASA head: remove the 2-D planes that predict token position, one per round, from final tokens.
 
-    Trains on cached final tokens: a feature store, or images extracted once with Franca's augmentations (with
-    --model). Writes a head (.safetensors, or Franca's .pth with --head-format franca) for `posvit extract --head`,
-    and reports probe's stack R2 before and after. On the CPU the round loop runs on one thread unless --threads is
-    given.
+    Trains on cached final tokens: a feature store, or images extracted once with Franca's augmentations (with --model). Writes a head (.safetensors, or Franca's .pth with --head-format franca) for `posvit extract --head`, and reports probe's stack R2 before and after. On the CPU the round loop runs on one thread unless --threads is given.
     """
     from posvit_cli.core.debias.rasa import RasaConfig, ViewOptions
 
@@ -545,8 +538,7 @@ def blank(
 ) -> None:
     """Write a blank head: zero the most positional channels of final tokens.
 
-    The channels come from --blank: auto probes the input store (`posvit probe`'s top-k channels per ramp), or a
-    channel list, or a `posvit probe` result. Writes a head (.safetensors) for `posvit extract --head`.
+    The channels come from --blank: auto probes the input store (`posvit probe`'s top-k channels per ramp), or a channel list, or a `posvit probe` result. Writes a head (.safetensors) for `posvit extract --head`.
     """
     from posvit_cli.core.debias.blank import blank_channels
     from posvit_cli.core.debias.heads import BlankHead
@@ -595,8 +587,7 @@ def svd(
 ) -> None:
     """Write an svd head: remove the subspace spanned by the tokens of a constant image.
 
-    The encoder is the one that made the input store (from its provenance) unless --model/--weights are given.
-    Writes a head (.safetensors) for `posvit extract --head`.
+    The encoder is the one that made the input store (from its provenance) unless --model/--weights are given. Writes a head (.safetensors) for `posvit extract --head`.
     """
     from posvit_cli.core.debias.heads import ProjectionHead
     from posvit_cli.core.debias.report import backbone_info, most_common_size, require_final, store_report
@@ -662,8 +653,7 @@ def tta(
 ) -> None:
     """Write a tta head: average features over flips, rotations and torus rolls mapped back to the original frame.
 
-    The head runs the encoder on transformed images, so it applies at extraction (`posvit extract IMAGES --head
-    HEAD`), not to a stored store. Images given here are used for the before/after stack R2 report.
+    The head runs the encoder on transformed images, so it applies at extraction (`posvit extract IMAGES --head HEAD`), not to a stored store. Images given here are used for the before/after stack R2 report.
     """
     from posvit_cli.core.debias.heads import TTAHead
     from posvit_cli.core.debias.report import backbone_info

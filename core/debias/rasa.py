@@ -670,7 +670,7 @@ def view_provenance(encoder, opts: ViewOptions, command: str = "") -> dict:
         "transform": None,
         "tiling": None,
         "command": command,
-        "purpose": "RASA training cache (posvit debias-train --method rasa)",
+        "purpose": "RASA training cache (posvit debias-train rasa)",
     })
     return prov
 

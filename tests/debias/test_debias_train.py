@@ -284,7 +284,7 @@ def test_cli_trains_and_extract_reloads_the_checkpoint(train_dir, tmp_path, cli)
     assert r.exit_code == 2 and "exists" in r.output
     r = cli(_train_args(train_dir, out, "--skip-unreadable", "--resume", tmp_path / "student.train",
                         method="nope"))
-    assert r.exit_code == 2 and "--method alibi run, not --method nope" in r.output
+    assert r.exit_code == 2 and "`debias-train alibi` run, not `debias-train nope`" in r.output
     r = cli(_train_args(train_dir, out, "--skip-unreadable", "--resume", out))
     assert r.exit_code == 2 and "encoder checkpoint, not a training state" in r.output
 

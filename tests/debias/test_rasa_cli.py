@@ -1,4 +1,4 @@
-"""`posvit debias-train --method rasa|blank|svd|tta` and `posvit extract --head` end to end on a tiny random ViT:
+"""`posvit debias-train rasa|blank|svd|tta` and `posvit extract --head` end to end on a tiny random ViT:
 head files, store-in/store-out cleaning equal to cleaning at extraction, the view cache, and bad inputs."""
 
 from __future__ import annotations

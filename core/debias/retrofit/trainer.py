@@ -251,7 +251,8 @@ class _Run:
         path = self.resume_state["_path"]
         if meta.get("method") != self.cfg.method:
             raise PosvitError(
-                f"--resume '{path}' is a checkpoint of a --method {meta.get('method')} run, not --method {self.cfg.method}"
+                f"--resume '{path}' is a checkpoint of a `debias-train {meta.get('method')}` run, "
+                f"not `debias-train {self.cfg.method}`"
             )
         want = self.cfg.recipe()
         have = meta.get("recipe", {})
