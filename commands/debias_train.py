@@ -1,148 +1,386 @@
-"""`posvit debias-train`: train a debiasing method; one command, one `--method`, one function per method family.
+"""`posvit debias-train METHOD`: train a debiasing method; one subcommand per method, each with its own options.
 
-Methods:
-- ``alibi`` / ``nope``: retrofit the encoder (2-D ALiBi attention bias, or no position encoding) and distil it to
-  the original model on a folder of images (:func:`_train_retrofit`, core in :mod:`posvit_cli.core.debias.retrofit`).
-- ``rasa``, ``blank``, ``svd``, ``tta``: debiasing heads for final patch tokens, trained on a feature store (RASA
-  planes, channel blanking, constant-image SVD subspace) or written from settings (test-time transform averaging)
-  (:func:`_train_head`, core in :mod:`posvit_cli.core.debias.rasa`, :mod:`posvit_cli.core.debias.baselines`,
-  :mod:`posvit_cli.core.debias.heads`).
+- ``alibi`` / ``nope`` IMAGES: retrofit the encoder (2-D ALiBi attention bias, or no position encoding) and distil
+  it to the original model (core: :mod:`posvit_cli.core.debias.retrofit`).
+- ``rasa`` STORE|IMAGES, ``blank`` [STORE], ``svd`` [STORE], ``tta`` [IMAGES]: debiasing heads for final patch
+  tokens (core: :mod:`~posvit_cli.core.debias.rasa`, :mod:`~posvit_cli.core.debias.blank`,
+  :mod:`~posvit_cli.core.debias.svd`, :mod:`~posvit_cli.core.debias.tta`, :mod:`~posvit_cli.core.debias.heads`).
+
+The old form ``posvit debias-train --method X ...`` still works for one release (:class:`MethodGroup` rewrites it
+to ``posvit debias-train X ...`` and warns).
 """
 
 from __future__ import annotations
 
+import enum
+import sys
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
+import click
 import typer
+from typer.core import TyperGroup
 
-from posvit_cli._cli import (
-    DebugOpt, JsonOpt, QuietOpt, RichProgress, cli_context, command_line, console, emit_json, sigterm_as_interrupt,
-)
+from posvit_cli._cli import RichProgress, cli_context, command_line, console, emit_json, sigterm_as_interrupt
 from posvit_cli.core.errors import PosvitError
+from posvit_cli.options import (
+    DebugOpt, DeviceOpt, JsonOpt, ModelOpt, OverwriteOpt, QuietOpt, RecursiveOpt, SeedOpt, StoreArg, ThreadsOpt,
+    WeightsOpt, warn_deprecated,
+)
 
-RETROFIT = "ALiBi / NoPE retrofit (--method alibi|nope)"
-RETROFIT_RUN = "Retrofit: schedule, checkpoints and monitoring"
-GENERAL = "General"
-RASA = "RASA heads (--method rasa)"
-HEADS = "Baselines (--method blank|svd|tta) and head files"
+#: Methods by what they train on.
+IMAGE_METHODS = ("alibi", "nope")
+STORE_METHODS = ("rasa", "blank", "svd")
+METHODS = (*IMAGE_METHODS, *STORE_METHODS, "tta")
 
 
-def debias_train(
-    inputs: Annotated[Optional[list[str]], typer.Argument(help="alibi/nope: training images (files, folders, .txt lists). rasa/blank/svd: a feature store of final tokens (a path, or piped in); rasa also takes images with --model (extracted once into --cache); tta: optional images for the before/after report.", show_default=False)] = None,
-    method: Annotated[str, typer.Option("--method", help="alibi (2-D ALiBi retrofit + distillation), nope (no position encoding + distillation), rasa (RASA projection head), blank (zero the most positional channels), svd (remove the constant-image positional subspace), tta (test-time transform averaging).", rich_help_panel=GENERAL)] = "alibi",
-    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Trained result: for alibi/nope a posvit encoder checkpoint (.safetensors) that `posvit extract --weights` loads alone. Required.", rich_help_panel=GENERAL)] = None,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Teacher encoder: a posvit name or timm ViT name. Default: dinov2-s-reg, or the model a posvit checkpoint in --weights names.", rich_help_panel=GENERAL)] = None,
-    weights: Annotated[str, typer.Option("--weights", "-w", help="Teacher weights: pretrained, random (smoke tests) or a .safetensors/.pth file.", rich_help_panel=GENERAL)] = "pretrained",
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the data order, validation split, monitor noise and --weights random.", rich_help_panel=GENERAL)] = 0,
-    device: Annotated[str, typer.Option("--device", help="Torch device: auto (CUDA if available), cpu, cuda, cuda:N. Under torchrun each rank takes cuda:LOCAL_RANK.", rich_help_panel=GENERAL)] = "auto",
-    precision: Annotated[str, typer.Option("--precision", help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16.", rich_help_panel=GENERAL)] = "auto",
-    threads: Annotated[Optional[int], typer.Option("--threads", help="Torch CPU threads. Default: torch's choice.", rich_help_panel=GENERAL)] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output and start its run folder afresh.", rich_help_panel=GENERAL)] = False,
-    # -- retrofit -----------------------------------------------------------------------------------------
-    slopes: Annotated[str, typer.Option("--slopes", help="ALiBi slope per head: constant (m for all heads, published), geometric (2^(-8(h+1)/H)) or learned (trainable, starts at m).", rich_help_panel=RETROFIT)] = "constant",
-    slope: Annotated[float, typer.Option("--slope", help="The constant slope m (initial value for learned slopes).", rich_help_panel=RETROFIT)] = 1.0,
-    distance: Annotated[str, typer.Option("--distance", help="Token distance: euclidean or manhattan.", rich_help_panel=RETROFIT)] = "euclidean",
-    wrap: Annotated[bool, typer.Option("--wrap/--no-wrap", help="Distances on a torus (wrap-around), which makes the model roll-equivariant.", rich_help_panel=RETROFIT)] = True,
-    normalize: Annotated[bool, typer.Option("--normalize/--no-normalize", help="Divide distances by their maximum on the grid (bias in [-m, 0] at any resolution).", rich_help_panel=RETROFIT)] = True,
-    blank: Annotated[str, typer.Option("--blank", help="Teacher channels zeroed in the targets: auto (top-2 per ramp on the monitor images), none, a list such as 47,113,117,359, or a `posvit probe` result .json.", rich_help_panel=RETROFIT)] = "auto",
-    loss: Annotated[str, typer.Option("--loss", help="Distillation loss on patch tokens: cosine (mean 1 - cos) or mse.", rich_help_panel=RETROFIT)] = "cosine",
-    gram_weight: Annotated[float, typer.Option("--gram-weight", help="Weight of the Gram anchor (patch-similarity structure, DINOv3); 0 = off.", rich_help_panel=RETROFIT)] = 0.0,
-    student_init: Annotated[Optional[Path], typer.Option("--student-init", help="Start the student from this retrofitted posvit checkpoint (e.g. a 224 px result before a 518 px stage). Default: a copy of the teacher.", rich_help_panel=RETROFIT)] = None,
-    teacher_store: Annotated[Optional[list[Path]], typer.Option("--teacher-store", help="Feature store of the teacher (`posvit extract --size crop:N`) used as targets for stages of size N instead of teacher passes. Repeatable.", rich_help_panel=RETROFIT)] = None,
-    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Search image folders recursively.", rich_help_panel=RETROFIT)] = False,
-    skip_unreadable: Annotated[bool, typer.Option("--skip-unreadable", help="Drop images that cannot be decoded (with a warning) instead of stopping.", rich_help_panel=RETROFIT)] = False,
-    intensity: Annotated[str, typer.Option("--intensity", help="Intensity scaling: auto, dtype, minmax, percentile:LO,HI.", rich_help_panel=RETROFIT)] = "auto",
-    # -- schedule, checkpoints, monitor ---------------------------------------------------------------------
-    stages: Annotated[str, typer.Option("--stages", help="Training stages SIZE:EPOCHS (shortest-side resize + centre crop to SIZE px; fractional epochs allowed).", rich_help_panel=RETROFIT_RUN)] = "224:15,518:1",
-    lr: Annotated[Optional[str], typer.Option("--lr", help="Learning rate, one or one per stage. Default: 1e-4 for the first stage, 1e-5 after.", rich_help_panel=RETROFIT_RUN)] = None,
-    batch_size: Annotated[Optional[str], typer.Option("--batch-size", "-b", help="Global batch (images per optimiser step, all processes), one or one per stage. Default: 256 for the first stage, 32 after.", rich_help_panel=RETROFIT_RUN)] = None,
-    micro_batch: Annotated[int, typer.Option("--micro-batch", help="Images per forward pass and process; larger batches accumulate gradients.", rich_help_panel=RETROFIT_RUN)] = 32,
-    weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay.", rich_help_panel=RETROFIT_RUN)] = 0.01,
-    warmup: Annotated[float, typer.Option("--warmup", help="Linear warm-up over this fraction of each stage's steps.", rich_help_panel=RETROFIT_RUN)] = 0.0,
-    schedule: Annotated[str, typer.Option("--schedule", help="Learning rate after warm-up: constant (published) or cosine.", rich_help_panel=RETROFIT_RUN)] = "constant",
-    min_lr_ratio: Annotated[float, typer.Option("--min-lr-ratio", help="Cosine schedule: final learning rate as a fraction of the peak.", rich_help_panel=RETROFIT_RUN)] = 0.0,
-    grad_clip: Annotated[float, typer.Option("--grad-clip", help="Clip the gradient norm to this value; 0 = off (published).", rich_help_panel=RETROFIT_RUN)] = 0.0,
-    compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile student and teacher (worth it on CUDA for long runs).", rich_help_panel=RETROFIT_RUN)] = False,
-    workers: Annotated[int, typer.Option("--workers", help="Image decoding processes (0 = in the training process).", rich_help_panel=RETROFIT_RUN)] = 2,
-    val_fraction: Annotated[float, typer.Option("--val-fraction", help="Fraction of the images held out for the validation loss.", rich_help_panel=RETROFIT_RUN)] = 0.05,
-    val_max: Annotated[int, typer.Option("--val-max", help="At most this many validation images.", rich_help_panel=RETROFIT_RUN)] = 500,
-    monitor_images: Annotated[Optional[str], typer.Option("--monitor-images", help="Homogeneous images (folder, files or .txt list) for the positional stack-R2 monitor and --blank auto. Default: 4 uniform-noise images of 518 px.", rich_help_panel=RETROFIT_RUN)] = None,
-    monitor_size: Annotated[str, typer.Option("--monitor-size", help="Resize of monitor images: native (own size, rounded down to patch multiples, as published), stage (the stage's crop), short:N, long:N, square:N or crop:N.", rich_help_panel=RETROFIT_RUN)] = "native",
-    monitor_fraction: Annotated[float, typer.Option("--monitor-fraction", help="Fraction of a monitor image's tokens the stack-R2 probe trains on (published: 1/36 = 0.0278).", rich_help_panel=RETROFIT_RUN)] = 1 / 36,
-    eval_every: Annotated[int, typer.Option("--eval-every", help="Validation loss and stack R2 every N steps (and at each stage's end); 0 = stage ends only.", rich_help_panel=RETROFIT_RUN)] = 100,
-    log_every: Annotated[int, typer.Option("--log-every", help="Training-loss rows in the log every N steps.", rich_help_panel=RETROFIT_RUN)] = 10,
-    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Training state every N steps (and at each stage's end); 0 = stage ends only.", rich_help_panel=RETROFIT_RUN)] = 500,
-    keep_checkpoints: Annotated[bool, typer.Option("--keep-checkpoints", help="Keep every training state, not only the last.", rich_help_panel=RETROFIT_RUN)] = False,
-    run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Folder for training states (last.pt) and log.csv. Default: the output path with suffix .train.", rich_help_panel=RETROFIT_RUN)] = None,
-    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue an interrupted run from its run folder or a state file (same options and images).", rich_help_panel=RETROFIT_RUN)] = None,
-    # -- RASA heads ----------------------------------------------------------------------------------------
-    rounds: Annotated[int, typer.Option("--rounds", help="Planes removed, one per round (Franca's code: 9; paper: 8).", rich_help_panel=RASA)] = 9,
-    epochs: Annotated[int, typer.Option("--epochs", help="Epochs per round.", rich_help_panel=RASA)] = 5,
-    lr_head: Annotated[float, typer.Option("--lr-head", help="Peak AdamW learning rate of each round, cosine to 0, no weight decay (Franca's code: 2e-4; paper: 2e-3).", rich_help_panel=RASA)] = 2e-4,
-    batch_images: Annotated[int, typer.Option("--batch-images", help="Images whose tokens make one optimiser step (steps per epoch = images / this, as the references).", rich_help_panel=RASA)] = 128,
-    batching: Annotated[str, typer.Option("--batching", help="What a step trains on: tokens (random tokens of all images), images (all tokens of --batch-images images, shuffled each epoch) or images-in-order (the references' unshuffled batches).", rich_help_panel=RASA)] = "tokens",
-    exact: Annotated[bool, typer.Option("--exact", help="Remove all planes with one exact orthogonal projector (QR of every plane vector) instead of one plane after another in training order (the references).", rich_help_panel=RASA)] = False,
-    token_fraction: Annotated[float, typer.Option("--token-fraction", help="Fraction of the cached tokens each epoch uses (a fresh random subset per epoch).", rich_help_panel=RASA)] = 1.0,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Most tokens held in memory (float16: 2·D bytes each); larger stores are sampled evenly per image.", rich_help_panel=RASA)] = 4_000_000,
-    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Images input: Franca's augmentations (random resized crop 0.25-1, colour jitter, greyscale, blur, flips, rot90); off: short-side resize + centre crop.", rich_help_panel=RASA)] = True,
-    views: Annotated[int, typer.Option("--views", help="Images input: augmented views per image.", rich_help_panel=RASA)] = 1,
-    crop: Annotated[int, typer.Option("--crop", help="Images input: side of the views in pixels (rounded down to the patch size).", rich_help_panel=RASA)] = 518,
-    extract_batch: Annotated[int, typer.Option("--extract-batch", help="Images input: views per encoder forward pass.", rich_help_panel=RASA)] = 16,
-    cache: Annotated[Optional[Path], typer.Option("--cache", help="Images input: store the extracted views here (reusable as the input of later runs). Default: OUTPUT with suffix .views.h5.", rich_help_panel=RASA)] = None,
-    # -- baselines and head files ---------------------------------------------------------------------------
-    head_format: Annotated[str, typer.Option("--head-format", help="posvit (.safetensors with metadata) or franca (pre_pos_layers.{i}.weight / pos_pred.weight; .safetensors, or .pth for Franca's own loader). rasa only for franca.", rich_help_panel=HEADS)] = "posvit",
-    top_k: Annotated[int, typer.Option("--top-k", help="blank: channels taken per ramp (lr, ud, diag, radial) from a probe result or --blank auto; the channels come from --blank (auto = probe the input store, a list, or a `posvit probe` .json).", rich_help_panel=HEADS)] = 2,
-    rank: Annotated[int, typer.Option("--rank", help="svd: singular vectors of the constant-image tokens removed (INSID3: 16).", rich_help_panel=HEADS)] = 16,
-    size: Annotated[str, typer.Option("--size", help="svd: constant-image size N or HxW px (auto = the input store's most common image size, else 518); tta: resize rule of the report images as in `extract --size` (auto = native).", rich_help_panel=HEADS)] = "auto",
-    transforms: Annotated[str, typer.Option("--transforms", help="tta: transforms averaged, comma-separated: flip-lr, flip-ud, rot90, rot180, rot270, roll:DY,DX (patches), compositions with +, and sets flips, rot90, d4, rolls:N, reference (identity, flip-lr, flip-ud, rot90).", rich_help_panel=HEADS)] = "reference",
-    report_images: Annotated[int, typer.Option("--report-images", help="Images of the input on which the stack R2 is probed before and after the head (0 = no report).", rich_help_panel=HEADS)] = 16,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
-    debug: DebugOpt = False,
-    ctx: typer.Context = None,
-) -> None:
-    """Train a debiasing method: ALiBi/NoPE retrofit of the encoder, or a RASA head and cheap baseline heads.
+# ------------------------------------------------------------------------------------------------------------
+# The group: method first; the deprecated `--method X` form; a clear answer when the method is missing
 
-    alibi/nope: removes the encoder's position embedding (and RoPE), adds a 2-D ALiBi attention bias (alibi) or nothing (nope), and distils the result to the original model's patch tokens with the most positional channels zeroed, on a folder of images, in stages (224 px, then 518 px). Runs unchanged under `torchrun --nproc-per-node N`. Writes a posvit encoder checkpoint for `posvit extract --weights`.
 
-    rasa/blank/svd/tta: write a head (.safetensors) for `posvit extract --head`, which cleans tokens as they are extracted or a stored store without re-extraction. rasa fits and removes 2-D planes that predict token position on cached final tokens (a feature store, or images extracted once with augmentations); blank zeroes the most positional channels; svd removes the subspace spanned by the tokens of a constant image; tta averages features over flips, rotations and torus rolls mapped back to the original frame. Reports probe's stack R2 before and after. On the CPU, rasa's round loop runs on one thread unless --threads is given.
+def _refuse(message: str) -> None:
+    """One `error:` line and exit 2, before any subcommand runs (so nothing is written)."""
+    with cli_context():
+        raise PosvitError(message)
+
+
+def _input_kind(arg: str) -> str | None:
+    """``store`` or ``images`` for a path that looks like one, else None."""
+    from posvit_cli.core.io.images import IMAGE_SUFFIXES, LIST_SUFFIXES
+
+    from posvit_cli.core.features.backends import is_store_path
+
+    low = arg.lower().rstrip("/")
+    if arg == "-" or is_store_path(arg):
+        return "store"
+    if Path(arg).is_dir() or low.endswith(IMAGE_SUFFIXES + LIST_SUFFIXES):
+        return "images"
+    return None
+
+
+def _missing_method(args: list[str]) -> str:
+    first = args[0]
+    kind = _input_kind(first) if not first.startswith("-") else None
+    seen = {"store": f"'{first}' is a feature store: ", "images": f"'{first}' is images: "}.get(kind, "")
+    example = {"store": f"posvit debias-train rasa {first} ...", "images": f"posvit debias-train alibi {first} ..."}
+    return (f"name the method first ({seen}{', '.join(STORE_METHODS)} take a feature store; "
+            f"{' and '.join(IMAGE_METHODS)} take images; tta takes images for its report), e.g. "
+            f"{example.get(kind, 'posvit debias-train METHOD INPUT ...')}")
+
+
+def method_first(args: list[str]) -> list[str]:
+    """Rewrite the deprecated ``[ARGS] --method X [ARGS]`` (or ``--method=X``) to ``X ARGS`` and warn.
+
+    The last ``--method`` wins, as it did when it was an option. Without one, refuse with a line saying which
+    methods take a store and which take images.
     """
-    with cli_context(debug, quiet):
-        m = method.strip().lower()
-        if m not in _METHODS:
-            raise PosvitError(f"unknown --method '{method}': use {', '.join(_METHODS)}")
-        _METHODS[m](**{**locals(), "method": m})
+    method, rest, i = None, [], 0
+    while i < len(args):
+        a = args[i]
+        if a == "--":
+            rest.extend(args[i:])
+            break
+        if a == "--method":
+            if i + 1 >= len(args):
+                _refuse(f"--method needs a value: {', '.join(METHODS)}")
+            method, i = args[i + 1], i + 2
+            continue
+        if a.startswith("--method="):
+            method, i = a.split("=", 1)[1], i + 1
+            continue
+        rest.append(a)
+        i += 1
+    if method is None:
+        first = args[0]
+        if not first.startswith("-") and _input_kind(first) is None and not Path(first).exists():
+            return args  # a misspelt method: Click answers "No such command"
+        _refuse(_missing_method(args))
+    m = method.strip().lower()
+    if m not in METHODS:
+        _refuse(f"unknown --method '{method}': use posvit debias-train {'|'.join(METHODS)} ...")
+    with cli_context():
+        warn_deprecated(f"`posvit debias-train --method {m}`", f"`posvit debias-train {m}`")
+    return [m, *rest]
 
 
-# --------------------------------------------------------------------------------------------------------------
+class MethodGroup(TyperGroup):
+    """``debias-train``'s subcommands, also reached by the deprecated ``--method X`` spelling."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        args = list(args)
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = method_first(args)
+        return super().parse_args(ctx, args)
+
+
+app = typer.Typer(
+    name="debias-train",
+    cls=MethodGroup,
+    help="Train a debiasing method: `alibi`/`nope` retrofit the encoder on images; `rasa`, `blank`, `svd` and `tta` "
+         "write a head for `posvit extract --head` (rasa, blank and svd from a feature store).",
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Choices and options shared by several methods
+
+
+class Precision(str, enum.Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class Slopes(str, enum.Enum):
+    constant = "constant"
+    geometric = "geometric"
+    learned = "learned"
+
+
+class Distance(str, enum.Enum):
+    euclidean = "euclidean"
+    manhattan = "manhattan"
+
+
+class Loss(str, enum.Enum):
+    cosine = "cosine"
+    mse = "mse"
+
+
+class Schedule(str, enum.Enum):
+    constant = "constant"
+    cosine = "cosine"
+
+
+class Batching(str, enum.Enum):
+    tokens = "tokens"
+    images = "images"
+    images_in_order = "images-in-order"
+
+
+class HeadFormat(str, enum.Enum):
+    posvit = "posvit"
+    franca = "franca"
+
+
+RETROFIT = "Retrofit"
+RETROFIT_RUN = "Schedule, checkpoints and monitoring"
+
+PrecisionOpt = Annotated[Precision, typer.Option("--precision", case_sensitive=False, help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16.")]
+HeadOutOpt = Annotated[Path, typer.Option("--output", "-o", help="The head file (.safetensors) for `posvit extract --head`.", show_default=False)]
+ReportImagesOpt = Annotated[int, typer.Option("--report-images", min=0, help="Images of the input on which the stack R2 is probed before and after the head (0 = no report).")]
+IntensityOpt = Annotated[str, typer.Option("--intensity", help="Intensity scaling: auto, dtype, minmax, percentile:LO,HI.")]
+SkipUnreadableOpt = Annotated[bool, typer.Option("--skip-unreadable", help="Drop images that cannot be decoded (with a warning) instead of stopping.")]
+HeadSizeOpt = Annotated[str, typer.Option("--size", help="Resize rule of the report images as in `extract --size` (auto = native).")]
+
+# alibi / nope
+ImagesArg = Annotated[list[str], typer.Argument(help="Training images: files, folders or .txt lists.", show_default=False)]
+CheckpointOutOpt = Annotated[Path, typer.Option("--output", "-o", help="The retrofitted encoder: a posvit checkpoint (.safetensors) that `posvit extract --weights` loads alone.", show_default=False)]
+TeacherModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Teacher encoder: a posvit name or timm ViT name. Default: dinov2-s-reg, or the model a posvit checkpoint in --weights names.", show_default=False)]
+TeacherWeightsOpt = Annotated[str, typer.Option("--weights", "-w", help="Teacher weights: pretrained, random (smoke tests) or a .safetensors/.pth file.")]
+RetrofitSeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the data order, validation split, monitor noise and --weights random.")]
+RetrofitDeviceOpt = Annotated[str, typer.Option("--device", help="Torch device: auto (CUDA if available), cpu, cuda, cuda:N. Under torchrun each rank takes cuda:LOCAL_RANK.")]
+RetrofitOverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output and start its run folder afresh.")]
+SlopesOpt = Annotated[Slopes, typer.Option("--slopes", case_sensitive=False, help="ALiBi slope per head: constant (m for all heads, published), geometric (2^(-8(h+1)/H)) or learned (trainable, starts at m).", rich_help_panel=RETROFIT)]
+SlopeOpt = Annotated[float, typer.Option("--slope", help="The constant slope m (initial value for learned slopes).", rich_help_panel=RETROFIT)]
+DistanceOpt = Annotated[Distance, typer.Option("--distance", case_sensitive=False, help="Token distance: euclidean or manhattan.", rich_help_panel=RETROFIT)]
+WrapOpt = Annotated[bool, typer.Option("--wrap/--no-wrap", help="Distances on a torus (wrap-around), which makes the model roll-equivariant.", rich_help_panel=RETROFIT)]
+NormalizeOpt = Annotated[bool, typer.Option("--normalize/--no-normalize", help="Divide distances by their maximum on the grid (bias in [-m, 0] at any resolution).", rich_help_panel=RETROFIT)]
+TargetBlankOpt = Annotated[str, typer.Option("--blank", help="Teacher channels zeroed in the targets: auto (top-2 per ramp on the monitor images), none (plain distillation), a list such as 47,113,117,359, or a `posvit probe` result .json (top 2 per ramp).", rich_help_panel=RETROFIT)]
+LossOpt = Annotated[Loss, typer.Option("--loss", case_sensitive=False, help="Distillation loss on patch tokens: cosine (mean 1 - cos) or mse.", rich_help_panel=RETROFIT)]
+GramWeightOpt = Annotated[float, typer.Option("--gram-weight", min=0.0, help="Weight of the Gram anchor (patch-similarity structure, DINOv3); 0 = off.", rich_help_panel=RETROFIT)]
+StudentInitOpt = Annotated[Optional[Path], typer.Option("--student-init", help="Start the student from this retrofitted posvit checkpoint (e.g. a 224 px result before a 518 px stage). Default: a copy of the teacher.", show_default=False, rich_help_panel=RETROFIT)]
+TeacherStoreOpt = Annotated[Optional[list[Path]], typer.Option("--teacher-store", help="Feature store of the teacher (`posvit extract --size crop:N`) used as targets for stages of size N instead of teacher passes. Repeatable.", show_default=False, rich_help_panel=RETROFIT)]
+StagesOpt = Annotated[str, typer.Option("--stages", help="Training stages SIZE:EPOCHS (shortest-side resize + centre crop to SIZE px; fractional epochs allowed).", rich_help_panel=RETROFIT_RUN)]
+LrOpt = Annotated[Optional[str], typer.Option("--lr", help="Learning rate, one or one per stage. Default: 1e-4 for the first stage, 1e-5 after.", show_default=False, rich_help_panel=RETROFIT_RUN)]
+GlobalBatchOpt = Annotated[Optional[str], typer.Option("--batch-size", "-b", help="Global batch (images per optimiser step, all processes), one or one per stage. Default: 256 for the first stage, 32 after.", show_default=False, rich_help_panel=RETROFIT_RUN)]
+MicroBatchOpt = Annotated[int, typer.Option("--micro-batch", min=1, help="Images per forward pass and process; larger batches accumulate gradients.", rich_help_panel=RETROFIT_RUN)]
+WeightDecayOpt = Annotated[float, typer.Option("--weight-decay", min=0.0, help="AdamW weight decay.", rich_help_panel=RETROFIT_RUN)]
+WarmupOpt = Annotated[float, typer.Option("--warmup", min=0.0, max=1.0, help="Linear warm-up over this fraction of each stage's steps, in [0, 1).", rich_help_panel=RETROFIT_RUN)]
+ScheduleOpt = Annotated[Schedule, typer.Option("--schedule", case_sensitive=False, help="Learning rate after warm-up: constant (published) or cosine.", rich_help_panel=RETROFIT_RUN)]
+MinLrRatioOpt = Annotated[float, typer.Option("--min-lr-ratio", min=0.0, max=1.0, help="Cosine schedule: final learning rate as a fraction of the peak.", rich_help_panel=RETROFIT_RUN)]
+GradClipOpt = Annotated[float, typer.Option("--grad-clip", min=0.0, help="Clip the gradient norm to this value; 0 = off (published).", rich_help_panel=RETROFIT_RUN)]
+CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile student and teacher (worth it on CUDA for long runs).", rich_help_panel=RETROFIT_RUN)]
+WorkersOpt = Annotated[int, typer.Option("--workers", min=0, help="Image decoding processes (0 = in the training process).", rich_help_panel=RETROFIT_RUN)]
+ValFractionOpt = Annotated[float, typer.Option("--val-fraction", min=0.0, max=1.0, help="Fraction of the images held out for the validation loss, in [0, 1).", rich_help_panel=RETROFIT_RUN)]
+ValMaxOpt = Annotated[int, typer.Option("--val-max", min=0, help="At most this many validation images.", rich_help_panel=RETROFIT_RUN)]
+MonitorImagesOpt = Annotated[Optional[str], typer.Option("--monitor-images", help="Homogeneous images (folder, files or .txt list) for the positional stack-R2 monitor and --blank auto. Default: 4 uniform-noise images of 518 px.", show_default=False, rich_help_panel=RETROFIT_RUN)]
+MonitorSizeOpt = Annotated[str, typer.Option("--monitor-size", help="Resize of monitor images: native (own size, rounded down to patch multiples, as published), stage (the stage's crop), short:N, long:N, square:N or crop:N.", rich_help_panel=RETROFIT_RUN)]
+MonitorFractionOpt = Annotated[float, typer.Option("--monitor-fraction", min=0.0, max=1.0, help="Fraction of a monitor image's tokens the stack-R2 probe trains on, in (0, 1) (published: 1/36 = 0.0278).", rich_help_panel=RETROFIT_RUN)]
+EvalEveryOpt = Annotated[int, typer.Option("--eval-every", min=0, help="Validation loss and stack R2 every N steps (and at each stage's end); 0 = stage ends only.", rich_help_panel=RETROFIT_RUN)]
+LogEveryOpt = Annotated[int, typer.Option("--log-every", min=0, help="Training-loss rows in the log every N steps.", rich_help_panel=RETROFIT_RUN)]
+CheckpointEveryOpt = Annotated[int, typer.Option("--checkpoint-every", min=0, help="Training state every N steps (and at each stage's end); 0 = stage ends only.", rich_help_panel=RETROFIT_RUN)]
+KeepCheckpointsOpt = Annotated[bool, typer.Option("--keep-checkpoints", help="Keep every training state, not only the last.", rich_help_panel=RETROFIT_RUN)]
+RunDirOpt = Annotated[Optional[Path], typer.Option("--run-dir", help="Folder for training states (last.pt) and log.csv. Default: the output path with suffix .train.", show_default=False, rich_help_panel=RETROFIT_RUN)]
+ResumeOpt = Annotated[Optional[Path], typer.Option("--resume", help="Continue an interrupted run from its run folder or a state file (same options and images).", show_default=False, rich_help_panel=RETROFIT_RUN)]
+
+
+# ------------------------------------------------------------------------------------------------------------
 # alibi / nope: retrofit and distil
 
 
-def _train_retrofit(inputs, method, output, model, weights, seed, device, precision, threads, overwrite, slopes, slope,
-                    distance, wrap, normalize, blank, loss, gram_weight, student_init, teacher_store, recursive,
-                    skip_unreadable, intensity, stages, lr, batch_size, micro_batch, weight_decay, warmup, schedule,
-                    min_lr_ratio, grad_clip, compile_model, workers, val_fraction, val_max, monitor_images,
-                    monitor_size, monitor_fraction, eval_every, log_every, checkpoint_every, keep_checkpoints, run_dir, resume,
-                    json_out, quiet, **_):
+@app.command("alibi")
+def alibi(
+    images: ImagesArg,
+    output: CheckpointOutOpt,
+    model: TeacherModelOpt = None,
+    weights: TeacherWeightsOpt = "pretrained",
+    slopes: SlopesOpt = Slopes.constant,
+    slope: SlopeOpt = 1.0,
+    distance: DistanceOpt = Distance.euclidean,
+    wrap: WrapOpt = True,
+    normalize: NormalizeOpt = True,
+    blank: TargetBlankOpt = "auto",
+    loss: LossOpt = Loss.cosine,
+    gram_weight: GramWeightOpt = 0.0,
+    student_init: StudentInitOpt = None,
+    teacher_store: TeacherStoreOpt = None,
+    recursive: RecursiveOpt = False,
+    skip_unreadable: SkipUnreadableOpt = False,
+    intensity: IntensityOpt = "auto",
+    stages: StagesOpt = "224:15,518:1",
+    lr: LrOpt = None,
+    batch_size: GlobalBatchOpt = None,
+    micro_batch: MicroBatchOpt = 32,
+    weight_decay: WeightDecayOpt = 0.01,
+    warmup: WarmupOpt = 0.0,
+    schedule: ScheduleOpt = Schedule.constant,
+    min_lr_ratio: MinLrRatioOpt = 0.0,
+    grad_clip: GradClipOpt = 0.0,
+    compile_model: CompileOpt = False,
+    workers: WorkersOpt = 2,
+    val_fraction: ValFractionOpt = 0.05,
+    val_max: ValMaxOpt = 500,
+    monitor_images: MonitorImagesOpt = None,
+    monitor_size: MonitorSizeOpt = "native",
+    monitor_fraction: MonitorFractionOpt = 1 / 36,
+    eval_every: EvalEveryOpt = 100,
+    log_every: LogEveryOpt = 10,
+    checkpoint_every: CheckpointEveryOpt = 500,
+    keep_checkpoints: KeepCheckpointsOpt = False,
+    run_dir: RunDirOpt = None,
+    resume: ResumeOpt = None,
+    seed: RetrofitSeedOpt = 0,
+    device: RetrofitDeviceOpt = "auto",
+    precision: PrecisionOpt = Precision.auto,
+    threads: ThreadsOpt = None,
+    overwrite: RetrofitOverwriteOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Retrofit the encoder with a 2-D ALiBi attention bias and distil it to the original on images.
+
+    Removes the encoder's position embedding (and RoPE), adds a 2-D ALiBi attention bias, and distils the result to the original model's patch tokens with the most positional channels zeroed, on a folder of images, in stages (224 px, then 518 px). Runs unchanged under `torchrun --nproc-per-node N`. Writes a posvit encoder checkpoint for `posvit extract --weights`.
+    """
+    from posvit_cli.core.debias.blank import parse_blank
+    from posvit_cli.core.debias.retrofit import RetrofitConfig, parse_stages
+    from posvit_cli.core.features.alibi import AlibiConfig
+
+    with cli_context(debug, quiet):
+        config = RetrofitConfig(
+            method="alibi",
+            alibi=AlibiConfig(slopes=slopes.value, slope=slope, distance=distance.value, wrap=wrap,
+                              normalize=normalize),
+            stages=parse_stages(stages, lr, batch_size), micro_batch=micro_batch, weight_decay=weight_decay,
+            warmup=warmup, schedule=schedule.value, min_lr_ratio=min_lr_ratio, grad_clip=grad_clip, loss=loss.value,
+            gram_weight=gram_weight, blank=parse_blank(blank), val_fraction=val_fraction, val_max=val_max,
+            eval_every=eval_every, log_every=log_every, checkpoint_every=checkpoint_every,
+            keep_checkpoints=keep_checkpoints, seed=seed, compile=compile_model, workers=workers,
+            intensity=intensity, monitor_size=monitor_size, r2_fraction=monitor_fraction,
+        )
+        _run_retrofit(config, images=images, output=output, model=model, weights=weights, device=device,
+                      precision=precision.value, threads=threads, overwrite=overwrite, student_init=student_init,
+                      teacher_store=teacher_store, recursive=recursive, skip_unreadable=skip_unreadable,
+                      monitor_images=monitor_images, run_dir=run_dir, resume=resume, json_out=json_out, quiet=quiet)
+
+
+@app.command("nope")
+def nope(
+    images: ImagesArg,
+    output: CheckpointOutOpt,
+    model: TeacherModelOpt = None,
+    weights: TeacherWeightsOpt = "pretrained",
+    blank: TargetBlankOpt = "auto",
+    loss: LossOpt = Loss.cosine,
+    gram_weight: GramWeightOpt = 0.0,
+    student_init: StudentInitOpt = None,
+    teacher_store: TeacherStoreOpt = None,
+    recursive: RecursiveOpt = False,
+    skip_unreadable: SkipUnreadableOpt = False,
+    intensity: IntensityOpt = "auto",
+    stages: StagesOpt = "224:15,518:1",
+    lr: LrOpt = None,
+    batch_size: GlobalBatchOpt = None,
+    micro_batch: MicroBatchOpt = 32,
+    weight_decay: WeightDecayOpt = 0.01,
+    warmup: WarmupOpt = 0.0,
+    schedule: ScheduleOpt = Schedule.constant,
+    min_lr_ratio: MinLrRatioOpt = 0.0,
+    grad_clip: GradClipOpt = 0.0,
+    compile_model: CompileOpt = False,
+    workers: WorkersOpt = 2,
+    val_fraction: ValFractionOpt = 0.05,
+    val_max: ValMaxOpt = 500,
+    monitor_images: MonitorImagesOpt = None,
+    monitor_size: MonitorSizeOpt = "native",
+    monitor_fraction: MonitorFractionOpt = 1 / 36,
+    eval_every: EvalEveryOpt = 100,
+    log_every: LogEveryOpt = 10,
+    checkpoint_every: CheckpointEveryOpt = 500,
+    keep_checkpoints: KeepCheckpointsOpt = False,
+    run_dir: RunDirOpt = None,
+    resume: ResumeOpt = None,
+    seed: RetrofitSeedOpt = 0,
+    device: RetrofitDeviceOpt = "auto",
+    precision: PrecisionOpt = Precision.auto,
+    threads: ThreadsOpt = None,
+    overwrite: RetrofitOverwriteOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Retrofit the encoder without any position encoding (NoPE) and distil it to the original on images.
+
+    As `alibi`, without an attention bias: the student's position embedding (and RoPE) is removed and nothing replaces it. Writes a posvit encoder checkpoint for `posvit extract --weights`.
+    """
+    from posvit_cli.core.debias.blank import parse_blank
+    from posvit_cli.core.debias.retrofit import RetrofitConfig, parse_stages
+
+    with cli_context(debug, quiet):
+        config = RetrofitConfig(
+            method="nope", stages=parse_stages(stages, lr, batch_size), micro_batch=micro_batch,
+            weight_decay=weight_decay, warmup=warmup, schedule=schedule.value, min_lr_ratio=min_lr_ratio,
+            grad_clip=grad_clip, loss=loss.value, gram_weight=gram_weight, blank=parse_blank(blank),
+            val_fraction=val_fraction, val_max=val_max, eval_every=eval_every, log_every=log_every,
+            checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, seed=seed, compile=compile_model,
+            workers=workers, intensity=intensity, monitor_size=monitor_size, r2_fraction=monitor_fraction,
+        )
+        _run_retrofit(config, images=images, output=output, model=model, weights=weights, device=device,
+                      precision=precision.value, threads=threads, overwrite=overwrite, student_init=student_init,
+                      teacher_store=teacher_store, recursive=recursive, skip_unreadable=skip_unreadable,
+                      monitor_images=monitor_images, run_dir=run_dir, resume=resume, json_out=json_out, quiet=quiet)
+
+
+def _run_retrofit(config, *, images: list[str], output: Path, model: str | None, weights: str, device: str,
+                  precision: str, threads: int | None, overwrite: bool, student_init: Path | None,
+                  teacher_store: list[Path] | None, recursive: bool, skip_unreadable: bool,
+                  monitor_images: str | None, run_dir: Path | None, resume: Path | None, json_out: bool,
+                  quiet: bool) -> None:
+    """Check the outputs and images, load the teacher, run :func:`train_retrofit` and report (rank 0 only)."""
     import warnings
 
     import torch
 
-    from posvit_cli.core.features.alibi import AlibiConfig
+    from posvit_cli.core.debias.retrofit import check_images, setup_distributed, shutdown_distributed, train_retrofit
     from posvit_cli.core.device import resolve_device, resolve_precision
-    from posvit_cli.core.debias.retrofit import (
-        RetrofitConfig, check_images, parse_blank, parse_stages, setup_distributed, shutdown_distributed,
-        train_retrofit,
-    )
-    from posvit_cli.core.features.encoders import load_encoder, read_checkpoint_meta
     from posvit_cli.core.errors import PosvitWarning
+    from posvit_cli.core.features.encoders import load_encoder, read_checkpoint_meta
     from posvit_cli.core.io.images import list_images, parse_intensity, read_image
 
-    if not inputs:
-        raise PosvitError("name the training images: posvit debias-train --method alibi IMAGES/ -o student.safetensors")
-    if not output:
-        raise PosvitError("name the output checkpoint with -o student.safetensors")
     out = Path(output)
     if out.suffix != ".safetensors":
         raise PosvitError(f"-o '{output}': the retrofitted encoder is saved as .safetensors")
@@ -156,26 +394,14 @@ def _train_retrofit(inputs, method, output, model, weights, seed, device, precis
             )
     if threads:
         torch.set_num_threads(threads)
-    parse_intensity(intensity)
-
-    config = RetrofitConfig(
-        method=method,
-        alibi=AlibiConfig(slopes=slopes, slope=slope, distance=distance, wrap=wrap, normalize=normalize),
-        stages=parse_stages(stages, lr, batch_size),
-        micro_batch=micro_batch, weight_decay=weight_decay, warmup=warmup, schedule=schedule,
-        min_lr_ratio=min_lr_ratio, grad_clip=grad_clip, loss=loss, gram_weight=gram_weight, blank=parse_blank(blank),
-        val_fraction=val_fraction, val_max=val_max, eval_every=eval_every, log_every=log_every,
-        checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, seed=seed, compile=compile_model,
-        workers=workers, intensity=intensity, monitor_size=monitor_size, r2_fraction=monitor_fraction,
-    )
+    parse_intensity(config.intensity)
     config.validate()
 
-    dev = resolve_device(device)
-    dist, dev = setup_distributed(dev)
+    dist, dev = setup_distributed(resolve_device(device))
     config.precision = resolve_precision(precision, dev)
     quiet = quiet or not dist.is_main
     try:
-        paths = list_images(inputs, recursive=recursive)
+        paths = list_images(images, recursive=recursive)
         with RichProgress(quiet) as progress:
             bad = check_images(paths, progress=progress)
         if bad:
@@ -194,7 +420,7 @@ def _train_retrofit(inputs, method, output, model, weights, seed, device, precis
 
         if model is None and not (weights not in ("pretrained", "random") and read_checkpoint_meta(weights)):
             model = "dinov2-s-reg"
-        teacher = load_encoder(model, weights, device="cpu", seed=seed)
+        teacher = load_encoder(model, weights, device="cpu", seed=config.seed)
         if config.compile and dev.type != "cuda" and not quiet:
             console.print("[yellow]note:[/] --compile on CPU compiles for minutes before the first step", markup=True)
 
@@ -221,145 +447,318 @@ def _train_retrofit(inputs, method, output, model, weights, seed, device, precis
     if not quiet:
         _print_summary(result, teacher, config)
     if json_out:
-        emit_json({**result.as_dict(), "method": method, "command": command_line()})
+        emit_json({**result.as_dict(), "method": config.method, "command": command_line()})
 
 
-def _fmt(v, nd=4) -> str:
-    return "-" if v is None else f"{v:.{nd}f}"
 
 
-def _print_log_row(row: dict) -> None:
-    event = row.get("event")
-    if event == "teacher":
-        r2 = " ".join(f"{t} {_fmt(row.get(f'r2_{t}'), 3)}" for t in ("lr", "ud", "diag", "radial", "xy"))
-        console.print(f"teacher at {row['size']} px: stack R2 {r2}; blanked channels {row['channels_blanked']}")
-    elif event == "eval":
-        r2 = " ".join(f"{t} {_fmt(row.get(f'r2_{t}'), 3)}" for t in ("lr", "ud", "diag", "radial", "xy"))
-        console.print(
-            f"step {row['step']} (stage {row['stage']}, {row['size']} px, epoch {row['epoch']:.2f}): "
-            f"train {_fmt(row.get('train_loss'))} · val {_fmt(row.get('val_loss'))} · "
-            f"cos {_fmt(row.get('val_cosine'))} · R2 {r2}"
-        )
-
-
-def _print_summary(result, teacher, config) -> None:
-    from rich.table import Table
-
-    t = Table(title=f"posvit debias-train --method {config.method} → {result.output}", show_header=False,
-              title_justify="left")
-    t.add_row("teacher", f"{teacher.name} ({teacher.embed_dim} channels, weights {teacher.weights})")
-    if config.method == "alibi":
-        a = config.alibi
-        t.add_row("ALiBi", f"slopes {a.slopes} (m={a.slope}), {a.distance}, wrap {a.wrap}, normalize {a.normalize}")
-    t.add_row("stages", ", ".join(f"{s.size} px × {s.epochs:g} ep (lr {s.lr:g}, batch {s.batch_size})"
-                                  for s in config.stages))
-    t.add_row("images", f"{result.train_images} train, {result.val_images} validation")
-    t.add_row("blanked channels", str(result.channels_blanked))
-    t.add_row("steps", str(result.steps))
-    f = result.final
-    t.add_row("final", f"val loss {_fmt(f.get('val_loss'))}, cos {_fmt(f.get('val_cosine'))}, "
-                       f"stack R2 xy {_fmt(f.get('r2_xy'), 3)}")
-    for size, r2 in result.teacher_r2.items():
-        t.add_row(f"teacher R2 @{size}", f"xy {_fmt(r2.get('xy'), 3)}")
-    t.add_row("log", result.log_csv)
-    t.add_row("time", f"{result.seconds:.1f} s")
-    console.print(t)
-
-
-#: Training functions by --method. Feature-store methods (rasa, ...) add their own function here.
-_METHODS = {
-    "alibi": _train_retrofit,
-    "nope": _train_retrofit,
-}
-
-
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # rasa / blank / svd / tta: heads for final patch tokens
 
+RASA = "RASA"
+RasaInputsArg = Annotated[Optional[list[str]], typer.Argument(help="A feature store of final tokens (a path, or piped in), or images with --model (extracted once into --cache).", show_default=False)]
 
-def _given(ctx, name: str) -> bool:
+
+@app.command("rasa")
+def rasa(
+    inputs: RasaInputsArg = None,
+    output: HeadOutOpt = ...,
+    model: ModelOpt = None,
+    weights: WeightsOpt = "pretrained",
+    rounds: Annotated[int, typer.Option("--rounds", min=1, help="Planes removed, one per round (Franca's code: 9; paper: 8).", rich_help_panel=RASA)] = 9,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Epochs per round.", rich_help_panel=RASA)] = 5,
+    lr_head: Annotated[float, typer.Option("--lr-head", help="Peak AdamW learning rate of each round, cosine to 0, no weight decay (Franca's code: 2e-4; paper: 2e-3).", rich_help_panel=RASA)] = 2e-4,
+    batch_images: Annotated[int, typer.Option("--batch-images", min=1, help="Images whose tokens make one optimiser step (steps per epoch = images / this, as the references).", rich_help_panel=RASA)] = 128,
+    batching: Annotated[Batching, typer.Option("--batching", case_sensitive=False, help="What a step trains on: tokens (random tokens of all images), images (all tokens of --batch-images images, shuffled each epoch) or images-in-order (the references' unshuffled batches).", rich_help_panel=RASA)] = Batching.tokens,
+    exact: Annotated[bool, typer.Option("--exact", help="Remove all planes with one exact orthogonal projector (QR of every plane vector) instead of one plane after another in training order (the references).", rich_help_panel=RASA)] = False,
+    token_fraction: Annotated[float, typer.Option("--token-fraction", min=0.0, max=1.0, help="Fraction of the cached tokens each epoch uses, in (0, 1] (a fresh random subset per epoch).", rich_help_panel=RASA)] = 1.0,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Most tokens held in memory (float16: 2·D bytes each); larger stores are sampled evenly per image.", rich_help_panel=RASA)] = 4_000_000,
+    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Images input: Franca's augmentations (random resized crop 0.25-1, colour jitter, greyscale, blur, flips, rot90); off: short-side resize + centre crop.")] = True,
+    views: Annotated[int, typer.Option("--views", min=1, help="Images input: augmented views per image.")] = 1,
+    crop: Annotated[int, typer.Option("--crop", min=1, help="Images input: side of the views in pixels (rounded down to the patch size).")] = 518,
+    extract_batch: Annotated[int, typer.Option("--extract-batch", min=1, help="Images input: views per encoder forward pass.")] = 16,
+    cache: Annotated[Optional[Path], typer.Option("--cache", help="Images input: store the extracted views here (reusable as the input of later runs). Default: OUTPUT with suffix .views.h5.", show_default=False)] = None,
+    recursive: RecursiveOpt = False,
+    skip_unreadable: SkipUnreadableOpt = False,
+    intensity: IntensityOpt = "auto",
+    head_format: Annotated[HeadFormat, typer.Option("--head-format", case_sensitive=False, help="posvit (.safetensors with metadata) or franca (pre_pos_layers.{i}.weight / pos_pred.weight; .safetensors, or .pth for Franca's own loader).")] = HeadFormat.posvit,
+    report_images: ReportImagesOpt = 16,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = Precision.auto,
+    threads: ThreadsOpt = None,
+    overwrite: OverwriteOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Train a RASA head: remove the 2-D planes that predict token position, one per round, from final tokens.
+
+    Trains on cached final tokens: a feature store, or images extracted once with Franca's augmentations (with --model). Writes a head (.safetensors, or Franca's .pth with --head-format franca) for `posvit extract --head`, and reports probe's stack R2 before and after. On the CPU the round loop runs on one thread unless --threads is given.
+    """
+    from posvit_cli.core.debias.rasa import RasaConfig, ViewOptions
+
+    with cli_context(debug, quiet):
+        t0 = time.perf_counter()
+        fmt = head_format.value
+        out = _head_output(output, "rasa", fmt, overwrite)
+        dev, prec = _compute(device, precision.value, threads)
+        config = RasaConfig(rounds=rounds, epochs=epochs, lr=lr_head, batch_images=batch_images,
+                            batching=batching.value, token_fraction=token_fraction, exact=exact, seed=seed).validate()
+        store_src, images = _split_inputs(inputs, store_wanted=True)
+        views_facts = None
+        if store_src is None:
+            if not images:
+                raise PosvitError("name the training data: a feature store (posvit extract IMAGES -o feats.h5) or "
+                                  "images with --model")
+            view_opts = ViewOptions(crop=crop, views=views, augment=augment, intensity=intensity,
+                                    batch_size=extract_batch, precision=prec, seed=seed).validate()
+            cache_path = Path(cache) if cache is not None else out.with_suffix(".views.h5")
+            store_src, views_facts = _extract_views(images, cache_path, model=model, weights=weights, seed=seed,
+                                                    dev=dev, recursive=recursive, skip_unreadable=skip_unreadable,
+                                                    view_opts=view_opts, overwrite=overwrite, quiet=quiet)
+        head, facts = _rasa_head(store_src, config, max_tokens=max_tokens, threads=threads, dev=dev,
+                                 report_images=report_images, seed=seed, quiet=quiet)
+        if views_facts is not None:
+            facts["views"] = views_facts
+        _finish_head(head, facts, "rasa", out, fmt, t0, json_out=json_out, quiet=quiet)
+
+
+@app.command("blank")
+def blank(
+    store: StoreArg = None,
+    output: HeadOutOpt = ...,
+    channels: Annotated[str, typer.Option("--blank", help="Channels to zero: auto (probe the input store), a list such as 47,113,117,359, or a `posvit probe` result .json. `none` is refused: it would blank nothing.")] = "auto",
+    top_k: Annotated[int, typer.Option("--top-k", min=1, help="Channels taken per ramp (lr, ud, diag, radial) from a probe result or --blank auto.")] = 2,
+    report_images: ReportImagesOpt = 16,
+    seed: SeedOpt = 0,
+    overwrite: OverwriteOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Write a blank head: zero the most positional channels of final tokens.
+
+    The channels come from --blank: auto probes the input store (`posvit probe`'s top-k channels per ramp), or a channel list, or a `posvit probe` result. Writes a head (.safetensors) for `posvit extract --head`.
+    """
+    from posvit_cli.core.debias.blank import blank_channels
+    from posvit_cli.core.debias.heads import BlankHead
+    from posvit_cli.core.debias.report import backbone_info, require_final, store_report
+
+    with cli_context(debug, quiet):
+        t0 = time.perf_counter()
+        out = _head_output(output, "blank", "posvit", overwrite)
+        wants_store = channels.strip().lower() == "auto"
+        store_src, _ = _split_inputs([store] if store else None, store_wanted=wants_store, images_allowed=False)
+        fs = _open_store(store_src) if store_src else None
+        try:
+            if fs is not None:
+                require_final(fs)
+            with RichProgress(quiet) as progress:
+                chans, width, source = blank_channels(channels, top_k=top_k, store=fs, seed=seed, progress=progress)
+                head = BlankHead(chans, width, info={"backbone": backbone_info(fs.provenance) if fs else {},
+                                                     "channel_source": source})
+                report = store_report(fs, head, report_images, seed=seed, progress=progress) if fs else None
+        finally:
+            if fs is not None:
+                fs.close()
+        head.info["report"] = report
+        _finish_head(head, {"store": store_src, "channels_zeroed": head.channels_zeroed, "channel_source": source,
+                            "report": report}, "blank", out, "posvit", t0, json_out=json_out, quiet=quiet)
+
+
+@app.command("svd")
+def svd(
+    ctx: typer.Context,
+    store: StoreArg = None,
+    output: HeadOutOpt = ...,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Encoder whose constant-image subspace is removed. Default: the encoder that made the store (its provenance).", show_default=False)] = None,
+    weights: WeightsOpt = "pretrained",
+    rank: Annotated[int, typer.Option("--rank", min=1, help="Singular vectors of the constant-image tokens removed (INSID3: 16).")] = 16,
+    size: Annotated[str, typer.Option("--size", help="Constant-image size N or HxW px (auto = the input store's most common image size, else 518).")] = "auto",
+    report_images: ReportImagesOpt = 16,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = Precision.auto,
+    threads: ThreadsOpt = None,
+    overwrite: OverwriteOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Write an svd head: remove the subspace spanned by the tokens of a constant image.
+
+    The encoder is the one that made the input store (from its provenance) unless --model/--weights are given. Writes a head (.safetensors) for `posvit extract --head`.
+    """
+    from posvit_cli.core.debias.heads import ProjectionHead
+    from posvit_cli.core.debias.report import backbone_info, most_common_size, require_final, store_report
+    from posvit_cli.core.debias.svd import constant_image_subspace, svd_image_size
+    from posvit_cli.core.features.encoders import load_encoder
+    from posvit_cli.core.features.rebuild import encoder_from_provenance
+
+    with cli_context(debug, quiet):
+        t0 = time.perf_counter()
+        out = _head_output(output, "svd", "posvit", overwrite)
+        dev, prec = _compute(device, precision.value, threads)
+        chosen = model is not None or _given(ctx, "weights")
+        store_src, _ = _split_inputs([store] if store else None, store_wanted=not chosen, images_allowed=False)
+        fs = _open_store(store_src) if store_src else None
+        try:
+            if fs is not None:
+                require_final(fs)
+            if chosen or fs is None:
+                if fs is None and model is None:
+                    raise PosvitError("svd needs the encoder: give the feature store it will clean, or --model "
+                                      "(and --weights)")
+                encoder = load_encoder(model, weights, device=str(dev), seed=seed)
+            else:
+                encoder = encoder_from_provenance(fs.provenance, fs.source, device=str(dev), seed=seed)
+            if fs is not None and fs.channels and fs.channels != encoder.embed_dim:
+                raise PosvitError(f"the encoder has {encoder.embed_dim} channels, '{fs.source}' {fs.channels}: "
+                                  "pass the --model that made the store")
+            hw = svd_image_size(size, encoder.patch_size, most_common_size(fs) if fs is not None else None)
+            basis, facts = constant_image_subspace(encoder, hw, rank, device=dev, precision=prec)
+            prov = fs.provenance if fs is not None and not chosen else encoder.provenance()
+            head = ProjectionHead(basis[None], method="svd", exact=True,
+                                  info={"backbone": backbone_info(prov), "input": {"size": list(hw)}, "svd": facts})
+            with RichProgress(quiet) as progress:
+                report = store_report(fs, head, report_images, seed=seed, progress=progress) if fs else None
+        finally:
+            if fs is not None:
+                fs.close()
+        head.info["report"] = report
+        _finish_head(head, {"store": store_src, "size": list(hw), "rank": int(basis.shape[0]),
+                            "explained": facts["explained"], "report": report}, "svd", out, "posvit", t0,
+                     json_out=json_out, quiet=quiet)
+
+
+@app.command("tta")
+def tta(
+    images: Annotated[Optional[list[str]], typer.Argument(help="Images for the before/after report (optional: without them only the head is written).", show_default=False)] = None,
+    output: HeadOutOpt = ...,
+    model: ModelOpt = None,
+    weights: WeightsOpt = "pretrained",
+    transforms: Annotated[str, typer.Option("--transforms", help="Transforms averaged, comma-separated: flip-lr, flip-ud, rot90, rot180, rot270, roll:DY,DX (patches), compositions with +, and sets flips, rot90, d4, rolls:N, reference (identity, flip-lr, flip-ud, rot90).")] = "reference",
+    size: HeadSizeOpt = "auto",
+    recursive: RecursiveOpt = False,
+    intensity: IntensityOpt = "auto",
+    report_images: ReportImagesOpt = 16,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = Precision.auto,
+    threads: ThreadsOpt = None,
+    overwrite: OverwriteOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Write a tta head: average features over flips, rotations and torus rolls mapped back to the original frame.
+
+    The head runs the encoder on transformed images, so it applies at extraction (`posvit extract IMAGES --head HEAD`), not to a stored store. Images given here are used for the before/after stack R2 report.
+    """
+    from posvit_cli.core.debias.heads import TTAHead
+    from posvit_cli.core.debias.report import backbone_info
+    from posvit_cli.core.debias.tta import tta_report
+    from posvit_cli.core.features.encoders import load_encoder
+    from posvit_cli.core.io.images import list_images
+
+    with cli_context(debug, quiet):
+        t0 = time.perf_counter()
+        out = _head_output(output, "tta", "posvit", overwrite)
+        dev, prec = _compute(device, precision.value, threads)
+        store_src, paths = _split_inputs(images, store_wanted=False)
+        if store_src is not None:
+            raise PosvitError("tta runs the encoder on transformed images: give image files for the report (or no "
+                              "input to only write the head), then `posvit extract IMAGES --head HEAD`")
+        head = TTAHead(transforms, info={})
+        report = None
+        if paths and report_images:
+            encoder = load_encoder(model, weights, device=str(dev), seed=seed)
+            head.info["backbone"] = backbone_info(encoder.provenance())
+            with RichProgress(quiet) as progress:
+                report, used = tta_report(head, encoder, list_images(paths, recursive=recursive),
+                                          max_images=report_images, size=size, intensity=intensity, device=dev,
+                                          precision=prec, seed=seed, progress=progress)
+            head.info["input"] = {"images": used, "size": "native" if size.strip().lower() == "auto" else size}
+        head.info["report"] = report
+        _finish_head(head, {"transforms": head.transforms, "report": report}, "tta", out, "posvit", t0,
+                     json_out=json_out, quiet=quiet)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Helpers of the head subcommands: inputs, outputs, the RASA run
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
     """True when the user set option ``name`` on the command line (not its default)."""
     source = ctx.get_parameter_source(name) if ctx is not None else None
     return source is not None and source.name != "DEFAULT"
 
 
-def _head_inputs(inputs, method: str, blank: str, ctx) -> tuple[str | None, list[str]]:
-    """Split the positional inputs into a feature store (path or '-') or a list of images.
+def _compute(device: str, precision: str, threads: int | None):
+    """The torch device and precision; ``threads`` set for torch when given."""
+    import torch
 
-    Without inputs, a piped stdin is read as the store only where the method needs one (rasa, blank auto, svd
-    without --model); where it is optional, name it as ``-``.
+    from posvit_cli.core.device import resolve_device, resolve_precision
+
+    if threads:
+        torch.set_num_threads(threads)
+    dev = resolve_device(device)
+    return dev, resolve_precision(precision, dev)
+
+
+def _split_inputs(inputs: list[str] | None, *, store_wanted: bool,
+                  images_allowed: bool = True) -> tuple[str | None, list[str]]:
+    """The positional inputs as a feature store (path or '-') or a list of images.
+
+    Without inputs, a piped stdin is read as the store only where the method needs one (``store_wanted``); where
+    it is optional, name it as ``-``.
     """
-    import sys
-
-    from posvit_cli.core.features.backends import is_store_path
-
     items = [str(i) for i in (inputs or [])]
     if not items:
-        wants_store = (method == "rasa" or (method == "blank" and (blank or "auto").strip().lower() == "auto")
-                       or (method == "svd" and not _given(ctx, "model")))
-        if wants_store and not sys.stdin.isatty():
-            return "-", []
-        return None, []
+        return ("-" if store_wanted and not sys.stdin.isatty() else None), []
+    from posvit_cli.core.features.backends import is_store_path
+
     stores = [i for i in items if i == "-" or is_store_path(i)]
     if stores:
         if len(items) > 1:
             raise PosvitError(f"give one feature store (got {len(items)} inputs: {', '.join(items[:3])} ...)")
         return stores[0], []
+    if not images_allowed:
+        raise PosvitError(f"'{items[0]}' is not a feature store (.h5, .zarr, .zarr.zip): this method cleans a store")
     return None, items
 
 
-def _train_head(inputs, method, output, model, weights, seed, device, precision, threads, overwrite, blank,
-                recursive, skip_unreadable, intensity, rounds, epochs, lr_head, batch_images, batching, exact,
-                token_fraction,
-                max_tokens, augment, views, crop, extract_batch, cache, head_format, top_k, rank, size, transforms,
-                report_images, json_out, quiet, ctx=None, **_):
-    import time
-
-    import torch
-
-    from posvit_cli import __version__
-    from posvit_cli.core.device import resolve_device, resolve_precision
-    from posvit_cli.core.debias.heads import save_head
-
-    t0 = time.perf_counter()
-    if not output:
-        raise PosvitError(f"name the head file with -o {method}.safetensors")
+def _head_output(output: Path, method: str, fmt: str, overwrite: bool) -> Path:
+    """Check the head file name against the format; refuse to replace one without --overwrite."""
     out = Path(output)
-    fmt = head_format.strip().lower()
-    if fmt not in ("posvit", "franca"):
-        raise PosvitError(f"unknown --head-format '{head_format}': use posvit or franca")
-    if fmt == "franca" and method != "rasa":
-        raise PosvitError("--head-format franca holds RASA planes only: use it with --method rasa")
-    if out.suffix.lower() not in (".safetensors", ".pth", ".pt"):
-        raise PosvitError(f"-o '{output}': heads are saved as .safetensors (or .pth with --head-format franca)")
-    if out.suffix.lower() != ".safetensors" and fmt != "franca":
-        raise PosvitError(f"-o '{output}': a .pth head is Franca's format: add --head-format franca, or use .safetensors")
+    suffix = out.suffix.lower()
+    if suffix not in (".safetensors", ".pth", ".pt"):
+        raise PosvitError(f"-o '{output}': heads are saved as .safetensors (or .pth with rasa --head-format franca)")
+    if suffix != ".safetensors" and fmt != "franca":
+        if method == "rasa":
+            raise PosvitError(f"-o '{output}': a .pth head is Franca's format: add --head-format franca, or use "
+                              ".safetensors")
+        raise PosvitError(f"-o '{output}': a .pth head is Franca's format, which holds RASA planes only: use "
+                          ".safetensors")
     if out.exists() and not overwrite:
         raise PosvitError(f"'{out}' exists: pass --overwrite to replace it (or -o another file)")
     if not out.parent.exists():
         raise PosvitError(f"output folder '{out.parent}' does not exist")
-    if report_images < 0:
-        raise PosvitError(f"--report-images must be 0 or more, got {report_images}")
-    if threads:
-        torch.set_num_threads(threads)
-    dev = resolve_device(device)
-    prec = resolve_precision(precision, dev)
-    store_src, images = _head_inputs(inputs, method, blank, ctx)
-    args = dict(store_src=store_src, images=images, out=out, model=model, weights=weights, seed=seed, dev=dev,
-                prec=prec, threads=threads, overwrite=overwrite, blank=blank, recursive=recursive, skip_unreadable=skip_unreadable,
-                intensity=intensity, rounds=rounds, epochs=epochs, lr_head=lr_head, batch_images=batch_images,
-                batching=batching,
-                exact=exact, token_fraction=token_fraction, max_tokens=max_tokens, augment=augment, views=views,
-                crop=crop, extract_batch=extract_batch, cache=cache, top_k=top_k, rank=rank, size=size,
-                transforms=transforms, report_images=report_images, quiet=quiet, ctx=ctx)
-    build = {"rasa": _head_rasa, "blank": _head_blank, "svd": _head_svd, "tta": _head_tta}[method]
-    head, facts = build(**args)
+    return out
+
+
+def _finish_head(head, facts: dict, method: str, out: Path, fmt: str, t0: float, *, json_out: bool,
+                 quiet: bool) -> None:
+    """Record how the head was made, save it, and print the summary table and/or JSON."""
+    from posvit_cli import __version__
+    from posvit_cli.core.debias.heads import save_head
+
     head.info.update({"posvit_version": __version__, "command": command_line(),
                       "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     save_head(head, out, layout=fmt)
-    seconds = time.perf_counter() - t0
     summary = {"method": method, "output": str(out), "head_format": fmt, "channels": head.channels,
-               **head.summary(), **facts, "seconds": round(seconds, 3), "command": command_line()}
+               **head.summary(), **facts, "seconds": round(time.perf_counter() - t0, 3), "command": command_line()}
     if not quiet:
         _print_head_summary(summary)
     if json_out:
@@ -372,63 +771,16 @@ def _open_store(src: str):
     return FeatureStore(src)
 
 
-def _backbone(prov: dict) -> dict:
-    from posvit_cli.core.features.provenance import NETWORK_KEYS
-
-    keys = NETWORK_KEYS + ("timm_name", "weights")  # what identifies the network, and how it was named
-    return {k: prov.get(k) for k in keys if prov.get(k) is not None}
-
-
-def _store_report(store, head, report_images: int, seed: int, quiet: bool) -> dict | None:
-    """probe's stack R² before/after the head on up to ``report_images`` images of the store."""
-    from posvit_cli.core.debias.baselines import report_indices, stack_r2_report
-
-    if report_images == 0:
-        return None
-    idx = report_indices(len(store), report_images)
-    usable = [i for i in idx if store.record(i).grid[0] * store.record(i).grid[1] >= 2]
-    if not usable:
-        return None
-    images = [{"name": store.record(i).name, "path": store.record(i).path, "grid": list(store.record(i).grid)}
-              for i in usable]
-    with RichProgress(quiet) as progress:
-        return stack_r2_report(lambda j: store.features(usable[j], "final"), images, apply=head.apply_numpy,
-                               seed=seed, progress=progress)
-
-
-def _require_final(store) -> None:
-    if not store.layers:
-        raise PosvitError(f"'{store.source}' holds no feature layers (a maps-only store)")
-    if "final" not in store.layers:
-        raise PosvitError(
-            f"heads act on final tokens; '{store.source}' stores {', '.join(store.layers)}: extract with --layers final"
-        )
-
-
-def _head_rasa(store_src, images, out, model, weights, seed, dev, prec, threads, overwrite, recursive,
-               skip_unreadable, intensity, rounds, epochs, lr_head, batch_images, batching, exact, token_fraction,
-               max_tokens, augment, views, crop, extract_batch, cache, report_images, quiet, **_):
+def _rasa_head(store_src: str, config, *, max_tokens: int, threads: int | None, dev, report_images: int, seed: int,
+               quiet: bool):
+    """Train RASA planes on a store's final tokens; the head and the facts for the summary."""
     from posvit_cli.core.debias.heads import ProjectionHead
-    from posvit_cli.core.debias.rasa import RasaConfig, ViewOptions, load_token_cache, train_rasa
+    from posvit_cli.core.debias.rasa import load_token_cache, train_rasa
+    from posvit_cli.core.debias.report import backbone_info, most_common_size, require_final, store_report
 
-    config = RasaConfig(rounds=rounds, epochs=epochs, lr=lr_head, batch_images=batch_images,
-                        batching=batching.strip().lower(), token_fraction=token_fraction, exact=exact,
-                        seed=seed).validate()
-    if max_tokens < 1:
-        raise PosvitError(f"--max-tokens must be at least 1, got {max_tokens}")
-    facts: dict = {}
-    if store_src is None:
-        if not images:
-            raise PosvitError(
-                "name the training data: a feature store (posvit extract IMAGES -o feats.h5) or images with --model"
-            )
-        view_opts = ViewOptions(crop=crop, views=views, augment=augment, intensity=intensity,
-                                batch_size=extract_batch, precision=prec, seed=seed).validate()
-        store_src, facts["views"] = _extract_views(images, out, model, weights, seed, dev, recursive,
-                                                   skip_unreadable, intensity, view_opts, cache, overwrite, quiet)
     store = _open_store(store_src)
     try:
-        _require_final(store)
+        require_final(store)
         with RichProgress(quiet) as progress:
             token_cache = load_token_cache(store, max_tokens=max_tokens, seed=seed, device=dev, progress=progress)
 
@@ -443,37 +795,37 @@ def _head_rasa(store_src, images, out, model, weights, seed, dev, prec, threads,
             result = train_rasa(token_cache, config, threads=threads or 1, progress=progress, on_round=on_round)
         prov = store.provenance
         info = {
-            "backbone": _backbone(prov),
+            "backbone": backbone_info(prov),
             "input": {"store": store.source, "images": len(store), "grids": token_cache.grids,
-                      "size": list(_most_common_size(store)),
+                      "size": list(most_common_size(store)),
                       "preprocessing": store.preprocessing, "augmentation": prov.get("augmentation")},
             "training": {**config.as_dict(), "tokens": result.tokens, "tokens_sampled": token_cache.sampled,
                          "steps_per_round": result.steps_per_round, "device": str(dev),
                          "seconds": round(result.seconds, 3)},
             "rounds": [r.as_dict() for r in result.rounds],
         }
-        head = ProjectionHead(result.planes, method="rasa", exact=exact, info=info)
-        report = _store_report(store, head, report_images, seed, quiet)
+        head = ProjectionHead(result.planes, method="rasa", exact=config.exact, info=info)
+        with RichProgress(quiet) as progress:
+            report = store_report(store, head, report_images, seed=seed, progress=progress)
     finally:
         store.close()
     head.info["report"] = report
-    facts.update({"store": store_src, "images": info["input"]["images"], "tokens": result.tokens,
-                  "rounds": info["rounds"], "report": report})
-    return head, facts
+    return head, {"store": store_src, "images": info["input"]["images"], "tokens": result.tokens,
+                  "rounds": info["rounds"], "report": report}
 
 
-def _extract_views(images, out, model, weights, seed, dev, recursive, skip_unreadable, intensity, view_opts,
-                   cache, overwrite, quiet):
-    from posvit_cli.core.features.encoders import load_encoder
-    from posvit_cli.core.io.images import list_images, parse_intensity
+def _extract_views(images: list[str], cache_path: Path, *, model: str | None, weights: str, seed: int, dev,
+                   recursive: bool, skip_unreadable: bool, view_opts, overwrite: bool, quiet: bool):
+    """Extract augmented views of ``images`` once into the store ``cache_path``; its path and facts."""
     from posvit_cli.core.debias.rasa import extract_views, view_provenance
+    from posvit_cli.core.features.encoders import load_encoder
     from posvit_cli.core.features.writer import StoreWriter
+    from posvit_cli.core.io.images import list_images, parse_intensity
 
-    parse_intensity(intensity)
-    cache_path = Path(cache) if cache is not None else out.with_suffix(".views.h5")
+    parse_intensity(view_opts.intensity)
     if cache_path.exists() and not overwrite:
         raise PosvitError(
-            f"the view cache '{cache_path}' exists: train on it (posvit debias-train --method rasa {cache_path} ...) "
+            f"the view cache '{cache_path}' exists: train on it (posvit debias-train rasa {cache_path} ...) "
             "or pass --overwrite"
         )
     paths = list_images(images, recursive=recursive)
@@ -500,166 +852,56 @@ def _extract_views(images, out, model, weights, seed, dev, recursive, skip_unrea
                              "seconds": round(summary["seconds"], 3)}
 
 
-def _head_blank(store_src, blank, top_k, seed, report_images, quiet, **_):
-    from posvit_cli.core.debias.baselines import store_positional_channels
-    from posvit_cli.core.debias.heads import BlankHead
-    from posvit_cli.core.measure.probe import positional_channels, read_probe_result
-
-    if top_k < 1:
-        raise PosvitError(f"--top-k must be at least 1, got {top_k}")
-    spec = (blank or "auto").strip()
-    store = _open_store(store_src) if store_src else None
-    try:
-        if store is not None:
-            _require_final(store)
-        width = store.channels if store is not None else None
-        source = spec
-        if spec.lower() == "auto":
-            if store is None:
-                raise PosvitError("--blank auto probes the input store: give a feature store, a channel list "
-                                  "(--blank 47,113) or a probe result (--blank probe.json)")
-            with RichProgress(quiet) as progress:
-                channels, _ = store_positional_channels(store, top_k, seed=seed, progress=progress)
-            source = f"auto: top {top_k} per ramp of `posvit probe` on {store.source}"
-        elif spec.lower().endswith(".json") or Path(spec).is_file():
-            result = read_probe_result(spec)
-            channels = positional_channels(result, k=top_k)
-            probed = (result.get("store") or {}).get("channels")
-            if width is not None and probed and int(probed) != width:
-                raise PosvitError(f"probe result '{spec}' is of {probed}-channel features; '{store.source}' has {width}")
-            width = width or (int(probed) if probed else None)
-            source = f"probe result {spec} (top {top_k} per ramp)"
-        elif spec.lower() in ("none", ""):
-            raise PosvitError("--blank none leaves nothing to blank: give auto, a channel list or a probe result")
-        else:
-            try:
-                channels = sorted({int(v) for v in spec.split(",") if v.strip()})
-            except ValueError:
-                raise PosvitError(f"--blank '{spec}': use auto, channel indices (47,113) or a probe result .json") from None
-        info = {"backbone": _backbone(store.provenance) if store is not None else {}, "channel_source": source}
-        head = BlankHead(channels, width, info=info)
-        report = _store_report(store, head, report_images, seed, quiet) if store is not None else None
-    finally:
-        if store is not None:
-            store.close()
-    head.info["report"] = report
-    return head, {"store": store_src, "channels_zeroed": head.channels_zeroed, "channel_source": source,
-                  "report": report}
+# ------------------------------------------------------------------------------------------------------------
+# Tables on stderr
 
 
-def _most_common_size(store) -> tuple[int, int]:
-    from collections import Counter
-
-    return Counter(tuple(r.proc_size) for r in store.records).most_common(1)[0][0]
+def _fmt(v, nd=4) -> str:
+    return "-" if v is None else f"{v:.{nd}f}"
 
 
-def _encoder_for(store, model, weights, seed, dev, ctx):
-    """The encoder that made a store (from its provenance) unless --model/--weights are given."""
-    from posvit_cli.core.features.encoders import load_encoder
-
-    if _given(ctx, "model") or _given(ctx, "weights") or store is None:
-        if store is None and not _given(ctx, "model"):
-            raise PosvitError("svd needs the encoder: give the feature store it will clean, or --model (and --weights)")
-        return load_encoder(model, weights, device=str(dev), seed=seed)
-    if not store.model or store.model == "synthetic":
-        raise PosvitError(f"'{store.source}' does not name the encoder that made it: pass --model and --weights")
-    w = store.weights or "pretrained"
-    if str(w).startswith("bundled:"):
-        w = "pretrained"
-    mods = store.modifications or None
-    enc = load_encoder(store.model, w, device=str(dev), seed=seed, modifications=mods)
-    sha = store.weights_sha256
-    if sha and enc.weights_sha256 != sha:
-        import warnings
-
-        from posvit_cli.core.errors import PosvitWarning
-
-        warnings.warn(
-            f"the encoder loaded for svd ({enc.name}, weights {enc.weights}) differs from the one that made "
-            f"'{store.source}' (sha256 {sha[:12]}… vs {enc.weights_sha256[:12]}…); pass --model/--weights/--seed",
-            PosvitWarning, stacklevel=2,
+def _print_log_row(row: dict) -> None:
+    event = row.get("event")
+    if event == "teacher":
+        r2 = " ".join(f"{t} {_fmt(row.get(f'r2_{t}'), 3)}" for t in ("lr", "ud", "diag", "radial", "xy"))
+        console.print(f"teacher at {row['size']} px: stack R2 {r2}; blanked channels {row['channels_blanked']}")
+    elif event == "eval":
+        r2 = " ".join(f"{t} {_fmt(row.get(f'r2_{t}'), 3)}" for t in ("lr", "ud", "diag", "radial", "xy"))
+        console.print(
+            f"step {row['step']} (stage {row['stage']}, {row['size']} px, epoch {row['epoch']:.2f}): "
+            f"train {_fmt(row.get('train_loss'))} · val {_fmt(row.get('val_loss'))} · "
+            f"cos {_fmt(row.get('val_cosine'))} · R2 {r2}"
         )
-    return enc
 
 
-def _head_svd(store_src, model, weights, seed, dev, prec, rank, size, report_images, quiet, ctx, **_):
-    from posvit_cli.core.debias.baselines import constant_image_subspace, parse_image_size
-    from posvit_cli.core.debias.heads import ProjectionHead
+def _print_summary(result, teacher, config) -> None:
+    from rich.table import Table
 
-    if rank < 1:
-        raise PosvitError(f"--rank must be at least 1, got {rank}")
-    store = _open_store(store_src) if store_src else None
-    try:
-        if store is not None:
-            _require_final(store)
-        encoder = _encoder_for(store, model, weights, seed, dev, ctx)
-        if store is not None and store.channels and store.channels != encoder.embed_dim:
-            raise PosvitError(f"the encoder has {encoder.embed_dim} channels, '{store.source}' {store.channels}: "
-                              "pass the --model that made the store")
-        if size.strip().lower() == "auto":
-            hw = _most_common_size(store) if store is not None else (518, 518)
-            hw = (hw[0] - hw[0] % encoder.patch_size, hw[1] - hw[1] % encoder.patch_size)
-        else:
-            hw = parse_image_size(size, encoder.patch_size)
-        basis, facts = constant_image_subspace(encoder, hw, rank, device=dev, precision=prec)
-        info = {"backbone": _backbone(store.provenance if store is not None and not _given(ctx, "model")
-                                      else encoder.provenance()),
-                "input": {"size": list(hw)}, "svd": facts}
-        head = ProjectionHead(basis[None], method="svd", exact=True, info=info)
-        report = _store_report(store, head, report_images, seed, quiet) if store is not None else None
-    finally:
-        if store is not None:
-            store.close()
-    head.info["report"] = report
-    return head, {"store": store_src, "size": list(hw), "rank": int(basis.shape[0]),
-                  "explained": facts["explained"], "report": report}
-
-
-def _head_tta(store_src, images, model, weights, seed, dev, prec, recursive, intensity, transforms, size,
-              report_images, quiet, **_):
-    import torch
-
-    from posvit_cli.core.debias.baselines import report_indices, stack_r2_report
-    from posvit_cli.core.device import autocast
-    from posvit_cli.core.features.encoders import load_encoder
-    from posvit_cli.core.debias.heads import TTAHead
-    from posvit_cli.core.io.images import list_images, read_image, to_channels, to_float
-    from posvit_cli.core.io.preprocess import parse_size, resize_and_normalise
-
-    if store_src is not None:
-        raise PosvitError("tta runs the encoder on transformed images: give image files for the report (or no input "
-                          "to only write the head), then `posvit extract IMAGES --head HEAD`")
-    head = TTAHead(transforms, info={})
-    report = None
-    if images and report_images:
-        paths = list_images(images, recursive=recursive)
-        paths = [paths[i] for i in report_indices(len(paths), report_images)]
-        encoder = load_encoder(model, weights, device=str(dev), seed=seed)
-        head.info["backbone"] = _backbone(encoder.provenance())
-        wrapped = head.wrap_encoder(encoder)
-        mode = parse_size("native" if size.strip().lower() == "auto" else size)
-        before, after, names = [], [], []
-        with RichProgress(quiet) as progress:
-            for k, p in enumerate(paths):
-                img = to_channels(to_float(read_image(p), intensity), encoder.in_chans)
-                x, _ = resize_and_normalise(img, mode, encoder.patch_size, encoder.mean, encoder.std)
-                x = x[None].to(dev)
-                with torch.inference_mode(), autocast(dev, prec):
-                    before.append(encoder.forward_tokens(x, ["final"])[0]["final"][0].float().cpu().numpy())
-                    after.append(wrapped.forward_tokens(x, ["final"])[0]["final"][0].float().cpu().numpy())
-                names.append({"name": Path(p).stem, "path": str(p), "grid": list(before[-1].shape[:2])})
-                progress("tta features", k + 1, len(paths))
-            report = stack_r2_report(lambda i: before[i], names, read_after=lambda i: after[i], seed=seed,
-                                     progress=progress)
-        head.info["input"] = {"images": len(paths), "size": str(mode)}
-    head.info["report"] = report
-    return head, {"transforms": head.transforms, "report": report}
+    t = Table(title=f"posvit debias-train {config.method} → {result.output}", show_header=False,
+              title_justify="left")
+    t.add_row("teacher", f"{teacher.name} ({teacher.embed_dim} channels, weights {teacher.weights})")
+    if config.method == "alibi":
+        a = config.alibi
+        t.add_row("ALiBi", f"slopes {a.slopes} (m={a.slope}), {a.distance}, wrap {a.wrap}, normalize {a.normalize}")
+    t.add_row("stages", ", ".join(f"{s.size} px × {s.epochs:g} ep (lr {s.lr:g}, batch {s.batch_size})"
+                                  for s in config.stages))
+    t.add_row("images", f"{result.train_images} train, {result.val_images} validation")
+    t.add_row("blanked channels", str(result.channels_blanked))
+    t.add_row("steps", str(result.steps))
+    f = result.final
+    t.add_row("final", f"val loss {_fmt(f.get('val_loss'))}, cos {_fmt(f.get('val_cosine'))}, "
+                       f"stack R2 xy {_fmt(f.get('r2_xy'), 3)}")
+    for size, r2 in result.teacher_r2.items():
+        t.add_row(f"teacher R2 @{size}", f"xy {_fmt(r2.get('xy'), 3)}")
+    t.add_row("log", result.log_csv)
+    t.add_row("time", f"{result.seconds:.1f} s")
+    console.print(t)
 
 
 def _print_head_summary(s: dict) -> None:
     from rich.table import Table
 
-    t = Table(title=f"posvit debias-train --method {s['method']} → {s['output']}", show_header=False,
+    t = Table(title=f"posvit debias-train {s['method']} → {s['output']}", show_header=False,
               title_justify="left")
     if s.get("store"):
         t.add_row("input", f"{s['store']}" + (f" ({s['images']} images, {s['tokens']} tokens)" if "tokens" in s else ""))
@@ -690,6 +932,3 @@ def _print_head_summary(s: dict) -> None:
     t.add_row("head format", s["head_format"])
     t.add_row("time", f"{s['seconds']:.1f} s")
     console.print(t)
-
-
-_METHODS.update({m: _train_head for m in ("rasa", "blank", "svd", "tta")})

@@ -352,9 +352,9 @@ def _vit_for_apply(stack, seg, paths, features, weights, dev, progress):
         if not ident.get("model"):
             raise PosvitError("this model's features came from a store without a model name: pass --features")
         pre = ident.get("preprocessing") or {}
-        w = weights or ident.get("weights") or "pretrained"
-        if w.startswith("bundled:"):
-            w = "pretrained"
+        from posvit_cli.core.features.rebuild import weights_from_provenance
+
+        w = weights_from_provenance(ident, override=weights)
         try:
             ext = stack.enter_context(ExtractedStore(
                 paths, model=ident["model"], weights=w, layer=vit.layer, size=str(pre.get("size", "native")),

@@ -85,21 +85,21 @@ class Demo:
         self.step("2. probe: how much position the raw features carry")
         probes = {"raw": self.posvit("probe", o / "textures_raw.h5", "-o", o / "probe_raw.json", json_out=True)}
 
-        self.step("3. debias-train --method rasa: a projection head on cached features, applied to stores")
+        self.step("3. debias-train rasa: a projection head on cached features, applied to stores")
         # Franca's defaults assume ~10k images; with 12 images, one image per step gives the planes enough steps.
         epochs = "10" if self.quick else "20"
-        self.posvit("debias-train", "--method", "rasa", o / "textures_raw.h5", "-o", o / "rasa.safetensors",
+        self.posvit("debias-train", "rasa", o / "textures_raw.h5", "-o", o / "rasa.safetensors",
                     "--batch-images", "1", "--epochs", epochs, "--lr-head", "2e-3", "-q")
         for name in ("textures", "particles"):
             self.posvit("extract", o / f"{name}_raw.h5", "--head", o / "rasa.safetensors",
                         "-o", o / f"{name}_rasa.h5", "-q")
 
-        self.step("4. debias-train --method alibi: retrofit posvit-tiny with 2-D ALiBi and distil it (short CPU run)")
+        self.step("4. debias-train alibi: retrofit posvit-tiny with 2-D ALiBi and distil it (short CPU run)")
         train_dir = o / "alibi-train-images"
         n_per_kind = 12 if self.quick else 32
         _generate_training_images(train_dir, n_per_kind)
         stages = "128:2" if self.quick else "128:3"
-        self.posvit("debias-train", "--method", "alibi", train_dir, "-m", MODEL, "-o", o / "alibi.safetensors",
+        self.posvit("debias-train", "alibi", train_dir, "-m", MODEL, "-o", o / "alibi.safetensors",
                     "--stages", stages, "--batch-size", "16", "--micro-batch", "16",
                     "--monitor-images", DATA / "textures", "--eval-every", "0", "-q")
         self.posvit("extract", DATA / "textures", "--weights", o / "alibi.safetensors",

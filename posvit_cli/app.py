@@ -48,7 +48,7 @@ def _root(
 # Pipeline order: images -> extract -> store -> probe | debias-train | cluster | report | segment | viz.
 app.command("extract")(extract_cmd.extract)
 app.add_typer(probe_cmd.app, name="probe")
-app.command("debias-train")(debias_train_cmd.debias_train)
+app.add_typer(debias_train_cmd.app, name="debias-train")
 app.command("cluster")(cluster_cmd.cluster)
 app.command("report")(report_cmd.report)
 app.add_typer(segment_cmd.app, name="segment")

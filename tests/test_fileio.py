@@ -123,7 +123,7 @@ def test_failed_encoder_checkpoint_and_training_log_leave_the_old_files(tmp_path
     import safetensors.torch
     import torch
 
-    from posvit_cli.core.debias.retrofit import LOG_COLUMNS, _write_csv
+    from posvit_cli.core.debias.retrofit.state import LOG_COLUMNS, write_log_csv
     from posvit_cli.core.features.encoders import save_encoder_checkpoint
 
     ckpt = tmp_path / "enc.safetensors"
@@ -152,5 +152,5 @@ def test_failed_encoder_checkpoint_and_training_log_leave_the_old_files(tmp_path
             raise RuntimeError("bad value")
 
     with pytest.raises(RuntimeError, match="bad value"):
-        _write_csv([{LOG_COLUMNS[0]: 1}, {LOG_COLUMNS[0]: Unprintable()}], log)
+        write_log_csv([{LOG_COLUMNS[0]: 1}, {LOG_COLUMNS[0]: Unprintable()}], log)
     assert log.read_text() == "old" and _only(tmp_path, "enc.safetensors", "log.csv")

@@ -588,7 +588,7 @@ def load_head(
     torch = _torch()
     p = Path(path)
     if not p.is_file():
-        raise PosvitError(f"head file '{path}' does not exist (make one with `posvit debias-train --method rasa`)")
+        raise PosvitError(f"head file '{path}' does not exist (make one with `posvit debias-train rasa`)")
     suffix = p.suffix.lower()
     meta: dict = {}
     if suffix == ".safetensors":

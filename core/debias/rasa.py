@@ -432,6 +432,16 @@ def train_rasa(
         return _train_rasa(cache, config, report(progress), on_round)
 
 
+def _epoch_batches(config: RasaConfig, gen, n_tokens: int, n_use: int, steps_per_epoch: int, image_tokens, dev):
+    """One epoch's optimiser steps as token-index tensors, by ``config.batching`` (draws from ``gen`` in order)."""
+    torch = _torch()
+    if config.batching == "tokens":
+        return torch.randperm(n_tokens, generator=gen)[:n_use].to(dev).tensor_split(steps_per_epoch)
+    n_images = len(image_tokens)
+    images = (torch.randperm(n_images, generator=gen) if config.batching == "images" else torch.arange(n_images))
+    return [torch.cat([image_tokens[i] for i in part.tolist()]).to(dev) for part in images.split(config.batch_images)]
+
+
 def _train_rasa(cache: TokenCache, config: RasaConfig, progress, on_round) -> RasaResult:
     import torch.nn.functional as F
 
@@ -460,6 +470,7 @@ def _train_rasa(cache: TokenCache, config: RasaConfig, progress, on_round) -> Ra
             PosvitWarning,
             stacklevel=2,
         )
+    image_tokens = None
     if config.batching != "tokens":
         offsets = cache.image_offsets()
         image_tokens = [torch.arange(int(a), int(b)) for a, b in zip(offsets[:-1], offsets[1:])]
@@ -483,13 +494,7 @@ def _train_rasa(cache: TokenCache, config: RasaConfig, progress, on_round) -> Ra
         opt = torch.optim.AdamW([W], lr=config.lr, betas=(0.9, 0.999), weight_decay=0.0)
         step = 0
         for epoch in range(config.epochs):
-            if config.batching == "tokens":
-                chunks = torch.randperm(M, generator=gen)[:n_use].to(dev).tensor_split(steps_per_epoch)
-            else:
-                images = (torch.randperm(cache.n_images, generator=gen) if config.batching == "images"
-                          else torch.arange(cache.n_images))
-                chunks = [torch.cat([image_tokens[i] for i in part.tolist()]).to(dev)
-                          for part in images.split(config.batch_images)]
+            chunks = _epoch_batches(config, gen, M, n_use, steps_per_epoch, image_tokens, dev)
             epoch_loss = torch.zeros((), device=dev)
             for idx in chunks:
                 lr_now = 0.5 * config.lr * (1.0 + math.cos(math.pi * step / total_steps))
@@ -665,7 +670,7 @@ def view_provenance(encoder, opts: ViewOptions, command: str = "") -> dict:
         "transform": None,
         "tiling": None,
         "command": command,
-        "purpose": "RASA training cache (posvit debias-train --method rasa)",
+        "purpose": "RASA training cache (posvit debias-train rasa)",
     })
     return prov
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import TINY_MODEL, write_store
 
-from posvit_cli.core.debias.baselines import (
-    constant_image_subspace, parse_image_size, report_indices, stack_r2_report, store_positional_channels,
-)
+from posvit_cli.core.debias.blank import blank_channels, parse_blank, read_blank_spec, store_positional_channels
+from posvit_cli.core.debias.report import report_indices, stack_r2_report
+from posvit_cli.core.debias.svd import constant_image_subspace, parse_image_size, svd_image_size
 from posvit_cli.core.features.encoders import load_encoder
 from posvit_cli.core.errors import PosvitError, PosvitWarning
 from posvit_cli.core.debias.heads import ProjectionHead, TTAHead
@@ -115,3 +115,50 @@ def test_positional_channels_of_a_planted_store_and_the_report(tmp_path):
     assert rep["images"] == 4 and set(rep["before"]) == {"lr", "ud", "diag", "radial", "xy"}
     assert rep["before"]["xy"] > 0.7 and rep["after"]["xy"] < 0.1 and rep["fraction"] == pytest.approx(16 / 99)
     assert report_indices(10, 4) == [0, 3, 6, 9] and report_indices(3, 8) == [0, 1, 2]
+
+
+def test_one_blank_rule_for_the_head_and_the_retrofit(tmp_path):
+    """`--blank` parses the same way for both users; only the blank head refuses `none` (it would do nothing)."""
+    assert read_blank_spec("47, 113,47").channels == read_blank_spec("113,47").channels
+    assert read_blank_spec("47, 113,47").channels == (47, 113) and read_blank_spec("auto").kind == "auto"
+    assert read_blank_spec("none").kind == read_blank_spec("").kind == read_blank_spec(None).kind == "none"
+    assert parse_blank("none") == [] and parse_blank("auto") == "auto" and parse_blank("5,9") == [5, 9]
+    for bad, msg in (("-1", "0 or more"), ("a,b", "channel indices"), ("1", "--top-k")):
+        with pytest.raises(PosvitError, match=msg):
+            read_blank_spec(bad, top_k=0 if bad == "1" else 2)
+    with pytest.raises(PosvitError, match="does not exist"):
+        read_blank_spec(str(tmp_path / "missing.json"))
+    with FeatureStore(_ramp_store(tmp_path / "s.h5")) as s:
+        channels, width, source = blank_channels("auto", top_k=1, store=s)
+        assert {3, 7} <= set(channels) and width == 16 and source.startswith("auto: top 1")
+        assert blank_channels("2,5", store=s) == ([2, 5], 16, "2,5")
+        with pytest.raises(PosvitError, match="nothing to blank"):
+            blank_channels("none", store=s)
+    assert blank_channels("2,5") == ([2, 5], None, "2,5")
+    with pytest.raises(PosvitError, match="probes the input store"):
+        blank_channels("auto")
+
+
+def test_svd_image_size_rules():
+    assert svd_image_size("auto", 14) == (518, 518)
+    assert svd_image_size("auto", 16, (100, 70)) == (96, 64)
+    assert svd_image_size("32x48", 16, (100, 70)) == (32, 48) == parse_image_size("32x48", 16)
+    with pytest.raises(PosvitError, match="smaller than one"):
+        svd_image_size("8", 16)
+
+
+def test_encoder_from_provenance(tmp_path):
+    """The encoder a store names is rebuilt (same weights: same sha); another one is warned about; none is refused."""
+    from posvit_cli.core.features.rebuild import encoder_from_provenance, weights_from_provenance
+
+    assert weights_from_provenance({"weights": "bundled:posvit-tiny"}) == "pretrained"
+    assert weights_from_provenance({"weights": "random"}, override="w.safetensors") == "w.safetensors"
+    assert weights_from_provenance({}) == "pretrained"
+    made = load_encoder(TINY_MODEL, "random", seed=3)
+    prov = made.provenance()
+    again = encoder_from_provenance(prov, "s.h5", seed=3)
+    assert again.weights_sha256 == made.weights_sha256 and again.embed_dim == made.embed_dim
+    with pytest.warns(PosvitWarning, match="differs from the one that made it"):
+        encoder_from_provenance(prov, "s.h5", seed=4)
+    with pytest.raises(PosvitError, match="does not name the encoder"):
+        encoder_from_provenance({"model": "synthetic"}, "syn.h5")

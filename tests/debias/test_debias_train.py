@@ -1,4 +1,4 @@
-"""`posvit debias-train --method alibi|nope`: the distillation recipe on tiny models, with known answers.
+"""`posvit debias-train alibi|nope`: the distillation recipe on tiny models, with known answers.
 
 A tiny teacher with a planted positional ramp loses it in the student; a resumed run equals an uninterrupted one
 bit for bit; the checkpoint reloads through `extract`; two gloo processes follow the one-process loss curve.
@@ -239,8 +239,10 @@ def test_teacher_store_targets_equal_on_the_fly_targets(train_dir, tmp_path, cli
 # The command
 
 
-def _train_args(images, out, *extra):
-    return ["debias-train", images, "--method", "alibi", "--model", TINY_MODEL, "--weights", "random", "-o", out,
+def _train_args(images, out, *extra, method="alibi", legacy=False):
+    """A short CPU run; ``legacy`` spells the method the deprecated way (``--method X`` after the images)."""
+    head = ["debias-train", images, "--method", method] if legacy else ["debias-train", method, images]
+    return [*head, "--model", TINY_MODEL, "--weights", "random", "-o", out,
             "--stages", "64:1", "--batch-size", "4", "--micro-batch", "2", "--lr", "1e-3", "--workers", "0",
             "--monitor-size", "crop:64", "--eval-every", "1", "--device", "cpu", *extra]
 
@@ -250,8 +252,12 @@ def test_cli_trains_and_extract_reloads_the_checkpoint(train_dir, tmp_path, cli)
     out = tmp_path / "student.safetensors"
     r = cli(_train_args(train_dir, out, "--blank", "5,9", "--json"))
     assert r.exit_code == 2 and "cannot be read" in r.output and "broken.png" in r.output
-    r = cli(_train_args(train_dir, out, "--blank", "5,9", "--json", "--skip-unreadable", "--slopes", "geometric"))
+    # The deprecated spelling (`--method alibi` after the images) still trains, and says it is deprecated.
+    r = cli(_train_args(train_dir, out, "--blank", "5,9", "--json", "--skip-unreadable", "--slopes", "geometric",
+                        legacy=True))
     assert r.exit_code == 0, r.output
+    assert "warning: `posvit debias-train --method alibi` is deprecated" in r.stderr
+    assert "use `posvit debias-train alibi`" in r.stderr
     assert "skipped unreadable image" in r.output
     res = json.loads(r.stdout[r.stdout.index("{"):])
     assert res["steps"] == 2 and res["channels_blanked"] == [5, 9] and res["train_images"] == 11
@@ -276,8 +282,9 @@ def test_cli_trains_and_extract_reloads_the_checkpoint(train_dir, tmp_path, cli)
     # The output is not overwritten by accident; a finished run is not resumed; another method's run is refused.
     r = cli(_train_args(train_dir, out, "--skip-unreadable"))
     assert r.exit_code == 2 and "exists" in r.output
-    r = cli(_train_args(train_dir, out, "--skip-unreadable", "--method", "nope", "--resume", tmp_path / "student.train"))
-    assert r.exit_code == 2 and "--method alibi run, not --method nope" in r.output
+    r = cli(_train_args(train_dir, out, "--skip-unreadable", "--resume", tmp_path / "student.train",
+                        method="nope"))
+    assert r.exit_code == 2 and "`debias-train alibi` run, not `debias-train nope`" in r.output
     r = cli(_train_args(train_dir, out, "--skip-unreadable", "--resume", out))
     assert r.exit_code == 2 and "encoder checkpoint, not a training state" in r.output
 
@@ -286,8 +293,18 @@ def test_cli_bad_inputs(train_dir, tmp_path, cli):
     out = tmp_path / "x.safetensors"
     r = cli(_train_args(train_dir, out, "--model", "test_resnet"))
     assert r.exit_code == 2 and ("not a Vision Transformer" in r.output or "cannot build" in r.output)
-    r = cli(_train_args(train_dir, out, "--method", "spin"))
-    assert r.exit_code == 2 and "unknown --method 'spin'" in r.output
+    r = cli(_train_args(train_dir, out, method="spin", legacy=True))
+    assert r.exit_code == 2 and "unknown --method 'spin'" in r.output and not out.exists()
+    r = cli(_train_args(train_dir, out, method="spin"))
+    assert r.exit_code == 2 and "No such command 'spin'" in r.output
+    # A renamed or misspelt option is an error, not silently ignored; so is an option of another method.
+    r = cli(_train_args(train_dir, out, "--slopes-mode", "geometric"))
+    assert r.exit_code == 2 and "No such option" in r.output and "--slopes-mode" in r.output
+    r = cli(_train_args(train_dir, out, "--slopes", "geometric", method="nope"))
+    assert r.exit_code == 2 and "No such option" in r.output and "--slopes" in r.output
+    r = cli(_train_args(train_dir, out, "--rounds", "3"))
+    assert r.exit_code == 2 and "No such option" in r.output and "--rounds" in r.output
+    assert not out.exists() and not (tmp_path / "x.train").exists()
     r = cli(_train_args(train_dir, out, "--batch-size", "64"))
     assert r.exit_code == 2 and "larger than the 11 training images" in r.output
     r = cli(_train_args(train_dir, out, "--blank", "64"))
@@ -311,13 +328,14 @@ def test_cli_bad_inputs(train_dir, tmp_path, cli):
 
 def test_nope_method_and_student_init_continue(train_dir, tmp_path, cli):
     first = tmp_path / "n1.safetensors"
-    r = cli(_train_args(train_dir, first, "--method", "nope", "--blank", "none"))
+    r = cli(_train_args(train_dir, first, "--blank", "none", method="nope", legacy=True))
     assert r.exit_code == 0, r.output
+    assert "warning: `posvit debias-train --method nope` is deprecated" in r.stderr
     assert read_checkpoint_meta(first)["modifications"] == [{"name": "nope", "config": {}}]
     # A second stage (e.g. 518 px in the published recipe) starts from the first result.
     second = tmp_path / "n2.safetensors"
-    r = cli(_train_args(train_dir, second, "--method", "nope", "--blank", "none", "--student-init", first,
-                        "--stages", "80:1", "--lr", "1e-5"))
+    r = cli(_train_args(train_dir, second, "--blank", "none", "--student-init", first,
+                        "--stages", "80:1", "--lr", "1e-5", method="nope"))
     assert r.exit_code == 0, r.output
     enc = load_encoder(None, second)
     assert enc.model.pos_embed is None

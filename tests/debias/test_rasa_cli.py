@@ -1,4 +1,4 @@
-"""`posvit debias-train --method rasa|blank|svd|tta` and `posvit extract --head` end to end on a tiny random ViT:
+"""`posvit debias-train rasa|blank|svd|tta` and `posvit extract --head` end to end on a tiny random ViT:
 head files, store-in/store-out cleaning equal to cleaning at extraction, the view cache, and bad inputs."""
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def _final(path):
 
 def test_rasa_head_from_a_store_and_extract_head_equals_cleaning_the_store(images, store, tmp_path, cli):
     head_path = tmp_path / "rasa.safetensors"
-    r = cli(["debias-train", "--method", "rasa", store, "-o", head_path, "--json", *FAST_RASA])
+    r = cli(["debias-train", "rasa", store, "-o", head_path, "--json", *FAST_RASA])
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert doc["planes"] == 2 and doc["images"] == 8 and doc["tokens"] == 8 * 24 and len(doc["rounds"]) == 2
@@ -82,7 +82,7 @@ def test_rasa_head_from_a_store_and_extract_head_equals_cleaning_the_store(image
 
 
 def test_franca_format_output_reads_back(store, tmp_path, cli):
-    r = cli(["debias-train", "--method", "rasa", store, "-o", tmp_path / "h.pth", "--head-format", "franca",
+    r = cli(["debias-train", "rasa", store, "-o", tmp_path / "h.pth", "--head-format", "franca",
              "--exact", "--report-images", "0", "-q", *FAST_RASA])
     assert r.exit_code == 0, r.output
     assert "cannot mark a head exact" in r.output
@@ -95,7 +95,7 @@ def test_franca_format_output_reads_back(store, tmp_path, cli):
 
 def test_rasa_from_images_extracts_views_once(images, tmp_path, cli):
     out = tmp_path / "h.safetensors"
-    args = ["debias-train", "--method", "rasa", images, "-m", TINY_MODEL, "-w", "random", "--crop", "48",
+    args = ["debias-train", "rasa", images, "-m", TINY_MODEL, "-w", "random", "--crop", "48",
             "--report-images", "0", "-q", *FAST_RASA]
     r = cli([*args, "--views", "2", "-o", out])
     assert r.exit_code == 0, r.output
@@ -135,17 +135,17 @@ def test_blank_from_the_store_a_list_and_a_probe_result(tmp_path, cli):
     from posvit_cli.core.measure.probe import make_settings, probe_store, write_probe_result
 
     s = _ramp_store(tmp_path / "s.h5")
-    r = cli(["debias-train", "--method", "blank", s, "--blank", "auto", "--top-k", "1", "-o", tmp_path / "a.safetensors",
+    r = cli(["debias-train", "blank", s, "--blank", "auto", "--top-k", "1", "-o", tmp_path / "a.safetensors",
              "--json", "-q"])
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert {3, 7} <= set(doc["channels_zeroed"]) and doc["report"]["after"]["xy"] < doc["report"]["before"]["xy"]
-    r = cli(["debias-train", "--method", "blank", "--blank", "1,2", "-o", tmp_path / "b.safetensors", "-q"])
+    r = cli(["debias-train", "blank", "--blank", "1,2", "-o", tmp_path / "b.safetensors", "-q"])
     assert r.exit_code == 0, r.output
     assert load_head(tmp_path / "b.safetensors").channels_zeroed == [1, 2]
     with FeatureStore(s) as fs:
         write_probe_result(tmp_path / "p.json", probe_store(fs, make_settings(extras=False)[0]))
-    r = cli(["debias-train", "--method", "blank", "--blank", tmp_path / "p.json", "--top-k", "1",
+    r = cli(["debias-train", "blank", "--blank", tmp_path / "p.json", "--top-k", "1",
              "-o", tmp_path / "c.safetensors", "--json", "-q"])
     assert r.exit_code == 0, r.output
     head = load_head(tmp_path / "c.safetensors", channels=16)
@@ -157,21 +157,21 @@ def test_blank_from_the_store_a_list_and_a_probe_result(tmp_path, cli):
 
 
 def test_svd_from_the_store_provenance(store, tmp_path, cli):
-    r = cli(["debias-train", "--method", "svd", store, "--rank", "4", "-o", tmp_path / "svd.safetensors", "--json",
+    r = cli(["debias-train", "svd", store, "--rank", "4", "-o", tmp_path / "svd.safetensors", "--json",
              "-q", "--device", "cpu"])
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert doc["size"] == [64, 96] and doc["rank"] == 4 and 0 < doc["explained"] <= 1
     head = load_head(tmp_path / "svd.safetensors", channels=64)
     assert head.method == "svd" and head.exact and head.planes.shape == (1, 4, 64)
-    r = cli(["debias-train", "--method", "svd", "-m", TINY_MODEL, "-w", "random", "--size", "32x48", "--rank", "3",
+    r = cli(["debias-train", "svd", "-m", TINY_MODEL, "-w", "random", "--size", "32x48", "--rank", "3",
              "-o", tmp_path / "svd2.safetensors", "--json", "-q", "--device", "cpu"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["size"] == [32, 48]
 
 
 def test_tta_head_at_extraction_on_a_roll_equivariant_model(images, tmp_path, cli):
-    r = cli(["debias-train", "--method", "tta", "--transforms", "rolls:2", "-o", tmp_path / "tta.safetensors", "--json"])
+    r = cli(["debias-train", "tta", "--transforms", "rolls:2", "-o", tmp_path / "tta.safetensors", "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["transforms"] == ["identity", "roll:0,1", "roll:1,0", "roll:1,1"]
     base = ["extract", images / "tex0.png", images / "tex1.png", "-m", TINY_MODEL, "-w", "random", "--dtype", "float32",
@@ -192,7 +192,7 @@ def test_tta_head_at_extraction_on_a_roll_equivariant_model(images, tmp_path, cl
 
 
 def test_tta_report_on_images(images, tmp_path, cli):
-    r = cli(["debias-train", "--method", "tta", images, "-m", TINY_MODEL, "-w", "random", "--transforms", "flips",
+    r = cli(["debias-train", "tta", images, "-m", TINY_MODEL, "-w", "random", "--transforms", "flips",
              "--report-images", "2", "-o", tmp_path / "t.safetensors", "--json", "-q", "--device", "cpu"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["report"]["images"] == 2
@@ -206,28 +206,38 @@ def _one_line_error(r, *fragments):
         assert f in r.output, r.output
 
 
+def _usage_error(r, *fragments):
+    """Click's usage error: exit 2, the usage line, and the offending option named; no traceback."""
+    assert r.exit_code == 2, r.output
+    assert "Usage:" in r.output and "Traceback" not in r.output, r.output
+    for f in fragments:
+        assert f in r.output, r.output
+
+
 def test_bad_inputs_exit_2_with_one_line(images, store, tmp_path, cli):
     out = tmp_path / "h.safetensors"
-    dt = ["debias-train", "-o", out]
-    _one_line_error(cli([*dt, "--method", "rasa", store, "--rounds", "0"]), "--rounds")
-    _one_line_error(cli([*dt, "--method", "rasa", store, "--token-fraction", "2"]), "--token-fraction")
-    _one_line_error(cli([*dt, "--method", "tta", "--transforms", "spin"]), "unknown transform 'spin'")
-    _one_line_error(cli([*dt, "--method", "blank", "--head-format", "franca"]), "franca")
-    _one_line_error(cli([*dt, "--method", "rasa", store, "--head-format", "onnx"]), "unknown --head-format")
-    _one_line_error(cli([*dt, "--method", "blank", "--blank", tmp_path / "missing.json"]), "does not exist")
-    _one_line_error(cli([*dt, "--method", "blank", store, "--blank", "none"]), "nothing to blank")
-    _one_line_error(cli([*dt, "--method", "blank", store, "--blank", "70"]), "channel 70")
-    _one_line_error(cli([*dt, "--method", "svd", "--rank", "0", store]), "--rank")
-    _one_line_error(cli([*dt, "--method", "rasa", TINY_MODEL + ".png", "--views", "2", "--no-augment"]), "--views")
-    _one_line_error(cli(["debias-train", "--method", "rasa", store, "-o", tmp_path / "h.onnx"]), ".safetensors")
-    _one_line_error(cli(["debias-train", "--method", "blank", "-o", tmp_path / "h.pth"]), "--head-format franca")
-    _one_line_error(cli([*dt, "--method", "tta", store]), "tta runs the encoder")
+    _usage_error(cli(["debias-train", "rasa", "-o", out, store, "--rounds", "0"]), "--rounds", "greater than or equal to 1")
+    _usage_error(cli(["debias-train", "rasa", "-o", out, store, "--token-fraction", "2"]), "--token-fraction")
+    _one_line_error(cli(["debias-train", "rasa", "-o", out, store, "--token-fraction", "0"]), "--token-fraction")
+    _one_line_error(cli(["debias-train", "tta", "-o", out, "--transforms", "spin"]), "unknown transform 'spin'")
+    # franca holds RASA planes only: the other heads have no --head-format, and a misspelt option is an error
+    _usage_error(cli(["debias-train", "blank", "-o", out, "--head-format", "franca"]), "No such option", "--head-format")
+    _usage_error(cli(["debias-train", "rasa", "-o", out, store, "--head-format", "onnx"]), "--head-format", "onnx")
+    _one_line_error(cli(["debias-train", "blank", "-o", out, "--blank", tmp_path / "missing.json"]), "does not exist")
+    _one_line_error(cli(["debias-train", "blank", "-o", out, store, "--blank", "none"]), "nothing to blank")
+    _one_line_error(cli(["debias-train", "blank", "-o", out, store, "--blank", "70"]), "channel 70")
+    _usage_error(cli(["debias-train", "svd", "-o", out, "--rank", "0", store]), "--rank", "greater than or equal to 1")
+    _one_line_error(cli(["debias-train", "rasa", "-o", out, TINY_MODEL + ".png", "--views", "2", "--no-augment"]), "--views")
+    _one_line_error(cli(["debias-train", "rasa", store, "-o", tmp_path / "h.onnx"]), ".safetensors")
+    _one_line_error(cli(["debias-train", "blank", "-o", tmp_path / "h.pth"]), "RASA planes only")
+    _one_line_error(cli(["debias-train", "rasa", store, "-o", tmp_path / "h.pth"]), "--head-format franca")
+    _one_line_error(cli(["debias-train", "tta", "-o", out, store]), "tta runs the encoder")
     write_store(tmp_path / "b3.h5", [np.zeros((3, 3, 8), np.float32)], layers=("block3",))
-    _one_line_error(cli([*dt, "--method", "rasa", tmp_path / "b3.h5"]), "--layers final")
+    _one_line_error(cli(["debias-train", "rasa", "-o", out, tmp_path / "b3.h5"]), "--layers final")
     synthetic = write_store(tmp_path / "syn.h5", [np.random.default_rng(0).normal(size=(3, 3, 8)).astype(np.float32)])
-    _one_line_error(cli([*dt, "--method", "svd", synthetic]), "does not name the encoder")
+    _one_line_error(cli(["debias-train", "svd", "-o", out, synthetic]), "does not name the encoder")
     out.write_bytes(b"")
-    _one_line_error(cli([*dt, "--method", "blank", "--blank", "1"]), "exists", "--overwrite")
+    _one_line_error(cli(["debias-train", "blank", "-o", out, "--blank", "1"]), "exists", "--overwrite")
     # A head of another width: refused at extraction and when cleaning a store.
     from posvit_cli.core.debias.heads import ProjectionHead, save_head
 
@@ -239,3 +249,67 @@ def test_bad_inputs_exit_2_with_one_line(images, store, tmp_path, cli):
     _one_line_error(cli(["extract", store, "--head", tmp_path / "nothing.safetensors", "-o", tmp_path / "e.h5"]),
                     "does not exist")
     assert not (tmp_path / "c.h5").exists() and not (tmp_path / "c.h5.partial").exists()
+
+
+def test_deprecated_method_option_works_and_warns(store, tmp_path, cli):
+    """`--method X` (anywhere, or `--method=X`) still reaches subcommand X for one release, with one warning line."""
+    r = cli(["debias-train", "--method", "rasa", store, "-o", tmp_path / "r.safetensors", "--json", *FAST_RASA])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["planes"] == 2
+    warned = [ln for ln in r.stderr.splitlines() if "is deprecated" in ln]
+    assert warned == ["warning: `posvit debias-train --method rasa` is deprecated and will be removed in the next "
+                      "release: use `posvit debias-train rasa`"], r.stderr
+    r = cli(["debias-train", store, "--method=blank", "--blank", "1,2", "-o", tmp_path / "b.safetensors", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["channels_zeroed"] == [1, 2]
+    assert "`posvit debias-train --method blank` is deprecated" in r.stderr
+    r = cli(["debias-train", "-o", tmp_path / "s.safetensors", "--method", "svd", store, "--rank", "2", "--json",
+             "--report-images", "0", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["rank"] == 2 and "`posvit debias-train --method svd` is deprecated" in r.stderr
+    r = cli(["debias-train", "--method", "tta", "--transforms", "flips", "-o", tmp_path / "t.safetensors", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["transforms"] == ["identity", "flip-lr", "flip-ud"]
+    assert "`posvit debias-train --method tta` is deprecated" in r.stderr
+
+
+def test_missing_method_says_which_methods_take_a_store_or_images(images, store, tmp_path, cli):
+    """No method: one line naming the methods for a store and for images, exit 2, nothing written."""
+    out = tmp_path / "x.safetensors"
+    for first, example in ((store, f"posvit debias-train rasa {store}"), (images, f"posvit debias-train alibi {images}")):
+        r = cli(["debias-train", first, "-o", out])
+        _one_line_error(r, "name the method first", "rasa, blank, svd take a feature store", "alibi and nope take images",
+                        example)
+    r = cli(["debias-train", "-o", out, store])
+    _one_line_error(r, "name the method first")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_unknown_option_is_a_usage_error_not_swallowed(store, tmp_path, cli):
+    out = tmp_path / "h.safetensors"
+    _usage_error(cli(["debias-train", "rasa", store, "-o", out, "--round", "2"]), "No such option", "--round")
+    # An option of another method is refused by this one.
+    _usage_error(cli(["debias-train", "blank", store, "-o", out, "--rank", "4"]), "No such option", "--rank")
+    _usage_error(cli(["debias-train", "svd", store, "-o", out, "--blank", "1"]), "No such option", "--blank")
+    _usage_error(cli(["debias-train", "tta", "-o", out, "--rounds", "2"]), "No such option", "--rounds")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("method, fragments", [
+    ("alibi", ["constant", "geometric", "learned", "euclidean", "manhattan", "cosine", "mse", "fp32", "bf16"]),
+    ("nope", ["cosine", "mse", "x>=1", "0<=x<=1"]),
+    ("rasa", ["tokens", "images-in-order", "posvit", "franca", "x>=1", "0<=x<=1"]),
+    ("blank", ["--top-k", "x>=1", "--report-images", "x>=0"]),
+    ("svd", ["--rank", "x>=1", "fp32", "bf16"]),
+    ("tta", ["--transforms", "reference", "fp32", "bf16"]),
+])
+def test_subcommand_help_lists_its_choices(method, fragments):
+    from typer.testing import CliRunner
+
+    from posvit_cli.app import app
+
+    # A wide terminal keeps Rich from breaking a choice list across lines.
+    r = CliRunner().invoke(app, ["debias-train", method, "--help"], env={"COLUMNS": "250", "TERMINAL_WIDTH": "250"})
+    assert r.exit_code == 0, r.output
+    for f in fragments:
+        assert f in r.output, (f, r.output)
