@@ -87,9 +87,37 @@ def json_default(o: Any) -> Any:
     return str(o)
 
 
+def json_clean(obj: Any) -> Any:
+    """``obj`` with NaN and ±Inf replaced by ``None`` (JSON ``null``) and NumPy values made Python, recursively.
+
+    ``json.dumps`` writes non-finite floats as the bare tokens ``NaN``/``Infinity``, which are not JSON: strict
+    parsers (jq, JavaScript, most languages' standard libraries) reject the whole document.
+    """
+    import math
+
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {(k if isinstance(k, str) else str(json_clean(k))): json_clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [json_clean(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return json_clean(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def dumps_json(obj: Any, indent: int | None = 2) -> str:
+    """Strict JSON text of ``obj``: NaN/Inf as ``null``, NumPy values as numbers, other objects as ``str``."""
+    return json.dumps(json_clean(obj), indent=indent, default=json_default, allow_nan=False)
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON (NumPy values converted) to ``path`` atomically. Returns the path."""
-    return write_text_atomic(path, json.dumps(obj, indent=2, default=json_default) + "\n")
+    """Write ``obj`` as indented strict JSON (see :func:`dumps_json`) to ``path`` atomically. Returns the path."""
+    return write_text_atomic(path, dumps_json(obj) + "\n")
 
 
 def read_tagged_json(path: str | os.PathLike, schema: str, max_version: int, what: str, hint: str = "") -> dict:
