@@ -432,7 +432,7 @@ def test_bad_options_are_one_line_errors(tmp_path, cli):
     for args, msg in [
         (["-k", "4,x"], "comma-separated list of int"),
         (["--seeds", "3-1"], "cannot read seeds"),
-        (["--protocol", "leopart"], "unknown --protocol 'leopart'"),
+        (["--protocol", "leopart"], "'leopart' is not one of"),
         (["--eval-size", "0"], "--eval-size '0' must be"),
         (["--masks", tmp_path / "nowhere"], "does not exist"),
         (["--class-names", "a,b", "--num-classes", "3", "--masks", mdir], "2 class names given for 3 classes"),
