@@ -21,8 +21,8 @@ from posvit_cli._cli import (
 from posvit_cli.core.errors import PosvitError
 from posvit_cli.core.fileio import write_json_atomic
 from posvit_cli.options import (
-    ClassNamesOpt, FolderOutOpt, IntensityOpt, MasksOpt, OverwriteOpt, RecursiveOpt, SeedOpt, SizeOpt, ThreadsOpt,
-    deprecated_option, warn_deprecated,
+    FolderOutOpt, IntensityOpt, OverwriteOpt, RecursiveOpt, SeedOpt, SizeOpt, ThreadsOpt, deprecated_option,
+    warn_deprecated,
 )
 from posvit_cli.options import LayerOpt as _SharedLayerOpt
 
@@ -298,7 +298,7 @@ def _print_training(seg, output) -> None:
 def apply(
     model_file: Annotated[Path, typer.Argument(metavar="MODEL", help="A .posvit-seg model file (posvit segment train).", show_default=False)],
     images: Annotated[list[str], typer.Argument(metavar="IMAGES...", help="Image files, folders or .txt lists of paths.", show_default=False)],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the label images (created if missing).", file_okay=False, show_default=False)],
+    output: FolderOutOpt,
     features: FeaturesOpt = None,
     weights: Annotated[Optional[str], typer.Option("--weights", "-w", help="Weights file for on-the-fly extraction when the one recorded in the model has moved (its hash must match). Default: the recorded weights.", show_default=False)] = None,
     probabilities: Annotated[bool, typer.Option("--probabilities/--no-probabilities", help="Also write NAME_probs.tif: float32 (K, H, W) class probabilities.")] = False,

@@ -15,8 +15,7 @@ from posvit_cli._cli import (
 )
 from posvit_cli.core.errors import PosvitError
 from posvit_cli.options import (
-    ClassNamesOpt, IgnoreIndexOpt, IntensityOpt, LayerOpt, MasksOpt, RecursiveOpt, StoreArg, Upsample,
-    deprecated_option, warn_deprecated,
+    IntensityOpt, LayerOpt, RecursiveOpt, StoreArg, Upsample, deprecated_option, warn_deprecated,
 )
 
 
