@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -9,32 +10,42 @@ import typer
 
 from posvit_cli._cli import (
     DebugOpt, DeviceOpt, JsonOpt, QuietOpt, RichProgress, cli_context, command_line, console, emit_json, parse_csv,
-    stdout_is_pipe, store_input,
+    parse_seeds, stdout_is_pipe, store_input,
 )
 from posvit_cli.core.errors import PosvitError
 from posvit_cli.core.fileio import write_json_atomic
+from posvit_cli.options import (
+    ClassNamesOpt, IgnoreIndexOpt, LayerOpt, MasksOpt, OverwriteOpt, StoreArg, ThreadsOpt,
+)
+
+
+class Protocol(str, Enum):
+    """Overclustering evaluation protocol."""
+
+    standard = "standard"
+    in_training = "in-training"
 
 
 def cluster(
-    store: Annotated[Optional[str], typer.Argument(help="Feature store (.h5, .zarr, .zarr.zip), or - / a pipe for standard input.", show_default=False)] = None,
+    store: StoreArg = None,
     k: Annotated[str, typer.Option("-k", "--k", help="Numbers of clusters, comma-separated (e.g. 21,100,300,500).")] = "21,100,300,500",
-    masks: Annotated[Optional[Path], typer.Option("--masks", help="Folder of dense masks (class indices 0..C-1 per pixel, --ignore-index = unlabelled; grey/palette PNG or integer TIFF, see docs/labels.md) matched to the store's images by file stem. Default: none (no evaluation, label maps only).")] = None,
-    ignore_index: Annotated[int, typer.Option("--ignore-index", help="Mask value that is left out of the evaluation; -1 for none.")] = 255,
-    num_classes: Annotated[Optional[int], typer.Option("--num-classes", help="Number of classes, background included. Default: the number of --class-names, else the largest mask label + 1.")] = None,
-    class_names: Annotated[Optional[str], typer.Option("--class-names", help="Class names, comma-separated, or a text file with one name per line. Default: 0, 1, 2, ...")] = None,
-    seeds: Annotated[Optional[str], typer.Option("--seeds", help="k-means seeds, comma-separated or a range such as 0-4. Default: 0-4 (standard), 1 (in-training), 0 (no masks).")] = None,
-    pca_dim: Annotated[int, typer.Option("--pca-dim", help="PCA dimensions after the z-score; 0 keeps all channels.")] = 50,
-    protocol: Annotated[str, typer.Option("--protocol", help="standard (Leopart/NeCo: patch-level tokens, 5 seeds, 100 iterations, precision matching) or in-training (the RASA/Leopart training-time variant: features upsampled to the masks, seed 1, 50 iterations, IoU and precision matching).")] = "standard",
+    masks: MasksOpt = None,
+    ignore_index: IgnoreIndexOpt = 255,
+    num_classes: Annotated[Optional[int], typer.Option("--num-classes", min=1, help="Number of classes, background included. Default: the number of --class-names, else the largest mask label + 1.", show_default=False)] = None,
+    class_names: ClassNamesOpt = None,
+    seeds: Annotated[Optional[str], typer.Option("--seeds", help="k-means seeds, comma-separated or a range such as 0-4. Default: 0-4 (standard), 1 (in-training), 0 (no masks).", show_default=False)] = None,
+    pca_dim: Annotated[int, typer.Option("--pca-dim", min=0, help="PCA dimensions after the z-score; 0 keeps all channels.")] = 50,
+    protocol: Annotated[Protocol, typer.Option("--protocol", help="standard (Leopart/NeCo: patch-level tokens, 5 seeds, 100 iterations, precision matching) or in-training (the RASA/Leopart training-time variant: features upsampled to the masks, seed 1, 50 iterations, IoU and precision matching).")] = Protocol.standard,
     per_image: Annotated[bool, typer.Option("--per-image", help="Cluster each image on its own (channel-wise standardised, 15 restarts) instead of the whole store.")] = False,
-    n_init: Annotated[Optional[int], typer.Option("--n-init", help="k-means restarts (best inertia kept). Default: 5, or 15 with --per-image.")] = None,
-    max_iter: Annotated[Optional[int], typer.Option("--max-iter", help="k-means iterations. Default: 100 (standard), 50 (in-training), 300 (--per-image).")] = None,
+    n_init: Annotated[Optional[int], typer.Option("--n-init", min=1, help="k-means restarts (best inertia kept). Default: 5, or 15 with --per-image.", show_default=False)] = None,
+    max_iter: Annotated[Optional[int], typer.Option("--max-iter", min=1, help="k-means iterations. Default: 100 (standard), 50 (in-training), 300 (--per-image).", show_default=False)] = None,
     eval_size: Annotated[str, typer.Option("--eval-size", help="Evaluation grid, N or HxW: masks are resized to it and cluster maps upsampled to it (nearest).")] = "100",
-    max_points_per_cluster: Annotated[Optional[int], typer.Option("--max-points-per-cluster", help="Fit k-means on a random k·N subset of tokens, then label all (faiss's default is 256). Default: fit on all tokens.")] = None,
-    layer: Annotated[Optional[str], typer.Option("--layer", help="Stored layer to cluster. Default: final.")] = None,
-    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write label maps (kmeans_k{k}, and the matched classes with --masks) to this store (.h5, .zarr, .zarr.zip, - for stdout), for `posvit viz`. Default: stdout when it is a pipe and --json is off, else none.")] = None,
-    results_json: Annotated[Optional[Path], typer.Option("--results-json", help="Write the results JSON here. Default: next to -o (labels.h5 → labels.cluster.json), else none.")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")] = False,
-    threads: Annotated[Optional[int], typer.Option("--threads", help="Torch CPU threads. Default: torch's choice (all cores).")] = None,
+    max_points_per_cluster: Annotated[Optional[int], typer.Option("--max-points-per-cluster", min=1, help="Fit k-means on a random k·N subset of tokens, then label all (faiss's default is 256). Default: fit on all tokens.", show_default=False)] = None,
+    layer: LayerOpt = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write label maps (kmeans_k{k}, and the matched classes with --masks) to this store (.h5, .zarr, .zarr.zip, - for stdout), for `posvit viz`. Default: stdout when it is a pipe and --json is off, else none.", show_default=False)] = None,
+    results_json: Annotated[Optional[Path], typer.Option("--results-json", help="Write the results JSON here. Default: next to -o (labels.h5 → labels.cluster.json), else none.", dir_okay=False, show_default=False)] = None,
+    overwrite: OverwriteOpt = False,
+    threads: ThreadsOpt = None,
     device: DeviceOpt = "auto",
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -50,27 +61,6 @@ def cluster(
     """
     with cli_context(debug, quiet):
         _run(**locals())
-
-
-def _parse_seeds(text: str | None) -> list[int] | None:
-    if text is None:
-        return None
-    out: list[int] = []
-    for part in parse_csv(text):
-        a, sep, b = part.partition("-")
-        try:
-            if sep and a:
-                lo, hi = int(a), int(b)
-                if hi < lo:
-                    raise ValueError
-                out.extend(range(lo, hi + 1))
-            else:
-                out.append(int(part))
-        except ValueError:
-            raise PosvitError(f"cannot read seeds '{text}': use integers such as 0,1,2 or a range such as 0-4") from None
-    if not out:
-        raise PosvitError("--seeds is empty")
-    return out
 
 
 def _parse_eval_size(text: str) -> tuple[int, int]:
@@ -110,6 +100,7 @@ def _results_path(results_json, output) -> Path | None:
 def _run(store, k, masks, ignore_index, num_classes, class_names, seeds, pca_dim, protocol, per_image, n_init,
          max_iter, eval_size, max_points_per_cluster, layer, output, results_json, overwrite, threads, device,
          json_out, quiet, **_):
+    protocol = protocol.value
     ks = parse_csv(k, int)
     if not ks:
         raise PosvitError("-k needs at least one number of clusters")
@@ -131,7 +122,7 @@ def _run(store, k, masks, ignore_index, num_classes, class_names, seeds, pca_dim
         raise PosvitError("--max-points-per-cluster must be at least 1")
     if num_classes is not None and num_classes < 1:
         raise PosvitError("--num-classes must be at least 1")
-    seed_list = _parse_seeds(seeds)
+    seed_list = parse_seeds(seeds) if seeds is not None else None
     names = _parse_class_names(class_names)
     eval_hw = _parse_eval_size(eval_size)
     if output is None and not json_out and stdout_is_pipe():

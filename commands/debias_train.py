@@ -20,13 +20,14 @@ from typing import Annotated, Optional
 
 import click
 import typer
-from typer.core import TyperGroup
 
-from posvit_cli._cli import RichProgress, cli_context, command_line, console, emit_json, sigterm_as_interrupt
+from posvit_cli._cli import (
+    PosvitCommand, PosvitGroup, RichProgress, cli_context, command_line, console, emit_json, sigterm_as_interrupt,
+)
 from posvit_cli.core.errors import PosvitError
 from posvit_cli.options import (
     DebugOpt, DeviceOpt, JsonOpt, ModelOpt, OverwriteOpt, QuietOpt, RecursiveOpt, SeedOpt, StoreArg, ThreadsOpt,
-    WeightsOpt, warn_deprecated,
+    WeightsOpt, deprecated_option, warn_deprecated,
 )
 
 #: Methods by what they train on.
@@ -104,7 +105,7 @@ def method_first(args: list[str]) -> list[str]:
     return [m, *rest]
 
 
-class MethodGroup(TyperGroup):
+class MethodGroup(PosvitGroup):
     """``debias-train``'s subcommands, also reached by the deprecated ``--method X`` spelling."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
@@ -209,7 +210,7 @@ ValFractionOpt = Annotated[float, typer.Option("--val-fraction", min=0.0, max=1.
 ValMaxOpt = Annotated[int, typer.Option("--val-max", min=0, help="At most this many validation images.", rich_help_panel=RETROFIT_RUN)]
 MonitorImagesOpt = Annotated[Optional[str], typer.Option("--monitor-images", help="Homogeneous images (folder, files or .txt list) for the positional stack-R2 monitor and --blank auto. Default: 4 uniform-noise images of 518 px.", show_default=False, rich_help_panel=RETROFIT_RUN)]
 MonitorSizeOpt = Annotated[str, typer.Option("--monitor-size", help="Resize of monitor images: native (own size, rounded down to patch multiples, as published), stage (the stage's crop), short:N, long:N, square:N or crop:N.", rich_help_panel=RETROFIT_RUN)]
-MonitorFractionOpt = Annotated[float, typer.Option("--monitor-fraction", min=0.0, max=1.0, help="Fraction of a monitor image's tokens the stack-R2 probe trains on, in (0, 1) (published: 1/36 = 0.0278).", rich_help_panel=RETROFIT_RUN)]
+MonitorFractionOpt = Annotated[float, typer.Option("--monitor-fraction", min=0.0, max=1.0, help="Fraction of a monitor image's tokens the stack-R2 probe trains on, in (0, 1) (published: 1/36).", show_default="0.0278", rich_help_panel=RETROFIT_RUN)]
 EvalEveryOpt = Annotated[int, typer.Option("--eval-every", min=0, help="Validation loss and stack R2 every N steps (and at each stage's end); 0 = stage ends only.", rich_help_panel=RETROFIT_RUN)]
 LogEveryOpt = Annotated[int, typer.Option("--log-every", min=0, help="Training-loss rows in the log every N steps.", rich_help_panel=RETROFIT_RUN)]
 CheckpointEveryOpt = Annotated[int, typer.Option("--checkpoint-every", min=0, help="Training state every N steps (and at each stage's end); 0 = stage ends only.", rich_help_panel=RETROFIT_RUN)]
@@ -222,7 +223,7 @@ ResumeOpt = Annotated[Optional[Path], typer.Option("--resume", help="Continue an
 # alibi / nope: retrofit and distil
 
 
-@app.command("alibi")
+@app.command("alibi", cls=PosvitCommand)
 def alibi(
     images: ImagesArg,
     output: CheckpointOutOpt,
@@ -298,7 +299,7 @@ def alibi(
                       monitor_images=monitor_images, run_dir=run_dir, resume=resume, json_out=json_out, quiet=quiet)
 
 
-@app.command("nope")
+@app.command("nope", cls=PosvitCommand)
 def nope(
     images: ImagesArg,
     output: CheckpointOutOpt,
@@ -459,7 +460,7 @@ RASA = "RASA"
 RasaInputsArg = Annotated[Optional[list[str]], typer.Argument(help="A feature store of final tokens (a path, or piped in), or images with --model (extracted once into --cache).", show_default=False)]
 
 
-@app.command("rasa")
+@app.command("rasa", cls=PosvitCommand)
 def rasa(
     inputs: RasaInputsArg = None,
     output: HeadOutOpt = ...,
@@ -524,7 +525,7 @@ def rasa(
         _finish_head(head, facts, "rasa", out, fmt, t0, json_out=json_out, quiet=quiet)
 
 
-@app.command("blank")
+@app.command("blank", cls=PosvitCommand)
 def blank(
     store: StoreArg = None,
     output: HeadOutOpt = ...,
@@ -567,7 +568,7 @@ def blank(
                             "report": report}, "blank", out, "posvit", t0, json_out=json_out, quiet=quiet)
 
 
-@app.command("svd")
+@app.command("svd", cls=PosvitCommand)
 def svd(
     ctx: typer.Context,
     store: StoreArg = None,
@@ -632,13 +633,14 @@ def svd(
                      json_out=json_out, quiet=quiet)
 
 
-@app.command("tta")
+@app.command("tta", cls=PosvitCommand)
 def tta(
     images: Annotated[Optional[list[str]], typer.Argument(help="Images for the before/after report (optional: without them only the head is written).", show_default=False)] = None,
     output: HeadOutOpt = ...,
     model: ModelOpt = None,
     weights: WeightsOpt = "pretrained",
-    transforms: Annotated[str, typer.Option("--transforms", help="Transforms averaged, comma-separated: flip-lr, flip-ud, rot90, rot180, rot270, roll:DY,DX (patches), compositions with +, and sets flips, rot90, d4, rolls:N, reference (identity, flip-lr, flip-ud, rot90).")] = "reference",
+    transforms: Annotated[str, typer.Option("--transform", help="Transforms averaged, comma-separated: flip-lr, flip-ud, rot90, rot180, rot270, roll:DY,DX (patches), compositions with +, and sets flips, rot90, d4, rolls:N, reference (identity, flip-lr, flip-ud, rot90).")] = "reference",
+    transforms_old: Annotated[Optional[str], deprecated_option("--transforms")] = None,
     size: HeadSizeOpt = "auto",
     recursive: RecursiveOpt = False,
     intensity: IntensityOpt = "auto",
@@ -663,6 +665,9 @@ def tta(
     from posvit_cli.core.io.images import list_images
 
     with cli_context(debug, quiet):
+        if transforms_old is not None:
+            warn_deprecated("--transforms", "--transform")
+            transforms = transforms_old
         t0 = time.perf_counter()
         out = _head_output(output, "tta", "posvit", overwrite)
         dev, prec = _compute(device, precision.value, threads)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -12,37 +13,54 @@ from posvit_cli._cli import (
     sigterm_as_interrupt, store_output,
 )
 from posvit_cli.core.errors import PosvitError
+from posvit_cli.options import (
+    BatchSizeOpt, Compression, IntensityOpt, OverwriteOpt, Precision, PrecisionOpt, RecursiveOpt, StorageDtype,
+    StoreOutOpt, ThreadsOpt, deprecated_option, warn_deprecated,
+)
+
+
+class PositionFreeMethod(str, Enum):
+    """How a --weights file encodes position (see posvit_cli.core.features.alibi.METHODS)."""
+
+    alibi = "alibi"
+    nope = "nope"
+
+
+def _value(choice):
+    """The plain string of an Enum choice (None stays None): core takes strings."""
+    return choice.value if isinstance(choice, Enum) else choice
 
 
 def extract(
     inputs: Annotated[list[str], typer.Argument(help="Image files, folders, or .txt lists of paths (with --merge: stores; with --head: one store to clean without re-extraction, or - for stdin).", show_default=False)],
-    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Store to write: .h5, .zarr or .zarr.zip, or - for stdout. Default: stdout when it is a pipe.")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Encoder: a posvit name (see `posvit doctor --models`) or a timm model name. Default: dinov2-s-reg, or the model a posvit checkpoint in --weights names.")] = None,
+    output: StoreOutOpt = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Encoder: a posvit name (see `posvit doctor --models`) or a timm model name. Default: dinov2-s-reg, or the model a posvit checkpoint in --weights names.", show_default=False)] = None,
     weights: Annotated[str, typer.Option("--weights", "-w", help="pretrained (timm/hub cache; bundled for posvit-tiny), random (seeded, for smoke tests), or a .safetensors/.pth file or posvit checkpoint.")] = "pretrained",
     layers: Annotated[str, typer.Option("--layers", help="Layers to store: final, all, or block indices such as 3,7,final. Intermediate blocks are taken after the final norm.")] = "final",
     prefix_tokens: Annotated[bool, typer.Option("--prefix-tokens/--no-prefix-tokens", help="Also store CLS and register tokens.")] = False,
     size: Annotated[str, typer.Option("--size", help="Resize: native (round down to patch multiple), short:N, long:N, square:N (or N), crop:N; N for square/crop must be a multiple of the patch. A comma list (224,448,672,896) writes one store per size, named OUT.224.h5, OUT.448.h5, ... (a resolution sweep).")] = "native",
-    intensity: Annotated[str, typer.Option("--intensity", help="Intensity scaling: auto (8-bit /255, other types min-max per image), dtype, minmax, percentile:LO,HI.")] = "auto",
-    max_side: Annotated[int, typer.Option("--max-side", help="Skip untiled images whose processed longer side exceeds this (px).")] = 2048,
-    tile: Annotated[Optional[int], typer.Option("--tile", help="Tile images larger than this (px, patch multiple) and blend the tiles' tokens. Default: no tiling.")] = None,
-    overlap: Annotated[int, typer.Option("--overlap", help="Tile overlap in px (patch multiple).")] = 0,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images (or tiles) per forward pass.")] = 8,
+    intensity: IntensityOpt = "auto",
+    max_side: Annotated[int, typer.Option("--max-side", min=1, help="Skip untiled images whose processed longer side exceeds this (px).")] = 2048,
+    tile: Annotated[Optional[int], typer.Option("--tile", min=1, help="Tile images larger than this (px, patch multiple) and blend the tiles' tokens. Default: no tiling.", show_default=False)] = None,
+    overlap: Annotated[int, typer.Option("--overlap", min=0, help="Tile overlap in px (patch multiple).")] = 0,
+    batch_size: BatchSizeOpt = 8,
     device: DeviceOpt = "auto",
-    precision: Annotated[str, typer.Option("--precision", help="auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16 autocast.")] = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="Storage type of the features: float16 or float32.")] = "float16",
-    compression: Annotated[Optional[str], typer.Option("--compression", help="none, gzip or lzf (HDF5); none, zstd or lz4 (Zarr). Default: none for HDF5, zstd for Zarr.")] = None,
-    workers: Annotated[int, typer.Option("--workers", help="Image decoding threads.")] = 2,
-    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Search folders recursively.")] = False,
-    shard: Annotated[Optional[str], typer.Option("--shard", help="Extract only shard i/n of the images (every n-th from i); join shards with --merge.")] = None,
+    precision: PrecisionOpt = Precision.auto,
+    dtype: Annotated[StorageDtype, typer.Option("--dtype", help="Storage type of the features.")] = StorageDtype.float16,
+    compression: Annotated[Optional[Compression], typer.Option("--compression", help="none, gzip or lzf (HDF5); none, zstd or lz4 (Zarr). Default: none for HDF5, zstd for Zarr.", show_default=False)] = None,
+    workers: Annotated[int, typer.Option("--workers", min=0, help="Image decoding threads.")] = 2,
+    recursive: RecursiveOpt = False,
+    shard: Annotated[Optional[str], typer.Option("--shard", help="Extract only shard i/n of the images (every n-th from i); join shards with --merge. Default: all images.", show_default=False)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted store (or add new images to a finished one), skipping images already done.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output store.")] = False,
+    overwrite: OverwriteOpt = False,
     strict: Annotated[bool, typer.Option("--strict", help="Fail on the first unreadable image instead of skipping it.")] = False,
     merge: Annotated[bool, typer.Option("--merge", help="Join stores (e.g. shards made with --shard) named as inputs into -o.")] = False,
-    head: Annotated[Optional[Path], typer.Option("--head", help="Apply a debiasing head (posvit debias-train output, or a Franca RASA head) to the final tokens; with a store as input, clean its tokens without running an encoder.")] = None,
-    transform: Annotated[Optional[str], typer.Option("--transform", help="Extract features of transformed images mapped back to the original frame: flip-ud, flip-lr, rot90[:K], roll:DY,DX (whole patches), compositions with +. A comma list (or a set: reference, flips, rot90, d4, rolls:N) writes one store per transform, named OUT.flip-ud.h5, OUT.roll-0_3.h5, ... (identity: OUT.h5). Default: none.")] = None,
+    head: Annotated[Optional[Path], typer.Option("--head", help="Apply a debiasing head (posvit debias-train output, or a Franca RASA head) to the final tokens; with a store as input, clean its tokens without running an encoder. Default: none.", show_default=False)] = None,
+    transform: Annotated[Optional[str], typer.Option("--transform", help="Extract features of transformed images mapped back to the original frame: flip-ud, flip-lr, rot90[:K], roll:DY,DX (whole patches), compositions with +. A comma list (or a set: reference, flips, rot90, d4, rolls:N) writes one store per transform, named OUT.flip-ud.h5, OUT.roll-0_3.h5, ... (identity: OUT.h5). Default: none.", show_default=False)] = None,
+    transforms_old: Annotated[Optional[str], deprecated_option("--transforms")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for --weights random.")] = 0,
-    method: Annotated[Optional[str], typer.Option("--method", help="The --weights file is a position-free model: alibi (2-D ALiBi, constant slope 1, torus) or nope (no position encoding), e.g. the published ALiBi/NoPE DINOv2 checkpoints. Default: none (posvit checkpoints carry this themselves).")] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", help="Torch CPU threads. Default: torch's choice (all cores).")] = None,
+    method: Annotated[Optional[PositionFreeMethod], typer.Option("--method", help="The --weights file is a position-free model: alibi (2-D ALiBi, constant slope 1, torus) or nope (no position encoding), e.g. the published ALiBi/NoPE DINOv2 checkpoints. Default: none (posvit checkpoints carry this themselves).", show_default=False)] = None,
+    threads: ThreadsOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -55,6 +73,13 @@ def extract(
     with --resume. Without -o the store streams to stdout when it is piped into another posvit command.
     """
     with cli_context(debug, quiet), sigterm_as_interrupt():
+        if transforms_old is not None:
+            warn_deprecated("--transforms", "--transform")
+            if transform is not None:
+                raise PosvitError("give --transform once (--transforms is its old spelling)")
+            transform = transforms_old
+        precision, dtype = _value(precision), _value(dtype)
+        compression, method = _value(compression), _value(method)
         out = store_output(output)
         if json_out and out == "-":
             raise PosvitError("--json prints to stdout, where the store goes: name an output with -o")

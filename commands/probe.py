@@ -10,10 +10,9 @@ from typing import Annotated, Optional
 
 import click
 import typer
-from typer.core import TyperGroup
 
 from posvit_cli._cli import (
-    RichProgress, cli_context, command_line, console, parse_class_names, parse_csv, store_input,
+    PosvitCommand, PosvitGroup, RichProgress, cli_context, command_line, console, parse_class_names, parse_csv, store_input,
 )
 from posvit_cli.core.errors import PosvitError
 from posvit_cli.options import (
@@ -55,7 +54,7 @@ class Resolution(str, Enum):
     pixels = "pixels"
 
 
-class _DefaultPositional(TyperGroup):
+class _DefaultPositional(PosvitGroup):
     """``probe`` with the positional probe as its default subcommand.
 
     ``posvit probe STORE ...`` (and ``posvit probe`` reading a piped store, and ``posvit probe --help``) run
@@ -80,7 +79,8 @@ app = typer.Typer(cls=_DefaultPositional, context_settings={"help_option_names":
                   help="Probe positional bias (the default subcommand) or semantic retention.")
 
 
-@app.command(_POSITIONAL, epilog="posvit probe STORE is short for posvit probe positional STORE. "
+@app.command(_POSITIONAL, cls=PosvitCommand,
+             epilog="posvit probe STORE is short for posvit probe positional STORE. "
              "The semantic probe: posvit probe semantic STORE --masks DIR (see its --help).")
 def positional(
     store: StoreArg = None,
@@ -131,7 +131,7 @@ def positional(
                     per_channel, extras, output, csv_path, device, threads, json_out, quiet)
 
 
-@app.command(_SEMANTIC)
+@app.command(_SEMANTIC, cls=PosvitCommand)
 def semantic(
     store: StoreArg = None,
     masks: MasksOpt = ...,

@@ -8,19 +8,49 @@ from __future__ import annotations
 
 import contextlib
 import time
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from posvit_cli._cli import (
-    DebugOpt, DeviceOpt, JsonOpt, QuietOpt, RichProgress, cli_context, console, emit_json, parse_csv,
+    DebugOpt, DeviceOpt, JsonOpt, PosvitCommand, PosvitGroup, QuietOpt, RichProgress, cli_context, console,
+    emit_json, parse_csv,
 )
 from posvit_cli.core.errors import PosvitError
 from posvit_cli.core.fileio import write_json_atomic
-from posvit_cli.options import IgnoreIndexOpt, deprecated_option, warn_deprecated
+from posvit_cli.options import (
+    FolderOutOpt, IgnoreIndexOpt, IntensityOpt, OverwriteOpt, RecursiveOpt, SeedOpt, SizeOpt, ThreadsOpt, deprecated_option,
+    warn_deprecated,
+)
+from posvit_cli.options import LayerOpt as _SharedLayerOpt
+
+
+class PcaMode(str, Enum):
+    """Where the PCA of the ViT tokens is fitted."""
+
+    per_image = "per-image"
+    shared = "shared"
+
+
+class ClassifierKind(str, Enum):
+    """Pixel classifier."""
+
+    xgboost = "xgboost"
+    random_forest = "random-forest"
+    logistic = "logistic"
+
+
+class LabelFormat(str, Enum):
+    """File format of the label images."""
+
+    auto = "auto"
+    png = "png"
+    tif = "tif"
 
 app = typer.Typer(
+    cls=PosvitGroup,
     name="segment",
     help="Trainable (scribble) segmentation with classical + ViT features: train, apply, eval, bench.",
     no_args_is_help=True,
@@ -28,29 +58,35 @@ app = typer.Typer(
 )
 
 # -- options shared by several sub-commands --------------------------------------------------------------------
-FeaturesOpt = Annotated[Optional[str], typer.Option("--features", "-f", help="Feature store (posvit extract output) holding the images' ViT tokens, matched by path, then file name. Default: none.")]
-ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Extract ViT features on the fly with this encoder (any name posvit extract takes). Default: none (classical features only, unless --features).")]
+FeaturesOpt = Annotated[Optional[str], typer.Option("--features", "-f", help="Feature store (posvit extract output) holding the images' ViT tokens, matched by path, then file name. Default: none.", show_default=False)]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Extract ViT features on the fly with this encoder (any name posvit extract takes). Default: none (classical features only, unless --features).", show_default=False)]
 WeightsOpt = Annotated[str, typer.Option("--weights", "-w", help="Encoder weights for --model: pretrained, random (smoke tests) or a .safetensors/.pth file or posvit checkpoint.")]
-LayerOpt = Annotated[Optional[str], typer.Option("--layer", help="Feature layer: final or a block index. Default: final (or the store's default layer).")]
-SizeOpt = Annotated[str, typer.Option("--size", help="Resize rule for on-the-fly extraction (as posvit extract): native, short:N, long:N, square:N.")]
-DimsOpt = Annotated[int, typer.Option("--vit-dims", help="PCA components of the ViT features kept per pixel.")]
-PcaOpt = Annotated[str, typer.Option("--pca", help="PCA of the ViT tokens: per-image (z-score, PCA and min-max fitted on each image, as the reference) or shared (fitted once on the training images and stored in the model).")]
+LayerOpt = _SharedLayerOpt
+DimsOpt = Annotated[int, typer.Option("--vit-dims", min=1, help="PCA components of the ViT features kept per pixel.")]
+PcaOpt = Annotated[PcaMode, typer.Option("--pca", help="PCA of the ViT tokens: per-image (z-score, PCA and min-max fitted on each image, as the reference) or shared (fitted once on the training images and stored in the model).")]
 ClassicalOpt = Annotated[bool, typer.Option("--classical/--no-classical", help="Use the classical (Weka-style) filter bank.")]
 SigmasOpt = Annotated[str, typer.Option("--sigmas", help="Gaussian scales of the classical features, in pixels (true σ).")]
 WekaOpt = Annotated[bool, typer.Option("--weka-compat", help="Blur with int(0.4·σ) as the reference implementation did (duplicates channels).")]
 GroupsOpt = Annotated[str, typer.Option("--feature-groups", help="Classical feature groups: intensity, gradient, hessian, dog, membrane.")]
-IntensityOpt = Annotated[str, typer.Option("--intensity", help="Intensity scaling: auto (8-bit /255, other types min-max per image), dtype, minmax, percentile:LO,HI.")]
-ClassifierOpt = Annotated[str, typer.Option("--classifier", help="xgboost (boosted trees), random-forest (XGBoost forest) or logistic.")]
-TreesOpt = Annotated[int, typer.Option("--trees", help="Boosting rounds (xgboost) or trees (random-forest).")]
-DepthOpt = Annotated[int, typer.Option("--depth", help="Maximum tree depth.")]
-LrOpt = Annotated[float, typer.Option("--learning-rate", help="Boosting learning rate (xgboost).")]
+ClassifierOpt = Annotated[ClassifierKind, typer.Option("--classifier", help="xgboost (boosted trees), random-forest (XGBoost forest) or logistic.")]
+TreesOpt = Annotated[int, typer.Option("--trees", min=1, help="Boosting rounds (xgboost) or trees (random-forest).")]
+DepthOpt = Annotated[int, typer.Option("--depth", min=1, help="Maximum tree depth.")]
+LrOpt = Annotated[float, typer.Option("--learning-rate", min=0.0, help="Boosting learning rate (xgboost).")]
 BalanceOpt = Annotated[bool, typer.Option("--balance/--no-balance", help="Weight classes by inverse labelled-pixel counts (sample weights).")]
-TileOpt = Annotated[int, typer.Option("--tile", help="Process images in tiles of this many pixels per side (with a halo of context), bounding memory.")]
-ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU threads. Default: all cores this process may use.")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (pixel subsampling, classifier, random weights, scribbles).")]
-RecursiveOpt = Annotated[bool, typer.Option("--recursive", "-r", help="Search image folders recursively.")]
+TileOpt = Annotated[int, typer.Option("--tile", min=16, help="Process images in tiles of this many pixels per side (with a halo of context), bounding memory.")]
 # Deprecated: ground truth was 1-based (0 = unlabelled) with --gt-offset added; it is now 0-based with --ignore-index.
 GtOffsetOpt = Annotated[Optional[int], deprecated_option("--gt-offset")]
+GtOld = Annotated[Optional[Path], deprecated_option("--gt")]
+
+
+def _masks_or_old(masks: Optional[Path], gt_old: Optional[Path]) -> Optional[Path]:
+    """--masks, or its old spelling --gt (with the deprecation warning)."""
+    if gt_old is None:
+        return masks
+    warn_deprecated("--gt", "--masks")
+    if masks is not None:
+        raise PosvitError("give --masks once (--gt is its old spelling)")
+    return gt_old
 
 
 def _device(spec: str) -> str:
@@ -81,11 +117,11 @@ def _threads(threads: Optional[int]) -> None:
 
 
 # ======================================================================================================== train
-@app.command("train")
+@app.command("train", cls=PosvitCommand)
 def train(
     images: Annotated[list[str], typer.Argument(metavar="IMAGES...", help="Image files, folders or .txt lists; images without a label file are left out.", show_default=False)],
-    labels: Annotated[Path, typer.Option("--labels", "-l", help="Folder of scribble label images named like the images (NAME.png, NAME_labels.tif, ...): 0 = unlabelled, 1..K = classes; RGB label images are mapped by colour (black = unlabelled).", show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="Model file to write (.posvit-seg).", show_default=False)],
+    labels: Annotated[Optional[Path], typer.Option("--labels", help="Folder of scribble label images named like the images (NAME.png, NAME_labels.tif, ...): 0 = unlabelled, 1..K = classes; RGB label images are mapped by colour (black = unlabelled). Required.", show_default=False)] = None,
     features: FeaturesOpt = None,
     model: ModelOpt = None,
     weights: WeightsOpt = "pretrained",
@@ -98,19 +134,21 @@ def train(
     weka_compat: WekaOpt = False,
     feature_groups: GroupsOpt = "intensity,gradient,hessian,dog,membrane",
     intensity: IntensityOpt = "auto",
-    classes: Annotated[Optional[str], typer.Option("--classes", help="Comma-separated class names for label values 1, 2, ... Default: the label values found (class1, class2, ...; colours for RGB labels).")] = None,
+    class_names: Annotated[Optional[str], typer.Option("--class-names", help="Class names for label values 1, 2, ..., comma-separated. Default: the label values found (class1, class2, ...; colours for RGB labels).", show_default=False)] = None,
     classifier: ClassifierOpt = "xgboost",
     trees: TreesOpt = 100,
     depth: DepthOpt = 8,
     learning_rate: LrOpt = 0.3,
     balance: BalanceOpt = True,
-    max_samples: Annotated[int, typer.Option("--max-samples", help="Train on at most this many labelled pixels (uniform subsample; 0 = all).")] = 500_000,
+    max_samples: Annotated[int, typer.Option("--max-samples", min=0, help="Train on at most this many labelled pixels (uniform subsample; 0 = all).")] = 500_000,
     tile: TileOpt = 2048,
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = None,
     seed: SeedOpt = 0,
     recursive: RecursiveOpt = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing model file.")] = False,
+    overwrite: OverwriteOpt = False,
+    labels_old: Annotated[Optional[Path], deprecated_option("-l")] = None,
+    classes_old: Annotated[Optional[str], deprecated_option("--classes")] = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -128,6 +166,19 @@ def train(
         from posvit_cli.core.segment.segmenter import FeatureSpec, train_segmenter, warn
 
         t0 = time.perf_counter()
+        if labels_old is not None:
+            warn_deprecated("-l (for --labels)", "--labels (-l means --layer in every command)")
+            if labels is not None:
+                raise PosvitError("give --labels once (-l is its old short form)")
+            labels = labels_old
+        if labels is None:
+            raise PosvitError("name the scribble label folder with --labels")
+        if classes_old is not None:
+            warn_deprecated("--classes", "--class-names")
+            if class_names is not None:
+                raise PosvitError("give --class-names once (--classes is its old spelling)")
+            class_names = classes_old
+        pca, classifier = pca.value, classifier.value
         if features and model:
             raise PosvitError("give either --features (a store) or --model (extract on the fly), not both")
         if output.suffix != ".posvit-seg":
@@ -142,7 +193,7 @@ def train(
                                    balance=balance, device="cuda" if dev.startswith("cuda") else "cpu",
                                    threads=threads, seed=seed)
         paths = [str(p) for p in list_images(images, recursive=recursive)]
-        found = load_training_labels(paths, labels, parse_csv(classes) or None)
+        found = load_training_labels(paths, labels, _class_name_list(class_names))
         for p in found.missing:
             warn(f"no label file for '{p}' in '{labels}': image left out")
         for p in found.unlabelled_images:
@@ -172,6 +223,18 @@ def train(
             emit_json({"model": str(output), "classes": seg.classes.to_dict(), "features": len(seg.feature_names),
                        "training": seg.training,
                        "colour_table": [{"colour": list(c), "value": v} for c, v in (found.colour_table or [])]})
+
+
+def _class_name_list(text: Optional[str]) -> Optional[list[str]]:
+    """--class-names: a comma list, or a text file with one name per line (None when not given)."""
+    if text is None:
+        return None
+    path = Path(text)
+    names = ([ln.strip() for ln in path.read_text().splitlines() if ln.strip()] if path.is_file()
+             else parse_csv(text))
+    if not names:
+        raise PosvitError("--class-names is empty")
+    return names
 
 
 def _vit_for_training(stack, paths, features, model, weights, layer, size, dims, pca, intensity, dev, seed, progress):
@@ -232,19 +295,19 @@ def _print_training(seg, output) -> None:
 
 
 # ======================================================================================================== apply
-@app.command("apply")
+@app.command("apply", cls=PosvitCommand)
 def apply(
     model_file: Annotated[Path, typer.Argument(metavar="MODEL", help="A .posvit-seg model file (posvit segment train).", show_default=False)],
     images: Annotated[list[str], typer.Argument(metavar="IMAGES...", help="Image files, folders or .txt lists of paths.", show_default=False)],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the label images (created if missing).", show_default=False)],
+    output: FolderOutOpt,
     features: FeaturesOpt = None,
-    weights: Annotated[Optional[str], typer.Option("--weights", "-w", help="Weights file for on-the-fly extraction when the one recorded in the model has moved (its hash must match). Default: the recorded weights.")] = None,
+    weights: Annotated[Optional[str], typer.Option("--weights", "-w", help="Weights file for on-the-fly extraction when the one recorded in the model has moved (its hash must match). Default: the recorded weights.", show_default=False)] = None,
     probabilities: Annotated[bool, typer.Option("--probabilities/--no-probabilities", help="Also write NAME_probs.tif: float32 (K, H, W) class probabilities.")] = False,
-    fmt: Annotated[str, typer.Option("--format", help="Label image format: auto (PNG for values ≤ 255, else TIFF), png or tif.")] = "auto",
+    fmt: Annotated[LabelFormat, typer.Option("--format", help="Label image format: auto (PNG for values ≤ 255, else TIFF), png or tif.")] = LabelFormat.auto,
     crf: Annotated[bool, typer.Option("--crf/--no-crf", help="Refine with the built-in mean-field CRF (Gaussian + edge-aware kernels).")] = False,
-    crf_iterations: Annotated[int, typer.Option("--crf-iterations", help="Mean-field iterations.")] = 5,
-    crf_spatial_weight: Annotated[float, typer.Option("--crf-spatial-weight", help="Weight of the Gaussian (σ 3 px) smoothness kernel.")] = 3.0,
-    crf_edge_weight: Annotated[float, typer.Option("--crf-edge-weight", help="Weight of the edge-aware (guided-filter, radius 8 px) kernel.")] = 5.0,
+    crf_iterations: Annotated[int, typer.Option("--crf-iterations", min=1, help="Mean-field iterations.")] = 5,
+    crf_spatial_weight: Annotated[float, typer.Option("--crf-spatial-weight", min=0.0, help="Weight of the Gaussian (σ 3 px) smoothness kernel.")] = 3.0,
+    crf_edge_weight: Annotated[float, typer.Option("--crf-edge-weight", min=0.0, help="Weight of the edge-aware (guided-filter, radius 8 px) kernel.")] = 5.0,
     tile: TileOpt = 2048,
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = None,
@@ -260,69 +323,29 @@ def apply(
     are processed in tiles with a halo of context, in bounded memory.
     """
     with cli_context(debug, quiet):
-        from posvit_cli.core.segment.crf import CrfConfig
         from posvit_cli.core.io.images import list_images
-        from posvit_cli.core.io.labels import stem
-        from posvit_cli.core.segment.training_labels import image_hw
-        from posvit_cli.core.segment.segmenter import (
-            ProbabilityWriter, load_grey, load_segmenter, segment_image, warn, write_label_image,
-        )
+        from posvit_cli.core.segment.apply import apply_segmenter, label_suffix, readable_images
+        from posvit_cli.core.segment.crf import CrfConfig
+        from posvit_cli.core.segment.segmenter import load_segmenter
 
-        if fmt not in ("auto", "png", "tif"):
-            raise PosvitError(f"unknown --format '{fmt}': use auto, png or tif")
-        if tile < 16:
-            raise PosvitError("--tile must be at least 16 px")
         seg = load_segmenter(model_file)
         _threads(threads)
         dev = _device(device)
         seg.classifier.set_runtime("cuda" if dev.startswith("cuda") else "cpu", threads)
         crf_cfg = CrfConfig(iterations=crf_iterations, spatial_weight=crf_spatial_weight,
                             bilateral_weight=crf_edge_weight) if crf else None
+        suffix = label_suffix(fmt.value, seg.classes.values)
         paths = [str(p) for p in list_images(images, recursive=recursive)]
-        good, skipped = [], []
-        for p in paths:
-            try:
-                image_hw(p)
-                good.append(p)
-            except PosvitError as exc:
-                if strict:
-                    raise
-                warn(f"skipped: {exc}")
-                skipped.append({"path": p, "reason": str(exc)})
+        good, skipped = readable_images(paths, strict=strict)
         if not good:
             raise PosvitError("none of the images could be read")
         output.mkdir(parents=True, exist_ok=True)
-        suffix = ".png" if (fmt == "png" or (fmt == "auto" and max(seg.classes.values) <= 255)) else ".tif"
-        if suffix == ".png" and max(seg.classes.values) > 255:
-            raise PosvitError("class values above 255 do not fit a PNG: use --format tif")
-        inputs = {str(Path(p).resolve()) for p in good}
-        results = []
         t_all = time.perf_counter()
         with contextlib.ExitStack() as stack, RichProgress(quiet) as progress:
             src = _vit_for_apply(stack, seg, good, features, weights, dev, progress)
-            for i, p in enumerate(good):
-                t0 = time.perf_counter()
-                out_path = output / (stem(p) + suffix)
-                if str(out_path.resolve()) in inputs:
-                    raise PosvitError(f"writing '{out_path}' would overwrite an input image: choose another -o")
-                grey = load_grey(p, seg.spec.intensity)
-                reduced = src.reduced(p, grey.shape, seg.spec.vit.dims, seg.shared_pca) if src else None
-                H, W = grey.shape
-                probs_path = output / f"{stem(p)}_probs.tif" if probabilities else None
-                with contextlib.ExitStack() as pstack:
-                    buf = False
-                    if probs_path is not None:
-                        buf = pstack.enter_context(
-                            ProbabilityWriter(probs_path, (len(seg.classes), H, W), seg.classes.names)).array
-                    labels, _ = segment_image(seg, grey, reduced, tile=tile, crf=crf_cfg, probabilities=buf,
-                                              device=dev, threads=threads, progress=progress,
-                                              task=f"segment {i + 1}/{len(good)}")
-                write_label_image(out_path, labels, seg.classes)
-                counts = {n: int((labels == v).sum()) for v, n in zip(seg.classes.values, seg.classes.names)}
-                results.append({"image": p, "labels": str(out_path),
-                                "probabilities": str(probs_path) if probs_path else None,
-                                "size": [H, W], "pixels_per_class": counts,
-                                "seconds": round(time.perf_counter() - t0, 3)})
+            results = apply_segmenter(seg, good, output, token_source=src, suffix=suffix,
+                                      probabilities=probabilities, crf=crf_cfg, tile=tile, device=dev,
+                                      threads=threads, progress=progress)
         if not quiet:
             console.print(f"segmented {len(results)} image(s) → {output} in {time.perf_counter() - t_all:.1f} s"
                           + (f"; skipped {len(skipped)}" if skipped else ""))
@@ -371,19 +394,20 @@ def _vit_for_apply(stack, seg, paths, features, weights, dev, progress):
 
 
 # ========================================================================================================= eval
-@app.command("eval")
+@app.command("eval", cls=PosvitCommand)
 def eval_(
     pred_or_model: Annotated[str, typer.Argument(metavar="PRED_OR_MODEL", help="Predicted label images (files or a folder), or a .posvit-seg model to apply to --images.", show_default=False)],
-    gt: Annotated[Optional[Path], typer.Option("--gt", help="Folder of dense ground-truth masks named like the predictions / images: classes 0..K-1, --ignore-index = unlabelled (class k is prediction value k+1). Default: none (positional diagnostic only).")] = None,
-    images: Annotated[Optional[list[str]], typer.Option("--images", "-i", help="Images to segment when evaluating a model (repeatable; files, folders or lists). Default: none.")] = None,
+    masks: Annotated[Optional[Path], typer.Option("--masks", help="Folder of dense ground-truth masks named like the predictions / images: classes 0..K-1, --ignore-index = unlabelled (class k is prediction value k+1; docs/labels.md). Default: none (positional diagnostic only).", show_default=False)] = None,
+    images: Annotated[Optional[list[str]], typer.Option("--images", "-i", help="Images to segment when evaluating a model (repeatable; files, folders or lists). Default: none.", show_default=False)] = None,
     features: FeaturesOpt = None,
     ignore_index: IgnoreIndexOpt = 255,
     gt_offset: GtOffsetOpt = None,
-    grid: Annotated[int, typer.Option("--grid", help="Longer side of the coarse grid on which the prediction maps are probed for positional ramps.")] = 64,
-    threshold: Annotated[float, typer.Option("--bias-threshold", help="Flag an image when the probe's best R² of its prediction exceeds that of its ground truth (or 0 without one) by more than this.")] = 0.3,
+    grid: Annotated[int, typer.Option("--grid", min=4, help="Longer side of the coarse grid on which the prediction maps are probed for positional ramps.")] = 64,
+    threshold: Annotated[float, typer.Option("--bias-threshold", min=0.0, help="Flag an image when the probe's best R² of its prediction exceeds that of its ground truth (or 0 without one) by more than this.")] = 0.3,
     tile: TileOpt = 2048,
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = None,
+    gt_old: GtOld = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -396,12 +420,12 @@ def eval_(
     with cli_context(debug, quiet):
         from posvit_cli.core.io.images import list_images
         from posvit_cli.core.io.labels import LabelCheck, read_label_image, stem
+        from posvit_cli.core.segment.apply import read_ground_truth, read_probabilities
         from posvit_cli.core.segment.evaluate import SegmentationScores
-        from posvit_cli.core.segment.training_labels import pair_label_files
         from posvit_cli.core.segment.segmenter import load_grey, load_segmenter, segment_image, warn
+        from posvit_cli.core.segment.training_labels import pair_label_files
 
-        if grid < 4:
-            raise PosvitError("--grid must be at least 4")
+        gt = _masks_or_old(masks, gt_old)
         is_model = Path(pred_or_model).is_file() and Path(pred_or_model).suffix == ".posvit-seg"
         seg = None
         prob_files: dict[str, str] = {}
@@ -453,10 +477,11 @@ def eval_(
                     pred = read_label_image(p, "prediction").values
                     pred_check.add(pred, p)
                     if n in prob_files:
-                        probs = _read_probs(prob_files[n], pred.shape)
+                        probs = read_probabilities(prob_files[n], pred.shape)
                 g = None
                 if n in gts:
-                    g = _read_gt(gts[n], seg, ignore_index, gt_offset, gt_check)
+                    g = read_ground_truth(gts[n], seg.classes if seg else None, ignore_index=ignore_index,
+                                          offset=gt_offset, check=gt_check)
                 scores.add(n, pred, g, probs, class_values=seg.classes.values if seg else None)
                 progress("eval", i + 1, len(paths))
         gt_check.finish()
@@ -468,20 +493,6 @@ def eval_(
             emit_json({"source": pred_or_model, "images": scores.images, "summary": summary})
 
 
-def _read_probs(path, hw):
-    """A (K, H, W) probability TIFF as (H, W, K)."""
-    import numpy as np
-    import tifffile
-
-    try:
-        arr = tifffile.imread(str(path))
-    except Exception as exc:
-        raise PosvitError(f"cannot read probabilities '{path}' ({type(exc).__name__}: {exc})") from exc
-    if arr.ndim != 3 or tuple(arr.shape[1:]) != tuple(hw):
-        raise PosvitError(f"probabilities '{path}' have shape {arr.shape}; expected (K, {hw[0]}, {hw[1]})")
-    return np.moveaxis(arr, 0, -1)
-
-
 def _gt_check(gt_offset, num_classes):
     """The off-by-one check of the ground truth; warns that --gt-offset is deprecated when it is given."""
     from posvit_cli.core.io.labels import LabelCheck
@@ -491,39 +502,6 @@ def _gt_check(gt_offset, num_classes):
                                        "docs/labels.md)")
     return LabelCheck("mask", num_classes, fix="subtract 1 from the ground truth (class k is k-1, unlabelled "
                                                "= --ignore-index); see docs/labels.md")
-
-
-def _read_gt(path, seg, ignore_index, gt_offset, check):
-    """Ground truth in the scores' value space: 0 = unlabelled (not scored), class k = value k + 1.
-
-    Ground truth is a dense mask (classes 0..K-1, ``ignore_index`` = unlabelled). Colour images are mapped with
-    the model's colour table, else by the file's sorted colours (black = unlabelled). With the deprecated
-    ``gt_offset`` the old reading is kept: stored values + ``gt_offset``, 0 = unlabelled.
-    """
-    import numpy as np
-
-    from posvit_cli.core.io.labels import read_label_image
-
-    table = list(seg.classes.colours) if seg is not None and seg.classes.colours else "sorted"
-    if gt_offset is not None:
-        old = read_label_image(path, "scribbles", colours=table)
-        values = old.values if old.colours is None else _model_values(old.values, old.ignored, seg)
-        return values + gt_offset
-    mask = read_label_image(path, "mask", ignore_index=None if ignore_index < 0 else ignore_index, colours=table)
-    check.add(mask)
-    if mask.colours is not None:
-        return _model_values(mask.values + 1, mask.ignored, seg)
-    return np.where(mask.ignored, 0, mask.values + 1)
-
-
-def _model_values(positions, ignored, seg):
-    """Colour-table positions 1..K (0 = unlabelled) as the model's class values (its table may skip values)."""
-    import numpy as np
-
-    if seg is None or not seg.classes.colours:
-        return np.where(ignored, 0, positions)
-    lut = np.asarray([0] + list(seg.classes.values))
-    return np.where(ignored, 0, lut[np.where(ignored, 0, positions)])
 
 
 def _fmt(x, digits=3):
@@ -557,15 +535,15 @@ def _print_eval(images, summary) -> None:
 
 
 # ======================================================================================================== bench
-@app.command("bench")
+@app.command("bench", cls=PosvitCommand)
 def bench(
     images: Annotated[list[str], typer.Argument(metavar="IMAGES...", help="Images (files, folders or lists), in order: the first --train are training images, the rest are held out.", show_default=False)],
-    gt: Annotated[Path, typer.Option("--gt", help="Folder of dense ground-truth masks named like the images: classes 0..K-1, --ignore-index = unlabelled.", show_default=False)],
-    n_train: Annotated[int, typer.Option("--train", help="Number of training images (the first ones).")] = 5,
-    rounds: Annotated[int, typer.Option("--rounds", help="Correction rounds after the initial scribbles.")] = 3,
-    model: Annotated[Optional[list[str]], typer.Option("--model", "-m", help="Encoder to compare (repeatable); its features are extracted on the fly. Default: none.")] = None,
-    weights: Annotated[Optional[list[str]], typer.Option("--weights", "-w", help="Weights for each --model, in order (one value applies to all). Default: pretrained.")] = None,
-    features: Annotated[Optional[list[str]], typer.Option("--features", "-f", help="Precomputed feature store to compare (repeatable). Default: none.")] = None,
+    masks: Annotated[Optional[Path], typer.Option("--masks", help="Folder of dense ground-truth masks named like the images: classes 0..K-1, --ignore-index = unlabelled (docs/labels.md). Required.", show_default=False)] = None,
+    n_train: Annotated[int, typer.Option("--train", min=1, help="Number of training images (the first ones).")] = 5,
+    rounds: Annotated[int, typer.Option("--rounds", min=0, help="Correction rounds after the initial scribbles.")] = 3,
+    model: Annotated[Optional[list[str]], typer.Option("--model", "-m", help="Encoder to compare (repeatable); its features are extracted on the fly. Default: none.", show_default=False)] = None,
+    weights: Annotated[Optional[list[str]], typer.Option("--weights", "-w", help="Weights for each --model, in order (one value applies to all). Default: pretrained.", show_default=False)] = None,
+    features: Annotated[Optional[list[str]], typer.Option("--features", "-f", help="Precomputed feature store to compare (repeatable). Default: none.", show_default=False)] = None,
     layer: LayerOpt = None,
     size: SizeOpt = "native",
     vit_dims: DimsOpt = 9,
@@ -575,11 +553,11 @@ def bench(
     weka_compat: WekaOpt = False,
     feature_groups: GroupsOpt = "intensity,gradient,hessian,dog,membrane",
     intensity: IntensityOpt = "auto",
-    scribbles: Annotated[int, typer.Option("--scribbles", help="Initial scribbles per class per training image.")] = 3,
-    corrections: Annotated[int, typer.Option("--corrections", help="Wrong regions per training image that get a scribble each round.")] = 3,
-    length: Annotated[Optional[int], typer.Option("--scribble-length", help="Steps per scribble. Default: a quarter of the image's shorter side.")] = None,
-    width: Annotated[int, typer.Option("--scribble-width", help="Scribble width in pixels.")] = 1,
-    margin: Annotated[float, typer.Option("--margin", help="Minimum distance of scribbles from class boundaries, in pixels.")] = 3.0,
+    scribbles: Annotated[int, typer.Option("--scribbles", min=1, help="Initial scribbles per class per training image.")] = 3,
+    corrections: Annotated[int, typer.Option("--corrections", min=0, help="Wrong regions per training image that get a scribble each round.")] = 3,
+    length: Annotated[Optional[int], typer.Option("--scribble-length", min=1, help="Steps per scribble. Default: a quarter of the image's shorter side.", show_default=False)] = None,
+    width: Annotated[int, typer.Option("--scribble-width", min=1, help="Scribble width in pixels.")] = 1,
+    margin: Annotated[float, typer.Option("--margin", min=0.0, help="Minimum distance of scribbles from class boundaries, in pixels.")] = 3.0,
     ignore_index: IgnoreIndexOpt = 255,
     gt_offset: GtOffsetOpt = None,
     classifier: ClassifierOpt = "xgboost",
@@ -589,7 +567,8 @@ def bench(
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = None,
     seed: SeedOpt = 0,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Also write the JSON results to this file. Default: none.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Also write the JSON results to this file. Default: none.", dir_okay=False, show_default=False)] = None,
+    gt_old: GtOld = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -603,11 +582,16 @@ def bench(
     with cli_context(debug, quiet):
         from posvit_cli.core.segment.classifiers import ClassifierConfig
         from posvit_cli.core.io.images import list_images
+        from posvit_cli.core.segment.apply import read_ground_truth
         from posvit_cli.core.segment.bench import BenchConfig, run_benchmark
         from posvit_cli.core.segment.training_labels import pair_label_files
         from posvit_cli.core.features.store import FeatureStore
         from posvit_cli.core.segment.vit_pixels import ExtractedStore, TokenSource
 
+        gt = _masks_or_old(masks, gt_old)
+        if gt is None:
+            raise PosvitError("name the ground-truth folder with --masks")
+        pca, classifier = pca.value, classifier.value
         models = list(model or [])
         wts = list(weights or [])
         if wts and len(wts) not in (1, len(models)):
@@ -625,7 +609,8 @@ def bench(
         if missing:
             raise PosvitError(f"no ground truth for '{missing[0]}' in '{gt}' (every benchmark image needs one)")
         gt_check = _gt_check(gt_offset, None)
-        ground = {p: _read_gt(found[p], None, ignore_index, gt_offset, gt_check) for p in paths}
+        ground = {p: read_ground_truth(found[p], None, ignore_index=ignore_index, offset=gt_offset, check=gt_check)
+                  for p in paths}
         gt_check.finish()
         classical_cfg = _classical_config(classical, sigmas, weka_compat, feature_groups)
         clf_cfg = ClassifierConfig(kind=classifier, trees=trees, depth=depth, learning_rate=learning_rate,

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from posvit_cli._cli import RichProgress, cli_context, console, emit_json, store_input
-from posvit_cli.options import DebugOpt, JsonOpt, OverwriteOpt, QuietOpt
+from posvit_cli._cli import PosvitCommand, PosvitGroup, RichProgress, cli_context, console, emit_json, store_input, \
+    store_output
+from posvit_cli.options import DebugOpt, JsonOpt, OverwriteOpt, QuietOpt, StoreArg, StoreOutOpt
 
-app = typer.Typer(help="Inspect and merge feature stores.", no_args_is_help=True)
+app = typer.Typer(cls=PosvitGroup, help="Inspect and merge feature stores.", no_args_is_help=True,
+                  context_settings={"help_option_names": ["-h", "--help"]})
 
 
-@app.command("info")
+@app.command("info", cls=PosvitCommand)
 def info(
-    store: Annotated[Optional[str], typer.Argument(help="Store path, or - / nothing to read a piped store.", show_default=False)] = None,
+    store: StoreArg = None,
     checksums: Annotated[bool, typer.Option("--checksums", help="Add a SHA-256 of each image's stored feature bytes (to compare stores).")] = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -56,10 +58,10 @@ def info(
             console.print(t)
 
 
-@app.command("merge")
+@app.command("merge", cls=PosvitCommand)
 def merge(
     stores: Annotated[list[str], typer.Argument(help="Stores to join, in order.", show_default=False)],
-    output: Annotated[str, typer.Option("--output", "-o", help="Output store (.h5, .zarr, .zarr.zip).", show_default=False)],
+    output: StoreOutOpt = None,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -67,17 +69,22 @@ def merge(
 ) -> None:
     """Join stores made with the same settings (e.g. shards from `extract --shard i/n`)."""
     with cli_context(debug, quiet):
+        from posvit_cli.core.errors import PosvitError
+
+        output = store_output(output)
+        if output == "-" and json_out:
+            raise PosvitError("--json prints to stdout, where the merged store would go: name a file with -o")
         run_merge(stores, output, overwrite=overwrite, json_out=json_out, quiet=quiet)
 
 
 def run_merge(stores: list[str], output: str, *, overwrite: bool, json_out: bool, quiet: bool) -> None:
     """The merge both spellings run (`posvit store merge` and `posvit extract --merge`): one core call, one
-    report. Call inside :func:`cli_context`."""
+    report. ``output`` is a path or ``-`` (stdout, already checked to be a pipe). Call inside :func:`cli_context`."""
     from posvit_cli.core.features.merge import merge_stores
 
     with RichProgress(quiet) as progress:
         n = merge_stores(stores, output, overwrite=overwrite, progress=progress)
     if not quiet:
-        console.print(f"merged {len(stores)} stores: {n} images → {output}")
+        console.print(f"merged {len(stores)} stores: {n} images → {'stdout' if output == '-' else output}")
     if json_out:
         emit_json({"merged": [str(s) for s in stores], "images": n, "output": str(output)})

@@ -3,18 +3,49 @@
 from __future__ import annotations
 
 import dataclasses
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from posvit_cli._cli import (
-    DebugOpt, JsonOpt, QuietOpt, RichProgress, cli_context, command_line, console, emit_json, parse_csv, store_input,
+    DebugOpt, JsonOpt, PosvitCommand, PosvitGroup, QuietOpt, RichProgress, cli_context, command_line, console,
+    emit_json, parse_class_names, parse_csv, store_input,
 )
 from posvit_cli.core.errors import PosvitError
-from posvit_cli.options import IgnoreIndexOpt
+from posvit_cli.options import (
+    IgnoreIndexOpt, IntensityOpt, LayerOpt, RecursiveOpt, StoreArg, Upsample, deprecated_option, warn_deprecated,
+)
+
+
+class Standardise(str, Enum):
+    """Per-channel z-scoring before a PCA: both (two columns), on or off."""
+
+    both = "both"
+    on = "on"
+    off = "off"
+
+
+class Units(str, Enum):
+    """Units of a query point."""
+
+    px = "px"
+    token = "token"
+    frac = "frac"
+
+
+def _renamed(new, old, old_flag: str, new_flag: str):
+    """The value of ``new_flag``, or of its old spelling ``old_flag`` (with the deprecation warning)."""
+    if old is None:
+        return new
+    warn_deprecated(old_flag, new_flag)
+    if new is not None:
+        raise PosvitError(f"give {new_flag} once ({old_flag} is its old spelling)")
+    return old
 
 app = typer.Typer(
+    cls=PosvitGroup,
     name="viz",
     help="Pictures of positional bias and its removal: PCA, similarity maps, positional channels, probe plots, "
     "label maps, model comparisons and reports, each with its score, laid out in OUTDIR/index.html.",
@@ -22,22 +53,22 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-StoreArg = Annotated[Optional[str], typer.Argument(help="Feature store (.h5, .zarr, .zarr.zip), or - / nothing to read a piped store.", show_default=False)]
 OutOpt = Annotated[str, typer.Option("--output", "-o", help="Folder for the figures and index.html (created; figures of earlier runs are kept and indexed).")]
-LayerOpt = Annotated[Optional[str], typer.Option("--layer", "-l", help="Layer to draw (final, block3, 3). Default: the store's default layer (final).")]
-ImagesOpt = Annotated[Optional[str], typer.Option("--images", help="Images to draw, comma-separated file stems, file names or store indices. Default: the first --max-images.")]
-MaxImagesOpt = Annotated[int, typer.Option("--max-images", "-n", help="Images drawn when --images is not given (one row each).")]
-PanelOpt = Annotated[int, typer.Option("--panel-size", help="Longer side of each image panel in pixels.")]
+ImagesOpt = Annotated[Optional[str], typer.Option("--images", help="Images to draw, comma-separated file stems, file names or store indices. Default: the first --max-images.", show_default=False)]
+MaxImagesOpt = Annotated[int, typer.Option("--max-images", "-n", min=1, help="Images drawn when --images is not given (one row each).")]
+PanelOpt = Annotated[int, typer.Option("--panel-size", min=16, max=4096, help="Longer side of each image panel in pixels.")]
 RawOpt = Annotated[bool, typer.Option("--raw", help="Also write every per-image map pixel for pixel, without titles, under OUTDIR/raw/.")]
-ImageDirOpt = Annotated[Optional[str], typer.Option("--image-dir", help="Folder to look for the source images in first (when they moved since extraction). Default: the stored paths, then the store's folder.")]
-LabelOpt = Annotated[Optional[str], typer.Option("--label", help="Model name in titles and file names. Default: from the store's provenance (model, random weights, debiasing).")]
-ProbeOpt = Annotated[Optional[str], typer.Option("--probe", "-p", help="Probe result JSON of this store (posvit probe -o) for the scores in the titles. Default: probe the drawn images here (holdout, xy and the random control).")]
+ImageDirOpt = Annotated[Optional[str], typer.Option("--image-dir", help="Folder to look for the source images in first (when they moved since extraction). Default: the stored paths, then the store's folder.", show_default=False)]
+NameOpt = Annotated[Optional[str], typer.Option("--name", help="Model name in titles and file names. Default: from the store's provenance (model, random weights, debiasing).", show_default=False)]
+LabelOld = Annotated[Optional[str], deprecated_option("--label")]
+NamesOld = Annotated[Optional[list[str]], deprecated_option("--label")]
+ProbeOpt = Annotated[Optional[str], typer.Option("--probe", "-p", help="Probe result JSON of this store (posvit probe -o) for the scores in the titles. Default: probe the drawn images here (holdout, xy and the random control).", show_default=False)]
 ScoreOpt = Annotated[bool, typer.Option("--score/--no-score", help="Put the positional probe score (xy stack R²) in titles and row labels.")]
-AtOpt = Annotated[Optional[list[str]], typer.Option("--at", help="Query point X,Y (column, row); repeat for several points. Default: the centre of each image.")]
-UnitsOpt = Annotated[str, typer.Option("--units", help="Units of --at: px (pixels of the original image), token (token column,row from 0) or frac (fractions of width,height).")]
+AtOpt = Annotated[Optional[list[str]], typer.Option("--at", help="Query point X,Y (column, row); repeat for several points. Default: the centre of each image.", show_default=False)]
+UnitsOpt = Annotated[Units, typer.Option("--units", help="Units of --at: px (pixels of the original image), token (token column,row from 0) or frac (fractions of width,height).")]
 VminOpt = Annotated[float, typer.Option("--vmin", help="Similarity at the bottom of the fixed colour scale (the papers' 0.5).")]
 VmaxOpt = Annotated[float, typer.Option("--vmax", help="Similarity at the top of the colour scale.")]
-AlphaSimOpt = Annotated[float, typer.Option("--alpha", help="Opacity of the similarity colours over the image (the papers' 0.7).")]
+AlphaSimOpt = Annotated[float, typer.Option("--alpha", min=0.0, max=1.0, help="Opacity of the similarity colours over the image (the papers' 0.7).")]
 CmapSimOpt = Annotated[str, typer.Option("--cmap", help="Matplotlib colormap of the similarity maps.")]
 
 
@@ -59,6 +90,7 @@ def _options(panel_size: int, upsample: str, raw: bool, image_dir: Optional[str]
     from posvit_cli.core.viz.maps import UPSAMPLE_METHODS
     from posvit_cli.core.viz.pictures import FigureOptions
 
+    upsample = getattr(upsample, "value", upsample)
     if panel_size < 16 or panel_size > 4096:
         raise PosvitError(f"--panel-size must be between 16 and 4096 px, got {panel_size}")
     if upsample not in UPSAMPLE_METHODS:
@@ -94,6 +126,7 @@ def _score(store, indices, layer, probe_path, enabled, progress):
 def _points(at, units):
     from posvit_cli.core.viz.geometry import UNITS, parse_point
 
+    units = getattr(units, "value", units)
     if units not in UNITS:
         raise PosvitError(f"unknown --units '{units}': use {', '.join(UNITS)}")
     if not at:
@@ -121,16 +154,16 @@ def _finish(outdir: Path, entries, json_out: bool, quiet: bool) -> None:
 # Commands
 
 
-@app.command("pca")
+@app.command("pca", cls=PosvitCommand)
 def pca(
     store: StoreArg = None,
     output: OutOpt = "viz",
-    standardise: Annotated[str, typer.Option("--standardise", help="Per-channel z-scoring before the PCA: both (two columns), on, or off. It can hide or reveal a positional ramp, so both is the default.")] = "both",
+    standardise: Annotated[Standardise, typer.Option("--standardise", help="Per-channel z-scoring before the PCA: both (two columns), on, or off. It can hide or reveal a positional ramp, so both is the default.")] = Standardise.both,
     shared: Annotated[bool, typer.Option("--shared", help="One PCA over the tokens of all drawn images (the same colours mean the same features in every image) instead of one per image.")] = False,
     foreground: Annotated[bool, typer.Option("--foreground", help="Mask the background: cut the first principal component at --fg-threshold (the side holding most border tokens is background) and fit the PCA on the foreground only.")] = False,
-    fg_threshold: Annotated[float, typer.Option("--fg-threshold", help="Cut of the min-max scaled first component for --foreground.")] = 0.5,
-    clip_percentile: Annotated[float, typer.Option("--clip-percentile", help="Colour range from the P-th to (100-P)-th percentile of each component instead of min-max (outlier tokens otherwise wash colours out).")] = 0.0,
-    upsample: Annotated[str, typer.Option("--upsample", help="Enlarging token maps to the image: nearest (the patch grid stays visible) or bilinear.")] = "nearest",
+    fg_threshold: Annotated[float, typer.Option("--fg-threshold", min=0.0, max=1.0, help="Cut of the min-max scaled first component for --foreground.")] = 0.5,
+    clip_percentile: Annotated[float, typer.Option("--clip-percentile", min=0.0, max=50.0, help="Colour range from the P-th to (100-P)-th percentile of each component instead of min-max (outlier tokens otherwise wash colours out).")] = 0.0,
+    upsample: Annotated[Upsample, typer.Option("--upsample", help="Enlarging token maps to the image: nearest (the patch grid stays visible) or bilinear.")] = Upsample.nearest,
     layer: LayerOpt = None,
     images: ImagesOpt = None,
     max_images: MaxImagesOpt = 8,
@@ -139,7 +172,8 @@ def pca(
     score: ScoreOpt = True,
     raw: RawOpt = False,
     image_dir: ImageDirOpt = None,
-    label: LabelOpt = None,
+    label: NameOpt = None,
+    label_old: LabelOld = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -151,11 +185,12 @@ def pca(
     left-right or top-bottom gradient on every image.
     """
     with cli_context(debug, quiet):
+        label = _renamed(label, label_old, "--label", "--name")
         from posvit_cli.core.features.store import FeatureStore
         from posvit_cli.core.viz.pca_figure import pca_figure
         from posvit_cli.core.viz.pictures import require_features, select_images
 
-        variants = {"both": ("raw", "std"), "on": ("std",), "off": ("raw",)}.get(standardise)
+        variants = {"both": ("raw", "std"), "on": ("std",), "off": ("raw",)}.get(standardise.value)
         if variants is None:
             raise PosvitError(f"unknown --standardise '{standardise}': use both, on or off")
         opts = _options(panel_size, upsample, raw, image_dir, label)
@@ -171,17 +206,17 @@ def pca(
         _finish(outdir, entries, json_out, quiet)
 
 
-@app.command("similarity")
+@app.command("similarity", cls=PosvitCommand)
 def similarity(
     store: StoreArg = None,
     output: OutOpt = "viz",
     at: AtOpt = None,
-    units: UnitsOpt = "px",
+    units: UnitsOpt = Units.px,
     vmin: VminOpt = 0.5,
     vmax: VmaxOpt = 1.0,
     alpha: AlphaSimOpt = 0.7,
     cmap: CmapSimOpt = "coolwarm",
-    upsample: Annotated[str, typer.Option("--upsample", help="Enlarging the similarity map to the image: bilinear (as the papers) or nearest.")] = "bilinear",
+    upsample: Annotated[Upsample, typer.Option("--upsample", help="Enlarging the similarity map to the image: bilinear (as the papers) or nearest.")] = Upsample.bilinear,
     layer: LayerOpt = None,
     images: ImagesOpt = None,
     max_images: MaxImagesOpt = 8,
@@ -190,7 +225,8 @@ def similarity(
     score: ScoreOpt = True,
     raw: RawOpt = False,
     image_dir: ImageDirOpt = None,
-    label: LabelOpt = None,
+    label: NameOpt = None,
+    label_old: LabelOld = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -201,6 +237,7 @@ def similarity(
     closeness to the query: near 1 when similarity just falls off with distance, as in positional features.
     """
     with cli_context(debug, quiet):
+        label = _renamed(label, label_old, "--label", "--name")
         from posvit_cli.core.features.store import FeatureStore
         from posvit_cli.core.viz.pictures import require_features, select_images
         from posvit_cli.core.viz.similarity import query_tokens, similarity_figure
@@ -221,21 +258,23 @@ def similarity(
         _finish(outdir, entries, json_out, quiet)
 
 
-@app.command("channels")
+@app.command("channels", cls=PosvitCommand)
 def channels(
     store: StoreArg = None,
     output: OutOpt = "viz",
-    top_k: Annotated[int, typer.Option("--top-k", "-k", help="Most positional channels per ramp (lr, ud, diag, radial); their union is drawn.")] = 2,
-    channel_list: Annotated[Optional[str], typer.Option("--channels", help="Draw these channels (comma-separated indices) instead of the most positional ones. Default: none.")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", min=1, help="Most positional channels per ramp (lr, ud, diag, radial); their union is drawn.")] = 2,
+    top_k_old: Annotated[Optional[int], deprecated_option("-k")] = None,
+    channel_list: Annotated[Optional[str], typer.Option("--channels", help="Draw these channels (comma-separated indices) instead of the most positional ones. Default: none.", show_default=False)] = None,
     cmap: Annotated[str, typer.Option("--cmap", help="Matplotlib colormap of the channel values.")] = "viridis",
-    upsample: Annotated[str, typer.Option("--upsample", help="Enlarging token maps: nearest or bilinear.")] = "nearest",
+    upsample: Annotated[Upsample, typer.Option("--upsample", help="Enlarging token maps: nearest or bilinear.")] = Upsample.nearest,
     layer: LayerOpt = None,
     images: ImagesOpt = None,
     max_images: MaxImagesOpt = 6,
     panel_size: PanelOpt = 160,
-    probe: Annotated[Optional[str], typer.Option("--probe", "-p", help="Probe result JSON of this store with per-channel scores; ranks channels over the whole probed dataset. Default: probe the drawn images here.")] = None,
+    probe: Annotated[Optional[str], typer.Option("--probe", "-p", help="Probe result JSON of this store with per-channel scores; ranks channels over the whole probed dataset. Default: probe the drawn images here.", show_default=False)] = None,
     image_dir: ImageDirOpt = None,
-    label: LabelOpt = None,
+    label: NameOpt = None,
+    label_old: LabelOld = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -245,6 +284,10 @@ def channels(
     Rows are channels (ranked by their per-channel probe R²), columns images; each row has one colour scale.
     """
     with cli_context(debug, quiet):
+        if top_k_old is not None:  # -k is the number of clusters elsewhere; here it was --top-k
+            warn_deprecated("-k (for --top-k)", "--top-k")
+            top_k = top_k_old
+        label = _renamed(label, label_old, "--label", "--name")
         from posvit_cli.core.measure.probe import read_probe_result
         from posvit_cli.core.features.store import FeatureStore
         from posvit_cli.core.viz.channels import channels_figure
@@ -268,13 +311,15 @@ def channels(
         _finish(outdir, entries, json_out, quiet)
 
 
-@app.command("probe")
+@app.command("probe", cls=PosvitCommand)
 def probe_plots(
     results: Annotated[list[str], typer.Argument(help="Probe result JSON files (posvit probe -o), e.g. before and after debiasing.", show_default=False)],
     output: OutOpt = "viz",
-    labels: Annotated[Optional[list[str]], typer.Option("--label", help="Name of each result in the plots, once per result in order. Default: model, random weights and debiasing from the result.")] = None,
-    layer: Annotated[Optional[str], typer.Option("--layer", "-l", help="Layer of the bars and the side-by-side plot. Default: each result's primary layer.")] = None,
-    top_k: Annotated[Optional[int], typer.Option("--top-k", "-k", help="Channels highlighted per ramp. Default: the result's --top-k.")] = None,
+    labels: Annotated[Optional[list[str]], typer.Option("--name", help="Name of each result in the plots, once per result in order. Default: model, random weights and debiasing from the result.", show_default=False)] = None,
+    labels_old: NamesOld = None,
+    layer: Annotated[Optional[str], typer.Option("--layer", "-l", help="Layer of the bars and the side-by-side plot. Default: each result's primary layer.", show_default=False)] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", min=1, help="Channels highlighted per ramp. Default: the result's --top-k.", show_default=False)] = None,
+    top_k_old: Annotated[Optional[int], deprecated_option("-k")] = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -285,6 +330,10 @@ def probe_plots(
     get one side-by-side plot of stack R² per target, with ± std. PNG and SVG.
     """
     with cli_context(debug, quiet):
+        if top_k_old is not None:  # -k is the number of clusters elsewhere; here it was --top-k
+            warn_deprecated("-k (for --top-k)", "--top-k")
+            top_k = top_k_old
+        labels = _renamed(labels or None, labels_old or None, "--label", "--name")
         from posvit_cli.core.measure.probe import read_probe_result
         from posvit_cli.core.viz.plots import channel_bars_plot, fingerprint_plot, result_label, stack_comparison_plot
 
@@ -311,7 +360,7 @@ def probe_plots(
         _finish(outdir, entries, json_out, quiet)
 
 
-@app.command("report")
+@app.command("report", cls=PosvitCommand)
 def report_plots(
     report: Annotated[str, typer.Argument(help="Report JSON (posvit report -o report.json).", show_default=False)],
     output: OutOpt = "viz",
@@ -333,17 +382,18 @@ def report_plots(
         _finish(outdir, entries, json_out, quiet)
 
 
-@app.command("clusters")
+@app.command("clusters", cls=PosvitCommand)
 def clusters(
     store: Annotated[Optional[str], typer.Argument(help="Store with label maps (posvit cluster output, maps only or with features), or - / nothing to read a piped store.", show_default=False)] = None,
     output: OutOpt = "viz",
     maps: Annotated[Optional[list[str]], typer.Option("--map", help="Label map to draw (e.g. kmeans_k5); repeat for several. Default: every map in the store.")] = None,
-    alpha: Annotated[float, typer.Option("--alpha", help="Opacity of the label colours over the image.")] = 0.5,
+    alpha: Annotated[float, typer.Option("--alpha", min=0.0, max=1.0, help="Opacity of the label colours over the image.")] = 0.5,
     images: ImagesOpt = None,
     max_images: MaxImagesOpt = 8,
     panel_size: PanelOpt = 256,
     image_dir: ImageDirOpt = None,
-    label: LabelOpt = None,
+    label: NameOpt = None,
+    label_old: LabelOld = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -354,6 +404,7 @@ def clusters(
     are stripes that follow position; near 0 they spread over the image like its content.
     """
     with cli_context(debug, quiet):
+        label = _renamed(label, label_old, "--label", "--name")
         from posvit_cli.core.features.store import FeatureStore
         from posvit_cli.core.viz.label_maps import clusters_figure
         from posvit_cli.core.viz.pictures import select_images
@@ -368,21 +419,23 @@ def clusters(
         _finish(outdir, entries, json_out, quiet)
 
 
-@app.command("segmentation")
+@app.command("segmentation", cls=PosvitCommand)
 def segmentation(
     images: Annotated[str, typer.Argument(help="Images: a folder, a file, or a .txt list of paths.", show_default=False)],
     pred: Annotated[str, typer.Argument(help="Folder of predicted label images as posvit segment apply writes them (class k = value k+1, 0 = unlabelled), matched to images by file stem.", show_default=False)],
     output: OutOpt = "viz",
-    truth: Annotated[Optional[str], typer.Option("--truth", help="Folder of ground-truth label images (matched by stem) for per-image and overall mIoU. Default: none.")] = None,
+    masks: Annotated[Optional[str], typer.Option("--masks", help="Folder of dense ground-truth masks (classes 0..C-1, --ignore-index = unlabelled; docs/labels.md) matched by stem, for per-image and overall mIoU. Default: none.", show_default=False)] = None,
+    truth_old: Annotated[Optional[str], deprecated_option("--truth")] = None,
     suffixes: Annotated[str, typer.Option("--suffixes", help="Label file name endings tried after the image stem (comma-separated; empty = same stem).")] = ",_pred,_prediction,_labels,_label,_mask,_seg,_gt",
-    class_names: Annotated[Optional[str], typer.Option("--class-names", help="Legend names of classes 0, 1, ... (prediction values 1, 2, ...; comma-separated). Default: class numbers.")] = None,
+    class_names: Annotated[Optional[str], typer.Option("--class-names", help="Legend names of classes 0, 1, ... (prediction values 1, 2, ...; comma-separated). Default: class numbers.", show_default=False)] = None,
     ignore_index: IgnoreIndexOpt = 255,
-    alpha: Annotated[float, typer.Option("--alpha", help="Opacity of the class colours over the image.")] = 0.5,
-    intensity: Annotated[str, typer.Option("--intensity", help="Display scaling of the images: auto (8-bit /255, other types min-max), dtype, minmax, percentile:LO,HI.")] = "auto",
+    alpha: Annotated[float, typer.Option("--alpha", min=0.0, max=1.0, help="Opacity of the class colours over the image.")] = 0.5,
+    intensity: IntensityOpt = "auto",
     max_images: MaxImagesOpt = 8,
     panel_size: PanelOpt = 256,
-    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Search image folders recursively.")] = False,
-    label: Annotated[Optional[str], typer.Option("--label", help="Name of the segmentation in the title and file name. Default: the prediction folder's name.")] = None,
+    recursive: RecursiveOpt = False,
+    label: Annotated[Optional[str], typer.Option("--name", help="Name of the segmentation in the title and file name. Default: the prediction folder's name.", show_default=False)] = None,
+    label_old: LabelOld = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -396,6 +449,8 @@ def segmentation(
         from posvit_cli.core.io.labels import find_label_files, stem
         from posvit_cli.core.viz.label_maps import segmentation_figure
 
+        label = _renamed(label, label_old, "--label", "--name")
+        truth = _renamed(masks, truth_old, "--truth", "--masks")
         parse_intensity(intensity)
         if max_images < 1:
             raise PosvitError(f"--max-images must be at least 1, got {max_images}")
@@ -421,20 +476,21 @@ def segmentation(
         opts = _options(panel_size, "nearest", False, None, None)
         outdir = _outdir(output)
         with RichProgress(quiet) as progress:
-            entries = segmentation_figure(drawn, found, outdir, truth=gt, class_names=parse_csv(class_names) or None,
+            entries = segmentation_figure(drawn, found, outdir, truth=gt, class_names=parse_class_names(class_names),
                                           ignore_index=None if ignore_index < 0 else ignore_index, alpha=alpha, intensity=intensity,
                                           label=label or Path(pred).resolve().name, options=opts, progress=progress)
         _finish(outdir, entries, json_out, quiet)
 
 
-@app.command("compare")
+@app.command("compare", cls=PosvitCommand)
 def compare(
     stores: Annotated[list[str], typer.Argument(help="Feature stores of the same images from different models (or before/after debiasing); one may be - for a piped store.", show_default=False)],
     output: OutOpt = "viz",
-    labels: Annotated[Optional[list[str]], typer.Option("--label", help="Name of each model, once per store in order. Default: from each store's provenance.")] = None,
+    labels: Annotated[Optional[list[str]], typer.Option("--name", help="Name of each model, once per store in order. Default: from each store's provenance.", show_default=False)] = None,
+    labels_old: NamesOld = None,
     probes: Annotated[Optional[list[str]], typer.Option("--probe", "-p", help="Probe result JSON of each store, once per store in order (each checked against its store). Default: probe the drawn images of every store here.")] = None,
     at: AtOpt = None,
-    units: UnitsOpt = "px",
+    units: UnitsOpt = Units.px,
     standardise: Annotated[bool, typer.Option("--standardise", help="Z-score channels per image before the PCA (the same for every model).")] = False,
     vmin: VminOpt = 0.5,
     vmax: VmaxOpt = 1.0,
@@ -456,6 +512,7 @@ def compare(
     (from --probe or probed here on the same drawn images, so the numbers compare).
     """
     with cli_context(debug, quiet):
+        labels = _renamed(labels or None, labels_old or None, "--label", "--name")
         import contextlib
 
         from posvit_cli.core.features.store import FeatureStore

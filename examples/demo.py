@@ -130,8 +130,8 @@ class Demo:
             self.posvit("segment", "train", *train, "--labels", DATA / "scribbles", *feats, "-o", model, "-q")
             pred = o / f"segmentation_{variant}"
             self.posvit("segment", "apply", model, *held_out, *feats, "-o", pred, "-q")
-            segments[variant] = self.posvit("segment", "eval", pred, "--gt", DATA / "masks", "-q",
-                                            json_out=True)
+            segments[variant] = self.posvit("segment", "eval", pred, "--masks", DATA / "masks",
+                                            "-q", json_out=True)
 
         self.step("8. report: positional R², semantic mIoU and overclustering of the micrograph features, one table")
         report = self.posvit(
@@ -145,11 +145,11 @@ class Demo:
         viz = o / "viz"
         self.posvit("viz", "report", o / "report.json", "-o", viz, "-q")
         self.posvit("viz", "compare", *(o / f"textures_{m}.h5" for m in ("raw", "rasa", "alibi")),
-                    "--label", "raw", "--label", "RASA", "--label", "ALiBi",
+                    "--name", "raw", "--name", "RASA", "--name", "ALiBi",
                     *sum((["--probe", str(o / f"probe_{m}.json")] for m in ("raw", "rasa", "alibi")), []),
                     "-n", "2", "--standardise", "-o", viz, "-q")
         self.posvit("viz", "probe", *(o / f"probe_{m}.json" for m in ("raw", "rasa", "alibi")),
-                    "--label", "raw", "--label", "RASA", "--label", "ALiBi", "-o", viz, "-q")
+                    "--name", "raw", "--name", "RASA", "--name", "ALiBi", "-o", viz, "-q")
         for method in ("raw", "alibi"):
             self.posvit("viz", "clusters", o / f"clusters_{method}.h5", "-o", viz, "-q")
         held_list = o / "held_out.txt"

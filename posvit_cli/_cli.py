@@ -1,7 +1,10 @@
 """Conventions shared by every posvit command.
 
 - Data (stores, JSON with ``--json``) goes to stdout; progress, tables, warnings and errors go to stderr.
-- A binary store is written to stdout only when stdout is a pipe or the output is ``-``.
+- A binary store is written to stdout only when stdout is a pipe or a socket, or the output is ``-``; a store is
+  never written into a terminal or into a file that stdout was redirected to (``> run.log 2>&1`` would bury it
+  in the log): that asks for ``-o``.
+- JSON on stdout is strict: NaN and infinities are written as ``null``.
 - User errors (:class:`PosvitError`) print one line and exit 2; other failures print one line and exit 1;
   ``--debug`` (or ``POSVIT_DEBUG=1``) shows the traceback instead.
 - Rich honours ``NO_COLOR``; ``--quiet`` silences progress and tables (warnings and errors still show).
@@ -10,8 +13,8 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
+import stat
 import sys
 import warnings
 from collections.abc import Iterator
@@ -19,6 +22,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer import TyperException
+from typer.core import TyperCommand, TyperGroup
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -31,7 +36,7 @@ from rich.progress import (
 )
 
 from posvit_cli.core.errors import PosvitError, PosvitWarning
-from posvit_cli.core.fileio import json_default
+from posvit_cli.core.fileio import json_text
 
 __all__ = [
     "DebugOpt",
@@ -41,6 +46,8 @@ __all__ = [
     "RichProgress",
     "cli_context",
     "console",
+    "PosvitCommand",
+    "PosvitGroup",
     "emit_json",
     "parse_class_names",
     "parse_csv",
@@ -167,28 +174,40 @@ class RichProgress:
 
 
 def emit_json(obj: Any) -> None:
-    """Write one JSON document to stdout."""
-    sys.stdout.write(json.dumps(obj, indent=2, default=json_default) + "\n")
+    """Write one strict JSON document to stdout (NaN and ±Inf as ``null``, NumPy values as numbers)."""
+    sys.stdout.write(json_text(obj, default=str) + "\n")
     sys.stdout.flush()
 
 
 def stdout_is_pipe() -> bool:
-    return not sys.stdout.isatty()
+    """True when stdout is a pipe or a socket, i.e. another program reads what we write.
+
+    A terminal is not, and neither is a regular file or ``/dev/null``: ``posvit extract imgs/ > run.log 2>&1``
+    redirects stdout to a file, where a binary store would be mixed with the log (and lost as a store).
+    """
+    try:
+        mode = os.fstat(sys.stdout.fileno()).st_mode
+    except (AttributeError, OSError, ValueError):
+        # No real file descriptor (an in-process test runner, a closed stream): nobody can read a store there.
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
 
 
 def store_output(output: str | None, what: str = "store") -> str:
-    """Resolve ``-o``: a path, ``-`` (stdout), or, when omitted, stdout if it is a pipe.
+    """Resolve ``-o``: a path, ``-`` (stdout), or, when omitted, stdout if it is a pipe or socket.
 
     Raises
     ------
     PosvitError
-        When no output is named and stdout is a terminal (binary data would garble it).
+        When no output is named and stdout is a terminal or a file (binary data would garble the terminal or be
+        buried in a log).
     """
     if output:
         return output
     if stdout_is_pipe():
         return "-"
-    raise PosvitError(f"no output named: pass -o FILE (.h5, .zarr, .zarr.zip) or pipe the {what} into another command")
+    raise PosvitError(f"no output named: pass -o FILE (.h5, .zarr, .zarr.zip), -o - for stdout, or pipe the {what} "
+                      f"into another command")
 
 
 def store_input(source: str | None) -> str:
@@ -266,6 +285,42 @@ def parse_class_names(value: str | None, option: str = "--class-names") -> list[
     if not names:
         raise PosvitError(f"{option} is empty: give names such as background,cell or a file with one name per line")
     return names
+
+
+class _PosvitConventions:
+    """What every posvit command and group does beyond Typer's defaults.
+
+    - Flags show no ``<bool>`` type in ``--help``, since they take no value: Typer's Rich help prints every
+      option's value type, which for an on/off flag reads as if it wanted one (``--quiet <bool>``). An empty
+      metavar is Click's way to print no value placeholder.
+    - A bad option value (an unknown choice, a number out of its range, an unknown option) is one ``error:``
+      line and exit status 2, like every other user error, instead of a usage box.
+    """
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+    def parse_args(self, ctx, args):
+        try:
+            return super().parse_args(ctx, args)
+        except TyperException as exc:
+            if not hasattr(exc, "format_message"):
+                raise
+            message = " ".join(str(exc.format_message()).replace("Value error, ", "").split())
+            _error_line(f"{message} (see {ctx.command_path} -h)")
+            raise typer.Exit(getattr(exc, "exit_code", 2)) from None
+
+
+class PosvitCommand(_PosvitConventions, TyperCommand):
+    """The Click command class of every posvit command (``app.command(..., cls=PosvitCommand)``)."""
+
+
+class PosvitGroup(_PosvitConventions, TyperGroup):
+    """The Click group class of posvit and its command groups (``typer.Typer(cls=PosvitGroup)``)."""
 
 
 def command_line() -> str:

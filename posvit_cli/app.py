@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from posvit_cli import __version__
+from posvit_cli._cli import PosvitCommand, PosvitGroup
 from posvit_cli.commands import cluster as cluster_cmd
 from posvit_cli.commands import debias_train as debias_train_cmd
 from posvit_cli.commands import doctor as doctor_cmd
@@ -19,6 +20,7 @@ from posvit_cli.commands import viz as viz_cmd
 
 app = typer.Typer(
     name="posvit",
+    cls=PosvitGroup,
     help="Measure and remove positional bias in self-supervised Vision Transformer features.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -46,15 +48,15 @@ def _root(
 
 
 # Pipeline order: images -> extract -> store -> probe | debias-train | cluster | report | segment | viz.
-app.command("extract")(extract_cmd.extract)
+app.command("extract", cls=PosvitCommand)(extract_cmd.extract)
 app.add_typer(probe_cmd.app, name="probe")
 app.add_typer(debias_train_cmd.app, name="debias-train")
-app.command("cluster")(cluster_cmd.cluster)
-app.command("report")(report_cmd.report)
+app.command("cluster", cls=PosvitCommand)(cluster_cmd.cluster)
+app.command("report", cls=PosvitCommand)(report_cmd.report)
 app.add_typer(segment_cmd.app, name="segment")
 app.add_typer(viz_cmd.app, name="viz")
 app.add_typer(store_cmd.app, name="store")
-app.command("doctor")(doctor_cmd.doctor)
+app.command("doctor", cls=PosvitCommand)(doctor_cmd.doctor)
 
 
 def main() -> None:

@@ -8,6 +8,19 @@ Short flags have one meaning each across posvit: ``-o`` output, ``-r`` ``--recur
 ``-k`` numbers of clusters (``cluster``, ``report``), ``-m`` ``--model``, ``-w`` ``--weights``, ``-b``
 ``--batch-size`` (images), ``-q`` ``--quiet``.
 
+``-o`` follows one rule per kind of output:
+
+- **store outputs** (``extract``, ``cluster``, ``store merge``): a store path (``.h5``, ``.zarr``, ``.zarr.zip``),
+  or ``-`` for stdout. Without ``-o`` the store goes to stdout only when stdout is a pipe or socket (``posvit
+  extract imgs/ | posvit probe``); into a terminal or a redirected file (``> run.log``) it is an error asking for
+  ``-o``. See :data:`StoreOutOpt`.
+- **folder outputs** (``viz``, ``segment apply``): a folder, created when missing. See :data:`FolderOutOpt`.
+- **file outputs** (``segment train`` model, ``segment bench`` results JSON): a file path; each command's help
+  names the suffix.
+
+Choices are Enums (``class X(str, Enum)``) so ``--help`` lists them and a typo is refused before any work. Flags
+are plain ``bool`` options (shown without a value type by :class:`posvit_cli._cli.PosvitCommand`).
+
 Old spellings kept for one release are declared with :func:`deprecated_option` (hidden from ``--help``) and
 reported with :func:`warn_deprecated` when used.
 """
@@ -15,6 +28,7 @@ reported with :func:`warn_deprecated` when used.
 from __future__ import annotations
 
 import warnings
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -24,6 +38,16 @@ from posvit_cli.core.errors import PosvitWarning
 
 __all__ = [
     "BatchSizeOpt",
+    "Compression",
+    "FolderOutOpt",
+    "IntensityOpt",
+    "Precision",
+    "PrecisionOpt",
+    "SizeOpt",
+    "StorageDtype",
+    "StoreOutOpt",
+    "TransformOpt",
+    "Upsample",
     "ClassNamesOpt",
     "DebugOpt",
     "DeviceOpt",
@@ -110,7 +134,8 @@ BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Im
 
 # Compute
 DeviceOpt = Annotated[
-    str, typer.Option("--device", help="Torch device: auto (CUDA if available), cpu, cuda, cuda:N.")
+    str, typer.Option("--device", help="Torch device: auto (CUDA if available), cpu, cuda, cuda:N. Default: auto "
+                                       "everywhere.")
 ]
 ThreadsOpt = Annotated[
     Optional[int],
@@ -122,3 +147,68 @@ SeedsOpt = Annotated[
     Optional[str],
     typer.Option("--seeds", help="Seeds, comma-separated or a range such as 0-4.", show_default=False),
 ]
+
+# Outputs: one rule per kind of output (see the module docstring)
+StoreOutOpt = Annotated[
+    Optional[str],
+    typer.Option("--output", "-o", help="Store to write: .h5, .zarr or .zarr.zip, or - for stdout. Default: stdout "
+                                        "when it is a pipe (into another posvit command), else an error.",
+                 show_default=False),
+]
+FolderOutOpt = Annotated[
+    Path, typer.Option("--output", "-o", help="Folder to write into (created if missing).", file_okay=False)
+]
+
+# Images
+SizeOpt = Annotated[
+    str, typer.Option("--size", help="Resize rule: native (round down to a patch multiple), short:N, long:N, "
+                                     "square:N (or N), crop:N.")
+]
+IntensityOpt = Annotated[
+    str, typer.Option("--intensity", help="Intensity scaling: auto (8-bit /255, other types min-max per image), "
+                                          "dtype, minmax, percentile:LO,HI.")
+]
+TransformOpt = Annotated[
+    Optional[str],
+    typer.Option("--transform", help="Image transforms, mapped back to the original frame: flip-ud, flip-lr, "
+                                     "rot90[:K], roll:DY,DX (whole patches), compositions with +; a comma list or "
+                                     "a set (reference, flips, rot90, d4, rolls:N). Default: none.",
+                 show_default=False),
+]
+
+
+class Precision(str, Enum):
+    """Autocast precision of the encoder's forward pass."""
+
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+PrecisionOpt = Annotated[
+    Precision, typer.Option("--precision", help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16 autocast.")
+]
+
+
+class StorageDtype(str, Enum):
+    """Storage type of features in a store."""
+
+    float16 = "float16"
+    float32 = "float32"
+
+
+class Compression(str, Enum):
+    """Chunk compression of a store (gzip, lzf: HDF5 only; zstd, lz4: Zarr only)."""
+
+    none = "none"
+    gzip = "gzip"
+    lzf = "lzf"
+    zstd = "zstd"
+    lz4 = "lz4"
+
+
+class Upsample(str, Enum):
+    """How token maps are enlarged to image pixels."""
+
+    nearest = "nearest"
+    bilinear = "bilinear"

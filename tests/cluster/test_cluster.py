@@ -435,8 +435,8 @@ def test_bad_options_are_one_line_errors(tmp_path, cli):
     store, mdir = _blob_dataset(tmp_path, n_img=2)
     for args, msg in [
         (["-k", "4,x"], "comma-separated list of int"),
-        (["--seeds", "3-1"], "cannot read seeds"),
-        (["--protocol", "leopart"], "unknown --protocol 'leopart'"),
+        (["--seeds", "3-1"], "--seeds range '3-1' runs backwards: did you mean 1-3?"),
+        (["--protocol", "leopart"], "'leopart' is not one of"),
         (["--eval-size", "0"], "--eval-size '0' must be"),
         (["--masks", tmp_path / "nowhere"], "does not exist"),
         (["--class-names", "a,b", "--num-classes", "3", "--masks", mdir], "2 class names given for 3 classes"),

@@ -318,4 +318,4 @@ def test_published_style_plain_state_dict_loads_with_method(tmp_path, image_dir,
     r = cli(args + ["--method", "alibi"])
     assert r.exit_code == 0, r.output
     r = cli(args + ["--method", "sideways", "--overwrite"])
-    assert r.exit_code == 2 and "unknown --method" in r.output
+    assert r.exit_code == 2 and "'--method': 'sideways' is not one of" in r.output

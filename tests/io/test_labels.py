@@ -218,7 +218,7 @@ def test_segment_eval_scores_zero_based_ground_truth_and_warns_on_one_based(tmp_
     truth = np.zeros((8, 8), np.uint8)
     truth[:, 4:] = 1
     _eval_case(tmp_path, truth)
-    args = ["segment", "eval", tmp_path / "pred", "--gt", tmp_path / "gt", "--json", "--grid", "4"]
+    args = ["segment", "eval", tmp_path / "pred", "--masks", tmp_path / "gt", "--json", "--grid", "4"]
     r = cli(args)
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["summary"]["dataset_miou"] == 1.0
@@ -244,7 +244,7 @@ def test_segment_eval_ignore_index_leaves_pixels_out(tmp_path, cli):
     pred = np.ones((8, 8), np.uint8)
     pred[:, 4:6] = 2              # columns 6, 7 predicted as class 0: wrong only if 255 counted
     Image.fromarray(pred).save(tmp_path / "pred" / "x.png")
-    base = ["segment", "eval", tmp_path / "pred", "--gt", tmp_path / "gt", "--json", "-q", "--grid", "4"]
+    base = ["segment", "eval", tmp_path / "pred", "--masks", tmp_path / "gt", "--json", "-q", "--grid", "4"]
     assert json.loads(cli(base).stdout)["summary"]["dataset_miou"] == 1.0
     out = json.loads(cli(base + ["--ignore-index", "-1"]).stdout)["summary"]
     # 255 is now a class of its own (value 256) that is never predicted: IoU 0
@@ -262,7 +262,7 @@ def test_viz_segmentation_legend_names_follow_class_indices(tmp_path, cli):
     Image.fromarray((np.random.default_rng(0).random((32, 48)) * 255).astype(np.uint8)).save(imgs / "a.png")
     Image.fromarray(truth).save(gt / "a.png")
     Image.fromarray(np.where(truth == 255, 1, truth + 1).astype(np.uint8)).save(pred / "a.png")  # segment apply
-    r = cli(["viz", "segmentation", imgs, pred, "--truth", gt, "--class-names", "matrix,grain,pore",
+    r = cli(["viz", "segmentation", imgs, pred, "--masks", gt, "--class-names", "matrix,grain,pore",
              "-o", tmp_path / "out", "--json"])
     assert r.exit_code == 0, r.output
     numbers = json.loads(r.stdout)["figures"][0]["numbers"]

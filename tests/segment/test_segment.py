@@ -249,7 +249,7 @@ def test_eval_command_reports_the_hand_computed_miou(tmp_path, cli):
     pred = np.array([[1, 1, 1, 2], [1, 1, 2, 2], [3, 1, 2, 2], [1, 3, 3, 2]], np.uint8)
     save_png(tmp_path / "pred" / "x.png", pred)
     save_png(tmp_path / "gt" / "x.png", gt)
-    r = cli(["segment", "eval", tmp_path / "pred", "--gt", tmp_path / "gt", "--json", "-q", "--grid", "4"])
+    r = cli(["segment", "eval", tmp_path / "pred", "--masks", tmp_path / "gt", "--json", "-q", "--grid", "4"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     assert out["images"][0]["class_avg_miou"] == pytest.approx((5 / 7 + 6 / 8) / 2)
@@ -285,10 +285,10 @@ def test_positional_diagnostic_flags_the_classifier_trained_with_a_position_chan
     common = ["--sigmas", "1,2", "--trees", "30", "-q"]
     biased = tmp_path / "biased.posvit-seg"
     clean = tmp_path / "clean.posvit-seg"
-    r = cli(["segment", "train", tmp_path / "imgs", "-l", tmp_path / "labels", "-o", biased, "-f", store,
+    r = cli(["segment", "train", tmp_path / "imgs", "--labels", tmp_path / "labels", "-o", biased, "-f", store,
              "--vit-dims", "2", *common])
     assert r.exit_code == 0, r.output
-    r = cli(["segment", "train", tmp_path / "imgs", "-l", tmp_path / "labels", "-o", clean, *common])
+    r = cli(["segment", "train", tmp_path / "imgs", "--labels", tmp_path / "labels", "-o", clean, *common])
     assert r.exit_code == 0, r.output
     res = {}
     for name, model, extra in (("biased", biased, ["-f", store]), ("clean", clean, [])):
@@ -377,7 +377,7 @@ def test_scribbles_stay_inside_their_class_away_from_boundaries():
 # ------------------------------------------------------------------------------------------- CLI: train/apply
 def test_train_apply_with_vit_features_on_the_fly_and_from_a_store(seg_data, tmp_path, cli):
     model = tmp_path / "v.posvit-seg"
-    r = cli(["segment", "train", seg_data["imgs"], "-l", seg_data["labels"], "-o", model, "-m", TINY_MODEL,
+    r = cli(["segment", "train", seg_data["imgs"], "--labels", seg_data["labels"], "-o", model, "-m", TINY_MODEL,
              "-w", "random", *small_cfg(), "--json", "-q"])
     assert r.exit_code == 0, r.output
     info = json.loads(r.stdout)
@@ -405,7 +405,7 @@ def test_train_apply_with_vit_features_on_the_fly_and_from_a_store(seg_data, tmp
 
 # --------------------------------------------------------------------------------------------- CLI: bad input
 def _train(cli, imgs, labels, out, *extra):
-    return cli(["segment", "train", imgs, "-l", labels, "-o", out, *small_cfg(), "-q", *extra])
+    return cli(["segment", "train", imgs, "--labels", labels, "-o", out, *small_cfg(), "-q", *extra])
 
 
 def test_labels_of_another_size_are_an_error(seg_data, tmp_path, cli):
@@ -430,9 +430,9 @@ def test_a_class_missing_from_some_images_is_fine_but_a_never_labelled_named_cla
     lab = np.array(Image.open(seg_data["labels"] / "im0.png"))
     lab[lab == 2] = 0
     save_png(seg_data["labels"] / "im0.png", lab)  # im0 now has class 1 only: documented, still trains
-    r = _train(cli, seg_data["imgs"], seg_data["labels"], tmp_path / "m.posvit-seg", "--classes", "fine,coarse")
+    r = _train(cli, seg_data["imgs"], seg_data["labels"], tmp_path / "m.posvit-seg", "--class-names", "fine,coarse")
     assert r.exit_code == 0, r.output
-    r = _train(cli, seg_data["imgs"], seg_data["labels"], tmp_path / "n.posvit-seg", "--classes", "fine,coarse,pore")
+    r = _train(cli, seg_data["imgs"], seg_data["labels"], tmp_path / "n.posvit-seg", "--class-names", "fine,coarse,pore")
     assert r.exit_code == 2 and "class 'pore' (value 3) has no labelled pixel" in r.output
 
 
@@ -447,7 +447,7 @@ def test_rgb_label_images_are_mapped_by_colour_with_a_printed_table(seg_data, tm
             rgb[lab == v] = c
         save_png(rgb_dir / f"im{i}_labels.png", rgb)
     model = tmp_path / "m.posvit-seg"
-    r = cli(["segment", "train", seg_data["imgs"], "-l", rgb_dir, "-o", model, *small_cfg()])
+    r = cli(["segment", "train", seg_data["imgs"], "--labels", rgb_dir, "-o", model, *small_cfg()])
     assert r.exit_code == 0, r.output
     assert "label colours → classes" in r.output and "(0, 255, 0)" in r.output
     seg = load_segmenter(model)
@@ -476,13 +476,13 @@ def test_other_user_errors_are_one_line_exit_2(seg_data, tmp_path, cli):
     m = tmp_path / "m.posvit-seg"
     assert _train(cli, seg_data["imgs"], seg_data["labels"], m).exit_code == 0
     cases = [
-        (["segment", "train", seg_data["imgs"], "-l", seg_data["labels"], "-o", m], "already exists"),
-        (["segment", "train", seg_data["imgs"], "-l", seg_data["labels"], "-o", tmp_path / "x.pkl"], ".posvit-seg"),
-        (["segment", "train", seg_data["imgs"], "-l", tmp_path / "nowhere", "-o", tmp_path / "y.posvit-seg"],
+        (["segment", "train", seg_data["imgs"], "--labels", seg_data["labels"], "-o", m], "already exists"),
+        (["segment", "train", seg_data["imgs"], "--labels", seg_data["labels"], "-o", tmp_path / "x.pkl"], ".posvit-seg"),
+        (["segment", "train", seg_data["imgs"], "--labels", tmp_path / "nowhere", "-o", tmp_path / "y.posvit-seg"],
          "does not exist"),
         (["segment", "apply", tmp_path / "nope.posvit-seg", seg_data["imgs"], "-o", tmp_path / "o"], "does not exist"),
         (["segment", "apply", m, seg_data["imgs"], "-o", seg_data["imgs"]], "overwrite an input image"),
-        (["segment", "eval", m, "--gt", seg_data["gt"]], "--images"),
+        (["segment", "eval", m, "--masks", seg_data["gt"]], "--images"),
         (["segment", "apply", m, seg_data["imgs"], "-o", tmp_path / "o", "-f", tmp_path / "f.h5"], "no ViT"),
     ]
     for args, msg in cases:
@@ -493,7 +493,7 @@ def test_other_user_errors_are_one_line_exit_2(seg_data, tmp_path, cli):
 
 # ---------------------------------------------------------------------------------------------------- bench
 def test_bench_reports_rounds_with_and_without_vit_features(seg_data, cli, tmp_path):
-    r = cli(["segment", "bench", seg_data["imgs"], "--gt", seg_data["gt"], "--train", "2", "--rounds", "1",
+    r = cli(["segment", "bench", seg_data["imgs"], "--masks", seg_data["gt"], "--train", "2", "--rounds", "1",
              "-m", TINY_MODEL, "-w", "random", "--sigmas", "1,2,4", "--trees", "15", "--depth", "4",
              "-o", tmp_path / "b.json", "--json", "-q"])
     assert r.exit_code == 0, r.output
@@ -528,7 +528,7 @@ def test_shared_pca_model_from_a_natively_tiled_store(tmp_path, cli):
         rec = src.record_for(tmp_path / "imgs" / "t.png")
         assert rec.meta.get("tiles") and src.covered(rec) == (96, 96) and rec.grid == (6, 6)
     model = tmp_path / "s.posvit-seg"
-    r = cli(["segment", "train", tmp_path / "imgs", "-l", tmp_path / "labels", "-o", model, "-f", store,
+    r = cli(["segment", "train", tmp_path / "imgs", "--labels", tmp_path / "labels", "-o", model, "-f", store,
              "--pca", "shared", "--vit-dims", "4", *small_cfg(), "-q"])
     assert r.exit_code == 0, r.output
     import zipfile

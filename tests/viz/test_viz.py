@@ -317,7 +317,7 @@ def test_similarity_command_aspect_and_query(cli, tmp_path):
 def test_channels_command_finds_planted_ramps(cli, tmp_path):
     store = ramp_store(tmp_path / "f.h5", n=3)
     out = tmp_path / "out"
-    r = cli(["viz", "channels", store, "-o", out, "-k", "1", "--json", "-q"])
+    r = cli(["viz", "channels", store, "-o", out, "--top-k", "1", "--json", "-q"])
     assert r.exit_code == 0, r.output
     fig = json.loads(r.stdout)["figures"][0]
     rows = {c["channel"]: c for c in fig["numbers"]["channels"]}
@@ -397,7 +397,7 @@ def test_segmentation_command_hand_computed_miou(cli, tmp_path):
     Image.fromarray((np.random.default_rng(0).random((48, 64)) * 255).astype(np.uint8)).save(imgs / "a.png")
     Image.fromarray(truth).save(gt / "a.png")
     Image.fromarray(guess + 1).save(pred / "a_pred.png")                      # predictions: class k is k + 1
-    r = cli(["viz", "segmentation", imgs, pred, "--truth", gt, "-o", tmp_path / "out", "--json", "-q"])
+    r = cli(["viz", "segmentation", imgs, pred, "--masks", gt, "-o", tmp_path / "out", "--json", "-q"])
     assert r.exit_code == 0, r.output
     q = 24 * 32
     expect = ((q - 64) / q + 1 + 1 + q / (q + 64)) / 4
