@@ -24,6 +24,7 @@ __all__ = [
     "json_default",
     "json_text",
     "read_tagged_json",
+    "tagged_header",
     "write_json_atomic",
     "write_text_atomic",
 ]
@@ -155,6 +156,21 @@ def json_default(o: Any) -> Any:
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` as indented strict JSON (:func:`json_clean`) to ``path`` atomically. Returns the path."""
     return write_text_atomic(path, json_text(obj, default=str) + "\n")
+
+
+def tagged_header(schema: str, version: int) -> dict:
+    """The first keys of every result document posvit writes: its schema tag and version (what
+    :func:`read_tagged_json` checks), the posvit version and the UTC creation time."""
+    import datetime
+
+    from posvit_cli import __version__
+
+    return {
+        "schema": schema,
+        "schema_version": version,
+        "posvit_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def read_tagged_json(path: str | os.PathLike, schema: str, max_version: int, what: str, hint: str = "") -> dict:

@@ -76,18 +76,11 @@ def load_masks(store, mask_dir, *, eval_size=(100, 100), ignore_index: int | Non
         ``ignore_index``, or the class names do not fit.
     """
     from posvit_cli.core.io.labels import (
-        LabelCheck, check_label_range, find_label_files, read_label_image, resize_labels_nearest,
+        LabelCheck, check_label_range, read_label_image, resize_labels_nearest,
     )
 
     records = store.records
-    names = [r.name for r in records]
-    found, missing = find_label_files(names, mask_dir, MASK_SUFFIXES)
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise PosvitError(
-            f"no mask in '{mask_dir}' for {len(missing)} of {len(names)} images: {shown} "
-            "(masks are matched by file stem, e.g. img1.jpg ↔ img1.png)"
-        )
+    found = dict(zip((r.name for r in records), store_mask_files(store, mask_dir)))
     if class_names is not None and num_classes is not None and len(class_names) != num_classes:
         raise PosvitError(f"{len(class_names)} class names given for {num_classes} classes")
     if class_names is not None and num_classes is None:
@@ -125,6 +118,27 @@ def load_masks(store, mask_dir, *, eval_size=(100, 100), ignore_index: int | Non
             raise PosvitError(f"every mask pixel in '{mask_dir}' is the ignore index {ignore_index}")
     names = list(class_names) if class_names is not None else [str(c) for c in range(num_classes)]
     return MaskSet(out, int(num_classes), ignore_index, names, files, resized)
+
+
+def store_mask_files(store, mask_dir) -> list[Path]:
+    """The mask file of every image of ``store``, in store order, matched by file stem (:data:`MASK_SUFFIXES`).
+
+    Raises
+    ------
+    PosvitError
+        If the folder does not exist or some images have no mask (the first five are named).
+    """
+    from posvit_cli.core.io.labels import find_label_files
+
+    names = [r.name for r in store.records]
+    found, missing = find_label_files(names, mask_dir, MASK_SUFFIXES)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise PosvitError(
+            f"no mask in '{mask_dir}' for {len(missing)} of {len(names)} images of '{store.source}': {shown} "
+            "(masks are matched by file stem, e.g. img1.jpg ↔ img1.png)"
+        )
+    return [found[n] for n in names]
 
 
 def store_size_mode(store):

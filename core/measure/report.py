@@ -25,13 +25,13 @@ overclustering (with masks)
 
 from __future__ import annotations
 
-import datetime as _dt
 import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from posvit_cli.core.fileio import tagged_header
 from posvit_cli.core.errors import PosvitError
 from posvit_cli.core.progress import ProgressCallback, report
 
@@ -161,7 +161,6 @@ def compare_stores(
     dict
         Schema ``posvit-report`` (``docs/report.md``).
     """
-    from posvit_cli import __version__
     from posvit_cli.core.measure.probe import make_settings, probe_store
     from posvit_cli.core.measure.semantic import SemanticSettings, semantic_probe
 
@@ -226,10 +225,7 @@ def compare_stores(
         row["seconds"] = round(time.perf_counter() - t_row, 3)
         out_rows.append(row)
     return {
-        "schema": REPORT_SCHEMA,
-        "schema_version": REPORT_SCHEMA_VERSION,
-        "posvit_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **tagged_header(REPORT_SCHEMA, REPORT_SCHEMA_VERSION),
         "settings": {
             "layer": layer or "final (each store's default)",
             "positional": positional.as_dict(),

@@ -7,7 +7,6 @@ document (schema: ``docs/probe-results.md``).
 
 from __future__ import annotations
 
-import datetime as _dt
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from posvit_cli.core.device import torch_threads
+from posvit_cli.core.fileio import tagged_header
 from posvit_cli.core.errors import PosvitError
 from posvit_cli.core.measure.probe.results import top_channels
 from posvit_cli.core.measure.probe.settings import (
@@ -286,8 +286,6 @@ def probe_store(
         For an empty store, a store with no feature layers (maps only), grids of fewer than 2 tokens, missing
         layers or non-finite features.
     """
-    from posvit_cli import __version__
-
     if len(store) == 0:
         raise PosvitError(f"'{store.source}' holds no images: nothing to probe")
     if not store.layers:
@@ -312,10 +310,7 @@ def probe_store(
                 notes.append(f"{ly}: target '{t}' is constant on every grid (e.g. ud on one-row grids): R² undefined")
     prov = dict(store.provenance)
     return {
-        "schema": PROBE_SCHEMA,
-        "schema_version": PROBE_SCHEMA_VERSION,
-        "posvit_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **tagged_header(PROBE_SCHEMA, PROBE_SCHEMA_VERSION),
         "store": {
             "source": store.source,
             "format": store.format,

@@ -42,20 +42,11 @@ class MaskSource:
     """
 
     def __init__(self, store, mask_dir):
-        from posvit_cli.core.cluster.masks import store_size_mode
-        from posvit_cli.core.io.labels import find_label_files
+        from posvit_cli.core.cluster.masks import store_mask_files, store_size_mode
 
         self.store = store
         self.mask_dir = str(mask_dir)
-        names = [r.name for r in store.records]
-        found, missing = find_label_files(names, mask_dir, MASK_SUFFIXES)
-        if missing:
-            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-            raise PosvitError(
-                f"no mask in '{mask_dir}' for {len(missing)} of {len(names)} images of '{store.source}': {shown} "
-                "(masks are matched by file stem, e.g. img1.jpg ↔ img1.png)"
-            )
-        self.files = [found[n] for n in names]
+        self.files = store_mask_files(store, mask_dir)
         self.size_mode, self.patch = store_size_mode(store)
         self.resized: list[str] = []
 

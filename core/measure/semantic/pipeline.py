@@ -5,7 +5,6 @@ the held-out or validation images and on transformed copies, and build the resul
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -15,7 +14,7 @@ import numpy as np
 from posvit_cli.core.device import torch_threads
 from posvit_cli.core.errors import PosvitError
 from posvit_cli.core.features.provenance import NETWORK_KEYS, STORAGE_KEYS, identity_differences
-from posvit_cli.core.fileio import read_tagged_json
+from posvit_cli.core.fileio import read_tagged_json, tagged_header
 from posvit_cli.core.io.labels import LabelCheck
 from posvit_cli.core.measure.semantic.dataset import (
     MaskSource, gather_samples, image_split, scan_masks, score_store, scores_from_confusion,
@@ -181,8 +180,6 @@ class _Split:
 
 def _semantic_probe(train_store, masks, settings, val_store, val_masks, robustness, num_classes, ignore_index,
                     class_names, layer, device, prog) -> tuple[dict, AffineHead]:
-    from posvit_cli import __version__
-
     t_start = time.perf_counter()
     layer = _check_stores(train_store, val_store, layer)
     class_names, num_classes = _check_classes(class_names, num_classes)
@@ -217,10 +214,7 @@ def _semantic_probe(train_store, masks, settings, val_store, val_masks, robustne
     if all_resized:
         notes.append(f"{len(all_resized)} mask(s) had another size than their image and were resized (nearest)")
     return {
-        "schema": SEMANTIC_SCHEMA,
-        "schema_version": SEMANTIC_SCHEMA_VERSION,
-        "posvit_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **tagged_header(SEMANTIC_SCHEMA, SEMANTIC_SCHEMA_VERSION),
         "store": {"train": _store_summary(train_store),
                   "val": _store_summary(val_store) if val_store is not None else None},
         "layer": layer,
