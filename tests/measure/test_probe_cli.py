@@ -178,3 +178,21 @@ def test_bad_choices_and_ranges_are_usage_errors(cli, planted_store, args, messa
 
 def test_missing_store(cli, tmp_path):
     _fails(cli(["probe", tmp_path / "nowhere.h5"]), "does not exist")
+
+
+def test_a_too_small_grid_is_left_out_and_named_not_the_whole_store(cli, tmp_path):
+    rng = np.random.default_rng(4)
+    yy, xx = np.mgrid[0:12, 0:12].astype(np.float32)
+    grids = [rng.normal(0, 0.1, (12, 12, 8)).astype(np.float32) for _ in range(2)]
+    for g in grids:
+        g[..., 2] += xx / 11  # a planted left-right ramp in channel 2
+    alone = write_store(tmp_path / "two.h5", grids, names=["a.png", "b.png"])
+    mixed = write_store(tmp_path / "three.h5", [grids[0], np.ones((1, 1, 8), np.float32), grids[1]],
+                        names=["a.png", "dot.png", "b.png"])
+    r = cli(["probe", mixed, "--json", "-q"])
+    assert r.exit_code == 0, r.output
+    assert "left 1 image(s) out of the probe" in r.stderr and "'dot'" in r.stderr
+    doc, ref = json.loads(r.stdout), json.loads(cli(["probe", alone, "--json", "-q"]).stdout)
+    assert [im["name"] for im in doc["images"]] == ["a", "b"]
+    assert doc["results"]["final"]["stack_r2"] == ref["results"]["final"]["stack_r2"]  # as if it were not there
+    assert any("dot" in n for n in doc["notes"])

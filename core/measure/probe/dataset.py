@@ -15,7 +15,7 @@ import numpy as np
 
 from posvit_cli.core.device import torch_threads
 from posvit_cli.core.fileio import tagged_header
-from posvit_cli.core.errors import PosvitError
+from posvit_cli.core.errors import PosvitError, PosvitWarning
 from posvit_cli.core.measure.probe.results import top_channels
 from posvit_cli.core.measure.probe.settings import (
     POSITIONAL_RAMPS, PROBE_SCHEMA, PROBE_SCHEMA_VERSION, ProbeSettings, sampling_plan,
@@ -147,6 +147,34 @@ def _probe_dataset(read, images, layers, settings, device, progress) -> dict:
         acc.classify(read, images, progress)
     grids = [tuple(im["grid"]) for im in images]
     return {"layers": {ly: acc.block(ly, grids) for ly in layers}, "channels": acc.channels}
+
+
+def _probeable_records(records, settings: ProbeSettings) -> tuple[list, list[tuple[str, str]]]:
+    """The records whose token grid the probe can sample, and ``(name, reason)`` for the others, with one warning.
+
+    One tiny image (a 15×10 px thumbnail has a 1×1 grid) must not stop the probe of a whole store; it is left out
+    and named. When no image is left, the probe refuses as before (:func:`_check_grids` names the first).
+    """
+    kept, skipped = [], []
+    for r in records:
+        grid = (int(r.grid[0]), int(r.grid[1]))
+        try:
+            if grid[0] * grid[1] < 2:
+                raise PosvitError(f"a {grid[0]}×{grid[1]} token grid has no positions to probe (need at least 2 tokens)")
+            sampling_plan(grid, settings, np.random.default_rng(0))
+        except PosvitError as exc:
+            skipped.append((r.name, str(exc)))
+            continue
+        kept.append(r)
+    if not kept:
+        return list(records), []  # nothing probeable: let the dataset check refuse with its message
+    if skipped:
+        shown = ", ".join(f"'{n}'" for n, _ in skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5
+                                                               else "")
+        warnings.warn(f"left {len(skipped)} image(s) out of the probe, their token grids are too small: {shown} "
+                      f"({skipped[0][1]}); `posvit store subset` writes a store without them",
+                      PosvitWarning, stacklevel=3)
+    return kept, skipped
 
 
 def _check_grids(images: Sequence[dict], settings: ProbeSettings) -> None:
@@ -299,11 +327,12 @@ def probe_store(
     for r in records:
         if len(r.grid) != 2 or r.grid[0] < 1 or r.grid[1] < 1:
             raise PosvitError(f"image '{r.name}' in '{store.source}' has no token grid ({r.grid})")
-    images = [{"name": r.name, "path": r.path, "grid": [int(r.grid[0]), int(r.grid[1])]} for r in records]
-    out = probe_dataset(lambda i, ly: store.features(i, ly, dtype=np.float32), images, layers, settings,
+    kept, skipped = _probeable_records(records, settings.validated())
+    images = [{"name": r.name, "path": r.path, "grid": [int(r.grid[0]), int(r.grid[1])]} for r in kept]
+    out = probe_dataset(lambda i, ly: store.features(kept[i].index, ly, dtype=np.float32), images, layers, settings,
                         device=device, threads=threads, progress=progress)
     primary = store.default_layer if store.default_layer in layers else layers[-1]
-    notes = []
+    notes = [f"skipped image '{name}': {why}" for name, why in skipped]
     for ly, block in out["layers"].items():
         for t, s in block["stack_r2"].items():
             if s["mean"] is None:
