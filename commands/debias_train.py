@@ -761,7 +761,7 @@ def _print_head_summary(s: dict) -> None:
         for tgt in ("lr", "ud", "diag", "radial", "xy"):
             b, a = rep["before"].get(tgt), rep["after"].get(tgt)
             t.add_row(f"stack R2 {tgt}", f"{_fmt(b, 3)} → {_fmt(a, 3)}")
-        t.add_row("report images", str(rep["images"]))
+        t.add_row("R2 protocol", rep.get("protocol") or f"{rep['images']} images")
     t.add_row("head format", s["head_format"])
     t.add_row("time", f"{s['seconds']:.1f} s")
     console.print(t)

@@ -83,8 +83,8 @@ def stack_r2_report(
     Returns
     -------
     dict
-        ``{"images": n, "fraction": f, "before": {target: mean R²}, "after": {...}}`` for lr, ud, diag, radial
-        and xy.
+        ``{"images": n, "fraction": f, "protocol": text, "before": {target: mean R²}, "after": {...}}`` for lr,
+        ud, diag, radial and xy; ``protocol`` says how the R² was measured, to print beside it.
     """
     from posvit_cli.core.measure.probe import RAMP_TARGETS, make_settings, probe_dataset
 
@@ -101,7 +101,11 @@ def stack_r2_report(
         fraction = min(0.5, max(1 / 36, 16 / smallest))
     settings, _ = make_settings("holdout", targets=RAMP_TARGETS, per_channel=False, extras=False, seed=seed,
                                 fraction=fraction)
-    out = {"images": len(images), "fraction": fraction}
+    out = {"images": len(images), "fraction": fraction,
+           # Printed next to the numbers: they come from fewer images and possibly a larger training fraction
+           # than `posvit probe`'s defaults, so they need not equal its R² on the same store.
+           "protocol": f"holdout probe, {len(images)} images, fraction {fraction:.3g}, {settings.repeats} repeats, "
+                       f"seed {seed}"}
     for name, fn in (("before", read), ("after", read_after)):
         res = probe_dataset(lambda i, _ly, fn=fn: np.asarray(fn(i), dtype=np.float32), images, ["final"], settings,
                             progress=lambda task, done, total, name=name: progress(f"probe {name}", done, total))

@@ -140,6 +140,12 @@ def test_blank_from_the_store_a_list_and_a_probe_result(tmp_path, cli):
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert {3, 7} <= set(doc["channels_zeroed"]) and doc["report"]["after"]["xy"] < doc["report"]["before"]["xy"]
+    # the before/after R² says how it was measured (fewer images, a raised fraction on tiny grids)
+    n = doc["report"]["images"]
+    assert doc["report"]["protocol"] == (f"holdout probe, {n} images, fraction {doc['report']['fraction']:.3g}, "
+                                         "6 repeats, seed 0")
+    shown = cli(["debias-train", "blank", s, "--blank", "auto", "-o", tmp_path / "shown.safetensors"])
+    assert "R2 protocol" in shown.stderr and "holdout probe" in shown.stderr
     r = cli(["debias-train", "blank", "--blank", "1,2", "-o", tmp_path / "b.safetensors", "-q"])
     assert r.exit_code == 0, r.output
     assert load_head(tmp_path / "b.safetensors").channels_zeroed == [1, 2]
