@@ -29,9 +29,12 @@ Definitions (the same in every backend):
   ``180°·i/angles`` (cubic spline, then rounded to 0/1); responses are correlations with the image (boundary
   ``reflect``); the median of an even number of angles is the mean of the two middle values.
 
-σ are true standard deviations in pixels. The reference implementation truncated ``0.4·σ`` to an integer
-(effective blurs {0, 0, 1, 3, 6}, duplicating channels); ``weka_compat=True`` reproduces that, with a blur of
-σ = 0 being the image itself.
+σ are true standard deviations in pixels. ``weka_compat=True`` instead reproduces the reference featuriser
+(interactive-seg-backend's CPU path) channel for channel: blur σ' = ``int(0.4·σ)`` (effective {0, 0, 1, 3, 6},
+duplicating channels; σ' = 0 is the image itself) with its truncation (radius ``int(t·σ' + 0.5)``,
+``t = (4·0.4σ + 2)/(2·0.4σ)``: 3, 7, 13 px) and boundary ``nearest`` (``a a a | a b c d``); DoGs G(σj) − G(σi),
+the smaller σ minus the larger (named ``dog_s<σj>-s<σi>``); membrane statistics stored as mean, max, min, sum,
+std, median (:data:`WEKA_MEMBRANE_STATS`, the order the reference stored under other names).
 
 Backends: on the CPU the blurs run as one FFT of the padded image and one inverse FFT per σ, and the membrane
 projections as shifted sums of the sparse line kernels with a sorting network for the order statistics, in

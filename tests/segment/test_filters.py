@@ -30,7 +30,8 @@ def channel(feats: np.ndarray, cfg: ClassicalConfig, name: str) -> np.ndarray:
 
 
 def test_weka_blur_radii_follow_the_reference_truncation():
-    # σ=4: σ'=1, truncate (6.4+2)/3.2 = 2.625 → int(2.625 + .5) = 3; σ=8: σ'=3, truncate 2.3125 → int(6.9375+.5) = 7;
+    # σ=4: σ'=1, truncate (6.4+2)/3.2 = 2.625 → int(2.625 + .5) = 3;
+    # σ=8: σ'=3, truncate 2.3125 → int(6.9375 + .5) = 7;
     # σ=16: σ'=6, truncate 2.15625 → int(12.9375 + .5) = 13. σ=1, 2 are not blurred (σ'=0).
     assert WEKA.blur_sigmas == (0.0, 0.0, 1.0, 3.0, 6.0)
     assert WEKA.blur_radii[2:] == (3, 7, 13)
