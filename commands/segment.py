@@ -66,7 +66,7 @@ DimsOpt = Annotated[int, typer.Option("--vit-dims", min=1, help="PCA components 
 PcaOpt = Annotated[PcaMode, typer.Option("--pca", help="PCA of the ViT tokens: per-image (z-score, PCA and min-max fitted on each image, as the reference) or shared (fitted once on the training images and stored in the model).")]
 ClassicalOpt = Annotated[bool, typer.Option("--classical/--no-classical", help="Use the classical (Weka-style) filter bank.")]
 SigmasOpt = Annotated[str, typer.Option("--sigmas", help="Gaussian scales of the classical features, in pixels (true σ).")]
-WekaOpt = Annotated[bool, typer.Option("--weka-compat", help="Blur with int(0.4·σ) as the reference implementation did (duplicates channels).")]
+WekaOpt = Annotated[bool, typer.Option("--weka-compat", help="Reproduce the reference featuriser's classical channels exactly: int(0.4·σ) blurs with its truncation and nearest border, its DoG sign and membrane order.")]
 GroupsOpt = Annotated[str, typer.Option("--feature-groups", help="Classical feature groups: intensity, gradient, hessian, dog, membrane.")]
 ClassifierOpt = Annotated[ClassifierKind, typer.Option("--classifier", help="xgboost (boosted trees), random-forest (XGBoost forest) or logistic.")]
 TreesOpt = Annotated[int, typer.Option("--trees", min=1, help="Boosting rounds (xgboost) or trees (random-forest).")]

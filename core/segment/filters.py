@@ -29,9 +29,12 @@ Definitions (the same in every backend):
   ``180°·i/angles`` (cubic spline, then rounded to 0/1); responses are correlations with the image (boundary
   ``reflect``); the median of an even number of angles is the mean of the two middle values.
 
-σ are true standard deviations in pixels. The reference implementation truncated ``0.4·σ`` to an integer
-(effective blurs {0, 0, 1, 3, 6}, duplicating channels); ``weka_compat=True`` reproduces that, with a blur of
-σ = 0 being the image itself.
+σ are true standard deviations in pixels. ``weka_compat=True`` instead reproduces the reference featuriser
+(interactive-seg-backend's CPU path) channel for channel: blur σ' = ``int(0.4·σ)`` (effective {0, 0, 1, 3, 6},
+duplicating channels; σ' = 0 is the image itself) with its truncation (radius ``int(t·σ' + 0.5)``,
+``t = (4·0.4σ + 2)/(2·0.4σ)``: 3, 7, 13 px) and boundary ``nearest`` (``a a a | a b c d``); DoGs G(σj) − G(σi),
+the smaller σ minus the larger (named ``dog_s<σj>-s<σi>``); membrane statistics stored as mean, max, min, sum,
+std, median (:data:`WEKA_MEMBRANE_STATS`, the order the reference stored under other names).
 
 Backends: on the CPU the blurs run as one FFT of the padded image and one inverse FFT per σ, and the membrane
 projections as shifted sums of the sparse line kernels with a sorting network for the order statistics, in
@@ -55,6 +58,7 @@ from posvit_cli.core.errors import PosvitError
 __all__ = [
     "FEATURE_GROUPS",
     "MEMBRANE_STATS",
+    "WEKA_MEMBRANE_STATS",
     "ClassicalConfig",
     "classical_features",
     "classical_features_reference",
@@ -66,8 +70,15 @@ __all__ = [
 FEATURE_GROUPS = ("intensity", "gradient", "hessian", "dog", "membrane")
 #: Order of the membrane-projection statistics.
 MEMBRANE_STATS = ("sum", "mean", "std", "median", "max", "min")
+#: Their order under ``weka_compat``: the reference stored them so (while naming them in the order above).
+WEKA_MEMBRANE_STATS = ("mean", "max", "min", "sum", "std", "median")
 HESSIAN_PARTS = ("eig1", "eig2", "modulus", "trace", "det")
 TRUNCATE = 4.0
+#: The reference multiplied each σ by this before truncating it to an integer.
+WEKA_SIGMA_MULTIPLIER = 0.4
+# Revision of the ``weka_compat`` features recorded in saved configurations: models trained with the earlier
+# approximation (no revision) used other blurs, DoG signs and membrane order, and are refused.
+_WEKA_REVISION = 2
 # Row blocks of about this many pixels keep intermediate arrays in cache.
 _BLOCK_PIXELS = 65536
 
@@ -83,7 +94,8 @@ class ClassicalConfig:
     groups : tuple of str
         Channel groups to include (subset of :data:`FEATURE_GROUPS`).
     weka_compat : bool
-        Blur with ``int(0.4·σ)`` as the reference implementation did, instead of σ.
+        Reproduce the reference featuriser (interactive-seg-backend's CPU path) channel for channel: blur with
+        ``int(0.4·σ)``, its kernel truncation and its ``nearest`` boundary, its DoG sign and its membrane order.
     membrane_size : int
         Side of the membrane line kernel in pixels (odd).
     membrane_angles : int
@@ -123,6 +135,43 @@ class ClassicalConfig:
         return self.sigmas
 
     @property
+    def blur_radii(self) -> tuple[int, ...]:
+        """Half-width in pixels of the Gaussian kernel used for each nominal σ.
+
+        ``int(4σ + 0.5)`` by default. With ``weka_compat`` the reference's truncation: it passed the blur
+        σ' = ``int(0.4σ)`` with ``truncate = (4·0.4σ + 2)/(2·0.4σ)`` (computed from 0.4σ, not σ'), so the
+        radius is ``int(truncate·σ' + 0.5)``: 3, 7 and 13 pixels for σ = 4, 8, 16 (0 where σ' = 0).
+        """
+        if not self.weka_compat:
+            return tuple(_radius(s) for s in self.blur_sigmas)
+        radii = []
+        for s in self.sigmas:
+            scaled = WEKA_SIGMA_MULTIPLIER * s
+            kernel_width = 4 * scaled + 1  # the reference's intermediate, kept so that it rounds the same way
+            truncate = (kernel_width + 1) / (2 * scaled)
+            radii.append(int(truncate * int(scaled) + 0.5))
+        return tuple(radii)
+
+    @property
+    def blur_mode(self) -> str:
+        """Boundary of the Gaussian blurs (SciPy's name): ``reflect`` (d c b a | a b c d), or with
+        ``weka_compat`` the reference's ``nearest`` (a a a a | a b c d)."""
+        return "nearest" if self.weka_compat else "reflect"
+
+    @property
+    def membrane_stats(self) -> tuple[str, ...]:
+        """Order of the membrane statistics: :data:`MEMBRANE_STATS`, or :data:`WEKA_MEMBRANE_STATS`."""
+        return WEKA_MEMBRANE_STATS if self.weka_compat else MEMBRANE_STATS
+
+    @property
+    def membrane_line_width(self) -> int:
+        """Columns of ones in the membrane kernel: the thickness; with ``weka_compat`` the reference's
+        ``2·(thickness // 2) + 1`` (it widened an even thickness by one)."""
+        if self.weka_compat:
+            return 2 * (self.membrane_thickness // 2) + 1
+        return self.membrane_thickness
+
+    @property
     def halo(self) -> int:
         """Pixels of context each side that make a tile's features equal to the whole image's.
 
@@ -132,14 +181,14 @@ class ClassicalConfig:
         reach = 0
         if any(g in self.groups for g in ("gradient", "hessian")):
             reach = 2
-        blur = max((_radius(s) for s in self.blur_sigmas if s > 0), default=0)
+        blur = max((r for s, r in zip(self.blur_sigmas, self.blur_radii) if s > 0), default=0)
         if not any(g in self.groups for g in ("intensity", "gradient", "hessian", "dog")):
             blur = 0
         mem = self.membrane_size // 2 if "membrane" in self.groups else 0
         return max(blur + reach, mem)
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "sigmas": list(self.sigmas),
             "groups": list(self.groups),
             "weka_compat": self.weka_compat,
@@ -147,9 +196,22 @@ class ClassicalConfig:
             "membrane_angles": self.membrane_angles,
             "membrane_thickness": self.membrane_thickness,
         }
+        if self.weka_compat:
+            out["weka_revision"] = _WEKA_REVISION
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> ClassicalConfig:
+        """The configuration :meth:`to_dict` wrote.
+
+        Raises
+        ------
+        PosvitError
+            For a ``weka_compat`` configuration saved before those features matched the reference.
+        """
+        if d.get("weka_compat") and int(d.get("weka_revision", 1)) < _WEKA_REVISION:
+            raise PosvitError("this segmenter was trained with posvit's earlier --weka-compat features (other blurs, "
+                              "DoG signs and membrane order than the reference's): train it again")
         return cls(
             sigmas=tuple(d["sigmas"]),
             groups=tuple(d["groups"]),
@@ -191,10 +253,19 @@ def feature_names(config: ClassicalConfig | None = None) -> list[str]:
             names.extend(f"hessian_{p}{suffix}" for p in HESSIAN_PARTS)
     if "dog" in g:
         s = cfg.sigmas
-        names.extend(f"dog_s{_fmt(s[i])}-s{_fmt(s[j])}" for i in range(len(s)) for j in range(i))
+        names.extend(f"dog_s{_fmt(s[a])}-s{_fmt(s[b])}" for a, b in _dog_pairs(len(s), cfg.weka_compat))
     if "membrane" in g:
-        names.extend(f"membrane_{m}" for m in MEMBRANE_STATS)
+        names.extend(f"membrane_{m}" for m in cfg.membrane_stats)
     return names
+
+
+def _dog_pairs(n: int, weka_compat: bool) -> list[tuple[int, int]]:
+    """Index pairs ``(a, b)`` of the DoG channels, each G(σa) − G(σb), in channel order.
+
+    The larger σ runs in the outer loop. By default the larger blur minus the smaller; with ``weka_compat`` the
+    reference's smaller minus larger.
+    """
+    return [(j, i) if weka_compat else (i, j) for i in range(n) for j in range(i)]
 
 
 def membrane_kernels(size: int = 15, angles: int = 30, thickness: int = 1) -> np.ndarray:
@@ -334,7 +405,10 @@ def _selection_network(n: int, wanted: Sequence[int]) -> list[tuple[int, int]]:
 
 
 def _membrane_block_numpy(padded, taps, y0: int, y1: int, width: int, network, n_angles: int, out) -> None:
-    """Membrane statistics for output rows ``y0:y1``, written to ``out[:, y0:y1]`` (6 channels)."""
+    """Membrane statistics for output rows ``y0:y1``, written to ``out[k][y0:y1]``.
+
+    ``out`` holds six (H, W) planes for sum, mean, std, median, max and min (:data:`MEMBRANE_STATS`).
+    """
     rows = y1 - y0
     resp = []
     for offsets in taps:
@@ -354,9 +428,9 @@ def _membrane_block_numpy(padded, taps, y0: int, y1: int, width: int, network, n
         tmp *= tmp
         var += tmp
     var /= np.float32(n_angles)
-    out[0, y0:y1] = total
-    out[1, y0:y1] = mean
-    out[2, y0:y1] = np.sqrt(var)
+    out[0][y0:y1] = total
+    out[1][y0:y1] = mean
+    out[2][y0:y1] = np.sqrt(var)
     wires = resp
     for i, j in network:
         np.minimum(wires[i], wires[j], out=tmp)
@@ -364,15 +438,17 @@ def _membrane_block_numpy(padded, taps, y0: int, y1: int, width: int, network, n
         wires[i], tmp = tmp, wires[i]
     mid = n_angles // 2
     if n_angles % 2:
-        out[3, y0:y1] = wires[mid]
+        out[3][y0:y1] = wires[mid]
     else:
-        out[3, y0:y1] = (wires[mid - 1] + wires[mid]) * np.float32(0.5)
-    out[4, y0:y1] = wires[n_angles - 1]
-    out[5, y0:y1] = wires[0]
+        out[3][y0:y1] = (wires[mid - 1] + wires[mid]) * np.float32(0.5)
+    out[4][y0:y1] = wires[n_angles - 1]
+    out[5][y0:y1] = wires[0]
 
 
 def _membrane_numpy(img: np.ndarray, cfg: ClassicalConfig, out: np.ndarray, pool) -> None:
-    kernels = membrane_kernels(cfg.membrane_size, cfg.membrane_angles, cfg.membrane_thickness)
+    """The six membrane statistics of ``img`` into ``out`` (6, H, W), in the order of ``cfg.membrane_stats``."""
+    kernels = membrane_kernels(cfg.membrane_size, cfg.membrane_angles, cfg.membrane_line_width)
+    out = [out[cfg.membrane_stats.index(m)] for m in MEMBRANE_STATS]
     r = cfg.membrane_size // 2
     padded = np.pad(img, r, mode="symmetric")
     taps = [list(zip(*(a.tolist() for a in np.nonzero(k)))) for k in kernels]
@@ -395,34 +471,52 @@ def _membrane_numpy(img: np.ndarray, cfg: ClassicalConfig, out: np.ndarray, pool
 # --------------------------------------------------------------------------------------------------------------
 # Gaussian blurs
 
+# numpy.pad's names for SciPy's boundary modes.
+_NUMPY_PAD = {"reflect": "symmetric", "nearest": "edge"}
 
-def _gaussian_kernel1d(sigma: float) -> np.ndarray:
-    radius = _radius(sigma)
+
+def _gaussian_kernel1d(sigma: float, radius: int) -> np.ndarray:
     x = np.arange(-radius, radius + 1, dtype=np.float64)
     k = np.exp(-0.5 * (x / sigma) ** 2)
     return k / k.sum()
 
 
-def _blurs_fft(img: np.ndarray, sigmas: Sequence[float], workers: int) -> list[np.ndarray]:
-    """Gaussian blurs at several σ from one FFT of the reflect-padded image (exact linear convolution)."""
+def _blurs_fft(img: np.ndarray, sigmas: Sequence[float], radii: Sequence[int], mode: str,
+               workers: int) -> list[np.ndarray]:
+    """Gaussian blurs from one FFT of the padded image (exact linear convolution).
+
+    Parameters
+    ----------
+    img : ndarray of float32, shape (H, W)
+    sigmas, radii : sequences of float and int
+        σ of each blur (0: the image itself) and the half-width of its kernel in pixels.
+    mode : {"reflect", "nearest"}
+        Boundary, as SciPy names it.
+    workers : int
+        FFT threads.
+
+    Returns
+    -------
+    list of ndarray of float32, shape (H, W)
+    """
     import scipy.fft as sfft
 
     H, W = img.shape
-    positive = [s for s in sigmas if s > 0]
+    positive = [r for s, r in zip(sigmas, radii) if s > 0]
     if not positive:
         return [img for _ in sigmas]
-    pad = max(_radius(s) for s in positive)
+    pad = max(positive)
     # Blurring preserves constants: transforming the image minus its mean keeps the FFT's rounding error
     # proportional to the image's variation rather than to its brightness.
     offset = np.float32(img.mean(dtype=np.float64))
-    padded = np.pad(img - offset, pad, mode="symmetric")
+    padded = np.pad(img - offset, pad, mode=_NUMPY_PAD[mode])
     nh = sfft.next_fast_len(H + 2 * pad, real=True)
     nw = sfft.next_fast_len(W + 2 * pad, real=True)
     spectrum = sfft.rfft2(padded, s=(nh, nw), workers=workers)
     del padded
 
-    def transfer(sigma: float, n: int, real: bool) -> np.ndarray:
-        k = _gaussian_kernel1d(sigma)
+    def transfer(sigma: float, radius: int, n: int, real: bool) -> np.ndarray:
+        k = _gaussian_kernel1d(sigma, radius)
         r = (k.size - 1) // 2
         circ = np.zeros(n)
         circ[: r + 1] = k[r:]
@@ -432,12 +526,12 @@ def _blurs_fft(img: np.ndarray, sigmas: Sequence[float], workers: int) -> list[n
         return f.real.astype(np.float32)  # a symmetric kernel has a real spectrum
 
     out = []
-    for s in sigmas:
+    for s, r in zip(sigmas, radii):
         if s <= 0:
             out.append(img)
             continue
-        prod = spectrum * transfer(s, nh, False)[:, None]
-        prod *= transfer(s, nw, True)[None, :]
+        prod = spectrum * transfer(s, r, nh, False)[:, None]
+        prod *= transfer(s, r, nw, True)[None, :]
         full = sfft.irfft2(prod, s=(nh, nw), workers=workers)
         blurred = np.ascontiguousarray(full[pad : pad + H, pad : pad + W], dtype=np.float32)
         blurred += offset
@@ -509,7 +603,7 @@ def classical_features(
     g = cfg.groups
     want_grad, want_hess = "gradient" in g, "hessian" in g
     need_blurs = any(x in g for x in ("intensity", "gradient", "hessian", "dog"))
-    blurs = _blurs_fft(img, cfg.blur_sigmas, n_threads) if need_blurs else []
+    blurs = _blurs_fft(img, cfg.blur_sigmas, cfg.blur_radii, cfg.blur_mode, n_threads) if need_blurs else []
     per_scale = int("intensity" in g) + int(want_grad) + 5 * int(want_hess)
     block = max(1, min(H, _BLOCK_PIXELS // max(W, 1)))
     blocks = [(y, min(H, y + block)) for y in range(0, H, block)]
@@ -537,10 +631,9 @@ def classical_features(
             list(pool.map(do_block, jobs))
         c = per_scale * (len(cfg.sigmas) + 1) if need_blurs else 0
         if "dog" in g:
-            for i in range(len(cfg.sigmas)):
-                for j in range(i):
-                    np.subtract(blurs[i], blurs[j], out=buf[c])
-                    c += 1
+            for a, b in _dog_pairs(len(cfg.sigmas), cfg.weka_compat):
+                np.subtract(blurs[a], blurs[b], out=buf[c])
+                c += 1
         if "membrane" in g:
             _membrane_numpy(img, cfg, buf[c : c + 6], pool)
     finally:
@@ -549,11 +642,14 @@ def classical_features(
     return buf.transpose(1, 2, 0)
 
 
-def _reflect_index(n: int, pad: int, device):
-    """Indices that pad a length-``n`` axis by ``pad`` on each side with ``reflect`` (d c b a | a b c d)."""
+def _pad_index(n: int, pad: int, device, mode: str = "reflect"):
+    """Indices that pad a length-``n`` axis by ``pad`` on each side with ``reflect`` (d c b a | a b c d) or
+    ``nearest`` (a a a | a b c d)."""
     import torch
 
     idx = torch.arange(-pad, n + pad, device=device)
+    if mode == "nearest":
+        return idx.clamp(0, n - 1)
     period = 2 * n
     idx = torch.remainder(idx, period)
     return torch.where(idx >= n, period - 1 - idx, idx)
@@ -587,21 +683,20 @@ def _classical_torch(img: np.ndarray, cfg: ClassicalConfig, device) -> np.ndarra
     H, W = img.shape
     g = cfg.groups
 
-    def pad2(t, p):
-        return t.index_select(0, _reflect_index(H, p, dev)).index_select(1, _reflect_index(W, p, dev))
+    def pad2(t, p, mode="reflect"):
+        return t.index_select(0, _pad_index(H, p, dev, mode)).index_select(1, _pad_index(W, p, dev, mode))
 
-    def blur(s: float):
+    def blur(s: float, r: int):
         if s <= 0:
             return x
-        k = torch.from_numpy(_gaussian_kernel1d(s).astype(np.float32)).to(dev)
-        r = (k.numel() - 1) // 2
-        p = pad2(x, r)[None, None]
+        k = torch.from_numpy(_gaussian_kernel1d(s, r).astype(np.float32)).to(dev)
+        p = pad2(x, r, cfg.blur_mode)[None, None]
         p = F.conv2d(p, k.view(1, 1, 1, -1))
         p = F.conv2d(p, k.view(1, 1, -1, 1))
         return p[0, 0]
 
     with torch.inference_mode(), _ieee_convolutions():
-        blurs = [blur(s) for s in cfg.blur_sigmas] if any(
+        blurs = [blur(s, r) for s, r in zip(cfg.blur_sigmas, cfg.blur_radii)] if any(
             v in g for v in ("intensity", "gradient", "hessian", "dog")) else []
         chans = []
         if blurs:
@@ -611,12 +706,10 @@ def _classical_torch(img: np.ndarray, cfg: ClassicalConfig, device) -> np.ndarra
                 if "gradient" in g or "hessian" in g:
                     chans.extend(_scale_features(f, "gradient" in g, "hessian" in g, torch.sqrt, torch.empty_like))
         if "dog" in g:
-            for i in range(len(blurs)):
-                for j in range(i):
-                    chans.append(blurs[i] - blurs[j])
+            chans.extend(blurs[a] - blurs[b] for a, b in _dog_pairs(len(blurs), cfg.weka_compat))
         if "membrane" in g:
             ker = torch.from_numpy(
-                membrane_kernels(cfg.membrane_size, cfg.membrane_angles, cfg.membrane_thickness)
+                membrane_kernels(cfg.membrane_size, cfg.membrane_angles, cfg.membrane_line_width)
             ).to(dev)[:, None]
             r = cfg.membrane_size // 2
             resp = F.conv2d(pad2(x, r)[None, None], ker)[0]
@@ -625,7 +718,8 @@ def _classical_torch(img: np.ndarray, cfg: ClassicalConfig, device) -> np.ndarra
             mid = n // 2
             median = srt[mid] if n % 2 else (srt[mid - 1] + srt[mid]) * 0.5
             total = resp.sum(0)
-            chans.extend([total, total / n, resp.std(0, unbiased=False), median, srt[-1], srt[0]])
+            stats = dict(zip(MEMBRANE_STATS, [total, total / n, resp.std(0, unbiased=False), median, srt[-1], srt[0]]))
+            chans.extend(stats[m] for m in cfg.membrane_stats)
         out = torch.stack(chans).cpu().numpy()
     return out.transpose(1, 2, 0)
 
@@ -646,8 +740,8 @@ def classical_features_reference(image: np.ndarray, config: ClassicalConfig | No
     cfg = config or ClassicalConfig()
     img = _check_image(image)
     g = cfg.groups
-    blurs = [img if s <= 0 else ndi.gaussian_filter(img, s, mode="reflect", truncate=TRUNCATE)
-             for s in cfg.blur_sigmas]
+    blurs = [img if s <= 0 else ndi.gaussian_filter(img, s, mode=cfg.blur_mode, radius=r)
+             for s, r in zip(cfg.blur_sigmas, cfg.blur_radii)]
     chans = []
     if any(v in g for v in ("intensity", "gradient", "hessian", "dog")):
         for f in [img, *blurs]:
@@ -663,12 +757,12 @@ def classical_features_reference(image: np.ndarray, config: ClassicalConfig | No
                 root = np.sqrt((hxx - hyy) ** 2 + 4 * hxy**2)
                 chans += [(tr + root) / 2, (tr - root) / 2, np.sqrt(hxx**2 + hxy**2 + hyy**2), tr, hxx * hyy - hxy**2]
     if "dog" in g:
-        for i in range(len(blurs)):
-            for j in range(i):
-                chans.append(blurs[i] - blurs[j])
+        chans += [blurs[a] - blurs[b] for a, b in _dog_pairs(len(blurs), cfg.weka_compat)]
     if "membrane" in g:
-        kernels = membrane_kernels(cfg.membrane_size, cfg.membrane_angles, cfg.membrane_thickness)
+        kernels = membrane_kernels(cfg.membrane_size, cfg.membrane_angles, cfg.membrane_line_width)
         stack = np.stack([ndi.correlate(img, k, mode="reflect") for k in kernels])
-        chans += [stack.sum(0), stack.mean(0), stack.std(0), np.median(stack, 0), stack.max(0), stack.min(0)]
+        stats = dict(zip(MEMBRANE_STATS, [stack.sum(0), stack.mean(0), stack.std(0), np.median(stack, 0),
+                                          stack.max(0), stack.min(0)]))
+        chans += [stats[m] for m in cfg.membrane_stats]
     return np.stack([np.asarray(c, np.float32) for c in chans], axis=-1)
 
