@@ -34,6 +34,7 @@ __all__ = [
     "bundled_weights_path",
     "load_encoder",
     "read_checkpoint_meta",
+    "register_checkpoint_adapter",
     "register_modifier",
     "resolve_spec",
     "save_encoder_checkpoint",
@@ -307,6 +308,20 @@ def register_modifier(name: str) -> Callable:
     return deco
 
 
+#: Functions that fit a modification's settings to the weights it will load, by modifier name:
+#: ``fn(config, state_dict) -> config``. They let a weights file in another program's layout (e.g. ALiBi slopes
+#: stored per block) load with the plain ``--method`` settings.
+CHECKPOINT_ADAPTERS: dict[str, Callable[[dict, dict], dict]] = {}
+
+
+def register_checkpoint_adapter(name: str) -> Callable:
+    def deco(fn: Callable[[dict, dict], dict]) -> Callable:
+        CHECKPOINT_ADAPTERS[name] = fn
+        return fn
+
+    return deco
+
+
 #: Where each known modifier is defined. Importing that module registers it; the table is explicit so that a name
 #: read from a checkpoint can only ever select one of these, never build a module path.
 _MODIFIER_MODULES = {
@@ -530,6 +545,8 @@ def _load_state_dict_checked(model, state_dict: dict, source: str) -> None:
         hint = ""
         if set(missing) <= {"pos_embed"} and missing and not unexpected and not mismatched:
             hint = "; a checkpoint without position embedding (ALiBi or NoPE)? pass --method alibi or --method nope"
+        elif any(k.startswith("blocks.") and k.endswith(".attn.m") for k in unexpected):
+            hint = "; blocks.{i}.attn.m are per-block ALiBi slopes: pass --method alibi"
         raise PosvitError(f"weights '{source}' do not fit this model ({'; '.join(parts)}){hint}")
     model.load_state_dict(state_dict, strict=True)
 
@@ -635,7 +652,7 @@ def load_encoder(
                     "it needs no --method"
                 )
             mods = mods or list(modifications)
-        _replay_modifications(enc, mods)
+        _replay_modifications(enc, _fit_modifications(mods, sd))
         _load_state_dict_checked(enc.model, sd, str(weights_path))
         if spec.bundled and weights == "pretrained":
             enc.weights = f"bundled:{spec.bundled}"
@@ -676,6 +693,16 @@ def load_encoder(
                   create_kwargs=create_kwargs)
     _replay_modifications(enc, modifications or [])
     return enc.to(device)
+
+
+def _fit_modifications(mods: Sequence[dict], state_dict: dict) -> list[dict]:
+    """The modifications with their settings fitted to ``state_dict`` by the modifiers' checkpoint adapters."""
+    out = []
+    for mod in mods:
+        _load_modifier(mod["name"])  # imports the module, which registers its adapter too
+        adapt = CHECKPOINT_ADAPTERS.get(mod["name"])
+        out.append({**mod, "config": adapt(dict(mod.get("config", {})), state_dict)} if adapt else mod)
+    return out
 
 
 def _replay_modifications(enc: Encoder, mods: Sequence[dict]) -> None:
