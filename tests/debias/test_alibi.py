@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
 
 from posvit_cli.core.features.alibi import AlibiConfig, alibi_bias, alibi_slopes, grid_distances, retrofit
 from posvit_cli.core.features.encoders import load_encoder, save_encoder_checkpoint
-from posvit_cli.core.errors import PosvitError
+from posvit_cli.core.errors import PosvitError, PosvitWarning
 
 from conftest import TINY_MODEL
 
@@ -379,3 +380,42 @@ def test_per_block_constant_slopes_are_saved_buffers(tmp_path):
     back = load_encoder(None, save_encoder_checkpoint(tmp_path / "c.safetensors", enc))
     assert torch.equal(back.model.blocks[1].attn.m, m.blocks[1].attn.m)
     assert torch.allclose(_tokens(back, x), _tokens(enc, x), atol=1e-6)
+
+
+def _zero_pos_embed_checkpoint(tmp_path, method, value=0.0):
+    """The reference's older layout: the retrofitted model's weights plus its pos_embed, zeroed (and frozen)."""
+    enc = load_encoder(TINY_MODEL, "random", seed=5)
+    shape = enc.model.pos_embed.shape
+    retrofit(enc, method)
+    sd = dict(enc.model.state_dict())
+    assert "pos_embed" not in sd
+    sd["pos_embed"] = torch.full(shape, value)
+    path = tmp_path / f"{method}_zero_pe.pth"
+    torch.save(sd, path)
+    return enc, path
+
+
+@pytest.mark.parametrize("method", ["alibi", "nope"])
+def test_zeroed_pos_embed_is_dropped_with_method(tmp_path, method, image_dir, cli):
+    enc, path = _zero_pos_embed_checkpoint(tmp_path, method)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        back = load_encoder(TINY_MODEL, path, modifications=[{"name": method, "config": {}}])
+    ours = [str(w.message) for w in caught if issubclass(w.category, PosvitWarning)]
+    assert len(ours) == 1 and "dropped its all-zero pos_embed" in ours[0], ours
+    x = torch.randn(1, 3, 48, 64)
+    assert torch.equal(_tokens(back, x), _tokens(enc, x))
+    r = cli(["extract", image_dir / "grey0.png", "--model", TINY_MODEL, "--weights", path, "--method", method,
+             "-o", tmp_path / "z.h5", "--size", "64", "-q"])
+    assert r.exit_code == 0 and "dropped its all-zero pos_embed" in r.output, r.output
+
+
+def test_zeroed_pos_embed_without_method_warns_and_nonzero_with_method_is_refused(tmp_path):
+    _, path = _zero_pos_embed_checkpoint(tmp_path, "alibi")
+    with pytest.warns(PosvitWarning, match=r"all-zero position embedding.*--method alibi or --method nope"):
+        plain = load_encoder(TINY_MODEL, path)
+    assert plain.modifications == [] and not plain.model.pos_embed.any()
+    (tmp_path / "nz").mkdir()
+    _, nonzero = _zero_pos_embed_checkpoint(tmp_path / "nz", "alibi", value=0.01)
+    with pytest.raises(PosvitError, match="unexpected: pos_embed.*not zero.*drop --method"):
+        load_encoder(TINY_MODEL, nonzero, modifications=[{"name": "alibi", "config": {}}])
