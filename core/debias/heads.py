@@ -16,8 +16,10 @@ posvit layout
     ``posvit``: a JSON document with the rest (exact flag, backbone, input size, training settings and logs).
 Franca layout (read and written)
     ``pre_pos_layers.{i}.weight`` ``[2, D]`` for the first ``T − 1`` rounds and ``pos_pred.weight`` ``[2, D]``
-    for the last, optionally under a ``rasa_head.`` and/or ``module.`` prefix; a ``.pth``/``.pt`` state dict
-    (loaded with ``weights_only=True``) or ``.safetensors``. Franca's released heads have 9 or 10 planes.
+    for the last, optionally under a ``rasa_head.`` and/or ``module.`` prefix, or inside a whole model (Franca's
+    hub backbone; a Lightning checkpoint of its training module, ``head.*`` next to ``backbone.*``, possibly under
+    ``"state_dict"``); a ``.pth``/``.pt``/``.ckpt`` state dict (loaded with ``weights_only=True``) or
+    ``.safetensors``. Franca's released heads have 9 or 10 planes.
 
 A RASA plane removes ``span(GS(W_t))``, the orthonormalised rows of ``W_t``: ``z ← z − (z·u_r)u_r − (z·u_c)u_c``,
 sequentially in training order (the references' behaviour), or, for an ``exact`` head, once through the orthogonal
@@ -61,6 +63,8 @@ HEAD_FORMAT_VERSION = 1
 HEAD_METHODS = ("rasa", "svd", "blank", "tta")
 # Prefixes under which Franca's code and checkpoints keep the head's weights.
 _FRANCA_PREFIXES = ("module.", "rasa_head.", "model.")
+# Modules that hold the head inside a whole model: Franca's hub backbone, and its Lightning training module.
+_HEAD_MODULES = ("rasa_head", "head")
 _FRANCA_KEY = re.compile(r"^(?:pre_pos_layers\.(\d+)|pos_pred)\.weight$")
 # A plane vector shorter than this (relative) after orthogonalisation carries no new direction.
 _DEGENERATE = 1e-8
@@ -507,24 +511,29 @@ def save_head(head: Head, path: str | os.PathLike, *, layout: str = "posvit") ->
     return Path(path)
 
 
-def _strip_prefixes(state: dict) -> dict:
-    """Keys of a Franca head without ``module.``/``rasa_head.`` prefixes; a full model keeps only its head."""
-    keys = list(state)
+def _strip_prefixes(state: dict, source: str) -> dict:
+    """Keys of a Franca head without ``module.``/``model.`` prefixes; a whole model keeps only its head.
+
+    Whole models: Franca's hub backbone (``rasa_head.*`` next to the ViT) and the Lightning module it trains the
+    head in (``backbone.*`` next to ``head.*``). The other tensors are ignored, with one warning.
+    """
     for _ in range(3):
-        heads = [k for k in keys if k.split(".", 1)[0] == "rasa_head" or k.startswith("module.rasa_head.")]
-        if heads and len(heads) < len(keys):  # a whole Franca model: keep its RASA head
-            state = {k: state[k] for k in heads}
-            keys = heads
         for p in _FRANCA_PREFIXES:
-            if keys and all(k.startswith(p) for k in keys):
+            if state and all(k.startswith(p) for k in state):
                 state = {k[len(p):]: v for k, v in state.items()}
-                keys = list(state)
+    for module in _HEAD_MODULES:
+        inner = {k[len(module) + 1:]: v for k, v in state.items() if k.startswith(module + ".")}
+        if any(_FRANCA_KEY.match(k) for k in inner):
+            if len(inner) < len(state):
+                warnings.warn(f"'{source}' is a whole model: using its RASA head ({module}.*), ignoring "
+                              f"{len(state) - len(inner)} other tensors (the backbone)", PosvitWarning, stacklevel=3)
+            return inner
     return state
 
 
 def _planes_from_franca(state: dict, source: str):
     torch = _torch()
-    state = _strip_prefixes(state)
+    state = _strip_prefixes(state, source)
     pre: dict[int, Any] = {}
     last = None
     bad = []

@@ -14,7 +14,9 @@ roll-equivariant: it cannot tell where a patch is, only what surrounds it.
 The bias is passed as an additive float mask to timm's fused attention (``F.scaled_dot_product_attention``),
 never through an explicit softmax. It is built once per grid size, cached, and shared by all blocks: a forward
 pre-hook on ``patch_embed`` reads the input size of each call and picks (or builds) the bias; a pre-hook on every
-block hands it over as ``attn_mask``. Any input size works, non-square included.
+block hands it over as ``attn_mask``. Any input size works, non-square included. With per-block slopes (the
+reference's learned-slope checkpoints keep one ``blocks.{i}.attn.m`` per block) the unit bias is shared and each
+block's hook scales it by that block's own slopes.
 
 Registered as encoder modifiers ``"alibi"`` and ``"nope"`` (see :func:`posvit_cli.core.features.encoders.register_modifier`),
 so a posvit checkpoint that lists them reloads with ``load_encoder(None, weights=CKPT)``.
@@ -26,12 +28,13 @@ import collections
 import dataclasses
 import inspect
 import math
+import re
 from typing import Any
 
 import torch
 from torch import nn
 
-from posvit_cli.core.features.encoders import Encoder, register_modifier
+from posvit_cli.core.features.encoders import Encoder, register_checkpoint_adapter, register_modifier
 from posvit_cli.core.errors import PosvitError
 
 __all__ = [
@@ -40,6 +43,7 @@ __all__ = [
     "SLOPE_KINDS",
     "Alibi2d",
     "AlibiConfig",
+    "add_block_slopes",
     "alibi_bias",
     "alibi_slopes",
     "check_retrofittable",
@@ -55,6 +59,8 @@ DISTANCES = ("euclidean", "manhattan")
 SLOPE_KINDS = ("constant", "geometric", "learned")
 #: Position-encoding retrofits: ALiBi bias, or no position information at all.
 METHODS = ("alibi", "nope")
+# A block's own slopes in a state dict (the reference's learned-slope layout).
+_BLOCK_SLOPE_KEY = re.compile(r"^blocks\.\d+\.attn\.m$")
 # Bias matrices kept per model (different input sizes in one run: training stages, validation, monitor images).
 _CACHE_SIZE = 4
 
@@ -75,6 +81,10 @@ class AlibiConfig:
         Distances on a torus (wrap-around in both axes); without it, plain grid distances.
     normalize : bool
         Divide distances by their maximum over the grid, so the bias spans ``[−m, 0]`` at every resolution.
+    per_block : bool
+        Each block has its own slopes, ``blocks.{i}.attn.m`` of shape (heads, 1, 1) in the state dict (a parameter
+        when learned, else a saved buffer): the layout of the reference's learned-slope checkpoints. Without it
+        all blocks share one slope set (``alibi.slopes`` when learned, not saved otherwise).
     """
 
     slopes: str = "constant"
@@ -82,6 +92,7 @@ class AlibiConfig:
     distance: str = "euclidean"
     wrap: bool = True
     normalize: bool = True
+    per_block: bool = False
 
     def __post_init__(self) -> None:
         if self.slopes not in SLOPE_KINDS:
@@ -92,7 +103,10 @@ class AlibiConfig:
             raise PosvitError(f"ALiBi slope must be a finite number, got {self.slope}")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if not self.per_block:  # written only when set: checkpoints with shared slopes stay readable by older posvit
+            del d["per_block"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict | None) -> AlibiConfig:
@@ -192,7 +206,9 @@ class Alibi2d(nn.Module):
 
     Attached to the timm model as ``model.alibi``. Learned slopes are a parameter (``alibi.slopes`` in the state
     dict); fixed slopes are a non-persistent buffer, so a checkpoint with constant slopes holds exactly the timm
-    model's weights without ``pos_embed`` (the layout of the published ALiBi checkpoints).
+    model's weights without ``pos_embed`` (the layout of the published ALiBi checkpoints). With
+    ``config.per_block`` the slopes live on each block's attention (``attn.m``, see :func:`add_block_slopes`) and
+    ``alibi.slopes`` is an unsaved buffer that only sets the bias dtype.
 
     Parameters
     ----------
@@ -207,12 +223,12 @@ class Alibi2d(nn.Module):
         self.num_heads = int(num_heads)
         self.num_prefix_tokens = int(num_prefix_tokens)
         slopes = alibi_slopes(config.slopes, self.num_heads, config.slope)
-        if config.slopes == "learned":
+        if config.slopes == "learned" and not config.per_block:
             self.slopes = nn.Parameter(slopes)
         else:
             self.register_buffer("slopes", slopes, persistent=False)
         # One slope for every head: one (N, N) bias broadcast over heads, H times less memory.
-        self._uniform = config.slopes == "constant"
+        self._uniform = config.slopes == "constant" and not config.per_block
         self._cache: collections.OrderedDict = collections.OrderedDict()
         self._grid: tuple[int, int] | None = None
         self._active: torch.Tensor | None = None
@@ -221,7 +237,7 @@ class Alibi2d(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         return (f"heads={self.num_heads}, prefix={self.num_prefix_tokens}, slopes={c.slopes}, m={c.slope}, "
-                f"distance={c.distance}, wrap={c.wrap}, normalize={c.normalize}")
+                f"distance={c.distance}, wrap={c.wrap}, normalize={c.normalize}, per_block={c.per_block}")
 
     # -- the bias -------------------------------------------------------------------------------------------
     def _unit_bias(self, h: int, w: int, device) -> torch.Tensor:
@@ -245,9 +261,12 @@ class Alibi2d(nn.Module):
         """The attention bias for an ``h × w`` grid, shape (1, 1 or heads, N, N) with N = prefix + h·w.
 
         Fixed slopes: built once per (grid, device, dtype) and cached. Learned slopes: the slope product is taken
-        each call (the unit bias is cached) so gradients reach the slopes.
+        each call (the unit bias is cached) so gradients reach the slopes. Per-block slopes: the unit bias
+        (1, 1, N, N); each block scales it by its own slopes.
         """
         device = torch.device(device) if device is not None else self.slopes.device
+        if self.config.per_block:
+            return self._unit_bias(h, w, device).to(dtype)[None, None]
         if self.config.slopes == "learned":
             unit = self._unit_bias(h, w, device)
             return (self.slopes.to(device=device, dtype=dtype)[:, None, None] * unit.to(dtype))[None]
@@ -291,6 +310,10 @@ class Alibi2d(nn.Module):
         bias = self._active
         if bias is None:
             return None
+        if self.config.per_block:
+            # This block's own slopes, (H, 1, 1), times the shared unit bias (1, 1, N, N); taken every call so
+            # that learned slopes get gradients.
+            bias = module.attn.m.to(bias.dtype)[None] * bias
         x = args[0] if args else kwargs["x"]
         n = x.shape[1]
         if bias.shape[-1] != n:
@@ -411,6 +434,23 @@ def _num_heads(model: nn.Module) -> int:
     return int(heads)
 
 
+def add_block_slopes(model: nn.Module, config: AlibiConfig) -> None:
+    """Give every block's attention its own slopes ``attn.m``, shape (heads, 1, 1), initialised from ``config``.
+
+    The reference's learned-slope layout (``blocks.{i}.attn.m`` in the state dict): a parameter when the slopes
+    are learned, else a buffer that is saved and loaded (the values may come from such a checkpoint).
+    """
+    p = next(model.parameters())
+    for i, attn in enumerate(_attention_modules(model)):
+        if hasattr(attn, "m"):
+            raise PosvitError(f"block {i} attention already has an attribute 'm': cannot add per-block ALiBi slopes")
+        m = alibi_slopes(config.slopes, int(attn.num_heads), config.slope).reshape(-1, 1, 1).to(p.device)
+        if config.slopes == "learned":
+            attn.m = nn.Parameter(m)
+        else:
+            attn.register_buffer("m", m)
+
+
 def _apply(model: nn.Module, method: str, config: dict, name: str) -> None:
     check_retrofittable(model, name)
     if getattr(model, "alibi", None) is not None:
@@ -427,6 +467,8 @@ def _apply(model: nn.Module, method: str, config: dict, name: str) -> None:
     model.alibi = Alibi2d(_num_heads(model), int(getattr(model, "num_prefix_tokens", 0)), cfg)
     p = next(model.parameters())
     model.alibi.to(p.device)
+    if cfg.per_block:
+        add_block_slopes(model, cfg)
     model.alibi.attach(model)
 
 
@@ -434,6 +476,16 @@ def _apply(model: nn.Module, method: str, config: dict, name: str) -> None:
 def _alibi_modifier(encoder: Encoder, config: dict) -> None:
     """Encoder modifier ``alibi``: remove the position encoding, add 2-D ALiBi attention bias."""
     _apply(encoder.model, "alibi", config, encoder.name)
+
+
+@register_checkpoint_adapter("alibi")
+def _alibi_settings_for(config: dict, state_dict: dict) -> dict:
+    """Per-block slopes when the weights have them (``blocks.{i}.attn.m``: the reference's learned slopes)."""
+    cfg = AlibiConfig.from_dict(config)
+    if cfg.per_block or not any(_BLOCK_SLOPE_KEY.match(k) for k in state_dict):
+        return config
+    # The reference saves slopes only when they are learned (constant ones are not persistent).
+    return dataclasses.replace(cfg, per_block=True, slopes="learned").to_dict()
 
 
 @register_modifier("nope")

@@ -18,12 +18,13 @@ import hashlib
 import importlib
 import json
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from posvit_cli.core.errors import PosvitError
+from posvit_cli.core.errors import PosvitError, PosvitWarning
 from posvit_cli.core.fileio import atomic_path, json_text
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "bundled_weights_path",
     "load_encoder",
     "read_checkpoint_meta",
+    "register_checkpoint_adapter",
     "register_modifier",
     "resolve_spec",
     "save_encoder_checkpoint",
@@ -307,6 +309,20 @@ def register_modifier(name: str) -> Callable:
     return deco
 
 
+#: Functions that fit a modification's settings to the weights it will load, by modifier name:
+#: ``fn(config, state_dict) -> config``. They let a weights file in another program's layout (e.g. ALiBi slopes
+#: stored per block) load with the plain ``--method`` settings.
+CHECKPOINT_ADAPTERS: dict[str, Callable[[dict, dict], dict]] = {}
+
+
+def register_checkpoint_adapter(name: str) -> Callable:
+    def deco(fn: Callable[[dict, dict], dict]) -> Callable:
+        CHECKPOINT_ADAPTERS[name] = fn
+        return fn
+
+    return deco
+
+
 #: Where each known modifier is defined. Importing that module registers it; the table is explicit so that a name
 #: read from a checkpoint can only ever select one of these, never build a module path.
 _MODIFIER_MODULES = {
@@ -530,6 +546,10 @@ def _load_state_dict_checked(model, state_dict: dict, source: str) -> None:
         hint = ""
         if set(missing) <= {"pos_embed"} and missing and not unexpected and not mismatched:
             hint = "; a checkpoint without position embedding (ALiBi or NoPE)? pass --method alibi or --method nope"
+        elif unexpected == ["pos_embed"] and not missing and not mismatched:
+            hint = "; its position embedding is not zero, so it is no position-free checkpoint: drop --method"
+        elif any(k.startswith("blocks.") and k.endswith(".attn.m") for k in unexpected):
+            hint = "; blocks.{i}.attn.m are per-block ALiBi slopes: pass --method alibi"
         raise PosvitError(f"weights '{source}' do not fit this model ({'; '.join(parts)}){hint}")
     model.load_state_dict(state_dict, strict=True)
 
@@ -635,7 +655,8 @@ def load_encoder(
                     "it needs no --method"
                 )
             mods = mods or list(modifications)
-        _replay_modifications(enc, mods)
+        _replay_modifications(enc, _fit_modifications(mods, sd))
+        sd = _zero_pos_embed(enc, sd, str(weights_path))
         _load_state_dict_checked(enc.model, sd, str(weights_path))
         if spec.bundled and weights == "pretrained":
             enc.weights = f"bundled:{spec.bundled}"
@@ -676,6 +697,37 @@ def load_encoder(
                   create_kwargs=create_kwargs)
     _replay_modifications(enc, modifications or [])
     return enc.to(device)
+
+
+def _zero_pos_embed(enc: Encoder, state_dict: dict, source: str) -> dict:
+    """Handle an all-zero ``pos_embed`` (the reference's older position-free layout: zeroed and frozen).
+
+    A model whose modifications removed its position embedding drops it (one warning); an unmodified model
+    keeps it, with a warning that the file looks position-free. A non-zero one is left to the key check.
+    """
+    pe = state_dict.get("pos_embed")
+    if pe is None or pe.numel() == 0 or bool(pe.any()):
+        return state_dict
+    if "pos_embed" not in enc.model.state_dict() and enc.modifications:
+        names = "/".join(m["name"] for m in enc.modifications)
+        warnings.warn(f"'{source}': dropped its all-zero pos_embed ({names} uses no position embedding)",
+                      PosvitWarning, stacklevel=3)
+        return {k: v for k, v in state_dict.items() if k != "pos_embed"}
+    if not enc.modifications:
+        warnings.warn(f"'{source}' has an all-zero position embedding: it looks like a position-free checkpoint "
+                      "(ALiBi or NoPE); loading it as a plain ViT. Pass --method alibi or --method nope if it is one",
+                      PosvitWarning, stacklevel=3)
+    return state_dict
+
+
+def _fit_modifications(mods: Sequence[dict], state_dict: dict) -> list[dict]:
+    """The modifications with their settings fitted to ``state_dict`` by the modifiers' checkpoint adapters."""
+    out = []
+    for mod in mods:
+        _load_modifier(mod["name"])  # imports the module, which registers its adapter too
+        adapt = CHECKPOINT_ADAPTERS.get(mod["name"])
+        out.append({**mod, "config": adapt(dict(mod.get("config", {})), state_dict)} if adapt else mod)
+    return out
 
 
 def _replay_modifications(enc: Encoder, mods: Sequence[dict]) -> None:

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
 
 from posvit_cli.core.features.alibi import AlibiConfig, alibi_bias, alibi_slopes, grid_distances, retrofit
 from posvit_cli.core.features.encoders import load_encoder, save_encoder_checkpoint
-from posvit_cli.core.errors import PosvitError
+from posvit_cli.core.errors import PosvitError, PosvitWarning
 
 from conftest import TINY_MODEL
 
@@ -126,14 +127,15 @@ def _explicit_alibi_forward(model, x, bias):
     t = model.patch_embed(x)
     t = model._pos_embed(t)
     t = model.norm_pre(t)
-    for blk in model.blocks:
+    for i, blk in enumerate(model.blocks):
         a = blk.attn
+        b = bias[i] if isinstance(bias, list) else bias  # one bias per block, or the same for all
         y = blk.norm1(t)
         N, C = y.shape[1], y.shape[2]
         qkv = a.qkv(y).reshape(B, N, 3, a.num_heads, C // a.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = a.q_norm(q), a.k_norm(k)
-        logits = (q * a.scale) @ k.transpose(-2, -1) + bias
+        logits = (q * a.scale) @ k.transpose(-2, -1) + b
         o = (logits.softmax(-1) @ v).transpose(1, 2).reshape(B, N, C)
         t = t + blk.ls1(a.proj(a.norm(o)))
         t = t + blk.ls2(blk.mlp(blk.norm2(t)))
@@ -319,3 +321,101 @@ def test_published_style_plain_state_dict_loads_with_method(tmp_path, image_dir,
     assert r.exit_code == 0, r.output
     r = cli(args + ["--method", "sideways", "--overwrite"])
     assert r.exit_code == 2 and "'--method': 'sideways' is not one of" in r.output
+
+
+def test_reference_per_block_learned_slopes_load_and_round_trip(tmp_path, image_dir, cli):
+    """The reference's learned-slope checkpoints: a timm state dict without pos_embed, one `blocks.{i}.attn.m`
+    of shape (heads, 1, 1) per block. Each block's attention must use its own slopes."""
+    enc = load_encoder(TINY_MODEL, "random", seed=7)
+    sd = {k: v for k, v in enc.model.state_dict().items() if k != "pos_embed"}
+    heads, depth = enc.model.blocks[0].attn.num_heads, len(enc.model.blocks)
+    slopes = torch.rand(depth, heads, 1, 1, generator=torch.Generator().manual_seed(0)) * 4 + 0.5
+    sd.update({f"blocks.{i}.attn.m": slopes[i].clone() for i in range(depth)})
+    path = tmp_path / "alibi_ms_learned.pth"
+    torch.save(sd, path)
+    with pytest.raises(PosvitError, match=r"unexpected: blocks.0.attn.m.*per-block ALiBi slopes: pass --method alibi"):
+        load_encoder(TINY_MODEL, path)  # without --method: the slopes belong to no module
+    # What `extract --method alibi` passes: the default (constant, shared) settings.
+    back = load_encoder(TINY_MODEL, path, modifications=[{"name": "alibi", "config": AlibiConfig().to_dict()}])
+    cfg = back.modifications[0]["config"]
+    assert cfg["per_block"] is True and cfg["slopes"] == "learned"
+    m = back.model
+    assert all(torch.equal(m.blocks[i].attn.m.detach(), slopes[i]) for i in range(depth))
+    x = torch.randn(2, 3, 48, 64)  # 3 x 4 grid
+    unit = alibi_bias(3, 4, m.num_prefix_tokens)  # -d / d_max, zero rows/columns for the prefix tokens
+    biases = [(slopes[i] * unit)[None] for i in range(depth)]  # -m_i * d / d_max, per block and head
+    with torch.no_grad():
+        fused = m.forward_features(x)
+        explicit = _explicit_alibi_forward(m, x, biases)
+        shared = _explicit_alibi_forward(m, x, biases[0])
+    assert torch.allclose(fused, explicit, atol=1e-5)
+    assert (fused - shared).abs().max() > 1e-3  # block 0's slopes everywhere would not do
+    m.forward_features(x).square().sum().backward()  # learned: every block's slopes get a gradient
+    assert all(blk.attn.m.grad is not None and blk.attn.m.grad.abs().sum() > 0 for blk in m.blocks)
+    assert "alibi.slopes" not in m.state_dict()
+
+    ck = save_encoder_checkpoint(tmp_path / "pb.safetensors", back)
+    again = load_encoder(None, ck)
+    assert again.modifications == back.modifications
+    assert all(torch.equal(again.model.blocks[i].attn.m.detach(), slopes[i]) for i in range(depth))
+    assert torch.allclose(_tokens(again, x), _tokens(back, x), atol=1e-6)
+    out = tmp_path / "pb.h5"
+    r = cli(["extract", image_dir / "grey0.png", "--model", TINY_MODEL, "--weights", path, "--method", "alibi",
+             "-o", out, "--size", "64", "-q"])
+    assert r.exit_code == 0, r.output
+
+
+def test_per_block_constant_slopes_are_saved_buffers(tmp_path):
+    enc = load_encoder(TINY_MODEL, "random", seed=2)
+    retrofit(enc, "alibi", {"per_block": True, "slope": 2.0})
+    m = enc.model
+    assert not any(p is blk.attn.m for blk in m.blocks for p in m.parameters())
+    assert torch.equal(m.state_dict()["blocks.1.attn.m"], torch.full((m.blocks[0].attn.num_heads, 1, 1), 2.0))
+    x = torch.randn(1, 3, 32, 48)
+    with torch.no_grad():
+        m.blocks[1].attn.m.mul_(3.0)
+        explicit = _explicit_alibi_forward(m, x, [b.attn.m[None] * alibi_bias(2, 3, m.num_prefix_tokens)
+                                                  for b in m.blocks])
+        assert torch.allclose(m.forward_features(x), explicit, atol=1e-5)
+    back = load_encoder(None, save_encoder_checkpoint(tmp_path / "c.safetensors", enc))
+    assert torch.equal(back.model.blocks[1].attn.m, m.blocks[1].attn.m)
+    assert torch.allclose(_tokens(back, x), _tokens(enc, x), atol=1e-6)
+
+
+def _zero_pos_embed_checkpoint(tmp_path, method, value=0.0):
+    """The reference's older layout: the retrofitted model's weights plus its pos_embed, zeroed (and frozen)."""
+    enc = load_encoder(TINY_MODEL, "random", seed=5)
+    shape = enc.model.pos_embed.shape
+    retrofit(enc, method)
+    sd = dict(enc.model.state_dict())
+    assert "pos_embed" not in sd
+    sd["pos_embed"] = torch.full(shape, value)
+    path = tmp_path / f"{method}_zero_pe.pth"
+    torch.save(sd, path)
+    return enc, path
+
+
+@pytest.mark.parametrize("method", ["alibi", "nope"])
+def test_zeroed_pos_embed_is_dropped_with_method(tmp_path, method, image_dir, cli):
+    enc, path = _zero_pos_embed_checkpoint(tmp_path, method)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        back = load_encoder(TINY_MODEL, path, modifications=[{"name": method, "config": {}}])
+    ours = [str(w.message) for w in caught if issubclass(w.category, PosvitWarning)]
+    assert len(ours) == 1 and "dropped its all-zero pos_embed" in ours[0], ours
+    x = torch.randn(1, 3, 48, 64)
+    assert torch.equal(_tokens(back, x), _tokens(enc, x))
+    r = cli(["extract", image_dir / "grey0.png", "--model", TINY_MODEL, "--weights", path, "--method", method,
+             "-o", tmp_path / "z.h5", "--size", "64", "-q"])
+    assert r.exit_code == 0 and "dropped its all-zero pos_embed" in r.output, r.output
+
+
+def test_zeroed_pos_embed_without_method_warns_and_nonzero_with_method_is_refused(tmp_path):
+    _, path = _zero_pos_embed_checkpoint(tmp_path, "alibi")
+    with pytest.warns(PosvitWarning, match=r"all-zero position embedding.*--method alibi or --method nope"):
+        plain = load_encoder(TINY_MODEL, path)
+    assert plain.modifications == [] and not plain.model.pos_embed.any()
+    (tmp_path / "nz").mkdir()
+    _, nonzero = _zero_pos_embed_checkpoint(tmp_path / "nz", "alibi", value=0.01)
+    with pytest.raises(PosvitError, match="unexpected: pos_embed.*not zero.*drop --method"):
+        load_encoder(TINY_MODEL, nonzero, modifications=[{"name": "alibi", "config": {}}])

@@ -199,3 +199,23 @@ def test_backbone_mismatch_warns(tmp_path):
         head.check_backbone({"model": "dino-s16"})
     with pytest.warns(PosvitWarning, match="other weights"):
         head.check_backbone({"model": "dinov2-s-reg", "weights_sha256": "b" * 64})
+
+
+@pytest.mark.parametrize("nested", [True, False])
+def test_franca_lightning_checkpoint_gives_its_head(tmp_path, nested):
+    """Franca trains the head in a Lightning module (`backbone` + `head`): its checkpoint holds both."""
+    planes = torch.from_numpy(_planes(T=4, D=8, seed=3))
+    bare = {f"pre_pos_layers.{i}.weight": planes[i] for i in range(3)}
+    bare["pos_pred.weight"] = planes[3]
+    torch.save(bare, tmp_path / "bare.pth")
+    sd = {"backbone.cls_token": torch.randn(1, 1, 8), "backbone.blocks.0.attn.qkv.weight": torch.randn(24, 8),
+          "backbone.head.weight": torch.randn(2, 8)}
+    sd.update({f"head.{k}": v for k, v in bare.items()})
+    ckpt = {"state_dict": sd, "epoch": 4, "global_step": 410, "pytorch-lightning_version": "2.4.0"} if nested else sd
+    torch.save(ckpt, tmp_path / "last.ckpt")
+    with pytest.warns(PosvitWarning, match=r"whole model: using its RASA head \(head\.\*\), ignoring 3 other"):
+        head = load_head(tmp_path / "last.ckpt", channels=8)
+    ref = load_head(tmp_path / "bare.pth", channels=8)
+    z = torch.randn(2, 5, 8)
+    assert head.rounds == 4 and torch.equal(head.apply(z), ref.apply(z))
+    assert (head.apply(z) - z).abs().max() > 1e-3
