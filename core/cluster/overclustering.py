@@ -7,8 +7,8 @@ Two evaluation protocols, as the reference code runs them (see ``docs`` and the 
     tokens → k-means (k-means++ seeding, 100 iterations, 5 restarts keeping the lowest inertia) for seeds 0–4 →
     cluster maps nearest-upsampled to 100×100; masks nearest-downsampled to 100×100; ignore label 255 →
     Hungarian matching when k equals the number of classes, greedy precision-based many-to-one for any other k
-    (larger or smaller, as Leopart's ``PredsmIoU`` does) → mIoU from one dataset-wide confusion matrix over all classes (background included; a class with an
-    empty union counts 0) → mean ± std over seeds.
+    (larger or smaller, as Leopart's ``PredsmIoU`` does) → mIoU from one dataset-wide confusion matrix over all
+    classes (background included; a class with an empty union counts 0) → mean ± std over seeds.
 ``in-training`` (``PredsmIoUKmeans`` of the RASA/Leopart training code)
     Token grids bilinearly upsampled to the mask resolution (100×100) → z-score ``(x − μ)/(σ + 1e-5)`` →
     PCA fitted on the first 4M vectors → k-means with 50 iterations, 5 restarts, one seed (1) → Hungarian
