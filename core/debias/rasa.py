@@ -240,12 +240,13 @@ class RasaConfig:
     lr : float
         Peak AdamW learning rate of every round (Franca's code 2e-4; the paper says 2e-3).
     batch_images : int
-        Images per optimiser step: an epoch has ``ceil(n_images / batch_images)`` steps, as the references'.
+        Images per optimiser step: an epoch has ``ceil(n_images / batch_images)`` steps, or
+        ``floor(n_images / batch_images)`` with ``images-in-order`` (the references drop the last partial batch).
     batching : {"tokens", "images", "images-in-order"}
         What a step trains on. ``tokens`` (default): an equal share of the epoch's tokens drawn at random from all
         images (lower-variance steps). ``images``: all tokens of ``batch_images`` images, images shuffled every
         epoch. ``images-in-order``: the same in store order every epoch, the references' batches (their loaders
-        do not shuffle).
+        do not shuffle and drop the last partial batch, and their cosine runs over those full batches only).
     token_fraction : float
         ``tokens`` batching: fraction of the cached tokens an epoch uses (a fresh random subset each epoch).
     exact : bool
@@ -445,7 +446,18 @@ def _epoch_batches(config: RasaConfig, gen, n_tokens: int, n_use: int, steps_per
         return torch.randperm(n_tokens, generator=gen)[:n_use].to(dev).tensor_split(steps_per_epoch)
     n_images = len(image_tokens)
     images = (torch.randperm(n_images, generator=gen) if config.batching == "images" else torch.arange(n_images))
-    return [torch.cat([image_tokens[i] for i in part.tolist()]).to(dev) for part in images.split(config.batch_images)]
+    parts = images.split(config.batch_images)[:steps_per_epoch]  # in order: Franca's drop_last=True
+    return [torch.cat([image_tokens[i] for i in part.tolist()]).to(dev) for part in parts]
+
+
+def _steps_per_epoch(config: RasaConfig, n_images: int) -> int:
+    """⌈n/B⌉, or ⌊n/B⌋ for ``images-in-order``: the references' loader drops the last partial batch (drop_last)."""
+    if config.batching != "images-in-order":
+        return max(1, math.ceil(n_images / config.batch_images))
+    if n_images < config.batch_images:
+        raise PosvitError(f"--batching images-in-order drops the last partial batch, as the references: "
+                          f"{n_images} images make no full batch of {config.batch_images}; lower --batch-images")
+    return n_images // config.batch_images
 
 
 def _train_rasa(cache: TokenCache, config: RasaConfig, progress, on_round) -> RasaResult:
@@ -463,7 +475,7 @@ def _train_rasa(cache: TokenCache, config: RasaConfig, progress, on_round) -> Ra
     # Data order and the evaluation sample use their own stream, so initial weights depend on the seed alone.
     gen = torch.Generator().manual_seed(int(np.random.SeedSequence([int(config.seed), 1]).generate_state(1)[0]))
     inits = initial_weights(D, config.rounds, config.seed)
-    steps_per_epoch = max(1, math.ceil(cache.n_images / config.batch_images))
+    steps_per_epoch = _steps_per_epoch(config, cache.n_images)
     n_use = max(steps_per_epoch, int(round(config.token_fraction * M)))
     total_steps = steps_per_epoch * config.epochs
     if total_steps < MIN_STEPS_PER_ROUND:
@@ -631,8 +643,7 @@ def _augmenter(side: int, colour: bool):
 def rotation_angle(rotation: str = "any") -> float | None:
     """One view's rotation drawn from torch's global generator: None (not rotated, probability 1 − p), else the
     angle in degrees counter-clockwise, uniform in [−90, 90] (``any``) or ±90 (``quarter-turns``)."""
-    torch = _torch()
-    spec = AUGMENTATIONS["rotation"]
+    torch, spec = _torch(), AUGMENTATIONS["rotation"]
     if torch.rand(()) >= spec["p"]:
         return None
     if rotation == "quarter-turns":
@@ -642,11 +653,9 @@ def rotation_angle(rotation: str = "any") -> float | None:
 
 
 def rotate_view(x, angle: float):
-    """Rotate ``(C, H, W)`` by ``angle`` degrees counter-clockwise about its centre, keeping its size.
-
-    Quarter turns are exact (``torch.rot90``); other angles use nearest-neighbour sampling, and pixels from
-    outside the image are 0, as torchvision's ``RandomRotation(interpolation=NEAREST, fill=0)``.
-    """
+    """Rotate ``(C, H, W)`` by ``angle`` degrees counter-clockwise about its centre, keeping its size: quarter
+    turns exactly (``torch.rot90``), other angles nearest-neighbour with 0 outside the image (torchvision's
+    ``RandomRotation(interpolation=NEAREST, fill=0)``)."""
     torch = _torch()
     if angle % 90 == 0:
         return torch.rot90(x, int(angle // 90) % 4, dims=(-2, -1))
