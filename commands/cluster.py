@@ -26,6 +26,13 @@ class Protocol(str, Enum):
     in_training = "in-training"
 
 
+class Matching(str, Enum):
+    """When clusters are matched to classes one-to-one (Hungarian) rather than greedily many-to-one."""
+
+    reference = "reference"
+    hungarian = "hungarian"
+
+
 def cluster(
     store: StoreArg = None,
     k: Annotated[str, typer.Option("-k", "--k", help="Numbers of clusters, comma-separated (e.g. 21,100,300,500).")] = "21,100,300,500",
@@ -36,6 +43,7 @@ def cluster(
     seeds: Annotated[Optional[str], typer.Option("--seeds", help="k-means seeds, comma-separated or a range such as 0-4. Default: 0-4 (standard), 1 (in-training), 0 (no masks).", show_default=False)] = None,
     pca_dim: Annotated[int, typer.Option("--pca-dim", min=0, help="PCA dimensions after the z-score; 0 keeps all channels.")] = 50,
     protocol: Annotated[Protocol, typer.Option("--protocol", help="standard (Leopart/NeCo: patch-level tokens, 5 seeds, 100 iterations, precision matching) or in-training (the RASA/Leopart training-time variant: features upsampled to the masks, seed 1, 50 iterations, IoU and precision matching).")] = Protocol.standard,
+    matching: Annotated[Matching, typer.Option("--matching", help="reference (Leopart's PredsmIoU: Hungarian only when k equals the number of classes, greedy many-to-one for every other k, smaller ones included) or hungarian (Hungarian for every k up to the number of classes, posvit's earlier rule).")] = Matching.reference,
     per_image: Annotated[bool, typer.Option("--per-image", help="Cluster each image on its own (channel-wise standardised, 15 restarts) instead of the whole store.")] = False,
     n_init: Annotated[Optional[int], typer.Option("--n-init", min=1, help="k-means restarts (best inertia kept). Default: 5, or 15 with --per-image.", show_default=False)] = None,
     max_iter: Annotated[Optional[int], typer.Option("--max-iter", min=1, help="k-means iterations. Default: 100 (standard), 50 (in-training), 300 (--per-image).", show_default=False)] = None,
@@ -55,7 +63,7 @@ def cluster(
 
     With --masks: the overclustering evaluation of Ziegler & Asano (2022) as Leopart/NeCo run it (z-score → PCA 50 →
     k-means for seeds 0-4 → Hungarian matching when k equals the number of classes, precision-based many-to-one
-    when k is larger → dataset-wide mIoU, mean ± std over seeds). Without masks: dataset-wide k-means label maps, or
+    for any other k → dataset-wide mIoU, mean ± std over seeds). Without masks: dataset-wide k-means label maps, or
     per-image decompositions with --per-image. Every clustering reports its spatial entropy (1 = clusters spread
     over the whole grid, low = clusters that follow position).
     """
@@ -97,8 +105,8 @@ def _results_path(results_json, output) -> Path | None:
     return None
 
 
-def _run(store, k, masks, ignore_index, num_classes, class_names, seeds, pca_dim, protocol, per_image, n_init,
-         max_iter, eval_size, max_points_per_cluster, layer, output, results_json, overwrite, threads, device,
+def _run(store, k, masks, ignore_index, num_classes, class_names, seeds, pca_dim, protocol, matching, per_image,
+         n_init, max_iter, eval_size, max_points_per_cluster, layer, output, results_json, overwrite, threads, device,
          json_out, quiet, **_):
     protocol = protocol.value
     ks = parse_csv(k, int)
@@ -161,7 +169,7 @@ def _run(store, k, masks, ignore_index, num_classes, class_names, seeds, pca_dim
             out = C.overcluster_eval(fs, mask_set, ks, protocol=protocol, seeds=seed_list, pca_dim=pca_dim,
                                      n_init=n_init, max_iter=max_iter, layer=layer, device=dev,
                                      max_points_per_cluster=max_points_per_cluster, keep_maps=bool(output),
-                                     progress=progress)
+                                     matching=matching.value, progress=progress)
             out["masks"] = str(masks)
             if mask_set.resized:
                 out["masks_resized"] = mask_set.resized

@@ -23,6 +23,7 @@ __all__ = [
     "STORE_METHODS",
     "method_first",
     "Batching",
+    "Rotation",
     "CheckpointEveryOpt",
     "CheckpointOutOpt",
     "CompileOpt",
@@ -194,6 +195,11 @@ class Batching(str, enum.Enum):
     tokens = "tokens"
     images = "images"
     images_in_order = "images-in-order"
+
+
+class Rotation(str, enum.Enum):
+    any = "any"
+    quarter_turns = "quarter-turns"
 
 
 class HeadFormat(str, enum.Enum):

@@ -26,7 +26,7 @@ from posvit_cli.commands.debias_options import (
     MethodGroup, Batching, CheckpointEveryOpt, CheckpointOutOpt, CompileOpt, Distance, DistanceOpt, EvalEveryOpt,
     GlobalBatchOpt, GradClipOpt, GramWeightOpt, HeadFormat, HeadOutOpt, HeadSizeOpt, ImagesArg, KeepCheckpointsOpt,
     LogEveryOpt, Loss, LossOpt, LrOpt, MicroBatchOpt, MinLrRatioOpt, MonitorFractionOpt, MonitorImagesOpt,
-    MonitorSizeOpt, NormalizeOpt, Precision, PrecisionOpt, ReportImagesOpt, ResumeOpt, RetrofitDeviceOpt,
+    MonitorSizeOpt, NormalizeOpt, Precision, PrecisionOpt, ReportImagesOpt, ResumeOpt, RetrofitDeviceOpt, Rotation,
     RetrofitOverwriteOpt, RetrofitSeedOpt, RunDirOpt, Schedule, ScheduleOpt, SkipUnreadableOpt, SlopeOpt, Slopes,
     SlopesOpt, StagesOpt, StudentInitOpt, TargetBlankOpt, TeacherModelOpt, TeacherStoreOpt, TeacherWeightsOpt,
     ValFractionOpt, ValMaxOpt, WarmupOpt, WeightDecayOpt, WorkersOpt, WrapOpt,
@@ -297,12 +297,13 @@ def rasa(
     rounds: Annotated[int, typer.Option("--rounds", min=1, help="Planes removed, one per round (Franca's code: 9; paper: 8).", rich_help_panel=RASA)] = 9,
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Epochs per round.", rich_help_panel=RASA)] = 5,
     lr_head: Annotated[float, typer.Option("--lr-head", help="Peak AdamW learning rate of each round, cosine to 0, no weight decay (Franca's code: 2e-4; paper: 2e-3).", rich_help_panel=RASA)] = 2e-4,
-    batch_images: Annotated[int, typer.Option("--batch-images", min=1, help="Images whose tokens make one optimiser step (steps per epoch = images / this, as the references).", rich_help_panel=RASA)] = 128,
-    batching: Annotated[Batching, typer.Option("--batching", case_sensitive=False, help="What a step trains on: tokens (random tokens of all images), images (all tokens of --batch-images images, shuffled each epoch) or images-in-order (the references' unshuffled batches).", rich_help_panel=RASA)] = Batching.tokens,
+    batch_images: Annotated[int, typer.Option("--batch-images", min=1, help="Images whose tokens make one optimiser step (steps per epoch = images / this, rounded up; rounded down with images-in-order, as the references).", rich_help_panel=RASA)] = 128,
+    batching: Annotated[Batching, typer.Option("--batching", case_sensitive=False, help="What a step trains on: tokens (random tokens of all images), images (all tokens of --batch-images images, shuffled each epoch) or images-in-order (the references' unshuffled batches, the last partial batch dropped).", rich_help_panel=RASA)] = Batching.tokens,
     exact: Annotated[bool, typer.Option("--exact", help="Remove all planes with one exact orthogonal projector (QR of every plane vector) instead of one plane after another in training order (the references).", rich_help_panel=RASA)] = False,
     token_fraction: Annotated[float, typer.Option("--token-fraction", min=0.0, max=1.0, help="Fraction of the cached tokens each epoch uses, in (0, 1] (a fresh random subset per epoch).", rich_help_panel=RASA)] = 1.0,
     max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Most tokens held in memory (float16: 2·D bytes each); larger stores are sampled evenly per image.", rich_help_panel=RASA)] = 4_000_000,
-    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Images input: Franca's augmentations (random resized crop 0.25-1, colour jitter, greyscale, blur, flips, rot90); off: short-side resize + centre crop.")] = True,
+    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Images input: Franca's augmentations (random resized crop 0.25-1, colour jitter, greyscale, blur, flips, rotation); off: short-side resize + centre crop.")] = True,
+    rotation: Annotated[Rotation, typer.Option("--rotation", case_sensitive=False, help="Images input, with --augment: rotate half the views by any angle in [-90, 90] degrees (nearest neighbour, corners black: Franca's RandomRotation(90)) or by quarter-turns only (exactly +-90 degrees).")] = Rotation.any,
     views: Annotated[int, typer.Option("--views", min=1, help="Images input: augmented views per image.")] = 1,
     crop: Annotated[int, typer.Option("--crop", min=1, help="Images input: side of the views in pixels (rounded down to the patch size).")] = 518,
     extract_batch: Annotated[int, typer.Option("--extract-batch", min=1, help="Images input: views per encoder forward pass.")] = 16,
@@ -340,8 +341,9 @@ def rasa(
             if not images:
                 raise PosvitError("name the training data: a feature store (posvit extract IMAGES -o feats.h5) or "
                                   "images with --model")
-            view_opts = ViewOptions(crop=crop, views=views, augment=augment, intensity=intensity,
-                                    batch_size=extract_batch, precision=prec, seed=seed).validate()
+            view_opts = ViewOptions(crop=crop, views=views, augment=augment, rotation=rotation.value,
+                                    intensity=intensity, batch_size=extract_batch, precision=prec,
+                                    seed=seed).validate()
             cache_path = Path(cache) if cache is not None else out.with_suffix(".views.h5")
             store_src, views_facts = _extract_views(images, cache_path, model=model, weights=weights, seed=seed,
                                                     dev=dev, recursive=recursive, skip_unreadable=skip_unreadable,

@@ -6,13 +6,15 @@ Two evaluation protocols, as the reference code runs them (see ``docs`` and the 
     Patch tokens at patch resolution → per-dimension z-score over all tokens → PCA to 50 dims fitted on all
     tokens → k-means (k-means++ seeding, 100 iterations, 5 restarts keeping the lowest inertia) for seeds 0–4 →
     cluster maps nearest-upsampled to 100×100; masks nearest-downsampled to 100×100; ignore label 255 →
-    Hungarian matching when k equals the number of classes, greedy precision-based many-to-one when k is larger
-    → mIoU from one dataset-wide confusion matrix over all classes (background included; a class with an
-    empty union counts 0) → mean ± std over seeds.
+    Hungarian matching when k equals the number of classes, greedy precision-based many-to-one for any other k
+    (larger or smaller, as Leopart's ``PredsmIoU`` does) → mIoU from one dataset-wide confusion matrix over all
+    classes (background included; a class with an empty union counts 0) → mean ± std over seeds.
 ``in-training`` (``PredsmIoUKmeans`` of the RASA/Leopart training code)
     Token grids bilinearly upsampled to the mask resolution (100×100) → z-score ``(x − μ)/(σ + 1e-5)`` →
     PCA fitted on the first 4M vectors → k-means with 50 iterations, 5 restarts, one seed (1) → Hungarian
     when k equals the number of classes, and both IoU-based and precision-based greedy many-to-one otherwise.
+
+``matching="hungarian"`` keeps Hungarian matching for k below the number of classes too (posvit's earlier rule).
 
 The pieces live in their own modules: :mod:`~posvit_cli.core.cluster.projection` (streamed z-score and PCA),
 :mod:`~posvit_cli.core.cluster.masks` (ground truth on the evaluation grid), :mod:`~posvit_cli.core.cluster.matching`
@@ -35,21 +37,40 @@ from posvit_cli.core.errors import PosvitError
 from posvit_cli.core.progress import ProgressCallback, report
 
 __all__ = [
+    "MATCHING_RULES",
     "PROTOCOLS",
     "cluster_dataset",
+    "matchings_for",
     "overcluster_eval",
     "per_image_kmeans",
     "protocol_defaults",
     "write_label_store",
 ]
 
-#: Settings of the two evaluation protocols.
+#: Settings of the two evaluation protocols. ``many_to_one``: the greedy matchings used when k ≠ classes.
 PROTOCOLS = {
     "standard": dict(seeds=(0, 1, 2, 3, 4), n_init=5, max_iter=100, upsample_features=False, zscore_eps=0.0,
-                     pca_fit_max=None, matchings_above=("precision",)),
+                     pca_fit_max=None, many_to_one=("precision",)),
     "in-training": dict(seeds=(1,), n_init=5, max_iter=50, upsample_features=True, zscore_eps=1e-5,
-                        pca_fit_max=4_000_000, matchings_above=("iou", "precision")),
+                        pca_fit_max=4_000_000, many_to_one=("iou", "precision")),
 }
+
+#: When Hungarian matching is used: ``reference`` only at k = classes (Leopart's ``PredsmIoU``: greedy many-to-one
+#: for every other k), ``hungarian`` at every k ≤ classes (posvit's earlier rule).
+MATCHING_RULES = ("reference", "hungarian")
+
+
+def matchings_for(k: int, n_classes: int, protocol: str = "standard", rule: str = "reference") -> list[str]:
+    """The matchings (``hungarian``, ``precision``, ``iou``) evaluated for ``k`` clusters and ``n_classes``.
+
+    Hungarian when ``k == n_classes`` (or ``k < n_classes`` under ``rule="hungarian"``), else the protocol's
+    greedy many-to-one matchings: precision (standard), IoU and precision (in-training).
+    """
+    if rule not in MATCHING_RULES:
+        raise PosvitError(f"unknown matching rule '{rule}': use reference or hungarian")
+    if k == n_classes or (k < n_classes and rule == "hungarian"):
+        return ["hungarian"]
+    return list(protocol_defaults(protocol)["many_to_one"])
 
 
 def protocol_defaults(protocol: str) -> dict:
@@ -134,7 +155,7 @@ def overcluster_eval(store, masks: MaskSet, ks: Sequence[int], *, protocol: str 
                      seeds: Sequence[int] | None = None, pca_dim: int = 50, n_init: int | None = None,
                      max_iter: int | None = None, layer: str | None = None, device="cpu",
                      max_points_per_cluster: int | None = None, keep_maps: bool = False,
-                     progress: ProgressCallback | None = None) -> dict:
+                     matching: str = "reference", progress: ProgressCallback | None = None) -> dict:
     """Overclustering mIoU of a store's features against masks, per k, as mean ± std over seeds.
 
     Parameters
@@ -151,6 +172,9 @@ def overcluster_eval(store, masks: MaskSet, ks: Sequence[int], *, protocol: str 
         Train k-means on a random subset of ``k ·`` this many tokens (faiss's default is 256), then label all.
     keep_maps : bool
         Return the cluster maps and matched class maps of the first seed under ``"maps"``.
+    matching : {"reference", "hungarian"}
+        ``reference``: Hungarian only when k equals the number of classes, greedy many-to-one for every other k
+        (Leopart's ``PredsmIoU``). ``hungarian``: Hungarian for every k up to the number of classes.
 
     Returns
     -------
@@ -164,6 +188,7 @@ def overcluster_eval(store, masks: MaskSet, ks: Sequence[int], *, protocol: str 
     from posvit_cli.core.measure.metrics import confusion_matrix
 
     cfg = protocol_defaults(protocol)
+    matchings_for(1, 1, protocol, matching)  # refuses an unknown rule before any work
     seeds = tuple(cfg["seeds"] if seeds is None else seeds)
     n_init = cfg["n_init"] if n_init is None else n_init
     max_iter = cfg["max_iter"] if max_iter is None else max_iter
@@ -192,7 +217,7 @@ def overcluster_eval(store, masks: MaskSet, ks: Sequence[int], *, protocol: str 
     maps: dict[str, list] = {}
     for k in ks:
         per_method: dict[str, dict] = {}
-        methods = ["hungarian"] if k <= n_cls else list(cfg["matchings_above"])
+        methods = matchings_for(k, n_cls, protocol, matching)
         entropies, shuffled, inertias, iters = [], [], [], []
         t_k = time.perf_counter()
         for si, seed in enumerate(seeds):
@@ -227,7 +252,8 @@ def overcluster_eval(store, masks: MaskSet, ks: Sequence[int], *, protocol: str 
     present = set(int(c) for c in masks.present_classes())
     out = {
         "settings": {
-            "protocol": protocol, "layer": layer, "seeds": list(seeds), "n_init": n_init, "max_iter": max_iter,
+            "protocol": protocol, "matching_rule": matching, "layer": layer, "seeds": list(seeds),
+            "n_init": n_init, "max_iter": max_iter,
             "pca_dim": proj.out_dim, "eval_size": [eh, ew], "ignore_index": masks.ignore_index,
             "num_classes": n_cls, "class_names": list(masks.class_names),
             **_preprocessing_settings(cfg, proj), "max_points_per_cluster": max_points_per_cluster,

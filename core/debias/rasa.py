@@ -39,6 +39,7 @@ from posvit_cli.core.progress import ProgressCallback, report
 __all__ = [
     "AUGMENTATIONS",
     "BATCHINGS",
+    "ROTATIONS",
     "RasaConfig",
     "RasaResult",
     "RoundLog",
@@ -48,6 +49,8 @@ __all__ = [
     "grid_coordinates",
     "initial_weights",
     "load_token_cache",
+    "rotate_view",
+    "rotation_angle",
     "train_rasa",
     "view_provenance",
 ]
@@ -62,8 +65,11 @@ AUGMENTATIONS = {
     "gaussian_blur": {"sigma": [0.1, 2.0], "kernel": 13, "p": 0.5},
     "hflip": {"p": 0.5},
     "vflip": {"p": 0.5},
-    "rot90": {"p": 0.5, "k": [1, 3]},
+    # torchvision RandomRotation(90): any angle in [-90°, 90°], nearest neighbour, corners filled with 0 (black).
+    "rotation": {"p": 0.5, "degrees": [-90.0, 90.0], "interpolation": "nearest", "fill": 0},
 }
+#: ``any``: Franca's rotation (:data:`AUGMENTATIONS`); ``quarter-turns``: ±90° exactly (posvit's earlier views).
+ROTATIONS = ("any", "quarter-turns")
 
 
 def _torch():
@@ -234,12 +240,13 @@ class RasaConfig:
     lr : float
         Peak AdamW learning rate of every round (Franca's code 2e-4; the paper says 2e-3).
     batch_images : int
-        Images per optimiser step: an epoch has ``ceil(n_images / batch_images)`` steps, as the references'.
+        Images per optimiser step: an epoch has ``ceil(n_images / batch_images)`` steps, or
+        ``floor(n_images / batch_images)`` with ``images-in-order`` (the references drop the last partial batch).
     batching : {"tokens", "images", "images-in-order"}
         What a step trains on. ``tokens`` (default): an equal share of the epoch's tokens drawn at random from all
         images (lower-variance steps). ``images``: all tokens of ``batch_images`` images, images shuffled every
         epoch. ``images-in-order``: the same in store order every epoch, the references' batches (their loaders
-        do not shuffle).
+        do not shuffle and drop the last partial batch, and their cosine runs over those full batches only).
     token_fraction : float
         ``tokens`` batching: fraction of the cached tokens an epoch uses (a fresh random subset each epoch).
     exact : bool
@@ -439,7 +446,18 @@ def _epoch_batches(config: RasaConfig, gen, n_tokens: int, n_use: int, steps_per
         return torch.randperm(n_tokens, generator=gen)[:n_use].to(dev).tensor_split(steps_per_epoch)
     n_images = len(image_tokens)
     images = (torch.randperm(n_images, generator=gen) if config.batching == "images" else torch.arange(n_images))
-    return [torch.cat([image_tokens[i] for i in part.tolist()]).to(dev) for part in images.split(config.batch_images)]
+    parts = images.split(config.batch_images)[:steps_per_epoch]  # in order: Franca's drop_last=True
+    return [torch.cat([image_tokens[i] for i in part.tolist()]).to(dev) for part in parts]
+
+
+def _steps_per_epoch(config: RasaConfig, n_images: int) -> int:
+    """⌈n/B⌉, or ⌊n/B⌋ for ``images-in-order``: the references' loader drops the last partial batch (drop_last)."""
+    if config.batching != "images-in-order":
+        return max(1, math.ceil(n_images / config.batch_images))
+    if n_images < config.batch_images:
+        raise PosvitError(f"--batching images-in-order drops the last partial batch, as the references: "
+                          f"{n_images} images make no full batch of {config.batch_images}; lower --batch-images")
+    return n_images // config.batch_images
 
 
 def _train_rasa(cache: TokenCache, config: RasaConfig, progress, on_round) -> RasaResult:
@@ -457,7 +475,7 @@ def _train_rasa(cache: TokenCache, config: RasaConfig, progress, on_round) -> Ra
     # Data order and the evaluation sample use their own stream, so initial weights depend on the seed alone.
     gen = torch.Generator().manual_seed(int(np.random.SeedSequence([int(config.seed), 1]).generate_state(1)[0]))
     inits = initial_weights(D, config.rounds, config.seed)
-    steps_per_epoch = max(1, math.ceil(cache.n_images / config.batch_images))
+    steps_per_epoch = _steps_per_epoch(config, cache.n_images)
     n_use = max(steps_per_epoch, int(round(config.token_fraction * M)))
     total_steps = steps_per_epoch * config.epochs
     if total_steps < MIN_STEPS_PER_ROUND:
@@ -563,8 +581,11 @@ class ViewOptions:
         Views per image (fresh random augmentations each).
     augment : bool
         Franca's augmentations (:data:`AUGMENTATIONS`: random resized crop of scale 0.25–1, colour jitter,
-        greyscale, blur, flips, rot90); without them each image is resized (short side ``crop``) and
+        greyscale, blur, flips, rotation); without them each image is resized (short side ``crop``) and
         centre-cropped once.
+    rotation : {"any", "quarter-turns"}
+        With ``augment``, half the views are rotated: ``any`` by an angle drawn uniformly from [−90°, 90°]
+        (nearest neighbour, corners 0, as Franca's ``RandomRotation(90)``), ``quarter-turns`` by exactly ±90°.
     intensity : str
         Intensity rule (:func:`posvit_cli.core.io.images.to_float`).
     batch_size : int
@@ -577,6 +598,7 @@ class ViewOptions:
     crop: int = 518
     views: int = 1
     augment: bool = True
+    rotation: str = "any"
     intensity: str = "auto"
     batch_size: int = 16
     precision: str = "fp32"
@@ -589,6 +611,8 @@ class ViewOptions:
             raise PosvitError(f"--views must be at least 1, got {self.views}")
         if self.batch_size < 1:
             raise PosvitError(f"--extract-batch must be at least 1, got {self.batch_size}")
+        if self.rotation not in ROTATIONS:
+            raise PosvitError(f"unknown --rotation '{self.rotation}': use {' or '.join(ROTATIONS)}")
         if self.views > 1 and not self.augment:
             raise PosvitError("--views > 1 needs augmentation (without it every view is the same): drop --no-augment")
         return self
@@ -616,6 +640,31 @@ def _augmenter(side: int, colour: bool):
     return v2.Compose(steps)
 
 
+def rotation_angle(rotation: str = "any") -> float | None:
+    """One view's rotation drawn from torch's global generator: None (not rotated, probability 1 − p), else the
+    angle in degrees counter-clockwise, uniform in [−90, 90] (``any``) or ±90 (``quarter-turns``)."""
+    torch, spec = _torch(), AUGMENTATIONS["rotation"]
+    if torch.rand(()) >= spec["p"]:
+        return None
+    if rotation == "quarter-turns":
+        return 90.0 if torch.rand(()) < 0.5 else -90.0
+    lo, hi = spec["degrees"]
+    return float(torch.empty(()).uniform_(lo, hi))
+
+
+def rotate_view(x, angle: float):
+    """Rotate ``(C, H, W)`` by ``angle`` degrees counter-clockwise about its centre, keeping its size: quarter
+    turns exactly (``torch.rot90``), other angles nearest-neighbour with 0 outside the image (torchvision's
+    ``RandomRotation(interpolation=NEAREST, fill=0)``)."""
+    torch = _torch()
+    if angle % 90 == 0:
+        return torch.rot90(x, int(angle // 90) % 4, dims=(-2, -1))
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    return TF.rotate(x, angle, interpolation=InterpolationMode.NEAREST, expand=False, fill=0.0)
+
+
 def _view_seed(seed: int, image: int, view: int) -> int:
     return int(np.random.SeedSequence([seed, image, view]).generate_state(1)[0])
 
@@ -637,8 +686,9 @@ def _make_view(img: np.ndarray, encoder, opts: ViewOptions, augment_fn, seed: in
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         x = augment_fn(x).clamp_(0.0, 1.0)
-        if torch.rand(()) < AUGMENTATIONS["rot90"]["p"]:
-            x = torch.rot90(x, 1 if torch.rand(()) < 0.5 else 3, dims=(-2, -1))
+        angle = rotation_angle(opts.rotation)
+        if angle is not None:
+            x = rotate_view(x, angle)
     m = torch.tensor(encoder.mean, dtype=torch.float32).view(-1, 1, 1)
     s = torch.tensor(encoder.std, dtype=torch.float32).view(-1, 1, 1)
     return ((x - m) / s).contiguous()
@@ -662,7 +712,8 @@ def view_provenance(encoder, opts: ViewOptions, command: str = "") -> dict:
             "std": list(encoder.std),
             "in_chans": encoder.in_chans,
         },
-        "augmentation": AUGMENTATIONS if opts.augment else None,
+        "augmentation": ({**AUGMENTATIONS, "rotation": {**AUGMENTATIONS["rotation"], "angles": opts.rotation}}
+                         if opts.augment else None),
         "views": opts.views,
         "view_seed": opts.seed,
         "precision": opts.precision,

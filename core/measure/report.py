@@ -337,7 +337,8 @@ def report_markdown(doc: dict) -> str:
     if s["cluster"]:
         seeds = s["cluster"]["seeds"]
         lines.append(f"- **cluster mIoU**: overclustering, standard protocol (z-score, PCA 50, k-means, seeds "
-                     f"{seeds[0]}–{seeds[-1]}, precision many-to-one matching above the class count, Hungarian at it), "
+                     f"{seeds[0]}–{seeds[-1]}, Hungarian matching at the class count, precision many-to-one at "
+                     "any other k), "
                      "mean ± std over seeds. **entropy**: spatial entropy of the clusters (1 = spread over the grid, "
                      "low = clusters that follow position).")
     for note in doc.get("notes", []):

@@ -81,6 +81,83 @@ def test_empty_cluster_maps_to_class_zero_and_matching_equals_relabelled_pixels(
         assert np.array_equal(apply_matching(conf, mapping), confusion_matrix(gt, mapping[pred], 4))
 
 
+# Fewer clusters than classes (k < C). Rows: classes 0..2, columns: clusters 0..1.
+#   cluster 0 holds 6 px of class 0 and 2 of class 1; cluster 1 holds 4 px of class 0 and 3 of class 2.
+# Leopart's rule (greedy precision, many-to-one at every k ≠ C): both clusters are mostly class 0 (6/8, 4/7), so
+#   class 0 gets all 15 px: IoU 10/15; classes 1 and 2 are never predicted: 0. mIoU = (2/3)/3 = 2/9.
+# Hungarian (one-to-one, max summed IoU): IoU(0,0) = 6/12, IoU(2,1) = 3/7 is the best pair (sum 13/14 against
+#   2/8 + 4/13 and 2/8 + 3/7), so cluster 0 → class 0 (IoU 6/12), cluster 1 → class 2 (IoU 3/7), class 1: 0.
+#   mIoU = (1/2 + 3/7)/3 = 13/42.
+_K_BELOW_C = np.array([[6, 4], [2, 0], [0, 3]])
+_K_BELOW_C_MIOU = {"precision": 2 / 9, "hungarian": 13 / 42}
+
+
+def test_k_below_classes_hand_computed_precision_and_hungarian():
+    from posvit_cli.core.cluster.matching import matched_iou
+    from posvit_cli.core.cluster.overclustering import matchings_for
+
+    miou, iou, mapping = matched_iou(_K_BELOW_C, "precision")
+    assert mapping.tolist() == [0, 0]
+    assert iou.tolist() == pytest.approx([10 / 15, 0.0, 0.0])
+    assert miou == pytest.approx(2 / 9)
+    miou, iou, mapping = matched_iou(_K_BELOW_C, "hungarian")
+    assert mapping.tolist() == [0, 2]
+    assert iou.tolist() == pytest.approx([6 / 12, 0.0, 3 / 7])
+    assert miou == pytest.approx(13 / 42)
+    # Which matchings run: Hungarian only at k = C by default; at every k ≤ C under the "hungarian" rule.
+    assert matchings_for(2, 3) == ["precision"]
+    assert matchings_for(2, 3, "in-training") == ["iou", "precision"]
+    assert matchings_for(3, 3) == ["hungarian"] and matchings_for(5, 3) == ["precision"]
+    assert matchings_for(2, 3, rule="hungarian") == ["hungarian"]
+    assert matchings_for(5, 3, rule="hungarian") == ["precision"]
+
+
+def _k_below_classes_store(tmp_path):
+    """One 3×5-token image whose two feature blobs and three mask classes give the confusion ``_K_BELOW_C``."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    # Token order (row-major): cluster 0 = 6 tokens of class 0 and 2 of class 1; cluster 1 = 4 of class 0, 3 of 2.
+    cluster = np.array([0] * 8 + [1] * 7)
+    classes = np.array([0] * 6 + [1] * 2 + [0] * 4 + [2] * 3)
+    means = np.stack([np.full(8, -10.0), np.full(8, 10.0)])
+    grid = (means[cluster] + rng.normal(scale=0.1, size=(15, 8))).reshape(3, 5, 8).astype(np.float32)
+    mdir = tmp_path / "masks"
+    mdir.mkdir()
+    Image.fromarray(classes.reshape(3, 5).repeat(16, 0).repeat(16, 1).astype(np.uint8)).save(mdir / "img000.png")
+    return write_store(tmp_path / "feats.h5", [grid], names=["img000.png"]), mdir
+
+
+def test_overcluster_k_below_classes_uses_many_to_one_unless_hungarian_is_asked(tmp_path, cli):
+    from posvit_cli.core.cluster.masks import load_masks
+    from posvit_cli.core.cluster.overclustering import overcluster_eval
+    from posvit_cli.core.features.store import FeatureStore
+
+    store, mdir = _k_below_classes_store(tmp_path)
+    with FeatureStore(store) as fs:
+        masks = load_masks(fs, mdir, eval_size=(30, 50), num_classes=3)  # 10 × 10 pixels per token
+        ref = overcluster_eval(fs, masks, [2, 3], seeds=[0], n_init=2)
+        old = overcluster_eval(fs, masks, [2], seeds=[0], n_init=2, matching="hungarian")
+    by_k = {r["k"]: r for r in ref["results"]}
+    assert by_k[2]["matching"] == "precision"
+    assert by_k[2]["miou_mean"] == pytest.approx(_K_BELOW_C_MIOU["precision"])
+    assert by_k[2]["clusters_to_background"] == 1.0
+    assert by_k[3]["matching"] == "hungarian"
+    assert ref["settings"]["matching_rule"] == "reference"
+    assert [r["matching"] for r in old["results"]] == ["hungarian"]
+    assert old["results"][0]["miou_mean"] == pytest.approx(_K_BELOW_C_MIOU["hungarian"])
+    # The command: the default follows the reference, --matching hungarian keeps the earlier rule.
+    for flag, method in ((), "precision"), (("--matching", "hungarian"), "hungarian"):
+        r = cli(["cluster", store, "-k", "2", "--masks", mdir, "--eval-size", "30x50", "--num-classes", "3",
+                 "--seeds", "0", "--n-init", "2", "--device", "cpu", "--json", "-q", *flag])
+        assert r.exit_code == 0, r.output
+        res = json.loads(r.stdout)["results"][0]
+        assert res["matching"] == method
+        assert res["miou_mean"] == pytest.approx(_K_BELOW_C_MIOU[method])
+    r = cli(["cluster", store, "-k", "2", "--masks", mdir, "--matching", "greedy"])
+    assert r.exit_code == 2
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Synthetic stores: blob features laid out as class masks
 

@@ -165,7 +165,8 @@ def test_every_round_starts_from_the_seeded_linear_initialisation(planted):
 
 
 def _reference_protocol(feats, config):
-    """The references' loop, written out: all tokens of `batch_images` images per step, in order, the earlier
+    """The references' loop, written out: all tokens of `batch_images` images per step, in order, the last
+    partial batch dropped (Franca's loader: drop_last=True) and the cosine over the full batches only, the earlier
     planes applied to the tokens one after the other."""
     import math
 
@@ -177,14 +178,14 @@ def _reference_protocol(feats, config):
     z_all = torch.from_numpy(feats.reshape(n, h * w, d))
     y = torch.from_numpy(grid_coordinates(h, w))
     inits = initial_weights(d, config.rounds, config.seed)
-    steps = math.ceil(n / config.batch_images) * config.epochs
+    steps = (n // config.batch_images) * config.epochs
     planes, bases = [], []
     for t in range(config.rounds):
         W = inits[t].clone().requires_grad_(True)
         opt = torch.optim.AdamW([W], lr=config.lr, weight_decay=0.0)
         k = 0
         for _ in range(config.epochs):
-            for b in range(0, n, config.batch_images):
+            for b in range(0, n - n % config.batch_images, config.batch_images):
                 z = z_all[b : b + config.batch_images].reshape(-1, d)
                 for u in bases:
                     z = z - (z @ u.T) @ u
@@ -203,7 +204,7 @@ def _reference_protocol(feats, config):
 def test_images_in_order_batching_reproduces_the_reference_protocol(planted):
     _, feats = planted
     config = RasaConfig(lr=1e-2, batch_images=3, rounds=3, epochs=2, batching="images-in-order", seed=2)
-    ours = train_rasa(_cache(feats[:10]), config).planes  # 10 images: batches of 3, 3, 3, 1 as the references
+    ours = train_rasa(_cache(feats[:10]), config).planes  # 10 images: batches of 3, 3, 3 (the last one dropped)
     reference = _reference_protocol(feats[:10], config)
     assert np.allclose(ours, reference, atol=1e-6)
     shuffled = train_rasa(_cache(feats[:10]), RasaConfig(lr=1e-2, batch_images=3, rounds=3, epochs=2,
@@ -213,6 +214,61 @@ def test_images_in_order_batching_reproduces_the_reference_protocol(planted):
         RasaConfig(batching="images", token_fraction=0.5).validate()
     with pytest.raises(PosvitError, match="--batching"):
         RasaConfig(batching="pixels").validate()
+
+
+def test_images_in_order_drops_the_last_partial_batch_as_the_reference(planted, monkeypatch):
+    """12 images in batches of 5: Franca's loader runs 2 full batches per epoch (drop_last=True) and sizes its
+    cosine from ⌊12/5⌋ · epochs steps; images 11 and 12 are never seen."""
+    import math
+    import warnings
+
+    import posvit_cli.core.debias.rasa as rasa
+    from posvit_cli.core.errors import PosvitWarning
+
+    _, feats = planted
+    feats = feats[:12]
+    config = RasaConfig(lr=1e-2, batch_images=5, rounds=2, epochs=3, batching="images-in-order", seed=2)
+    lrs, batches = [], []
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def step(self, closure=None):
+            lrs.append(self.param_groups[0]["lr"])
+            return super().step(closure)
+
+    def recording_batches(*args, **kwargs):
+        chunks = epoch_batches(*args, **kwargs)
+        batches.append([c.cpu() for c in chunks])
+        return chunks
+
+    epoch_batches = rasa._epoch_batches
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+    monkeypatch.setattr(rasa, "_epoch_batches", recording_batches)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PosvitWarning)  # 6 steps per round: the "too few steps" warning
+        result = train_rasa(_cache(feats), config)
+    monkeypatch.undo()
+    assert result.steps_per_round == 2 * 3
+    assert len(lrs) == 2 * 2 * 3  # rounds × steps per epoch × epochs optimiser steps
+    schedule = [0.5 * 1e-2 * (1 + math.cos(math.pi * k / 6)) for k in range(6)]
+    assert lrs == pytest.approx(schedule * 2)
+    tokens_per_image = H * W
+    assert len(batches) == 2 * 3 and all(len(epoch) == 2 for epoch in batches)
+    for epoch in batches:
+        assert [sorted(set((c // tokens_per_image).tolist())) for c in epoch] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+    # The dropped images change nothing: replacing them by anything gives the same planes.
+    other = feats.copy()
+    other[10:] = np.random.default_rng(1).normal(size=other[10:].shape) * 100
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PosvitWarning)
+        again = train_rasa(_cache(other), config)
+        assert np.array_equal(again.planes, result.planes)
+        assert np.allclose(result.planes, _reference_protocol(feats, config), atol=1e-6)
+        with pytest.raises(PosvitError, match="no full batch of 5"):
+            train_rasa(_cache(feats[:4]), config)
+        # The other batchings keep ⌈n/B⌉ steps (every image every epoch).
+        shuffled = train_rasa(_cache(feats), RasaConfig(lr=1e-2, batch_images=5, rounds=1, epochs=3,
+                                                        batching="images", seed=2))
+        assert shuffled.steps_per_round == 3 * 3
 
 
 def test_too_few_steps_per_round_warns():

@@ -102,10 +102,18 @@ def test_rasa_from_images_extracts_views_once(images, tmp_path, cli):
     with FeatureStore(tmp_path / "h.views.h5") as views:
         assert len(views) == 16 and {r.grid for r in views.records} == {(3, 3)}
         assert views.records[1].path.endswith("tex0.png#view1")
-        assert views.provenance["augmentation"]["rot90"]["p"] == 0.5 and views.provenance["views"] == 2
+        rot = views.provenance["augmentation"]["rotation"]
+        assert rot["p"] == 0.5 and rot["degrees"] == [-90, 90] and rot["angles"] == "any"
+        assert rot["interpolation"] == "nearest" and rot["fill"] == 0 and views.provenance["views"] == 2
     assert load_head(out).info["input"]["images"] == 16
     r = cli([*args, "--views", "2", "-o", out, "--overwrite"])  # the same seed draws the same views
     assert r.exit_code == 0, r.output
+    # --rotation quarter-turns reaches the views (the earlier ±90° rotations) and is recorded.
+    r = cli([*args, "--rotation", "quarter-turns", "--cache", tmp_path / "q.h5", "-o", tmp_path / "hq.safetensors"])
+    assert r.exit_code == 0, r.output
+    with FeatureStore(tmp_path / "q.h5") as views:
+        assert views.provenance["augmentation"]["rotation"]["angles"] == "quarter-turns"
+    _usage_error(cli([*args, "--rotation", "d4", "-o", tmp_path / "hd.safetensors"]), "--rotation")
     # Without augmentation a view is the short-side resize + centre crop that `extract --size crop:48` makes.
     r = cli([*args, "--no-augment", "--cache", tmp_path / "plain.h5", "-o", tmp_path / "h2.safetensors"])
     assert r.exit_code == 0, r.output
