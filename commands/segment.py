@@ -254,7 +254,7 @@ def _vit_for_training(stack, paths, features, model, weights, layer, size, dims,
         layer = None
     src = TokenSource(store, layer)
     for p in paths:
-        src.record_for(p)  # fail early on an image missing from the store
+        src.check_finite(p)  # fail before any training on an image missing from the store or with NaN features
     cfg = VitConfig(dims=dims, pca=pca, layer=src.layer, encoder=src.identity())
     shared = fit_shared_pca([src.token_rows(p) for p in paths], dims) if pca == "shared" else None
     return cfg, (lambda path, hw: src.reduced(path, hw, dims, shared)), shared

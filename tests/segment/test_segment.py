@@ -561,3 +561,38 @@ def test_subsampling_training_pixels_never_drops_a_rare_class(tmp_path):
     X, y = gather_training_pixels([LabelledImage(str(path), labels)], FeatureSpec(ClassicalConfig(sigmas=(1.0,)), None),
                                   None, n_classes=2, max_samples=100)
     assert X.shape == (100, len(feature_names(ClassicalConfig(sigmas=(1.0,))))) and np.bincount(y).tolist() == [95, 5]
+
+
+# ------------------------------------------------------------------------------------------- reliability faults
+def _tiny_seg_data(root, n=2, side=32):
+    """``n`` 32×32 two-phase images named like conftest.write_store's records, and their scribbles."""
+    imgs, labels = root / "imgs", root / "labels"
+    imgs.mkdir()
+    labels.mkdir()
+    for i in range(n):
+        img, gt = two_phase(side, i, blob=4)
+        save_png(imgs / f"img{i:03d}.png", (img * 255).astype(np.uint8))
+        save_png(labels / f"img{i:03d}.png", draw_scribbles(gt, 3, seed=i).astype(np.uint8))
+    return imgs, labels
+
+
+def test_non_finite_store_features_are_a_user_error_naming_the_store_and_image(tmp_path, cli):
+    imgs, labels = _tiny_seg_data(tmp_path)
+    rng = np.random.default_rng(0)
+    grids = [rng.standard_normal((2, 2, 8)).astype(np.float32) for _ in range(2)]
+    good = write_store(tmp_path / "good.h5", grids)
+    grids[1][1, 0, 3] = np.nan
+    bad = write_store(tmp_path / "bad.h5", grids)
+    fast = ["--sigmas", "1", "--trees", "5", "--depth", "2", "--vit-dims", "2", "-q"]
+    r = cli(["segment", "train", imgs, "--labels", labels, "-o", tmp_path / "m.posvit-seg", "-f", bad, *fast])
+    assert r.exit_code == 2, r.output
+    assert "img001.png" in r.output and "bad.h5" in r.output and "NaN" in r.output
+    assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
+    assert not (tmp_path / "m.posvit-seg").exists()
+    model = tmp_path / "ok.posvit-seg"
+    r = cli(["segment", "train", imgs, "--labels", labels, "-o", model, "-f", good, *fast])
+    assert r.exit_code == 0, r.output
+    r = cli(["segment", "apply", model, imgs, "-o", tmp_path / "out", "-f", bad, "-q"])
+    assert r.exit_code == 2 and "img001.png" in r.output and "bad.h5" in r.output, r.output
+    assert not (tmp_path / "out" / "img001.png").exists()
+
