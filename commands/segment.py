@@ -313,6 +313,7 @@ def apply(
     threads: ThreadsOpt = None,
     strict: Annotated[bool, typer.Option("--strict", help="Stop at the first unreadable image instead of skipping it.")] = False,
     recursive: RecursiveOpt = False,
+    overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -320,11 +321,12 @@ def apply(
     """Segment images with a trained model and write one label image per image.
 
     Labels carry the class values of the training labels (palette PNG, or TIFF beyond 255); images of any size
-    are processed in tiles with a halo of context, in bounded memory.
+    are processed in tiles with a halo of context, in bounded memory. Existing outputs are replaced only with
+    --overwrite (checked before anything is written).
     """
     with cli_context(debug, quiet):
         from posvit_cli.core.io.images import list_images
-        from posvit_cli.core.segment.apply import apply_segmenter, label_suffix, readable_images
+        from posvit_cli.core.segment.apply import apply_segmenter, check_outputs, label_suffix, readable_images
         from posvit_cli.core.segment.crf import CrfConfig
         from posvit_cli.core.segment.segmenter import load_segmenter
 
@@ -339,6 +341,7 @@ def apply(
         good, skipped = readable_images(paths, strict=strict)
         if not good:
             raise PosvitError("none of the images could be read")
+        check_outputs(good, output, suffix=suffix, probabilities=probabilities, overwrite=overwrite)
         output.mkdir(parents=True, exist_ok=True)
         t_all = time.perf_counter()
         with contextlib.ExitStack() as stack, RichProgress(quiet) as progress:

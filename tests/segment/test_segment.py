@@ -596,3 +596,34 @@ def test_non_finite_store_features_are_a_user_error_naming_the_store_and_image(t
     assert r.exit_code == 2 and "img001.png" in r.output and "bad.h5" in r.output, r.output
     assert not (tmp_path / "out" / "img001.png").exists()
 
+
+def _tiny_model(cli, imgs, labels, model):
+    r = cli(["segment", "train", imgs, "--labels", labels, "-o", model, "--sigmas", "1", "--trees", "5", "--depth", "2",
+             "-q"])
+    assert r.exit_code == 0, r.output
+    return model
+
+
+def test_apply_refuses_to_replace_existing_outputs_before_writing_anything(tmp_path, cli):
+    imgs, labels = _tiny_seg_data(tmp_path)
+    model = _tiny_model(cli, imgs, labels, tmp_path / "m.posvit-seg")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "img001.png").write_bytes(b"keep me")
+    r = cli(["segment", "apply", model, imgs, "-o", out, "-q"])
+    assert r.exit_code == 2 and "img001.png" in r.output and "--overwrite" in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output
+    assert (out / "img001.png").read_bytes() == b"keep me"
+    assert sorted(f.name for f in out.iterdir()) == ["img001.png"]  # nothing else written either
+    (out / "img000_probs.tif").write_bytes(b"old")
+    (out / "img001.png").unlink()
+    r = cli(["segment", "apply", model, imgs, "-o", out, "--probabilities", "-q"])
+    assert r.exit_code == 2 and "img000_probs.tif" in r.output, r.output
+    assert (out / "img000_probs.tif").read_bytes() == b"old" and not (out / "img000.png").exists()
+    (out / "img001.png").write_bytes(b"keep me")
+    r = cli(["segment", "apply", model, imgs, "-o", out, "--probabilities", "--overwrite", "-q"])
+    assert r.exit_code == 0, r.output
+    assert np.array(Image.open(out / "img001.png")).shape == (32, 32)
+    import tifffile
+
+    assert tifffile.imread(out / "img000_probs.tif").shape == (2, 32, 32)
