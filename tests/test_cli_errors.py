@@ -1,0 +1,76 @@
+"""Failures the user can fix outside posvit (permissions, full or read-only disks) are one line and exit 2."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import numpy as np
+import pytest
+import typer
+from PIL import Image
+
+from posvit_cli._cli import cli_context
+
+
+def _exit_and_stderr(capsys, exc):
+    with pytest.raises(typer.Exit) as info:
+        with cli_context():
+            raise exc
+    return info.value.exit_code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_permission_and_disk_errors_name_the_final_file_not_the_temporary_one(capsys, tmp_path):
+    tmp_name = str(tmp_path / ".x.h5.k3j_9a0b.tmp.h5")  # atomic_path's temporary file beside x.h5
+    code, err = _exit_and_stderr(capsys, PermissionError(errno.EACCES, "Permission denied", tmp_name))
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith(f"error: cannot write '{tmp_path / 'x.h5'}': permission denied"), err
+    code, err = _exit_and_stderr(capsys, OSError(errno.ENOSPC, "No space left on device", "out/y.png"))
+    assert code == 2 and err[0].startswith("error: cannot write 'out/y.png': no space left on device"), err
+    code, err = _exit_and_stderr(capsys, OSError(errno.EROFS, "Read-only file system", "out/z.json"))
+    assert code == 2 and err[0].startswith("error: cannot write 'out/z.json': read-only file system"), err
+    # h5py sets errno but no filename: the file is the one HDF5 quotes in its message.
+    h5 = PermissionError(errno.EACCES, "Unable to synchronously create file (unable to open file: name = "
+                                       "'out/feats.h5', errno = 13, error message = 'Permission denied')")
+    code, err = _exit_and_stderr(capsys, h5)
+    assert code == 2 and err[0].startswith("error: cannot write 'out/feats.h5': permission denied"), err
+
+
+def test_other_os_errors_stay_unexpected_failures(capsys):
+    code, err = _exit_and_stderr(capsys, OSError(errno.EIO, "Input/output error", "x.h5"))
+    assert code == 1 and len(err) == 1 and err[0].startswith("error: OSError:") and "--debug" in err[0]
+    code, err = _exit_and_stderr(capsys, RuntimeError("boom"))
+    assert code == 1 and err[0].startswith("error: RuntimeError: boom")
+
+
+def test_a_read_only_output_folder_is_one_line_exit_2(tmp_path, cli, monkeypatch):
+    imgs, labels = tmp_path / "imgs", tmp_path / "labels"
+    imgs.mkdir()
+    labels.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((32, 32)) * 255).astype(np.uint8)).save(imgs / "a.png")
+    scribbles = np.zeros((32, 32), np.uint8)
+    scribbles[2:6, 2:30], scribbles[26:30, 2:30] = 1, 2
+    Image.fromarray(scribbles).save(labels / "a.png")
+    model = tmp_path / "m.posvit-seg"
+    r = cli(["segment", "train", imgs, "--labels", labels, "-o", model, "--sigmas", "1", "--trees", "3", "-q"])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "out"
+    out.mkdir()
+    if os.geteuid() == 0:  # root writes into read-only folders: make the label writer fail the way it would
+        from posvit_cli.core.segment import segmenter
+
+        def denied(path, *args, **kwargs):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+        monkeypatch.setattr(segmenter, "write_label_image", denied)
+    else:
+        out.chmod(0o555)
+    try:
+        r = cli(["segment", "apply", model, imgs, "-o", out, "-q"])
+    finally:
+        out.chmod(0o755)
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 1, r.output
+    assert lines[0].startswith(f"error: cannot write '{out / 'a.png'}': permission denied"), r.output
+    assert list(out.iterdir()) == []
