@@ -74,3 +74,32 @@ def test_a_read_only_output_folder_is_one_line_exit_2(tmp_path, cli, monkeypatch
     assert r.exit_code == 2 and len(lines) == 1, r.output
     assert lines[0].startswith(f"error: cannot write '{out / 'a.png'}': permission denied"), r.output
     assert list(out.iterdir()) == []
+
+
+@pytest.fixture
+def micro_store(tmp_path, monkeypatch):
+    from conftest import write_store
+
+    monkeypatch.chdir(tmp_path)
+    return write_store(tmp_path / "micro.h5", [np.random.default_rng(0).standard_normal((2, 2, 8)).astype(np.float32)])
+
+
+def test_debias_train_without_a_method_names_the_methods_and_writes_nothing(micro_store, tmp_path, cli):
+    r = cli(["debias-train", "micro.h5", "-o", "x"])
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 1, r.output
+    assert "'micro.h5' is a feature store" in lines[0] and "rasa, blank, svd take a feature store" in lines[0]
+    assert "alibi and nope take images" in lines[0] and "posvit debias-train rasa micro.h5" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["micro.h5"]  # no x.train/ or x
+
+
+def test_debias_train_image_method_given_a_store_says_which_methods_take_one(micro_store, tmp_path, cli):
+    from conftest import TINY_MODEL
+
+    r = cli(["debias-train", "alibi", "micro.h5", "-o", "x.safetensors", "-m", TINY_MODEL, "-w", "random",
+             "--device", "cpu", "-q"])
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 1, r.output
+    assert "'micro.h5' is a feature store" in lines[0] and "alibi|nope take images" in lines[0], r.output
+    assert "rasa|blank|svd take a feature store" in lines[0] and "posvit debias-train rasa micro.h5" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["micro.h5"]
