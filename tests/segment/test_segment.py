@@ -627,3 +627,26 @@ def test_apply_refuses_to_replace_existing_outputs_before_writing_anything(tmp_p
     import tifffile
 
     assert tifffile.imread(out / "img000_probs.tif").shape == (2, 32, 32)
+
+
+def test_an_anti_aliased_pixel_in_rgb_scribbles_is_warned_about_by_colour_count_and_file(tmp_path, cli):
+    imgs, labels = tmp_path / "imgs", tmp_path / "labels"
+    imgs.mkdir()
+    labels.mkdir()
+    img, gt = two_phase(64, 0, blob=6)
+    save_png(imgs / "a.png", (img * 255).astype(np.uint8))
+    rgb = np.zeros((64, 64, 3), np.uint8)
+    rgb[gt == 1] = (255, 0, 0)
+    rgb[gt == 2] = (0, 255, 0)  # dense: 4096 labelled px, so 0.1 % is 4 px
+    save_png(labels / "a.png", rgb)
+    args = ["segment", "train", imgs, "--labels", labels, "--sigmas", "1", "--trees", "3", "--depth", "2", "-q"]
+    r = cli([*args, "-o", tmp_path / "clean.posvit-seg"])
+    assert r.exit_code == 0 and "warning" not in r.output, r.output
+    rgb[0, 0] = (250, 3, 2)  # the anti-aliased edge pixel of the report
+    save_png(labels / "a.png", rgb)
+    r = cli([*args, "-o", tmp_path / "m.posvit-seg"])
+    assert r.exit_code == 0, r.output
+    warned = [ln for ln in r.output.splitlines() if ln.startswith("warning:")]
+    assert len(warned) == 1, r.output
+    assert "#fa0302" in warned[0] and "only 1 px" in warned[0] and str(labels / "a.png") in warned[0], warned
+    assert "anti-aliasing" in warned[0] and "indexed (palette) PNG" in warned[0]
