@@ -650,3 +650,25 @@ def test_an_anti_aliased_pixel_in_rgb_scribbles_is_warned_about_by_colour_count_
     assert len(warned) == 1, r.output
     assert "#fa0302" in warned[0] and "only 1 px" in warned[0] and str(labels / "a.png") in warned[0], warned
     assert "anti-aliasing" in warned[0] and "indexed (palette) PNG" in warned[0]
+
+
+def test_probabilities_on_a_full_disk_are_one_error_line_and_leave_no_file(tmp_path, cli, monkeypatch):
+    import errno
+    import os
+
+    imgs, labels = _tiny_seg_data(tmp_path, n=1)
+    model = _tiny_model(cli, imgs, labels, tmp_path / "m.posvit-seg")
+    claimed = []
+
+    def full_disk(fd, offset, length):
+        claimed.append(length)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full_disk, raising=False)
+    out = tmp_path / "out"
+    r = cli(["segment", "apply", model, imgs, "-o", out, "--probabilities", "-q"])
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 1, r.output
+    assert f"no space left on device for '{out / 'img000_probs.tif'}' (1 MB needed)" in lines[0], r.output
+    assert claimed and claimed[0] >= 2 * 32 * 32 * 4  # the whole file is claimed before it is mapped
+    assert sorted(p.name for p in out.iterdir()) == []  # no hidden .img000_probs.tif.*.tmp.tif, no output
