@@ -103,3 +103,35 @@ def test_debias_train_image_method_given_a_store_says_which_methods_take_one(mic
     assert "'micro.h5' is a feature store" in lines[0] and "alibi|nope take images" in lines[0], r.output
     assert "rasa|blank|svd take a feature store" in lines[0] and "posvit debias-train rasa micro.h5" in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["micro.h5"]
+
+
+def test_sigterm_stops_cluster_like_ctrl_c_with_no_output_left(tmp_path, cli, monkeypatch):
+    import signal
+    import time
+
+    from conftest import write_store
+    from posvit_cli.core.cluster import overclustering
+
+    store = write_store(tmp_path / "f.h5", [np.random.default_rng(i).standard_normal((4, 4, 8)).astype(np.float32)
+                                            for i in range(2)])
+
+    class TestHandlerRan(Exception):
+        """Raised by this test's own SIGTERM handler: the command installed none."""
+
+    def killed_while_clustering(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered to this (main) thread before the sleep ends
+        time.sleep(10)
+        raise AssertionError("SIGTERM was not delivered")
+
+    def test_handler(signum, frame):
+        raise TestHandlerRan
+
+    monkeypatch.setattr(overclustering, "cluster_dataset", killed_while_clustering)
+    old = signal.signal(signal.SIGTERM, test_handler)  # without the command's handler SIGTERM would end pytest
+    try:
+        r = cli(["cluster", store, "-k", "2", "-o", tmp_path / "labels.h5", "--device", "cpu", "-q"])
+        assert signal.getsignal(signal.SIGTERM) is test_handler  # the command put the previous handler back
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert r.exit_code == 130 and r.output.strip() == "error: interrupted", r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.h5"]  # no labels.h5, no labels.cluster.json
