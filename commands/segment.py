@@ -346,6 +346,8 @@ def apply(
         t_all = time.perf_counter()
         with contextlib.ExitStack() as stack, RichProgress(quiet) as progress:
             src = _vit_for_apply(stack, seg, good, features, weights, dev, progress)
+            for p in good if src is not None else []:
+                src.check_finite(p)  # NaN features are refused before the first label image is written
             results = apply_segmenter(seg, good, output, token_source=src, suffix=suffix,
                                       probabilities=probabilities, crf=crf_cfg, tile=tile, device=dev,
                                       threads=threads, progress=progress)
