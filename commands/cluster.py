@@ -10,7 +10,7 @@ import typer
 
 from posvit_cli._cli import (
     DebugOpt, DeviceOpt, JsonOpt, QuietOpt, RichProgress, cli_context, command_line, console, emit_json, parse_csv,
-    parse_seeds, stdout_is_pipe, store_input,
+    parse_seeds, sigterm_as_interrupt, stdout_is_pipe, store_input,
 )
 from posvit_cli.core.errors import PosvitError
 from posvit_cli.core.fileio import write_json_atomic
@@ -67,7 +67,8 @@ def cluster(
     per-image decompositions with --per-image. Every clustering reports its spatial entropy (1 = clusters spread
     over the whole grid, low = clusters that follow position).
     """
-    with cli_context(debug, quiet):
+    # SIGTERM (a scheduler's time limit, `kill`) stops it like Ctrl-C: exit 130, no output under its final name.
+    with cli_context(debug, quiet), sigterm_as_interrupt():
         _run(**locals())
 
 

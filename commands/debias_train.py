@@ -23,13 +23,14 @@ from posvit_cli._cli import (
     PosvitCommand, RichProgress, cli_context, command_line, console, emit_json, sigterm_as_interrupt,
 )
 from posvit_cli.commands.debias_options import (
-    MethodGroup, Batching, CheckpointEveryOpt, CheckpointOutOpt, CompileOpt, Distance, DistanceOpt, EvalEveryOpt,
-    GlobalBatchOpt, GradClipOpt, GramWeightOpt, HeadFormat, HeadOutOpt, HeadSizeOpt, ImagesArg, KeepCheckpointsOpt,
-    LogEveryOpt, Loss, LossOpt, LrOpt, MicroBatchOpt, MinLrRatioOpt, MonitorFractionOpt, MonitorImagesOpt,
-    MonitorSizeOpt, NormalizeOpt, Precision, PrecisionOpt, ReportImagesOpt, ResumeOpt, RetrofitDeviceOpt, Rotation,
-    RetrofitOverwriteOpt, RetrofitSeedOpt, RunDirOpt, Schedule, ScheduleOpt, SkipUnreadableOpt, SlopeOpt, Slopes,
-    SlopesOpt, StagesOpt, StudentInitOpt, TargetBlankOpt, TeacherModelOpt, TeacherStoreOpt, TeacherWeightsOpt,
-    ValFractionOpt, ValMaxOpt, WarmupOpt, WeightDecayOpt, WorkersOpt, WrapOpt,
+    IMAGE_METHODS, STORE_METHODS, Batching, CheckpointEveryOpt, CheckpointOutOpt, CompileOpt, Distance,
+    DistanceOpt, EvalEveryOpt, GlobalBatchOpt, GradClipOpt, GramWeightOpt, HeadFormat, HeadOutOpt, HeadSizeOpt,
+    ImagesArg, KeepCheckpointsOpt, LogEveryOpt, Loss, LossOpt, LrOpt, MethodGroup, MicroBatchOpt, MinLrRatioOpt,
+    MonitorFractionOpt, MonitorImagesOpt, MonitorSizeOpt, NormalizeOpt, Precision, PrecisionOpt, ReportImagesOpt,
+    ResumeOpt, RetrofitDeviceOpt, RetrofitOverwriteOpt, RetrofitSeedOpt, Rotation, RunDirOpt, Schedule,
+    ScheduleOpt, SkipUnreadableOpt, SlopeOpt, Slopes, SlopesOpt, StagesOpt, StudentInitOpt, TargetBlankOpt,
+    TeacherModelOpt, TeacherStoreOpt, TeacherWeightsOpt, ValFractionOpt, ValMaxOpt, WarmupOpt, WeightDecayOpt,
+    WorkersOpt, WrapOpt,
 )
 from posvit_cli.core.errors import PosvitError
 from posvit_cli.options import (
@@ -210,6 +211,15 @@ def _run_retrofit(config, *, images: list[str], output: Path, model: str | None,
     from posvit_cli.core.features.encoders import load_encoder, read_checkpoint_meta
     from posvit_cli.core.io.images import list_images, parse_intensity, read_image
 
+    from posvit_cli.core.features.backends import is_store_path
+
+    stores = [str(i) for i in images if is_store_path(str(i))]
+    if stores:  # else the store would be "checked" as an image and fail on the batch size or its decoding
+        raise PosvitError(
+            f"'{stores[0]}' is a feature store, but {config.method} retrofits the encoder on images: "
+            f"{'|'.join(IMAGE_METHODS)} take images, {'|'.join(STORE_METHODS)} take a feature store "
+            f"(e.g. posvit debias-train rasa {stores[0]} ...)"
+        )
     out = Path(output)
     if out.suffix != ".safetensors":
         raise PosvitError(f"-o '{output}': the retrofitted encoder is saved as .safetensors")

@@ -254,7 +254,7 @@ def _vit_for_training(stack, paths, features, model, weights, layer, size, dims,
         layer = None
     src = TokenSource(store, layer)
     for p in paths:
-        src.record_for(p)  # fail early on an image missing from the store
+        src.check_finite(p)  # fail before any training on an image missing from the store or with NaN features
     cfg = VitConfig(dims=dims, pca=pca, layer=src.layer, encoder=src.identity())
     shared = fit_shared_pca([src.token_rows(p) for p in paths], dims) if pca == "shared" else None
     return cfg, (lambda path, hw: src.reduced(path, hw, dims, shared)), shared
@@ -313,6 +313,7 @@ def apply(
     threads: ThreadsOpt = None,
     strict: Annotated[bool, typer.Option("--strict", help="Stop at the first unreadable image instead of skipping it.")] = False,
     recursive: RecursiveOpt = False,
+    overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -320,11 +321,12 @@ def apply(
     """Segment images with a trained model and write one label image per image.
 
     Labels carry the class values of the training labels (palette PNG, or TIFF beyond 255); images of any size
-    are processed in tiles with a halo of context, in bounded memory.
+    are processed in tiles with a halo of context, in bounded memory. Existing outputs are replaced only with
+    --overwrite (checked before anything is written).
     """
     with cli_context(debug, quiet):
         from posvit_cli.core.io.images import list_images
-        from posvit_cli.core.segment.apply import apply_segmenter, label_suffix, readable_images
+        from posvit_cli.core.segment.apply import apply_segmenter, check_outputs, label_suffix, readable_images
         from posvit_cli.core.segment.crf import CrfConfig
         from posvit_cli.core.segment.segmenter import load_segmenter
 
@@ -339,10 +341,13 @@ def apply(
         good, skipped = readable_images(paths, strict=strict)
         if not good:
             raise PosvitError("none of the images could be read")
+        check_outputs(good, output, suffix=suffix, probabilities=probabilities, overwrite=overwrite)
         output.mkdir(parents=True, exist_ok=True)
         t_all = time.perf_counter()
         with contextlib.ExitStack() as stack, RichProgress(quiet) as progress:
             src = _vit_for_apply(stack, seg, good, features, weights, dev, progress)
+            for p in good if src is not None else []:
+                src.check_finite(p)  # NaN features are refused before the first label image is written
             results = apply_segmenter(seg, good, output, token_source=src, suffix=suffix,
                                       probabilities=probabilities, crf=crf_cfg, tile=tile, device=dev,
                                       threads=threads, progress=progress)

@@ -5,7 +5,8 @@
   never written into a terminal or into a file that stdout was redirected to (``> run.log 2>&1`` would bury it
   in the log): that asks for ``-o``.
 - JSON on stdout is strict: NaN and infinities are written as ``null``.
-- User errors (:class:`PosvitError`) print one line and exit 2; other failures print one line and exit 1;
+- User errors (:class:`PosvitError`, and a file that cannot be written for permissions or a full or read-only
+  disk) print one line and exit 2; other failures print one line and exit 1;
   ``--debug`` (or ``POSVIT_DEBUG=1``) shows the traceback instead.
 - Rich honours ``NO_COLOR``; ``--quiet`` silences progress and tables (warnings and errors still show).
 """
@@ -13,7 +14,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import stat
 import sys
 import warnings
@@ -49,6 +52,7 @@ __all__ = [
     "PosvitCommand",
     "PosvitGroup",
     "emit_json",
+    "filesystem_error_line",
     "parse_class_names",
     "parse_csv",
     "parse_seeds",
@@ -72,8 +76,9 @@ def _error_line(message: str) -> None:
 def cli_context(debug: bool = False, quiet: bool = False) -> Iterator[None]:
     """Run a command body with posvit's error and warning conventions.
 
-    PosvitError → one line, exit 2. KeyboardInterrupt → exit 130. Any other exception → one line naming it,
-    exit 1 (the traceback with ``--debug``). Warnings from the library print as one ``warning:`` line each.
+    PosvitError → one line, exit 2. An OSError the user can fix (permission denied, read-only file system, no
+    space left: see :func:`filesystem_error_line`) → one line naming the file, exit 2. KeyboardInterrupt → exit
+    130. Any other exception → one line naming it, exit 1 (the traceback with ``--debug``). Warnings from the library print as one ``warning:`` line each.
     """
     def show(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, PosvitWarning) or not quiet:
@@ -102,6 +107,15 @@ def cli_context(debug: bool = False, quiet: bool = False) -> Iterator[None]:
         with contextlib.suppress(Exception):
             sys.stdout = open(os.devnull, "w")
         raise typer.Exit(0) from None
+    except OSError as exc:
+        message = filesystem_error_line(exc)
+        if debug:
+            console.print_exception()
+        if message is None:  # not a permission or full-disk error: reported as any other failure
+            _error_line(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)")
+            raise typer.Exit(1) from None
+        _error_line(message)
+        raise typer.Exit(2) from None
     except Exception as exc:
         if debug:
             console.print_exception()
@@ -109,6 +123,57 @@ def cli_context(debug: bool = False, quiet: bool = False) -> Iterator[None]:
         raise typer.Exit(1) from None
     finally:
         warnings.showwarning = old_show
+
+
+_FILESYSTEM_ERRNOS = {
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "read-only file system",
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+}
+# atomic_path's temporary names: ".NAME.<8 random characters>.tmp[.suffix]" beside NAME.
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp(\.[^.]+)?$")
+
+
+def filesystem_error_line(exc: OSError) -> str | None:
+    """One error line for an OSError the user can fix (permissions, a read-only or full disk), else None.
+
+    The line names the file: the error's filename, or the one HDF5 quotes in its message (``name = '...'``),
+    with a temporary name of :func:`~posvit_cli.core.fileio.atomic_path` turned back into the file it was for.
+
+    Parameters
+    ----------
+    exc : OSError
+
+    Returns
+    -------
+    str or None
+        ``cannot write 'out/x.h5': permission denied (...)``, or None for other errors.
+    """
+    code = exc.errno
+    if code is None and isinstance(exc, PermissionError):
+        code = errno.EACCES
+    reason = _FILESYSTEM_ERRNOS.get(code)
+    if reason is None:
+        return None
+    path = exc.filename
+    if path is None:
+        quoted = re.search(r"name = '([^']*)'", str(exc))
+        path = quoted.group(1) if quoted else None
+    if path is None:
+        return f"cannot write: {reason} (choose another output location)"
+    path = os.fsdecode(path)
+    temp = _TEMP_NAME.match(os.path.basename(path))
+    if temp:
+        path = os.path.join(os.path.dirname(path), temp.group("name"))
+    # Permission errors also come from reading: an existing file we may not read is an input.
+    unreadable = code in (errno.EACCES, errno.EPERM) and os.path.isfile(path) and not os.access(path, os.R_OK)
+    if unreadable:
+        return f"cannot read '{path}': {reason}"
+    fix = "free some space or choose another output location" if code in (errno.ENOSPC, errno.EDQUOT) \
+        else "check the folder's permissions or choose another output location"
+    return f"cannot write '{path}': {reason} ({fix})"
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -39,11 +39,13 @@ __all__ = [
     "find_label_files",
     "label_files_by_stem",
     "nearest_indices",
+    "rare_colours",
     "read_label_image",
     "resize_labels_nearest",
     "rgb_to_classes",
     "sorted_colours",
     "stem",
+    "warn_rare_colours",
 ]
 
 #: What a label image is: a dense ``mask`` (0..C-1 and an ignore value), ``scribbles`` or a ``prediction``
@@ -215,6 +217,57 @@ def sorted_colours(rgb_images: Iterable[np.ndarray]) -> list[tuple[int, int, int
     """
     codes = np.unique(np.concatenate([np.unique(colour_codes(a)).ravel() for a in rgb_images] or [np.zeros(0, int)]))
     return [((c >> 16) & 255, (c >> 8) & 255, c & 255) for c in codes.tolist() if c != 0]
+
+
+def rare_colours(rgb_images: Mapping[str, np.ndarray], *, max_pixels: int = 20,
+                 max_fraction: float = 0.001) -> list[tuple[tuple[int, int, int], int, str]]:
+    """Colours other than black that cover only a handful of the labelled pixels of some RGB label images.
+
+    Such colours are almost always painting accidents (an anti-aliased brush edge, a JPEG round trip) that
+    :func:`sorted_colours` would make classes of their own, shifting the values of the real classes.
+
+    Parameters
+    ----------
+    rgb_images : mapping of str to ndarray, shape (H, W, 3) or (H, W, 4)
+        Label images by file name.
+    max_pixels : int
+        A colour is rare when it covers fewer pixels than this, summed over all images, ...
+    max_fraction : float
+        ... and less than this fraction of all labelled (non-black) pixels.
+
+    Returns
+    -------
+    list of ((r, g, b), int, str)
+        Each rare colour, its pixel count and the file holding most of them, fewest pixels first.
+    """
+    counts: dict[int, int] = {}
+    where: dict[int, tuple[int, str]] = {}
+    for name, rgb in rgb_images.items():
+        codes, n = np.unique(colour_codes(rgb), return_counts=True)
+        for c, k in zip(codes.tolist(), n.tolist()):
+            if c == 0:
+                continue
+            counts[c] = counts.get(c, 0) + k
+            if k > where.get(c, (0, ""))[0]:
+                where[c] = (k, name)
+    labelled = sum(counts.values())
+    rare = sorted((k, c) for c, k in counts.items() if k < max_pixels and k < max_fraction * labelled)
+    return [(((c >> 16) & 255, (c >> 8) & 255, c & 255), k, where[c][1]) for k, c in rare]
+
+
+def warn_rare_colours(rgb_images: Mapping[str, np.ndarray], **limits) -> list[tuple[tuple[int, int, int], int, str]]:
+    """Issue one :class:`PosvitWarning` naming the colours :func:`rare_colours` finds (and return them)."""
+    rare = rare_colours(rgb_images, **limits)
+    if rare:
+        (r, g, b), k, name = rare[0]
+        more = f" and {len(rare) - 1} more colour(s) with as few pixels" if len(rare) > 1 else ""
+        warnings.warn(
+            f"colour #{r:02x}{g:02x}{b:02x} labels only {k} px (in '{name}'){more}: every colour is a class of its "
+            "own, so these shift the class values; paint the labels with exact colours and no anti-aliasing, or "
+            "save them as an indexed (palette) PNG",
+            PosvitWarning, stacklevel=2,
+        )
+    return rare
 
 
 def rgb_to_classes(rgb: np.ndarray, colours: Sequence[tuple[int, int, int]]) -> np.ndarray:

@@ -20,6 +20,7 @@ from posvit_cli.core.progress import ProgressCallback, no_progress
 
 __all__ = [
     "apply_segmenter",
+    "check_outputs",
     "label_suffix",
     "read_ground_truth",
     "read_probabilities",
@@ -65,6 +66,53 @@ def readable_images(paths: Sequence[str], strict: bool = False) -> tuple[list[st
             warn(f"skipped: {exc}")
             skipped.append({"path": p, "reason": str(exc)})
     return good, skipped
+
+
+def check_outputs(paths: Sequence[str], output_dir: str | os.PathLike, *, suffix: str = ".png",
+                  probabilities: bool = False, overwrite: bool = False) -> list[Path]:
+    """The files :func:`apply_segmenter` will write, checked before anything is written.
+
+    Parameters
+    ----------
+    paths : sequence of str
+        The images to segment.
+    output_dir : path
+        The output folder (it need not exist yet).
+    suffix : str
+        Label image suffix (:func:`label_suffix`).
+    probabilities : bool
+        Whether ``STEM_probs.tif`` files are written too.
+    overwrite : bool
+        Whether existing output files may be replaced.
+
+    Returns
+    -------
+    list of Path
+        Every output file, in image order (label image, then probabilities).
+
+    Raises
+    ------
+    PosvitError
+        When an output would overwrite one of the input images, or (without ``overwrite``) naming the first
+        output file that already exists.
+    """
+    from posvit_cli.core.io.labels import stem
+
+    output_dir = Path(output_dir)
+    inputs = {str(Path(p).resolve()) for p in paths}
+    planned = []
+    for p in paths:
+        planned.append(output_dir / (stem(p) + suffix))
+        if probabilities:
+            planned.append(output_dir / f"{stem(p)}_probs.tif")
+    for out in planned:
+        if str(out.resolve()) in inputs:
+            raise PosvitError(f"writing '{out}' would overwrite an input image: choose another output folder")
+    if not overwrite:
+        for out in planned:
+            if out.exists():
+                raise PosvitError(f"'{out}' already exists: pass --overwrite to replace it (or -o another folder)")
+    return planned
 
 
 def apply_segmenter(

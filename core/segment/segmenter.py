@@ -586,32 +586,73 @@ def write_label_image(path: str | os.PathLike, labels: np.ndarray, classes: Clas
 class ProbabilityWriter:
     """A ``(K, H, W)`` float32 TIFF filled tile by tile through a memory map, renamed into place on success.
 
-    Use as a context manager; :attr:`array` is the memory-mapped ``(K, H, W)`` array.
+    Use as a context manager; :attr:`array` is the memory-mapped ``(K, H, W)`` array. The file's blocks are
+    allocated before it is mapped: on a full disk a write through a memory map is not an error but a SIGBUS that
+    kills the process, so the space is claimed up front, where running out is a clean :class:`PosvitError`. On
+    any failure the temporary file is removed and ``path`` is untouched.
+
+    Raises
+    ------
+    PosvitError
+        When the disk has no room for the whole file.
     """
 
     def __init__(self, path: str | os.PathLike, shape: tuple[int, int, int], class_names: Sequence[str]):
-        import tifffile
+        import sys
 
         self.path = Path(path)
+        self.array = None
         # The memory map is filled under atomic_path's temporary name, which becomes the file only on success.
         self._atomic = atomic_path(self.path, keep_suffix=True)
         self._tmp = self._atomic.__enter__()
+        try:
+            self._open(shape, class_names)
+        except BaseException:
+            self._close(*sys.exc_info())
+            raise
+
+    def _open(self, shape: tuple[int, int, int], class_names: Sequence[str]) -> None:
+        import errno
+
+        import tifffile
+
         os.unlink(self._tmp)  # tifffile.memmap creates the file itself
         nbytes = int(np.prod(shape)) * 4
         self.array = tifffile.memmap(
             self._tmp, shape=tuple(shape), dtype=np.float32, photometric="minisblack", bigtiff=nbytes > 2**31 - 2**25,
             metadata={"axes": "CYX", "classes": list(class_names)},
         )
+        size = os.path.getsize(self._tmp)  # header + data; tifffile leaves the data part sparse
+        if hasattr(os, "posix_fallocate"):  # Linux and most Unixes; elsewhere the map stays sparse
+            fd = os.open(self._tmp, os.O_RDWR)
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise PosvitError(f"no space left on device for '{self.path}' ({-(-size // 10**6)} MB needed): "
+                                      "free some space or write to another folder") from exc
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without fallocate
+                    raise
+            finally:
+                os.close(fd)
+
+    def _close(self, exc_type, exc, tb) -> None:
+        arr, self.array = self.array, None
+        if arr is not None and exc_type is None:  # after a failure the file is discarded: nothing to flush
+            try:
+                arr.flush()
+            except BaseException as flush_error:  # the file stays a temporary one and is removed
+                del arr
+                self._atomic.__exit__(type(flush_error), flush_error, flush_error.__traceback__)
+                raise
+        del arr
+        self._atomic.__exit__(exc_type, exc, tb)
 
     def __enter__(self) -> ProbabilityWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        arr, self.array = self.array, None
-        if arr is not None:
-            arr.flush()
-            del arr
-        self._atomic.__exit__(exc_type, exc, tb)
+        self._close(exc_type, exc, tb)
 
 
 def warn(message: str) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 
 from posvit_cli.core.errors import PosvitError
 from posvit_cli.core.io.labels import (
-    decode_labels, label_files_by_stem, rgb_to_classes, sorted_colours, stem,
+    decode_labels, label_files_by_stem, rgb_to_classes, sorted_colours, stem, warn_rare_colours,
 )
 from posvit_cli.core.segment.classes import ClassTable, LabelledImage
 
@@ -168,6 +168,7 @@ def load_training_labels(
     colour_table = None
     if kinds == {True}:
         # One table for the whole set: a colour missing from one image must not shift the others' classes.
+        warn_rare_colours({str(found[s]): raw[s] for s in raw})
         colours = sorted_colours(raw.values())
         for s in raw:
             raw[s] = rgb_to_classes(raw[s], [(0, 0, 0)] + colours)  # black → 0, colour k → k + 1

@@ -360,9 +360,29 @@ class TokenSource:
         def bands():
             for y in range(0, h, rows):
                 band = np.asarray(arr[record.row, y : min(h, y + rows)], dtype=np.float32)
+                if not np.isfinite(band).all():
+                    # NaN would surface later as a bare LinAlgError or scikit-learn ValueError naming no image.
+                    raise self._nonfinite(record)
                 yield band.reshape(-1, band.shape[-1])
 
         return bands
+
+    def _nonfinite(self, record) -> PosvitError:
+        return PosvitError(
+            f"features of '{record.path}' in '{self.store.source}' contain NaN or inf: re-extract them (e.g. with "
+            "--dtype float32); posvit does not zero them"
+        )
+
+    def check_finite(self, path) -> None:
+        """Read all tokens of one image (in row bands) and raise if any is NaN or infinite.
+
+        Raises
+        ------
+        PosvitError
+            Naming the store and the image, when its features hold NaN or inf.
+        """
+        for _ in self._bands(self.record_for(path))():
+            pass
 
     def covered(self, record) -> tuple[int, int]:
         """Pixel extent of the image that the token grid spans."""

@@ -288,3 +288,22 @@ def test_training_scribbles_that_look_zero_based_are_named(tmp_path, cli):
     Image.fromarray(scrib).save(tmp_path / "lab" / "a.png")
     with pytest.raises(PosvitError, match=r"class 'b' \(value 2\).*0-based: add 1"):
         load_training_labels([tmp_path / "imgs" / "a.png"], tmp_path / "lab", class_names=["a", "b"])
+
+
+def test_rare_colours_are_the_anti_aliased_handful_not_small_classes():
+    from posvit_cli.core.io.labels import rare_colours
+
+    a = np.zeros((64, 64, 3), np.uint8)
+    a[:20, :] = (255, 0, 0)  # 1280 px
+    a[40:, :] = (0, 255, 0)  # 1536 px
+    a[30, 0] = (250, 3, 2)  # one anti-aliased pixel
+    a[31, :2] = (128, 0, 0)  # two more
+    b = np.zeros((64, 64, 3), np.uint8)
+    b[30:33, 10:20] = (0, 0, 255)  # a small but real class: 30 px (not < 20)
+    b[0, 0] = (128, 0, 0)
+    # 2850 labelled px, 0.1 % of them is 2.85 px: only the 1 px colour is below both limits (< 20 px and < 0.1 %);
+    # at 1 % (28.5 px) the 3 px colour (2 in a.png, 1 in b.png: named by a.png) is too, the 30 px class never is
+    assert rare_colours({"a.png": a, "b.png": b}) == [((250, 3, 2), 1, "a.png")]
+    assert rare_colours({"a.png": a, "b.png": b}, max_fraction=0.01) == [((250, 3, 2), 1, "a.png"),
+                                                                         ((128, 0, 0), 3, "a.png")]
+    assert rare_colours({"b.png": b}) == []  # 31 labelled px: nothing is below 0.1 % of them

@@ -561,3 +561,114 @@ def test_subsampling_training_pixels_never_drops_a_rare_class(tmp_path):
     X, y = gather_training_pixels([LabelledImage(str(path), labels)], FeatureSpec(ClassicalConfig(sigmas=(1.0,)), None),
                                   None, n_classes=2, max_samples=100)
     assert X.shape == (100, len(feature_names(ClassicalConfig(sigmas=(1.0,))))) and np.bincount(y).tolist() == [95, 5]
+
+
+# ------------------------------------------------------------------------------------------- reliability faults
+def _tiny_seg_data(root, n=2, side=32):
+    """``n`` 32×32 two-phase images named like conftest.write_store's records, and their scribbles."""
+    imgs, labels = root / "imgs", root / "labels"
+    imgs.mkdir()
+    labels.mkdir()
+    for i in range(n):
+        img, gt = two_phase(side, i, blob=4)
+        save_png(imgs / f"img{i:03d}.png", (img * 255).astype(np.uint8))
+        save_png(labels / f"img{i:03d}.png", draw_scribbles(gt, 3, seed=i).astype(np.uint8))
+    return imgs, labels
+
+
+def test_non_finite_store_features_are_a_user_error_naming_the_store_and_image(tmp_path, cli):
+    imgs, labels = _tiny_seg_data(tmp_path)
+    rng = np.random.default_rng(0)
+    grids = [rng.standard_normal((2, 2, 8)).astype(np.float32) for _ in range(2)]
+    good = write_store(tmp_path / "good.h5", grids)
+    grids[1][1, 0, 3] = np.nan
+    bad = write_store(tmp_path / "bad.h5", grids)
+    fast = ["--sigmas", "1", "--trees", "5", "--depth", "2", "--vit-dims", "2", "-q"]
+    r = cli(["segment", "train", imgs, "--labels", labels, "-o", tmp_path / "m.posvit-seg", "-f", bad, *fast])
+    assert r.exit_code == 2, r.output
+    assert "img001.png" in r.output and "bad.h5" in r.output and "NaN" in r.output
+    assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
+    assert not (tmp_path / "m.posvit-seg").exists()
+    model = tmp_path / "ok.posvit-seg"
+    r = cli(["segment", "train", imgs, "--labels", labels, "-o", model, "-f", good, *fast])
+    assert r.exit_code == 0, r.output
+    r = cli(["segment", "apply", model, imgs, "-o", tmp_path / "out", "-f", bad, "-q"])
+    assert r.exit_code == 2 and "img001.png" in r.output and "bad.h5" in r.output, r.output
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []  # img000 not written either
+
+
+def _tiny_model(cli, imgs, labels, model):
+    r = cli(["segment", "train", imgs, "--labels", labels, "-o", model, "--sigmas", "1", "--trees", "5", "--depth", "2",
+             "-q"])
+    assert r.exit_code == 0, r.output
+    return model
+
+
+def test_apply_refuses_to_replace_existing_outputs_before_writing_anything(tmp_path, cli):
+    imgs, labels = _tiny_seg_data(tmp_path)
+    model = _tiny_model(cli, imgs, labels, tmp_path / "m.posvit-seg")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "img001.png").write_bytes(b"keep me")
+    r = cli(["segment", "apply", model, imgs, "-o", out, "-q"])
+    assert r.exit_code == 2 and "img001.png" in r.output and "--overwrite" in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output
+    assert (out / "img001.png").read_bytes() == b"keep me"
+    assert sorted(f.name for f in out.iterdir()) == ["img001.png"]  # nothing else written either
+    (out / "img000_probs.tif").write_bytes(b"old")
+    (out / "img001.png").unlink()
+    r = cli(["segment", "apply", model, imgs, "-o", out, "--probabilities", "-q"])
+    assert r.exit_code == 2 and "img000_probs.tif" in r.output, r.output
+    assert (out / "img000_probs.tif").read_bytes() == b"old" and not (out / "img000.png").exists()
+    (out / "img001.png").write_bytes(b"keep me")
+    r = cli(["segment", "apply", model, imgs, "-o", out, "--probabilities", "--overwrite", "-q"])
+    assert r.exit_code == 0, r.output
+    assert np.array(Image.open(out / "img001.png")).shape == (32, 32)
+    import tifffile
+
+    assert tifffile.imread(out / "img000_probs.tif").shape == (2, 32, 32)
+
+
+def test_an_anti_aliased_pixel_in_rgb_scribbles_is_warned_about_by_colour_count_and_file(tmp_path, cli):
+    imgs, labels = tmp_path / "imgs", tmp_path / "labels"
+    imgs.mkdir()
+    labels.mkdir()
+    img, gt = two_phase(64, 0, blob=6)
+    save_png(imgs / "a.png", (img * 255).astype(np.uint8))
+    rgb = np.zeros((64, 64, 3), np.uint8)
+    rgb[gt == 1] = (255, 0, 0)
+    rgb[gt == 2] = (0, 255, 0)  # dense: 4096 labelled px, so 0.1 % is 4 px
+    save_png(labels / "a.png", rgb)
+    args = ["segment", "train", imgs, "--labels", labels, "--sigmas", "1", "--trees", "3", "--depth", "2", "-q"]
+    r = cli([*args, "-o", tmp_path / "clean.posvit-seg"])
+    assert r.exit_code == 0 and "warning" not in r.output, r.output
+    rgb[0, 0] = (250, 3, 2)  # the anti-aliased edge pixel of the report
+    save_png(labels / "a.png", rgb)
+    r = cli([*args, "-o", tmp_path / "m.posvit-seg"])
+    assert r.exit_code == 0, r.output
+    warned = [ln for ln in r.output.splitlines() if ln.startswith("warning:")]
+    assert len(warned) == 1, r.output
+    assert "#fa0302" in warned[0] and "only 1 px" in warned[0] and str(labels / "a.png") in warned[0], warned
+    assert "anti-aliasing" in warned[0] and "indexed (palette) PNG" in warned[0]
+
+
+def test_probabilities_on_a_full_disk_are_one_error_line_and_leave_no_file(tmp_path, cli, monkeypatch):
+    import errno
+    import os
+
+    imgs, labels = _tiny_seg_data(tmp_path, n=1)
+    model = _tiny_model(cli, imgs, labels, tmp_path / "m.posvit-seg")
+    claimed = []
+
+    def full_disk(fd, offset, length):
+        claimed.append(length)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full_disk, raising=False)
+    out = tmp_path / "out"
+    r = cli(["segment", "apply", model, imgs, "-o", out, "--probabilities", "-q"])
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 1, r.output
+    assert f"no space left on device for '{out / 'img000_probs.tif'}' (1 MB needed)" in lines[0], r.output
+    assert claimed and claimed[0] >= 2 * 32 * 32 * 4  # the whole file is claimed before it is mapped
+    assert sorted(p.name for p in out.iterdir()) == []  # no hidden .img000_probs.tif.*.tmp.tif, no output
