@@ -1,0 +1,111 @@
+"""Feature-store writing under faults: refused resumes, two writers, nothing readable, damaged Zarr, full disk."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import TINY_MODEL, write_store
+from posvit_cli.core.errors import PosvitError
+from posvit_cli.core.features.store import FeatureStore
+from posvit_cli.core.features.writer import StoreWriter
+
+FORMATS = ["f.h5", "f.zarr", "f.zarr.zip"]
+EXTRACT = ["-m", TINY_MODEL, "-w", "random", "-q", "--dtype", "float32", "--device", "cpu", "--batch-size", "2"]
+
+
+def _snapshot(folder):
+    """Every file under ``folder`` (relative path → SHA-256 of its bytes): what "left untouched" compares."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for f in files:
+            p = os.path.join(root, f)
+            out[os.path.relpath(p, folder)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+    return out
+
+
+def _grids(n=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.normal(size=(2, 3, 4)).astype(np.float32) for _ in range(n)]
+
+
+# -- 1. a refused --resume leaves the finished store where and as it was -----------------------------------------
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_refused_resume_leaves_the_finished_store_byte_identical(tmp_path, name):
+    path = write_store(tmp_path / name, _grids(), provenance={"preprocessing": {"size": "native"}})
+    before = _snapshot(tmp_path)
+    other = {"model": "synthetic", "patch_size": 16, "channels": 4, "preprocessing": {"size": "square:128"}}
+    with pytest.raises(PosvitError, match=r"preprocessing.size differ"):
+        StoreWriter(path, provenance=other, layers=["final"], dtype="float32", resume=True)
+    assert _snapshot(tmp_path) == before  # same files, same bytes: no .partial, no .lock, the store in place
+    with FeatureStore(path) as st:
+        assert len(st) == 3
+
+
+@pytest.mark.parametrize("fmt", ["h5", "zarr.zip"])
+def test_refused_resume_through_the_cli(tmp_path, image_dir, cli, fmt):
+    out = tmp_path / f"f.{fmt}"
+    assert cli(["extract", image_dir, *EXTRACT, "-o", out]).exit_code == 0
+    before = _snapshot(tmp_path)
+    res = cli(["extract", image_dir, *EXTRACT, "--size", "64", "-o", out, "--resume"])
+    assert res.exit_code == 2, res.output
+    assert "cannot resume" in res.output and "preprocessing" in res.output
+    assert _snapshot(tmp_path) == before
+
+
+# -- 2. one writer per output ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_a_second_writer_to_the_same_output_is_refused(tmp_path, name):
+    path = tmp_path / name
+    first = StoreWriter(path, provenance={"channels": 4}, layers=["final"], dtype="float32")
+    first.add("a.png", {"final": _grids(1)[0]}, orig_size=(32, 48), proc_size=(32, 48))
+    first.commit()
+    lock = tmp_path / (name + ".lock")
+    assert lock.read_text().strip() == str(os.getpid())
+    for kwargs in ({}, {"resume": True}, {"overwrite": True}):
+        with pytest.raises(PosvitError, match=rf"is being written by another posvit process \(pid {os.getpid()}\)"):
+            StoreWriter(path, provenance={"channels": 4}, layers=["final"], dtype="float32", **kwargs)
+    first.add("b.png", {"final": _grids(2)[1]}, orig_size=(32, 48), proc_size=(32, 48))
+    assert first.close() == path
+    assert not lock.exists()
+    with FeatureStore(path) as st:
+        assert [r.path for r in st.records] == ["a.png", "b.png"]
+    # The lock is gone with the writer: the next one may start.
+    StoreWriter(path, provenance={"channels": 4}, layers=["final"], dtype="float32", resume=True).abort()
+    assert not lock.exists()
+
+
+def test_extract_refused_while_another_process_writes(tmp_path, image_dir, cli):
+    out = tmp_path / "f.h5"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys; from posvit_cli.core.features.backends import StoreLock; lock = StoreLock(sys.argv[1]); "
+         "print('held', flush=True); sys.stdin.read()", str(out)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout.readline().strip() == b"held"
+        res = cli(["extract", image_dir, *EXTRACT, "-o", out])
+        assert res.exit_code == 2, res.output
+        assert f"is being written by another posvit process (pid {holder.pid})" in res.output
+        assert not out.exists() and not (tmp_path / "f.h5.partial").exists()
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    # The holder exited without removing its lock file (as a killed process would): the file does not block.
+    assert (tmp_path / "f.h5.lock").exists()
+    res = cli(["extract", image_dir, *EXTRACT, "-o", out])
+    assert res.exit_code == 0, res.output
+    assert not (tmp_path / "f.h5.lock").exists()
+    with FeatureStore(out) as st:
+        assert len(st) == 7
