@@ -109,3 +109,32 @@ def test_extract_refused_while_another_process_writes(tmp_path, image_dir, cli):
     assert not (tmp_path / "f.h5.lock").exists()
     with FeatureStore(out) as st:
         assert len(st) == 7
+
+
+# -- 3. nothing readable is an error, not an empty store ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["h5", "zarr.zip"])
+def test_a_folder_of_unreadable_images_fails_and_leaves_no_store(tmp_path, cli, fmt):
+    d = tmp_path / "broken"
+    d.mkdir()
+    for i in range(3):
+        (d / f"b{i}.png").write_bytes(b"not a png at all")
+    out = tmp_path / f"f.{fmt}"
+    res = cli(["extract", d, *EXTRACT, "-o", out])
+    assert res.exit_code == 2, res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "none of the 3 images could be read" in errors[0] and "b0.png" in errors[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]  # no store, no .partial, no .lock
+
+
+@pytest.mark.parametrize("name", ["in.h5", "in.zarr"])
+def test_a_store_given_as_images_is_refused_before_anything_is_written(tmp_path, cli, name):
+    source = write_store(tmp_path / name, _grids())
+    before = _snapshot(tmp_path)
+    res = cli(["extract", source, *EXTRACT, "-o", tmp_path / "out.h5"])
+    assert res.exit_code == 2, res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "is a feature store" in errors[0]
+    assert "--head HEAD" in errors[0] and "--merge" in errors[0]
+    assert _snapshot(tmp_path) == before  # no out.h5, no out.h5.partial
