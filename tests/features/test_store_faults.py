@@ -138,3 +138,29 @@ def test_a_store_given_as_images_is_refused_before_anything_is_written(tmp_path,
     assert len(errors) == 1 and "is a feature store" in errors[0]
     assert "--head HEAD" in errors[0] and "--merge" in errors[0]
     assert _snapshot(tmp_path) == before  # no out.h5, no out.h5.partial
+
+
+# -- 4. a damaged Zarr store is an error, never zeros ------------------------------------------------------------
+
+
+def test_a_missing_zarr_chunk_is_an_error_naming_the_image(tmp_path, cli):
+    grids = _grids(3)
+    grids[2][:] = 0.0  # an all-zero image is data, not damage: its chunk is written like any other
+    path = write_store(tmp_path / "f.zarr", grids)
+    chunk = path / "groups" / "2x3" / "features" / "final" / "c" / "1" / "0" / "0" / "0"
+    assert chunk.is_file()
+    assert cli(["store", "info", path, "--checksums", "-q"]).exit_code == 0
+    chunk.unlink()
+    with FeatureStore(path) as st:
+        np.testing.assert_array_equal(st.features(0), grids[0])
+        np.testing.assert_array_equal(st.features(2), np.zeros((2, 3, 4), np.float32))
+        with pytest.raises(PosvitError, match=r"store '.*f\.zarr' is damaged: the features of image 'img001\.png' "
+                                              r"\(layer final\) are missing \(chunk '.*c/1/0/0/0' absent\)"):
+            st.features(1)
+        with pytest.raises(PosvitError, match="img001.png"):
+            st.feature_rows(1, "final", 0, 1)
+        with pytest.raises(PosvitError, match="img001.png"):
+            st.checksum(1)
+    res = cli(["store", "info", path, "--checksums"])
+    assert res.exit_code == 2, res.output
+    assert "is damaged" in res.output and "img001.png" in res.output
