@@ -164,3 +164,31 @@ def test_a_missing_zarr_chunk_is_an_error_naming_the_image(tmp_path, cli):
     res = cli(["store", "info", path, "--checksums"])
     assert res.exit_code == 2, res.output
     assert "is damaged" in res.output and "img001.png" in res.output
+
+
+# -- 5. store info describes an unfinished store -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["f.h5", "f.zarr"])
+def test_store_info_describes_an_unfinished_store(tmp_path, cli, name):
+    import json
+
+    path = tmp_path / name
+    w = StoreWriter(path, provenance={"channels": 4, "model": "synthetic", "preprocessing": {"size": "short:64"}},
+                    layers=["final"], dtype="float32")
+    for i, g in enumerate(_grids(2)):
+        w.add(f"i{i}.png", {"final": g}, orig_size=(32, 48), proc_size=(32, 48))
+        w.commit()
+    w.abort()  # interrupted: the store stays at .partial
+    partial = tmp_path / (name + ".partial")
+    for given in (partial, path):  # the partial itself, or the store it will become
+        res = cli(["store", "info", given, "--json", "-q"])
+        assert res.exit_code == 0, res.output
+        info = json.loads(res.stdout)
+        assert info["complete"] is False and info["n_images"] == 2 and info["source"] == str(partial)
+        assert [im["path"] for im in info["images"]] == ["i0.png", "i1.png"]
+        assert info["provenance"]["preprocessing"] == {"size": "short:64"} and info["provenance"]["model"] == "synthetic"
+        assert "--resume" in info["unfinished"] and "--overwrite" in info["unfinished"]
+    res = cli(["store", "info", partial])
+    assert res.exit_code == 0, res.output
+    assert "UNFINISHED" in res.output and "2 committed" in res.output and "--resume" in res.output
