@@ -192,3 +192,45 @@ def test_store_info_describes_an_unfinished_store(tmp_path, cli, name):
     res = cli(["store", "info", partial])
     assert res.exit_code == 0, res.output
     assert "UNFINISHED" in res.output and "2 committed" in res.output and "--resume" in res.output
+
+
+# -- 6. a full disk is one error line, and the partial store resumes ---------------------------------------------
+
+
+def test_full_disk_during_an_hdf5_extract_is_one_line_and_resumable(tmp_path, image_dir, cli, monkeypatch):
+    import h5py
+
+    whole = tmp_path / "whole.h5"
+    assert cli(["extract", image_dir, *EXTRACT, "-o", whole]).exit_code == 0
+    real_setitem = h5py.Dataset.__setitem__
+    feature_writes = []
+
+    def disk_fills_up(self, key, value):
+        if "/features/" in self.name:
+            feature_writes.append(key)
+            if len(feature_writes) > 4:  # the fifth image's features find the disk full
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_setitem(self, key, value)
+
+    monkeypatch.setattr(h5py.Dataset, "__setitem__", disk_fills_up)
+    out = tmp_path / "f.h5"
+    res = cli(["extract", image_dir, *EXTRACT, "-o", out])
+    monkeypatch.undo()
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output and "Exception ignored" not in res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, res.output
+    partial = tmp_path / "f.h5.partial"
+    with FeatureStore(partial, allow_partial=True) as st:
+        saved = len(st)
+    assert 0 < saved <= 4
+    assert errors[0] == (f"error: no space left on device while writing '{out}': {saved} images are saved in "
+                         f"'{partial}'; free space and run again with --resume")
+    assert not out.exists() and not (tmp_path / "f.h5.lock").exists()
+    res = cli(["extract", image_dir, *EXTRACT, "-o", out, "--resume"])
+    assert res.exit_code == 0, res.output
+    with FeatureStore(out) as a, FeatureStore(whole) as b:
+        assert sorted(r.path for r in a.records) == sorted(r.path for r in b.records)
+        index = {r.path: r.index for r in a.records}
+        for r in b.records:
+            np.testing.assert_array_equal(a.features(index[r.path]), b.features(r.index))
