@@ -91,6 +91,7 @@ def extract(
             _apply_head(inputs, out, head, overwrite, dtype if dtype_given else None, compression, transform, resume,
                         json_out, quiet)
             return
+        _refuse_store_inputs(inputs, head)
         _extract(**locals())
 
 
@@ -104,6 +105,21 @@ def _is_store_input(inputs) -> bool:
     from posvit_cli.core.features.backends import is_store_path
 
     return len(inputs) == 1 and (inputs[0] == "-" or is_store_path(inputs[0]))
+
+
+def _refuse_store_inputs(inputs, head) -> None:
+    """A store among the inputs of an image extraction is a mistake: say what was probably meant, before any
+    output is created (it would otherwise be skipped as an unreadable image, leaving an empty store)."""
+    from posvit_cli.core.features.backends import is_store_path
+
+    stores = [str(x) for x in inputs if x == "-" or is_store_path(x)]
+    if not stores:
+        return
+    if head is not None:
+        raise PosvitError(f"--head cleans one store at a time, given alone as the input ('{stores[0]}' among "
+                          f"{len(inputs)} inputs): run it once per store")
+    raise PosvitError(f"'{stores[0]}' is a feature store, not an image: pass --head HEAD to clean its tokens, or "
+                      "--merge to join stores into -o")
 
 
 def _apply_head(inputs, out, head, overwrite, dtype, compression, transform, resume, json_out, quiet):
@@ -295,10 +311,15 @@ def _extract_one(paths, encoder, options, prov, out, layer_names, dtype, overwri
     try:
         with RichProgress(quiet) as progress:
             summary = extract_images(paths, encoder, writer, options, device=dev, progress=progress)
+        if len(writer) == 0 and summary.skipped:
+            raise _nothing_readable(summary)
         writer.update_provenance(extract_seconds=round(summary.seconds, 3))
-    except BaseException:
+    except BaseException as exc:
+        if isinstance(exc, _NothingReadable):
+            writer.discard()  # a new store with no image: nothing under the final name, no stray .partial
+            raise
         writer.abort()
-        if writer.work_path is not None and len(writer):
+        if writer.work_path is not None and len(writer) and not writer.failed:
             console.print(
                 f"{len(writer)} images are saved in '{writer.work_path}'; run the same command with --resume to finish"
             )
@@ -308,6 +329,17 @@ def _extract_one(paths, encoder, options, prov, out, layer_names, dtype, overwri
     if not quiet:
         _print_summary(summary, where, encoder)
     return summary, where
+
+
+class _NothingReadable(PosvitError):
+    """No image of the run could be read: the run fails and the store it started is discarded."""
+
+
+def _nothing_readable(summary) -> PosvitError:
+    path, reason = summary.skipped[0]
+    more = f" (and {len(summary.skipped) - 1} more)" if len(summary.skipped) > 1 else ""
+    return _NothingReadable(f"none of the {len(summary.skipped)} images could be read, so no store was written: "
+                            f"'{path}': {reason}{more}")
 
 
 def _print_summary(summary, where, encoder) -> None:

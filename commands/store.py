@@ -22,11 +22,12 @@ def info(
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Show a store's images, grids, layers and provenance."""
+    """Show a store's images, grids, layers and provenance (an unfinished <store>.partial too)."""
     with cli_context(debug, quiet):
         from posvit_cli.core.features.store import FeatureStore
 
-        with FeatureStore(store_input(store)) as fs:
+        source = _unfinished_or_given(store_input(store))
+        with FeatureStore(source, allow_partial=True) as fs:
             summary = fs.info()
             debias, tiling, preprocessing, dtype = fs.debias, fs.tiling, fs.preprocessing, fs.dtype
             model = f"{fs.model} (weights {fs.weights}, sha256 {str(fs.weights_sha256)[:12]})"
@@ -35,14 +36,18 @@ def info(
                 | ({"sha256": fs.checksum(r.index)} if checksums else {})
                 for r in fs.records
             ]
+        if not summary["complete"]:
+            summary["unfinished"] = _unfinished_note(source, summary["n_images"])
         if json_out:
             emit_json(summary)
         if not quiet:
             from rich.table import Table
 
             t = Table(title=f"feature store {summary['source']}", show_header=False, title_justify="left")
+            if not summary["complete"]:
+                t.add_row("UNFINISHED", summary["unfinished"])
             t.add_row("format", f"{summary['format']} (schema {summary['schema_version']})")
-            t.add_row("images", str(summary["n_images"]))
+            t.add_row("images", str(summary["n_images"]) + ("" if summary["complete"] else " committed"))
             t.add_row("grids", ", ".join(f"{g} ×{n}" for g, n in summary["groups"].items()) or "-")
             t.add_row("layers", ", ".join(summary["layers"]))
             t.add_row("channels", str(summary["channels"]))
@@ -56,6 +61,24 @@ def info(
             if summary["maps"]:
                 t.add_row("maps", ", ".join(summary["maps"]))
             console.print(t)
+
+
+def _unfinished_or_given(source: str) -> str:
+    """``source``, or its ``.partial`` when only an interrupted write of it exists (what the user asks about)."""
+    from pathlib import Path
+
+    from posvit_cli.core.features.backends import PARTIAL_SUFFIX
+
+    partial = Path(source + PARTIAL_SUFFIX)
+    return str(partial) if source != "-" and not Path(source).exists() and partial.exists() else source
+
+
+def _unfinished_note(source: str, n_images: int) -> str:
+    from posvit_cli.core.features.backends import PARTIAL_SUFFIX
+
+    final = source[: -len(PARTIAL_SUFFIX)] if source.endswith(PARTIAL_SUFFIX) else source
+    return (f"an interrupted write, {n_images} images committed: `posvit extract ... -o {final} --resume` "
+            "continues it, `--overwrite` starts again")
 
 
 @app.command("merge", cls=PosvitCommand)

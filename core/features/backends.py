@@ -7,6 +7,8 @@ speak to either backend through :class:`Backend`; nothing else in posvit touches
 from __future__ import annotations
 
 import contextlib
+import errno
+import itertools
 import os
 import shutil
 import tempfile
@@ -20,10 +22,12 @@ from posvit_cli.core.errors import PosvitError
 from posvit_cli.core.fileio import atomic_path
 
 __all__ = [
+    "LOCK_SUFFIX",
     "PARTIAL_SUFFIX",
     "STORE_SUFFIXES",
     "Backend",
     "H5Backend",
+    "StoreLock",
     "ZarrBackend",
     "is_store_path",
     "open_stream",
@@ -42,6 +46,8 @@ _SUFFIX_FORMAT = {".zarr.zip": "zarr-zip", ".zip": "zarr-zip", ".zarr": "zarr", 
                   ".hdf": "hdf5"}
 #: Suffix of a store whose writer has not finished (resumable with ``--resume``).
 PARTIAL_SUFFIX = ".partial"
+#: Suffix of the lock file beside a store while a writer works on it (one writer per output).
+LOCK_SUFFIX = ".lock"
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 _ZIP_MAGIC = b"PK\x03\x04"
 
@@ -114,6 +120,14 @@ class Backend:
     def children(self, name: str) -> list[str]:
         raise NotImplementedError
 
+    def missing_chunk(self, name: str, row: int, start: int = 0, stop: int | None = None) -> str | None:
+        """The key of a chunk of ``name`` that covers ``[row, start:stop]`` but is absent from the store, or None.
+
+        Only Zarr keeps chunks as separate keys that can go missing (a deleted file) and then silently read as
+        the fill value; an HDF5 file has no such hole, so its backend always answers None.
+        """
+        return None
+
     def flush(self) -> None:
         pass
 
@@ -176,11 +190,16 @@ class H5Backend(Backend):
 
 
 class ZarrBackend(Backend):
+    # Every chunk is written, even one equal to the fill value: a missing chunk file then always means damage
+    # (see :meth:`missing_chunk`), never "all zeros".
+    _ARRAY_CONFIG = {"write_empty_chunks": True}
+
     def __init__(self, target: str, mode: str, zip_file: bool = False):
         import zarr
 
         self._zarr = zarr
         self._store = None
+        self._writable = mode != "r"
         if zip_file:
             self._store = zarr.storage.ZipStore(target, mode="r")
             self.group = zarr.open_group(self._store, mode="r")
@@ -201,7 +220,28 @@ class ZarrBackend(Backend):
         return True
 
     def array(self, name):
-        return self.group[name]
+        arr = self.group[name]
+        return arr.with_config(self._ARRAY_CONFIG) if self._writable else arr
+
+    def missing_chunk(self, name, row, start=0, stop=None):
+        from zarr.core.sync import sync
+
+        arr = self.group[name]
+        chunks, shape = arr.chunks, arr.shape
+        if not shape or row >= shape[0]:
+            return None
+        if len(shape) > 1:
+            stop = shape[1] if stop is None else min(stop, shape[1])
+        ranges = [range(row // chunks[0], row // chunks[0] + 1)]
+        if len(shape) > 1:
+            ranges.append(range(start // chunks[1], max(start // chunks[1] + 1, -(-stop // chunks[1]))))
+        ranges += [range(-(-n // c)) for n, c in zip(shape[2:], chunks[2:])]
+        store, base = arr.store_path.store, arr.store_path.path
+        for coords in itertools.product(*ranges):
+            key = f"{base}/{arr.metadata.encode_chunk_key(coords)}" if base else arr.metadata.encode_chunk_key(coords)
+            if not sync(store.exists(key)):
+                return key
+        return None
 
     def create_array(self, name, shape, dtype, chunks, compression):
         from zarr.codecs import BloscCodec, ZstdCodec
@@ -214,10 +254,11 @@ class ZarrBackend(Backend):
             compressors = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
         else:
             raise PosvitError(f"compression '{compression}' is not available for Zarr stores: use none, zstd or lz4")
-        return self.group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, compressors=compressors)
+        return self.group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, compressors=compressors,
+                                       config=self._ARRAY_CONFIG)
 
     def create_string_array(self, name):
-        return self.group.create_array(name, shape=(0,), dtype=str, chunks=(256,))
+        return self.group.create_array(name, shape=(0,), dtype=str, chunks=(256,), config=self._ARRAY_CONFIG)
 
     def read_strings(self, name) -> list[str]:
         return [str(s) for s in self.group[name][...]]
@@ -233,6 +274,71 @@ class ZarrBackend(Backend):
         if self._store is not None:
             with contextlib.suppress(Exception):
                 self._store.close()
+
+
+class StoreLock:
+    """The one-writer-per-output lock: ``<store>.lock`` beside the store, held with ``flock``.
+
+    ``flock`` is released by the kernel when its holder dies, so a lock file left by a killed process does not
+    block the next writer; a live holder's pid is written in the file for the message.
+
+    Parameters
+    ----------
+    store : path-like
+        The store's final path (``f.h5``, ``f.zarr``, ``f.zarr.zip``).
+
+    Raises
+    ------
+    PosvitError
+        If another process (or another writer in this one) holds the lock.
+    """
+
+    def __init__(self, store: str | os.PathLike):
+        self.path = Path(str(store) + LOCK_SUFFIX)
+        self._file = None
+        try:
+            import fcntl
+        except ImportError:  # no flock on this platform: no lock (a documented limitation)
+            return
+        for _ in range(50):
+            fh = open(self.path, "a+")
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                fh.seek(0)
+                pid = fh.read().strip() or "unknown"
+                fh.close()
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise PosvitError(f"cannot lock '{self.path}' to write '{store}' ({exc.strerror})") from None
+                raise PosvitError(
+                    f"'{store}' is being written by another posvit process (pid {pid}); wait for it or choose "
+                    "another output"
+                ) from None
+            # The holder we waited for may have removed the file between our open and our flock: then we hold
+            # a lock on a name nobody else sees, and must take the current file instead.
+            try:
+                current = os.path.samestat(os.fstat(fh.fileno()), os.stat(self.path))
+            except FileNotFoundError:
+                current = False
+            if current:
+                fh.seek(0)
+                fh.truncate()
+                fh.write(f"{os.getpid()}\n")
+                fh.flush()
+                self._file = fh
+                return
+            fh.close()
+        raise PosvitError(f"cannot lock '{self.path}': it keeps being replaced by another process")
+
+    def release(self) -> None:
+        """Remove the lock file and release the lock (idempotent)."""
+        if self._file is None:
+            return
+        # Unlink while still holding the lock, so a waiter that opened this file sees it is no longer current.
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        self._file.close()
+        self._file = None
 
 
 def resize_rows(arr, n: int) -> None:

@@ -305,16 +305,30 @@ class FeatureStore:
             The token grid in row-major order, cast to ``dtype``.
         """
         layer = self.check_layer(layer)
-        r = self._records[index]
-        arr = self._backend.array(f"groups/{r.group}/features/{layer}")
-        return np.asarray(arr[r.row], dtype=dtype)
+        return np.asarray(self._image_rows(self._records[index], "features", layer), dtype=dtype)
+
+    def _image_rows(self, r: ImageRecord, kind: str, name: str, start: int | None = None, stop: int | None = None):
+        """The stored rows of one image in ``groups/<grid>/<kind>/<name>`` (all, or token rows ``start:stop``).
+
+        A Zarr chunk missing from disk would read as the fill value (zeros) without a word; it is an error here.
+        """
+        key = f"groups/{r.group}/{kind}/{name}"
+        absent = self._backend.missing_chunk(key, r.row, start or 0, stop)
+        if absent is not None:
+            what = {"maps": "map", "prefix": "prefix tokens"}.get(kind, "features")
+            of = f"map {name}" if kind == "maps" else f"layer {name}"
+            raise PosvitError(
+                f"store '{self.source}' is damaged: the {what} of image '{r.path}' ({of}) "
+                f"{'is' if kind == 'maps' else 'are'} missing (chunk '{absent}' absent); restore the store or "
+                "extract it again"
+            )
+        arr = self._backend.array(key)
+        return arr[r.row] if start is None else arr[r.row, start:stop]
 
     def feature_rows(self, index: int, layer: str | None, start: int, stop: int, dtype=np.float32) -> np.ndarray:
         """Token rows ``start:stop`` of one image, shape ``(stop - start, w, C)``: bounded reads of huge grids."""
         layer = self.check_layer(layer)
-        r = self._records[index]
-        arr = self._backend.array(f"groups/{r.group}/features/{layer}")
-        return np.asarray(arr[r.row, start:stop], dtype=dtype)
+        return np.asarray(self._image_rows(self._records[index], "features", layer, start, stop), dtype=dtype)
 
     def prefix_tokens(self, index: int, layer: str | None = None, dtype=np.float32) -> np.ndarray | None:
         """The CLS and register tokens of one image, shape ``(P, C)``, or None when they were not kept."""
@@ -323,7 +337,7 @@ class FeatureStore:
         name = f"groups/{r.group}/prefix/{layer}"
         if not self._backend.has(name):
             return None
-        return np.asarray(self._backend.array(name)[r.row], dtype=dtype)
+        return np.asarray(self._image_rows(r, "prefix", layer), dtype=dtype)
 
     def stack(self, layer: str | None = None, group: str | None = None):
         """The lazy ``(n, h, w, C)`` array of one grid group (an ``h5py.Dataset`` or ``zarr.Array``).
@@ -367,7 +381,7 @@ class FeatureStore:
         key = f"groups/{r.group}/maps/{name}"
         if not self._backend.has(key):
             raise PosvitError(f"map '{name}' is not in '{self.source}' (stored: {', '.join(self.map_names()) or 'none'})")
-        return np.asarray(self._backend.array(key)[r.row])
+        return np.asarray(self._image_rows(r, "maps", name))
 
     def checksum(self, index: int) -> str:
         """SHA-256 over the stored bytes of every layer (and prefix tokens) of one image, in layer order."""
@@ -376,10 +390,9 @@ class FeatureStore:
         r = self._records[index]
         h = hashlib.sha256()
         for layer in self.layers:
-            h.update(np.ascontiguousarray(self._backend.array(f"groups/{r.group}/features/{layer}")[r.row]).tobytes())
-            name = f"groups/{r.group}/prefix/{layer}"
-            if self._backend.has(name):
-                h.update(np.ascontiguousarray(self._backend.array(name)[r.row]).tobytes())
+            h.update(np.ascontiguousarray(self._image_rows(r, "features", layer)).tobytes())
+            if self._backend.has(f"groups/{r.group}/prefix/{layer}"):
+                h.update(np.ascontiguousarray(self._image_rows(r, "prefix", layer)).tobytes())
         return h.hexdigest()
 
     def info(self) -> dict:

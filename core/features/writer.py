@@ -6,6 +6,8 @@ A store under its final name is always complete; an interrupted write leaves a p
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shutil
@@ -24,6 +26,7 @@ from posvit_cli.core.features.backends import (
     PARTIAL_SUFFIX,
     Backend,
     H5Backend,
+    StoreLock,
     ZarrBackend,
     remove_path,
     resize_rows,
@@ -101,6 +104,13 @@ class StoreWriter:
         self._stream_out: BinaryIO | None = None
         self._tmpfile: BinaryIO | None = None
         self._closed = False
+        self._lock: StoreLock | None = None
+        self._backend: Backend | None = None
+        self._committed = 0
+        #: True once a write failed (full disk, I/O error): the writer is closed and wrote nothing more.
+        self.failed = False
+        #: True when the writer continues an existing store (``resume`` found one), False for a new store.
+        self.resumed = False
         self.done: set[str] = set()
 
         if str(path) == "-" or stream is not None:
@@ -120,8 +130,22 @@ class StoreWriter:
         self.work_path = Path(str(self.path) + PARTIAL_SUFFIX)
         if not self.path.parent.exists():
             raise PosvitError(f"output folder '{self.path.parent}' does not exist")
+        # One writer per output: taken before anything is looked at, held until close/abort.
+        self._lock = StoreLock(self.path)
+        try:
+            with self._writing():
+                self._open(overwrite, resume)
+        except BaseException:
+            if self._backend is not None:
+                self._backend.close()
+            self._release_lock()
+            raise
 
+    # -- setup -------------------------------------------------------------------------------------------------
+    def _open(self, overwrite: bool, resume: bool) -> None:
+        assert self.work_path is not None and self.path is not None
         if resume and (self.work_path.exists() or self.path.exists()):
+            self.resumed = True
             self._open_for_resume()
             return
         if self.path.exists() and not overwrite:
@@ -136,7 +160,40 @@ class StoreWriter:
         self._backend = self._open_work("w")
         self._init_new()
 
-    # -- setup -------------------------------------------------------------------------------------------------
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """Turn an OSError while writing (a full disk, an I/O error) into one PosvitError, closing the store."""
+        try:
+            yield
+        except OSError as exc:
+            raise self._write_failed(exc) from exc
+
+    def _write_failed(self, exc: OSError) -> PosvitError:
+        """Close the store without writing more after ``exc``; the error to raise, saying what is saved."""
+        self.failed = True
+        self._closed = True
+        if self._backend is not None:
+            self._backend.close()  # nothing more is written: no n_images, no complete flag
+        if self._tmpfile is not None:
+            self._tmpfile.close()
+        self._release_lock()
+        no_space = exc.errno == errno.ENOSPC or "No space left" in str(exc) or "errno = 28" in str(exc)
+        where = f"'{self.path}'" if self.path is not None else "the store for stdout (in a temporary file)"
+        what = "no space left on device" if no_space else f"an I/O error ({exc.strerror or exc})"
+        fix = "free space" if no_space else "fix it"
+        if self.work_path is None or (self._committed == 0 and not self.resumed):
+            if self.work_path is not None:
+                with contextlib.suppress(OSError):
+                    remove_path(self.work_path)
+            return PosvitError(f"{what} while writing {where}: nothing was saved; {fix} and run again")
+        return PosvitError(f"{what} while writing {where}: {self._committed} images are saved in "
+                           f"'{self.work_path}'; {fix} and run again with --resume")
+
     def _open_work(self, mode: str) -> Backend:
         assert self.work_path is not None
         if self.format == "hdf5":
@@ -158,17 +215,24 @@ class StoreWriter:
         b.create_array("images/row", (0,), "int64", (1024,), None)
         b.create_array("images/sizes", (0, 6), "int64", (1024, 6), None)
         self._n = 0
+        self._committed = 0
         self._group_rows: dict[str, int] = {}
         b.flush()
 
     def _open_for_resume(self) -> None:
         assert self.work_path is not None and self.path is not None
         if not self.work_path.exists():
-            # Appending to a finished store: reopen it under the partial name so it is never half-updated
-            # under its final name.
+            # Appending to a finished store. Whether it can be continued is decided from the store as it is,
+            # read only: a refusal leaves it byte-identical.
+            self._check_finished_store()
+            # Then it is reopened under the partial name so it is never half-updated under its final name. A
+            # zipped store stays in place (the updated one replaces it on close); its copy is unpacked.
             if self.format == "zarr-zip":
-                unzip_dir(self.path, self.work_path)
-                self.path.unlink()
+                try:
+                    unzip_dir(self.path, self.work_path)
+                except BaseException:
+                    remove_path(self.work_path)
+                    raise
             else:
                 os.replace(self.path, self.work_path)
         elif self.format == "hdf5":
@@ -198,8 +262,21 @@ class StoreWriter:
                 for child in b.children(f"groups/{g}/{kind}"):
                     resize_rows(b.array(f"groups/{g}/{kind}/{child}"), count)
         self._n = n
+        self._committed = n
         self.done = set(b.read_strings("images/path"))
         b.flush()
+
+    def _check_finished_store(self) -> None:
+        """Refuse, before any file is touched, to append to a finished store that cannot be continued."""
+        from posvit_cli.core.features.store import FeatureStore  # here: the store module imports this one
+
+        assert self.path is not None
+        try:
+            with FeatureStore(self.path) as finished:
+                old_provenance = finished.provenance
+        except PosvitError as exc:
+            raise PosvitError(f"cannot resume '{self.path}': {exc}") from exc
+        self._check_resumable(old_provenance)
 
     def _check_resumable(self, old_provenance: Mapping[str, Any]) -> None:
         mismatched = identity_differences(old_provenance, self.provenance)
@@ -264,6 +341,11 @@ class StoreWriter:
     # -- appending ---------------------------------------------------------------------------------------------
     def __len__(self) -> int:
         return self._n
+
+    @property
+    def committed(self) -> int:
+        """Images made durable by the last :meth:`commit` (what a resumed run would find)."""
+        return self._committed
 
     def _group_arrays(self, grid: tuple[int, int], channels: int, prefix: Mapping[str, np.ndarray] | None, maps):
         b = self._backend
@@ -352,6 +434,10 @@ class StoreWriter:
         """
         if self._closed:
             raise RuntimeError("store writer is closed")
+        with self._writing():
+            return self._begin_image(path, grid, channels, orig_size, proc_size, prefix, maps, meta)
+
+    def _begin_image(self, path, grid, channels, orig_size, proc_size, prefix, maps, meta) -> ImageHandle:
         expected = self.provenance["channels"]
         if channels != expected:
             raise PosvitError(f"image '{path}' has {channels} channels; the store holds {expected}")
@@ -372,18 +458,21 @@ class StoreWriter:
         return ImageHandle(self, path, g, row, grid, orig_size, proc_size, dict(meta or {}))
 
     def _commit_image(self, handle: ImageHandle) -> ImageRecord:
+        if self._closed:
+            raise RuntimeError("store writer is closed")
         b = self._backend
         i = self._n
-        for name in ("images/path", "images/meta", "images/group", "images/row", "images/sizes"):
-            resize_rows(b.array(name), i + 1)
-        meta_json = json.dumps(json_clean(handle.meta)) if handle.meta else ""
-        b.array("images/path")[i] = handle.path
-        b.array("images/meta")[i] = meta_json
-        b.array("images/group")[i] = handle.group
-        b.array("images/row")[i] = handle.row
         oh, ow = handle.orig_size
         ph, pw = handle.proc_size
-        b.array("images/sizes")[i] = np.array([oh, ow, ph, pw, handle.grid[0], handle.grid[1]], dtype=np.int64)
+        with self._writing():
+            for name in ("images/path", "images/meta", "images/group", "images/row", "images/sizes"):
+                resize_rows(b.array(name), i + 1)
+            meta_json = json.dumps(json_clean(handle.meta)) if handle.meta else ""
+            b.array("images/path")[i] = handle.path
+            b.array("images/meta")[i] = meta_json
+            b.array("images/group")[i] = handle.group
+            b.array("images/row")[i] = handle.row
+            b.array("images/sizes")[i] = np.array([oh, ow, ph, pw, handle.grid[0], handle.grid[1]], dtype=np.int64)
         self._group_rows[handle.group] = handle.row + 1
         self._n = i + 1
         self.done.add(handle.path)
@@ -394,13 +483,18 @@ class StoreWriter:
 
     def commit(self) -> None:
         """Make every image added so far durable: a resumed run restarts after the last commit."""
-        self._backend.set_attr("n_images", self._n)
-        self._backend.flush()
+        if self._closed:
+            raise RuntimeError("store writer is closed")
+        with self._writing():
+            self._backend.set_attr("n_images", self._n)
+            self._backend.flush()
+        self._committed = self._n
 
     def update_provenance(self, **items: Any) -> None:
         """Add or replace provenance entries (for facts known only at the end, such as run time)."""
         self.provenance.update(json_clean(items))
-        self._backend.set_attr("provenance", json.dumps(self.provenance))
+        with self._writing():
+            self._backend.set_attr("provenance", json.dumps(self.provenance))
 
     # -- finishing ---------------------------------------------------------------------------------------------
     def close(self, complete: bool = True) -> Path | None:
@@ -412,6 +506,13 @@ class StoreWriter:
         """
         if self._closed:
             return None
+        try:
+            with self._writing():
+                return self._finish(complete)
+        finally:
+            self._release_lock()
+
+    def _finish(self, complete: bool) -> Path | None:
         self._closed = True
         b = self._backend
         try:
@@ -445,6 +546,24 @@ class StoreWriter:
         """Stop without finishing: keep the partial store for ``--resume`` (a streamed store is discarded)."""
         self.close(complete=False)
 
+    def discard(self) -> None:
+        """Stop and delete what this writer created: a new store's ``.partial`` (nothing under the final name).
+
+        A resumed store is kept as :meth:`abort` keeps it: its earlier images are not this writer's to delete.
+        """
+        if self.resumed:
+            self.abort()
+            return
+        if not self._closed:
+            self._closed = True
+            if self._backend is not None:
+                self._backend.close()
+            if self._tmpfile is not None:
+                self._tmpfile.close()
+        if self.work_path is not None:
+            remove_path(self.work_path)
+        self._release_lock()
+
     def __enter__(self) -> StoreWriter:
         return self
 
@@ -473,8 +592,11 @@ class ImageHandle:
                 PosvitWarning,
                 stacklevel=2,
             )
-        arr = w._backend.array(f"groups/{self.group}/features/{canonical_layer_name(layer)}")
-        arr[self.row, start : start + stored.shape[0]] = stored
+        if w._closed:
+            raise RuntimeError("store writer is closed")
+        with w._writing():
+            arr = w._backend.array(f"groups/{self.group}/features/{canonical_layer_name(layer)}")
+            arr[self.row, start : start + stored.shape[0]] = stored
 
     def finish(self) -> ImageRecord:
         return self.writer._commit_image(self)
