@@ -26,6 +26,13 @@ class PositionFreeMethod(str, Enum):
     nope = "nope"
 
 
+class TiffPages(str, Enum):
+    """How a multi-page TIFF becomes images (see posvit_cli.core.io.images.list_images)."""
+
+    first = "first"
+    all = "all"
+
+
 def _value(choice):
     """The plain string of an Enum choice (None stays None): core takes strings."""
     return choice.value if isinstance(choice, Enum) else choice
@@ -50,6 +57,7 @@ def extract(
     compression: Annotated[Optional[Compression], typer.Option("--compression", help="none, gzip or lzf (HDF5); none, zstd or lz4 (Zarr). Default: none for HDF5, zstd for Zarr.", show_default=False)] = None,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Image decoding threads.")] = 2,
     recursive: RecursiveOpt = False,
+    tiff_pages: Annotated[TiffPages, typer.Option("--tiff-pages", help="A multi-page TIFF is its first page (first, with a warning) or one image per page, stored as FILE.tif#page=N (all).")] = TiffPages.first,
     shard: Annotated[Optional[str], typer.Option("--shard", help="Extract only shard i/n of the images (every n-th from i); join shards with --merge. Default: all images.", show_default=False)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted store (or add new images to a finished one), skipping images already done.")] = False,
     overwrite: OverwriteOpt = False,
@@ -79,7 +87,7 @@ def extract(
                 raise PosvitError("give --transform once (--transforms is its old spelling)")
             transform = transforms_old
         precision, dtype = _value(precision), _value(dtype)
-        compression, method = _value(compression), _value(method)
+        compression, method, tiff_pages = _value(compression), _value(method), _value(tiff_pages)
         out = store_output(output)
         if json_out and out == "-":
             raise PosvitError("--json prints to stdout, where the store goes: name an output with -o")
@@ -146,7 +154,7 @@ def _apply_head(inputs, out, head, overwrite, dtype, compression, transform, res
 
 def _extract(inputs, out, model, weights, layers, prefix_tokens, size, intensity, max_side, tile, overlap, batch_size,
              device, precision, dtype, compression, workers, recursive, shard, resume, overwrite, strict, head,
-             transform, seed, threads, json_out, quiet, method=None, **_):
+             transform, seed, threads, json_out, quiet, method=None, tiff_pages="first", **_):
     import torch
 
     from posvit_cli.core.device import resolve_device, resolve_precision
@@ -168,7 +176,7 @@ def _extract(inputs, out, model, weights, layers, prefix_tokens, size, intensity
     if len({str(m) for m in modes}) != len(modes):
         raise PosvitError(f"--size {size} names the same size twice")
     parse_intensity(intensity)
-    paths = shard_paths(list_images(inputs, recursive=recursive), shard)
+    paths = shard_paths(list_images(inputs, recursive=recursive, tiff_pages=tiff_pages), shard)
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     if model is None and not (weights not in ("pretrained", "random") and read_checkpoint_meta(weights)):
@@ -266,11 +274,10 @@ def transform_list(spec: str, patch: int) -> list:
 
 def check_size_multiple(mode, patch: int, model: str = "the model") -> None:
     """Refuse square/crop sizes that are not a multiple of the patch (they would be rounded down silently)."""
-    if mode.kind in ("square", "crop") and mode.size % patch:
-        lo = mode.size - mode.size % patch
-        near = f"{lo} or {lo + patch}" if lo >= patch else f"{lo + patch}"
-        raise PosvitError(f"--size {mode}: {mode.size} px is not a multiple of the {patch}-px patch of {model} "
-                          f"(use {near})")
+    from posvit_cli.core.io.preprocess import check_patch_multiple
+
+    if mode.kind in ("square", "crop"):
+        check_patch_multiple(f"--size {mode}", mode.size, patch, model)
 
 
 def variant_jobs(out: str, modes, transforms) -> list[tuple[str, object, object]]:

@@ -22,8 +22,9 @@ import numpy as np
 
 from posvit_cli.core.errors import PosvitError, PosvitWarning
 from posvit_cli.core.features.backends import split_store_suffix
-from posvit_cli.core.io.images import parse_intensity, read_image, to_channels, to_float
-from posvit_cli.core.io.preprocess import ResizeMode, parse_size, plan_resize, resize_and_normalise
+from posvit_cli.core.io.images import image_size, parse_intensity, read_image, to_channels, to_float
+from posvit_cli.core.io.preprocess import (ResizeMode, check_patch_multiple, parse_size, plan_resize,
+                                             resize_and_normalise, suggested_tile)
 from posvit_cli.core.progress import ProgressCallback, report
 
 __all__ = ["ExtractOptions", "ExtractSummary", "extract_images", "shard_paths", "tile_starts", "blend_ramp",
@@ -211,23 +212,28 @@ def _prefetch(fn: Callable, items: Iterable, workers: int, window: int) -> Itera
 def _prepare(path: Path, encoder, opts: ExtractOptions) -> _Prepared:
     p = str(path)
     try:
-        raw = read_image(path)
-        orig = (int(raw.shape[0]), int(raw.shape[1]))
+        # The size comes from the header: an image refused for its size is never decoded (a 1 MB compressed
+        # TIFF can declare 30000×30000 px).
+        orig = image_size(path)
         patch = encoder.patch_size
         resize_hw, crop = plan_resize(orig, opts.size, patch)
         proc = crop or resize_hw
-        if opts.tile and max(proc) > opts.tile:
+        tiled = bool(opts.tile and max(proc) > opts.tile)
+        if not tiled and max(proc) > opts.max_side:
+            after = f" ({proc[0]}×{proc[1]} px after --size {opts.size})" if proc != orig else ""
+            return _Prepared(
+                p, orig, proc,
+                error=f"{orig[0]}×{orig[1]} px{after} exceeds --max-side {opts.max_side} (not decoded); tile it "
+                f"(--tile {suggested_tile(patch)}) or resize (--size short:N)",
+            )
+        raw = read_image(path)
+        orig = (int(raw.shape[0]), int(raw.shape[1]))
+        if tiled:
             if opts.size.kind != "native":
                 img = to_channels(to_float(raw, opts.intensity), _own_channels(raw))
                 t, proc = resize_and_normalise(img, opts.size, patch, (0.0,) * img.shape[-1], (1.0,) * img.shape[-1])
                 raw = t.permute(1, 2, 0).numpy()
             return _Prepared(p, orig, proc, raw=raw)
-        if max(proc) > opts.max_side:
-            return _Prepared(
-                p, orig, proc,
-                error=f"{proc[0]}×{proc[1]} px exceeds --max-side {opts.max_side}; tile it (--tile 518) or resize "
-                "(--size short:N)",
-            )
         img = to_channels(to_float(raw, opts.intensity), encoder.in_chans)
         tensor, proc = resize_and_normalise(img, opts.size, patch, encoder.mean, encoder.std)
         return _Prepared(p, orig, proc, tensor=tensor)
@@ -409,16 +415,25 @@ def extract_images(
     """Extract features of ``paths`` into ``writer`` (a :class:`~posvit_cli.core.features.writer.StoreWriter`).
 
     Images already in the writer (``writer.done``, after ``--resume``) are skipped. Unreadable images are
-    skipped with a :class:`PosvitWarning` and listed in the summary, or raise with ``options.strict``.
+    skipped with a :class:`PosvitWarning` and listed in the summary, or raise with ``options.strict``. Images
+    refused for their size (``options.max_side``) are refused from their header, before they are decoded.
 
     Returns
     -------
     ExtractSummary
+
+    Raises
+    ------
+    PosvitError
+        If ``options.tile`` or ``options.overlap`` is not a multiple of the encoder's patch size.
     """
     import torch
 
     progress = report(progress)
     device = device or torch.device("cpu")
+    if options.tile is not None:  # provenance records the tile as given: it must be the tile used
+        check_patch_multiple(f"--tile {options.tile}", options.tile, encoder.patch_size, encoder.name)
+        check_patch_multiple(f"--overlap {options.overlap}", options.overlap, encoder.patch_size, encoder.name)
     t0 = time.perf_counter()
     summary = ExtractSummary(requested=len(paths))
     done = {os.path.abspath(d) for d in writer.done} | set(writer.done)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from posvit_cli.core.errors import PosvitError
+from posvit_cli.core.io.images import split_page
 
 __all__ = [
     "SCHEMA_NAME",
@@ -73,7 +74,13 @@ class GridGroup:
 
 
 def image_stem(path: str) -> str:
-    """The file stem of an image path (``a/b/cell.ome.tif`` → ``cell``), used to match masks to images."""
+    """The file stem of an image path (``a/b/cell.ome.tif`` → ``cell``), used to match masks to images.
+
+    A page of a multi-page TIFF (``stack.tif#page=2``) is ``stack_page2``, so pages do not share a name.
+    """
+    file, page = split_page(path)
+    if page is not None:
+        return f"{image_stem(str(file))}_page{page}"
     name = Path(path).name
     for ext in (".ome.tiff", ".ome.tif"):
         if name.lower().endswith(ext):

@@ -23,7 +23,8 @@ import numpy as np
 
 from posvit_cli.core.errors import PosvitError
 
-__all__ = ["ResizeMode", "parse_size", "plan_resize", "resize_and_normalise"]
+__all__ = ["ResizeMode", "check_patch_multiple", "nearest_patch_multiples", "parse_size", "plan_resize",
+           "resize_and_normalise", "suggested_tile"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +63,41 @@ def parse_size(spec: str) -> ResizeMode:
     if n <= 0:
         raise PosvitError(f"size '{spec}': N must be positive")
     return ResizeMode(kind, n)
+
+
+def nearest_patch_multiples(px: int, patch: int) -> list[int]:
+    """The one or two multiples of ``patch`` nearest ``px`` that are at least one patch: ``(518, 8)`` → ``[512, 520]``."""
+    lo = px - px % patch
+    return [lo, lo + patch] if lo >= patch else [lo + patch]
+
+
+def check_patch_multiple(option: str, px: int, patch: int, model: str = "the model") -> None:
+    """Refuse a size in pixels that is not a multiple of the patch, instead of rounding it down silently.
+
+    Parameters
+    ----------
+    option : str
+        How the user wrote the size (``--size square:500``, ``--tile 518``), for the message.
+    px : int
+        The size in pixels.
+    patch : int
+        Patch size in pixels.
+    model : str
+        The model's name, for the message.
+
+    Raises
+    ------
+    PosvitError
+        Naming the nearest valid sizes.
+    """
+    if px % patch:
+        near = " or ".join(str(v) for v in nearest_patch_multiples(px, patch))
+        raise PosvitError(f"{option}: {px} px is not a multiple of the {patch}-px patch of {model} (use {near})")
+
+
+def suggested_tile(patch: int, target: int = 512) -> int:
+    """A tile side to suggest in messages: the multiple of ``patch`` nearest ``target`` px (518 at patch 14)."""
+    return max(patch, round(target / patch) * patch)
 
 
 def _floor(v: float, patch: int) -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from posvit_cli.core.errors import PosvitError
+from posvit_cli.core.io.images import image_size
 from posvit_cli.core.io.labels import (
     decode_labels, label_files_by_stem, rgb_to_classes, sorted_colours, stem, warn_rare_colours,
 )
@@ -33,30 +34,14 @@ LABEL_SUFFIXES = ("", "_labels", "_label", "_scribbles", "_scribble", "_biased_l
 
 
 def image_hw(path: str | os.PathLike) -> tuple[int, int]:
-    """Height and width of an image file without decoding its pixels.
+    """Height and width of an image file without decoding its pixels (:func:`~posvit_cli.core.io.images.image_size`).
 
     Raises
     ------
     PosvitError
         If the file cannot be read as an image.
     """
-    p = Path(path)
-    try:
-        if p.suffix.lower() in (".tif", ".tiff"):
-            import tifffile
-
-            with tifffile.TiffFile(str(p)) as tf:
-                shape = tf.pages[0].shape
-            if len(shape) == 3 and shape[0] <= 4 and shape[-1] > 4:
-                return int(shape[1]), int(shape[2])
-            return int(shape[0]), int(shape[1])
-        from PIL import Image
-
-        with Image.open(p) as im:
-            w, h = im.size
-        return int(h), int(w)
-    except Exception as exc:
-        raise PosvitError(f"cannot decode image '{path}' ({type(exc).__name__}: {exc})") from exc
+    return image_size(path)
 
 
 def pair_label_files(
