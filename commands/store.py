@@ -1,8 +1,8 @@
-"""`posvit store`: inspect and merge feature stores."""
+"""`posvit store`: inspect, merge and subset feature stores."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -10,7 +10,7 @@ from posvit_cli._cli import PosvitCommand, PosvitGroup, RichProgress, cli_contex
     store_output
 from posvit_cli.options import DebugOpt, JsonOpt, OverwriteOpt, QuietOpt, StoreArg, StoreOutOpt
 
-app = typer.Typer(cls=PosvitGroup, help="Inspect and merge feature stores.", no_args_is_help=True,
+app = typer.Typer(cls=PosvitGroup, help="Inspect, merge and subset feature stores.", no_args_is_help=True,
                   context_settings={"help_option_names": ["-h", "--help"]})
 
 
@@ -111,3 +111,35 @@ def run_merge(stores: list[str], output: str, *, overwrite: bool, json_out: bool
         console.print(f"merged {len(stores)} stores: {n} images → {'stdout' if output == '-' else output}")
     if json_out:
         emit_json({"merged": [str(s) for s in stores], "images": n, "output": str(output)})
+
+
+@app.command("subset", cls=PosvitCommand)
+def subset(
+    store: StoreArg = None,
+    keep: Annotated[Optional[list[str]], typer.Option("--keep", help="Keep only these images (repeatable): a name (file stem), a recorded path or file name, a glob pattern such as 'tile_*', or @FILE with one per line. Default: all.", show_default=False)] = None,
+    drop: Annotated[Optional[list[str]], typer.Option("--drop", help="Drop these images (repeatable; same forms as --keep), after --keep. Default: none.", show_default=False)] = None,
+    output: StoreOutOpt = None,
+    overwrite: OverwriteOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Write a new store with only some of a store's images (a store is never edited in place)."""
+    with cli_context(debug, quiet):
+        from posvit_cli.core.errors import PosvitError
+        from posvit_cli.core.features.subset import read_selection, subset_store
+
+        keep_sel, drop_sel = read_selection(keep or []), read_selection(drop or [])
+        if not keep_sel and not drop_sel:
+            raise PosvitError("say which images to keep or drop: --keep NAME|PATTERN|@FILE or --drop ...")
+        output = store_output(output)
+        if output == "-" and json_out:
+            raise PosvitError("--json prints to stdout, where the new store would go: name a file with -o")
+        source = store_input(store)
+        with RichProgress(quiet) as progress:
+            kept, dropped = subset_store(source, output, keep=keep_sel, drop=drop_sel, overwrite=overwrite,
+                                         progress=progress)
+        if not quiet:
+            console.print(f"kept {kept} images, dropped {dropped} → {'stdout' if output == '-' else output}")
+        if json_out:
+            emit_json({"source": source, "kept": kept, "dropped": dropped, "output": str(output)})

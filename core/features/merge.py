@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from posvit_cli.core.errors import PosvitError
 from posvit_cli.core.features.store import FeatureStore, check_same_way
+from posvit_cli.core.features.subset import copy_image
 from posvit_cli.core.features.writer import StoreWriter
 
 __all__ = ["merge_stores"]
@@ -47,7 +48,6 @@ def merge_stores(
             prov["merged_shards"] = shards
         total = sum(len(s) for s in stores)
         seen: set[str] = set()
-        has_prefix = first.n_prefix_tokens > 0
         with StoreWriter(
             output, provenance=prov, layers=first.layers, dtype=first.dtype,
             overwrite=overwrite,
@@ -59,13 +59,7 @@ def merge_stores(
                     if rec.path in seen:
                         continue
                     seen.add(rec.path)
-                    feats = {layer: store.features(rec.index, layer, dtype=writer.dtype) for layer in store.layers}
-                    prefix = (
-                        {layer: store.prefix_tokens(rec.index, layer) for layer in store.layers}
-                        if has_prefix else None
-                    )
-                    writer.add(rec.path, feats, orig_size=rec.orig_size, proc_size=rec.proc_size, prefix=prefix,
-                               meta=rec.meta)
+                    copy_image(store, rec.index, writer)
                     progress("merge", done, total)
                 writer.commit()
         return len(seen)

@@ -353,13 +353,13 @@ class TokenSource:
         raise PosvitError(f"no features for '{p}' in '{self.store.source}' (matched by path and by file stem)")
 
     def _bands(self, record) -> callable:
-        arr = self.store.stack(self.layer, group=record.group)
         h, w = record.grid
         rows = max(1, _BAND_TOKENS // max(w, 1))
 
         def bands():
             for y in range(0, h, rows):
-                band = np.asarray(arr[record.row, y : min(h, y + rows)], dtype=np.float32)
+                # Through the store's checked reader: a damaged Zarr chunk is an error, not zeros.
+                band = self.store.feature_rows(record.index, self.layer, y, min(h, y + rows))
                 if not np.isfinite(band).all():
                     # NaN would surface later as a bare LinAlgError or scikit-learn ValueError naming no image.
                     raise self._nonfinite(record)

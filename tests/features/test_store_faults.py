@@ -164,6 +164,13 @@ def test_a_missing_zarr_chunk_is_an_error_naming_the_image(tmp_path, cli):
     res = cli(["store", "info", path, "--checksums"])
     assert res.exit_code == 2, res.output
     assert "is damaged" in res.output and "img001.png" in res.output
+    # segmentation reads the same tokens in bands through the checked reader
+    from posvit_cli.core.segment.vit_pixels import TokenSource
+
+    src = TokenSource(FeatureStore(path))
+    rec = src.store.record(1)
+    with pytest.raises(PosvitError, match="img001.png"):
+        list(src._bands(rec)())
 
 
 # -- 5. store info describes an unfinished store -----------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -49,3 +51,18 @@ def test_a_selector_that_matches_nothing_or_leaves_nothing_is_refused_and_writes
     with pytest.raises(PosvitError):
         subset_store(src, tmp_path / "y.h5", drop=["dot"])
     assert (tmp_path / "y.h5").read_bytes() == b"mine"
+
+
+def test_store_subset_command(three, tmp_path, cli):
+    src, _ = three
+    names = tmp_path / "keep.txt"
+    names.write_text("# the a images\na1\na2.png\n")
+    r = cli(["store", "subset", src, "--keep", f"@{names}", "-o", tmp_path / "a.h5", "--json", "-q"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["kept"] == 2
+    with FeatureStore(tmp_path / "a.h5") as s:
+        assert [r.name for r in s.records] == ["a1", "a2"]
+    r = cli(["store", "subset", src, "-o", tmp_path / "b.h5"])
+    assert r.exit_code == 2 and "--keep" in r.output and not (tmp_path / "b.h5").exists()
+    r = cli(["store", "subset", src, "--drop", "dot", "-o", tmp_path / "c.h5", "-q"])
+    assert r.exit_code == 0 and cli(["probe", tmp_path / "c.h5", "--fraction", "0.5", "-q"]).exit_code == 0
