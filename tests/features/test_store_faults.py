@@ -241,3 +241,24 @@ def test_full_disk_during_an_hdf5_extract_is_one_line_and_resumable(tmp_path, im
         index = {r.path: r.index for r in a.records}
         for r in b.records:
             np.testing.assert_array_equal(a.features(index[r.path]), b.features(r.index))
+
+
+def test_a_full_temporary_disk_while_streaming_a_store_is_one_line(tmp_path, cli, image_dir, monkeypatch):
+    """`extract ... -o -` builds the store in a temporary file first (TMPDIR): a full TMPDIR is one line too."""
+    import h5py
+
+    real_setitem = h5py.Dataset.__setitem__
+
+    def disk_full(self, key, value):
+        if "/features/" in self.name:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_setitem(self, key, value)
+
+    monkeypatch.setattr(h5py.Dataset, "__setitem__", disk_full)
+    res = cli(["extract", image_dir, *EXTRACT, "-o", "-"])
+    monkeypatch.undo()
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output and "Exception ignored" not in res.output
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no space left on device" in errors[0], res.stderr
+    assert res.stdout_bytes == b""  # nothing half-written into the pipe
