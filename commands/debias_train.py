@@ -738,6 +738,9 @@ def _print_summary(result, teacher, config) -> None:
                        f"stack R2 xy {_fmt(f.get('r2_xy'), 3)}")
     for size, r2 in result.teacher_r2.items():
         t.add_row(f"teacher R2 @{size}", f"xy {_fmt(r2.get('xy'), 3)}")
+    # The monitor's R² is measured on its own images (noise by default), so it need not equal `posvit probe`'s.
+    t.add_row("R2 protocol", f"holdout probe on the monitor images ({config.monitor_size} size), fraction "
+                             f"{config.r2_fraction:.3g}, {config.r2_repeats} repeats")
     t.add_row("log", result.log_csv)
     t.add_row("time", f"{result.seconds:.1f} s")
     console.print(t)

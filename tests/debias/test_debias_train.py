@@ -259,6 +259,8 @@ def test_cli_trains_and_extract_reloads_the_checkpoint(train_dir, tmp_path, cli)
     assert "warning: `posvit debias-train --method alibi` is deprecated" in r.stderr
     assert "use `posvit debias-train alibi`" in r.stderr
     assert "skipped unreadable image" in r.output
+    # the monitor's R² says how it was measured, beside the number
+    assert "R2 protocol" in r.stderr and "holdout probe on the monitor images (crop:64 size)" in " ".join(r.stderr.split())
     res = json.loads(r.stdout[r.stdout.index("{"):])
     assert res["steps"] == 2 and res["channels_blanked"] == [5, 9] and res["train_images"] == 11
     meta = read_checkpoint_meta(out)
