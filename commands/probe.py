@@ -115,6 +115,8 @@ def positional(
     positional target and scored by R² on the held-out tokens (or, with --protocol dino-saw, on all tokens as
     published). Reports the whole-stack R² per target (mean ± std over images × repeats), the R² of every
     channel alone, the most positional channels, the 2-D coordinate RMSE and a token-index classifier's accuracy.
+    For stores extracted with --tile, the ramps are also fitted within each tile (tile-frame R², a column of the
+    table) and the tile periodicity (share of feature variance set by the position within the tile) is reported.
 
     --layer takes several layers, comma-separated. --seed defaults to 0 (dino-saw: 100001). --threads defaults
     to 1 here: the per-image solves are small, and intra-op threads on shared cores slow them down.
