@@ -395,8 +395,15 @@ def _print_report(result: dict, output: str | None, csv_path: str | None) -> Non
         lt.add_column("layer")
         for t in s["targets"]:
             lt.add_column(t, justify="right")
+        tiled = any("tile_frame" in result["results"][ly] for ly in result["layers"])
+        if tiled:
+            lt.add_column("tile-frame xy", justify="right")
+            lt.add_column("tile periodicity", justify="right")
         for ly in result["layers"]:
-            lt.add_row(ly, *[_fmt(result["results"][ly]["stack_r2"][t]["mean"], digits=2) for t in s["targets"]])
+            tf = result["results"][ly].get("tile_frame") or {}
+            extra = [_fmt((tf.get("stack_r2", {}).get("xy") or {}).get("mean"), digits=2),
+                     _fmt((tf.get("periodicity") or {}).get("mean"), digits=2)] if tiled else []
+            lt.add_row(ly, *[_fmt(result["results"][ly]["stack_r2"][t]["mean"], digits=2) for t in s["targets"]], *extra)
         console.print(lt)
     table = Table(title=head, caption=sub, title_justify="left", caption_justify="left")
     table.add_column("target")

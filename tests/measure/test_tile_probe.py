@@ -16,15 +16,15 @@ TILES = {"tile": 128, "overlap": 0, "rows": [0], "cols": [0, 128, 256]}
 TILING = {"tiling": {"tile": 128, "overlap": 0}, "patch_size": PATCH}
 
 
-def _write_tiled_store(path, grids, tiles=TILES):
+def _write_tiled_store(path, grids, tiles=TILES, layers=("final",)):
     """``write_store`` with each image's ``meta["tiles"]`` and the ``tiling`` provenance of ``extract --tile``."""
     from posvit_cli.core.features.writer import StoreWriter
 
     prov = {"model": "synthetic", "patch_size": PATCH, "channels": int(grids[0].shape[-1]), **TILING}
-    with StoreWriter(path, provenance=prov, layers=["final"], dtype="float32", overwrite=True) as w:
+    with StoreWriter(path, provenance=prov, layers=list(layers), dtype="float32", overwrite=True) as w:
         for i, g in enumerate(grids):
             h, wd = g.shape[:2]
-            w.add(f"img{i:03d}.png", {"final": g}, orig_size=(h * PATCH, wd * PATCH),
+            w.add(f"img{i:03d}.png", {layer: g for layer in layers}, orig_size=(h * PATCH, wd * PATCH),
                   proc_size=(h * PATCH, wd * PATCH), meta={"tiles": tiles})
         w.commit()
     return path
@@ -145,3 +145,19 @@ def test_cli_table_and_json_show_both_frames(cli, tmp_path):
     res = cli(["probe", plain, "--targets", "lr,ud", "--fraction", "0.25", "--repeats", "2"])
     assert res.exit_code == 0, res.output
     assert "tile-frame" not in res.stderr and "periodicity" not in res.stderr
+
+
+def test_cli_layer_table_shows_tile_columns_for_every_layer(cli, tmp_path):
+    rng = np.random.default_rng(5)
+    store = _write_tiled_store(tmp_path / "saw2.h5", [_sawtooth_grid(rng) for _ in range(2)],
+                               layers=("block0", "final"))
+    res = cli(["probe", store, "--all-layers", "--targets", "lr,xy", "--fraction", "0.25", "--repeats", "2",
+               "--no-extras", "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert "tile-frame xy" in res.stderr and "tile periodicity" in res.stderr
+    for ly in ("block0", "final"):
+        tf = doc["results"][ly]["tile_frame"]
+        assert tf["stack_r2"]["xy"]["mean"] > 0.9
+        row = next(line for line in res.stderr.splitlines() if line.strip("│ ").startswith(ly + " "))
+        assert f"{tf['stack_r2']['xy']['mean']:.2f}" in row and f"{tf['periodicity']['mean']:.2f}" in row
