@@ -115,6 +115,8 @@ def positional(
     positional target and scored by R² on the held-out tokens (or, with --protocol dino-saw, on all tokens as
     published). Reports the whole-stack R² per target (mean ± std over images × repeats), the R² of every
     channel alone, the most positional channels, the 2-D coordinate RMSE and a token-index classifier's accuracy.
+    For stores extracted with --tile, the ramps are also fitted within each tile (tile-frame R², a column of the
+    table) and the tile periodicity (share of feature variance set by the position within the tile) is reported.
 
     --layer takes several layers, comma-separated. --seed defaults to 0 (dino-saw: 100001). --threads defaults
     to 1 here: the per-image solves are small, and intra-op threads on shared cores slow them down.
@@ -354,6 +356,21 @@ def _fmt(mean, std=None, digits=3) -> str:
     return f"{mean:.{digits}f}" + ("" if std is None else f" ± {std:.{digits}f}")
 
 
+def _print_tile_frame(tile: dict | None, store: dict) -> None:
+    """The periodicity line of a tiled store (nothing for an untiled one)."""
+    tiling = (store.get("provenance") or {}).get("tiling")
+    if tile:
+        p = tile["periodicity"]
+        chance = p.get("eta2_chance_mean")
+        console.print(
+            f"tile periodicity (share of feature variance set by the position within the tile, chance-corrected): "
+            f"{_fmt(p['mean'], p['std'])} (raw η² {_fmt(p.get('eta2_mean'))}, its chance level "
+            f"{_fmt(chance)}); tile-frame R²: ramps within each tile"
+        )
+    elif tiling:
+        console.print(f"tile frame: no image was split into more than one tile ({tiling.get('tile')} px tiles)")
+
+
 def _print_report(result: dict, output: str | None, csv_path: str | None) -> None:
     import numpy as np
     from rich.table import Table
@@ -378,12 +395,22 @@ def _print_report(result: dict, output: str | None, csv_path: str | None) -> Non
         lt.add_column("layer")
         for t in s["targets"]:
             lt.add_column(t, justify="right")
+        tiled = any("tile_frame" in result["results"][ly] for ly in result["layers"])
+        if tiled:
+            lt.add_column("tile-frame xy", justify="right")
+            lt.add_column("tile periodicity", justify="right")
         for ly in result["layers"]:
-            lt.add_row(ly, *[_fmt(result["results"][ly]["stack_r2"][t]["mean"], digits=2) for t in s["targets"]])
+            tf = result["results"][ly].get("tile_frame") or {}
+            extra = [_fmt((tf.get("stack_r2", {}).get("xy") or {}).get("mean"), digits=2),
+                     _fmt((tf.get("periodicity") or {}).get("mean"), digits=2)] if tiled else []
+            lt.add_row(ly, *[_fmt(result["results"][ly]["stack_r2"][t]["mean"], digits=2) for t in s["targets"]], *extra)
         console.print(lt)
     table = Table(title=head, caption=sub, title_justify="left", caption_justify="left")
     table.add_column("target")
     table.add_column("stack R²", justify="right")
+    tile = block.get("tile_frame")
+    if tile:
+        table.add_column(f"tile-frame R² ({len(tile['images'])} tiled)", justify="right")
     has_channels = "channel_r2" in block
     if has_channels:
         table.add_column("best channel (R²)", justify="right")
@@ -391,6 +418,9 @@ def _print_report(result: dict, output: str | None, csv_path: str | None) -> Non
     for t in s["targets"]:
         row = [t + (" (control)" if t in ("random", "raster") else ""),
                _fmt(block["stack_r2"][t]["mean"], block["stack_r2"][t]["std"])]
+        if tile:
+            ts = tile["stack_r2"].get(t)
+            row.append("" if ts is None else _fmt(ts["mean"], ts["std"]))
         if has_channels:
             mean = np.array([np.nan if v is None else v for v in block["channel_r2"][t]["mean"]], dtype=float)
             if np.isfinite(mean).any():
@@ -400,6 +430,7 @@ def _print_report(result: dict, output: str | None, csv_path: str | None) -> Non
                 row += ["n/a", ""]
         table.add_row(*row)
     console.print(table)
+    _print_tile_frame(tile, st)
     if has_channels and block.get("positional_channels") is not None:
         console.print(f"most positional channels (top-{s['top_k']} of each ramp, union): {block['positional_channels']}")
     rm = block.get("coordinate_rmse")

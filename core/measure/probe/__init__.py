@@ -17,7 +17,8 @@ primal form otherwise; ordinary least squares is the minimum-norm solution (``ge
 Dataset level (:func:`probe_dataset`, :func:`probe_store`): mean ± std over images × repeats, per layer, the
 per-channel R² of every channel for every target, the most positional channels (top-k per ramp of the
 dataset-mean per-channel R² and their union), the RMSE of a 2-D coordinate regressor in patch units and the
-accuracy of a linear classifier of the exact token index. :func:`write_probe_result`,
+accuracy of a linear classifier of the exact token index. Images extracted in tiles are also probed in their tile frame (ramps
+within each tile) with a tile-phase periodicity score (:mod:`~posvit_cli.core.measure.probe.tiles`). :func:`write_probe_result`,
 :func:`read_probe_result` and :func:`positional_channels` let other commands read results back.
 """
 
@@ -37,6 +38,7 @@ from posvit_cli.core.measure.probe.settings import (
     REGRESSORS, SAMPLINGS, ProbeSettings, SamplingPlan, check_targets, make_settings, ramp_targets, sampling_plan,
 )
 from posvit_cli.core.measure.probe.solver import ImageProbe, probe_image, stack_r2
+from posvit_cli.core.measure.probe.tiles import TileFrame, phase_periodicity, tile_frame
 
 __all__ = [
     "CONTROL_TARGETS",
@@ -52,10 +54,12 @@ __all__ = [
     "ImageProbe",
     "ProbeSettings",
     "SamplingPlan",
+    "TileFrame",
     "channel_r2_table",
     "check_targets",
     "fingerprint",
     "make_settings",
+    "phase_periodicity",
     "positional_channels",
     "probe_dataset",
     "probe_image",
@@ -65,6 +69,7 @@ __all__ = [
     "read_probe_result",
     "sampling_plan",
     "stack_r2",
+    "tile_frame",
     "write_channel_csv",
     "write_probe_result",
 ]

@@ -7,6 +7,7 @@ document (schema: ``docs/probe-results.md``).
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -18,9 +19,10 @@ from posvit_cli.core.fileio import tagged_header
 from posvit_cli.core.errors import PosvitError, PosvitWarning
 from posvit_cli.core.measure.probe.results import top_channels
 from posvit_cli.core.measure.probe.settings import (
-    POSITIONAL_RAMPS, PROBE_SCHEMA, PROBE_SCHEMA_VERSION, ProbeSettings, sampling_plan,
+    POSITIONAL_RAMPS, PROBE_SCHEMA, PROBE_SCHEMA_VERSION, RAMP_TARGETS, ProbeSettings, sampling_plan,
 )
 from posvit_cli.core.measure.probe.solver import PositionClassifier, probe_image
+from posvit_cli.core.measure.probe.tiles import phase_periodicity, tile_frame, tile_frame_plan
 from posvit_cli.core.progress import ProgressCallback, report
 
 __all__ = ["FeatureReader", "probe_dataset", "probe_store"]
@@ -87,7 +89,9 @@ def probe_dataset(
     read : callable ``(image_index, layer) -> ndarray (h, w, C)``
         Feature access (called once per image and layer, again in the classifier's second pass).
     images : sequence of dict
-        One ``{"name", "path", "grid": (h, w)}`` per image, in index order.
+        One ``{"name", "path", "grid": (h, w)}`` per image, in index order; images extracted in tiles also carry
+        ``"tiles"``: their ``meta["tiles"]`` plus ``"patch"`` (pixels per token), and are probed in their tile
+        frame too (see :mod:`~posvit_cli.core.measure.probe.tiles`).
     layers : sequence of str
         Layers to probe; the sampling masks of an image are the same for every layer.
     settings : ProbeSettings
@@ -102,7 +106,8 @@ def probe_dataset(
     -------
     dict
         ``{layer: block}`` with, per block, ``stack_r2``, ``channel_r2``, ``top_channels``,
-        ``positional_channels``, ``coordinate_rmse`` and ``position_accuracy`` (see :func:`probe_store`).
+        ``positional_channels``, ``coordinate_rmse``, ``position_accuracy`` and, when some image was tiled,
+        ``tile_frame`` (see :func:`probe_store`).
 
     Raises
     ------
@@ -119,8 +124,10 @@ def _probe_dataset(read, images, layers, settings, device, progress) -> dict:
     total = len(images) * len(layers)
     done = 0
     progress("probe", 0, total)
+    tile_settings = _tile_frame_settings(settings)
     for i, im in enumerate(images):
-        plan = None
+        plan = tiled = None
+        frame = tile_frame(im["grid"], im.get("tiles"), (im.get("tiles") or {}).get("patch", 0))
         for ly in layers:
             f = read(i, ly)
             if f.ndim != 3 or tuple(f.shape[:2]) != tuple(int(x) for x in im["grid"]):
@@ -134,6 +141,10 @@ def _probe_dataset(read, images, layers, settings, device, progress) -> dict:
                 if plan is None:
                     plan = sampling_plan(tuple(f.shape[:2]), settings, np.random.default_rng([settings.seed, i]))
                 acc.add(ly, i, f, probe_image(f, settings, plan, device=device))
+                if frame is not None and tile_settings is not None:
+                    tiled = tiled or tile_frame_plan(plan, frame)
+                    acc.add_tile(ly, i, probe_image(f, tile_settings, tiled, device=device),
+                                 phase_periodicity(f, frame))
             done += 1
             progress("probe", done, total)
     if acc.nonfinite:
@@ -147,6 +158,14 @@ def _probe_dataset(read, images, layers, settings, device, progress) -> dict:
         acc.classify(read, images, progress)
     grids = [tuple(im["grid"]) for im in images]
     return {"layers": {ly: acc.block(ly, grids) for ly in layers}, "channels": acc.channels}
+
+
+def _tile_frame_settings(settings: ProbeSettings) -> ProbeSettings | None:
+    """The settings of the tile-frame fits: the probed ramps only, whole stack only (None when no ramp is probed)."""
+    ramps = tuple(t for t in settings.targets if t in RAMP_TARGETS)
+    if not ramps:
+        return None
+    return dataclasses.replace(settings, targets=ramps, per_channel=False, extras=False)
 
 
 def _probeable_records(records, settings: ProbeSettings) -> tuple[list, list[tuple[str, str]]]:
@@ -209,6 +228,11 @@ class _Accumulator:
         self.within: dict[str, list] = {ly: [] for ly in layers}
         self.nonfinite: list[str] = []
         self.channels: int | None = None
+        # Tile frame: per tiled image, its index, the stack R² per ramp and the phase periodicity.
+        self.tile_index: dict[str, list[int]] = {ly: [] for ly in layers}
+        self.tile_stacks: dict[str, dict[str, list]] = {ly: {t: [] for t in targets if t in RAMP_TARGETS}
+                                                        for ly in layers}
+        self.periodicity: dict[str, list[dict]] = {ly: [] for ly in layers}
 
     def add(self, layer: str, index: int, features: np.ndarray, res) -> None:
         for t in self.settings.targets:
@@ -219,6 +243,31 @@ class _Accumulator:
         self.rmse_chance[layer].append(res.coordinate_rmse_chance)
         if self.settings.extras and self.classifiers[layer].add_allowed(features.shape[:2]):
             self.classifiers[layer].add(index, features)
+
+    def add_tile(self, layer: str, index: int, res, periodicity: dict) -> None:
+        """Scores of one tiled image in its tile frame (``res`` from the tile-frame plan)."""
+        self.tile_index[layer].append(index)
+        for t, v in self.tile_stacks[layer].items():
+            v.append(res.stack[t])
+        self.periodicity[layer].append(periodicity)
+
+    def tile_block(self, ly: str) -> dict:
+        """The ``tile_frame`` block of one layer (tiled images only)."""
+        per = self.periodicity[ly]
+        score = _summary([[p["periodicity"]] for p in per])
+        return {
+            "images": self.tile_index[ly],
+            "stack_r2": {t: _summary(v) for t, v in self.tile_stacks[ly].items()},
+            "periodicity": {
+                "mean": score["mean"], "std": score["std"], "per_image": score["per_image"],
+                "eta2_mean": _summary([[p["eta2"]] for p in per])["mean"],
+                "eta2_chance_mean": _summary([[p["eta2_chance"]] for p in per])["mean"],
+                "definition": "mean over channels of the chance-corrected eta squared (epsilon squared) of a one-way "
+                              "ANOVA of the channel on the tile phase (token row, col within its tile): "
+                              "(SS_between - (K-1) SS_within/(N-K)) / SS_total; 0 = no tile pattern, 1 = set by phase",
+            },
+            "frame": "position within the tile whose centre is nearest to the token (from the store's tile layout)",
+        }
 
     def classify(self, read, images, progress) -> None:
         """Pass 2: each image's tokens classified by the classifier of the other images (leave one out)."""
@@ -256,6 +305,8 @@ class _Accumulator:
         }
         if settings.extras:
             block["position_accuracy"] = self._accuracy_block(ly, grids)
+        if self.tile_index[ly]:
+            block["tile_frame"] = self.tile_block(ly)
         return block
 
     def _accuracy_block(self, ly: str, grids: list[tuple]) -> dict:
@@ -277,6 +328,14 @@ class _Accumulator:
             **({} if ok.any() else {"reason": "needs at least 2 images with the same grid size of at most "
                                               f"{PositionClassifier.MAX_TOKENS} tokens"}),
         }
+
+
+def _tile_layout(record, patch) -> dict:
+    """``{"tiles": {...}}`` for an image extracted in more than one tile (its recorded layout and the patch size)."""
+    tiles = (record.meta or {}).get("tiles")
+    if not isinstance(tiles, dict) or not patch or len(tiles.get("rows") or []) * len(tiles.get("cols") or []) < 2:
+        return {}
+    return {"tiles": {**tiles, "patch": int(patch)}}
 
 
 def probe_store(
@@ -328,7 +387,8 @@ def probe_store(
         if len(r.grid) != 2 or r.grid[0] < 1 or r.grid[1] < 1:
             raise PosvitError(f"image '{r.name}' in '{store.source}' has no token grid ({r.grid})")
     kept, skipped = _probeable_records(records, settings.validated())
-    images = [{"name": r.name, "path": r.path, "grid": [int(r.grid[0]), int(r.grid[1])]} for r in kept]
+    images = [{"name": r.name, "path": r.path, "grid": [int(r.grid[0]), int(r.grid[1])],
+               **_tile_layout(r, store.patch_size)} for r in kept]
     out = probe_dataset(lambda i, ly: store.features(kept[i].index, ly, dtype=np.float32), images, layers, settings,
                         device=device, threads=threads, progress=progress)
     primary = store.default_layer if store.default_layer in layers else layers[-1]
