@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
+from PIL import Image
+
+from conftest import TINY_MODEL
 from posvit_cli._cli import RichProgress
 
 
@@ -86,3 +90,33 @@ def test_quiet_writes_nothing():
             clock.now = 60.0 * k
             progress("count", k, 100)
     assert buf.getvalue() == ""
+
+
+def _tiled_image(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "big.png"
+    Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_tiled_extract_off_a_terminal_writes_lines_counting_tiles(cli, tmp_path):
+    image = _tiled_image(tmp_path)
+    # 64 px in 32-px tiles without overlap: 2 × 2 = 4 tiles; the CliRunner's stderr is not a terminal.
+    res = cli(["extract", image, "-m", TINY_MODEL, "-w", "random", "-o", tmp_path / "f.h5", "--tile", "32",
+               "--overlap", "0", "--batch-size", "1"])
+    assert res.exit_code == 0, res.output
+    lines = res.stderr.splitlines()
+    tiles = [line for line in lines if line.startswith("extract tiles: ")]
+    # One tile a forward pass: a line at each of 1/4, 2/4, 3/4, 4/4 (each is a 5 % step or more).
+    assert [line.split()[2] for line in tiles] == ["1/4", "2/4", "3/4", "4/4"], lines
+    assert "extract tiles: 4/4 (100%)" in tiles[-1] and tiles[-1].endswith("eta 0:00:00")
+    assert any(line.startswith("extract: 1/1 (100%)") for line in lines), lines
+    assert not any("━" in line for line in lines), lines  # no Rich bar off a terminal
+
+
+def test_tiled_extract_quiet_writes_nothing(cli, tmp_path):
+    image = _tiled_image(tmp_path)
+    res = cli(["extract", image, "-m", TINY_MODEL, "-w", "random", "-o", tmp_path / "f.h5", "--tile", "32",
+               "--overlap", "0", "-q"])
+    assert res.exit_code == 0, res.output
+    assert res.stderr == ""
