@@ -9,18 +9,23 @@
   disk) print one line and exit 2; other failures print one line and exit 1;
   ``--debug`` (or ``POSVIT_DEBUG=1``) shows the traceback instead.
 - Rich honours ``NO_COLOR``; ``--quiet`` silences progress and tables (warnings and errors still show).
+- Progress is a live Rich bar on a terminal; when stderr is not a terminal (a log file) it is plain lines at
+  every 5 % step or 30 s of each task, whichever comes first, and a final line (:class:`RichProgress`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
 import re
 import stat
 import sys
+import threading
+import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -201,41 +206,160 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
-class RichProgress:
-    """A :class:`~posvit_cli.core.progress.ProgressCallback` drawing Rich progress bars on stderr."""
+@dataclasses.dataclass
+class _LineTask:
+    """What :class:`RichProgress` knows of one task when it writes plain lines (clock times in seconds)."""
 
-    def __init__(self, quiet: bool = False):
+    start: float  # clock time of the task's first call
+    start_completed: int  # units done at the first call (a resumed run starts part-way): the rate counts from here
+    last_line: float  # clock time of the last line written, or of the first call
+    last_step: int  # the percent step (see RichProgress) last written, or reached when the total changed
+    completed: int
+    total: int | None
+    written: tuple[int, int | None] | None = None  # (completed, total) of the last line written
+
+
+def _hms(seconds: float) -> str:
+    """``H:MM:SS`` of a duration in seconds, like Rich's elapsed and remaining columns."""
+    s = max(0, int(round(seconds)))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+class RichProgress:
+    """A :class:`~posvit_cli.core.progress.ProgressCallback` reporting progress on stderr.
+
+    On a terminal (or in Jupyter) it draws Rich's live bars. Elsewhere (stderr redirected to a file, a scheduler's
+    log) a live bar writes nothing until the end, so it writes plain lines instead, one per task at every
+    ``step_percent`` % step or after ``every_seconds`` s without a line, whichever comes first, and the last state of
+    every task whose last state was not written when the block ends::
+
+        extract: 12/40 (30%), 0:01:10 elapsed, eta 0:02:43
+        kmeans: 7 done, 0:00:30 elapsed          (a task whose total is unknown)
+
+    The eta is the time left at the task's average rate since its first call. ``quiet`` writes nothing.
+
+    Parameters
+    ----------
+    quiet : bool
+        Write nothing.
+    live : bool or None
+        Draw live bars (True) or write lines (False); None decides from stderr (Rich's terminal detection, which
+        honours ``TTY_COMPATIBLE`` and ``FORCE_COLOR``).
+    step_percent : int
+        Percent of a task's total between lines.
+    every_seconds : float
+        Longest time between two lines of a task that is still reporting, in seconds of ``clock``.
+    clock : callable
+        Time in seconds (monotonic); tests pass a fake clock.
+    stream : text file or None
+        Where lines go; None is the console's stderr at the time of writing.
+    """
+
+    def __init__(self, quiet: bool = False, *, live: bool | None = None, step_percent: int = 5,
+                 every_seconds: float = 30.0, clock: Callable[[], float] = time.monotonic, stream: Any = None):
+        if step_percent < 1:
+            raise ValueError(f"step_percent must be a positive integer, got {step_percent}")
         self.quiet = quiet
+        self.live = live
+        self.step_percent = int(step_percent)
+        self.every_seconds = every_seconds
+        self._clock = clock
+        self._stream = stream
         self._progress: Progress | None = None
         self._tasks: dict[str, Any] = {}
+        self._lines: dict[str, _LineTask] | None = None
+        self._lock = threading.Lock()
 
     def __enter__(self) -> RichProgress:
-        if not self.quiet:
-            self._progress = Progress(
-                SpinnerColumn(),
-                TextColumn("[progress.description]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                TextColumn("eta"),
-                TimeRemainingColumn(),
-                console=console,
-                transient=False,
-            )
-            self._progress.__enter__()
+        if self.quiet:
+            return self
+        live = self.live
+        if live is None:
+            live = (console.is_terminal and not console.is_dumb_terminal) or console.is_jupyter
+        if not live:
+            self._lines = {}
+            return self
+        self._progress = Progress(
+            SpinnerColumn(),
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        self._progress.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         if self._progress is not None:
             self._progress.__exit__(*exc)
             self._progress = None
+        if self._lines is not None:
+            # The final line of every task whose last state is unwritten (an unknown total, an interrupted run).
+            now = self._clock()
+            with self._lock:
+                for task, state in self._lines.items():
+                    if state.written != (state.completed, state.total):
+                        self._write(task, state, now)
+            self._lines = None
 
     def __call__(self, task: str, completed: int, total: int | None = None) -> None:
-        if self._progress is None:
+        if self._progress is not None:
+            if task not in self._tasks:
+                self._tasks[task] = self._progress.add_task(task, total=total)
+            self._progress.update(self._tasks[task], completed=completed, total=total)
+        elif self._lines is not None:
+            with self._lock:
+                self._line_update(task, completed, total)
+
+    def _step(self, completed: int, total: int | None) -> int:
+        """How many whole ``step_percent`` steps of ``total`` are done (0 for an unknown total)."""
+        if total is None:
+            return 0
+        if total <= 0:
+            return 100 // self.step_percent
+        return (completed * 100) // (total * self.step_percent)
+
+    def _line_update(self, task: str, completed: int, total: int | None) -> None:
+        now = self._clock()
+        state = self._lines.get(task)
+        if state is None:
+            # The first call only starts the clocks: nothing has been done yet that a line could report.
+            self._lines[task] = _LineTask(start=now, start_completed=completed, last_line=now,
+                                          last_step=self._step(completed, total), completed=completed, total=total)
             return
-        if task not in self._tasks:
-            self._tasks[task] = self._progress.add_task(task, total=total)
-        self._progress.update(self._tasks[task], completed=completed, total=total)
+        if total != state.total:
+            # A grown total (tiles of one more image) lowers the percentage: steps count on from there.
+            state.total = total
+            state.last_step = self._step(completed, total)
+        state.completed = completed
+        finished = total is not None and completed >= total
+        if (self._step(completed, total) > state.last_step or now - state.last_line >= self.every_seconds
+                or (finished and state.written != (completed, total))):
+            self._write(task, state, now)
+
+    def _write(self, task: str, state: _LineTask, now: float) -> None:
+        elapsed = now - state.start
+        done, total = state.completed, state.total
+        if total is None:
+            line = f"{task}: {done} done, {_hms(elapsed)} elapsed"
+        else:
+            percent = min(100, 100 * done // total) if total > 0 else 100
+            rate = (done - state.start_completed) / elapsed if elapsed > 0 else 0.0
+            if done >= total:
+                eta = _hms(0)
+            else:
+                eta = _hms((total - done) / rate) if rate > 0 else "-:--:--"
+            line = f"{task}: {done}/{total} ({percent}%), {_hms(elapsed)} elapsed, eta {eta}"
+        stream = self._stream if self._stream is not None else console.file
+        stream.write(line + "\n")
+        stream.flush()
+        state.last_line = now
+        state.last_step = self._step(done, total)
+        state.written = (done, total)
 
 
 def emit_json(obj: Any) -> None:

@@ -25,7 +25,7 @@ from posvit_cli.core.features.backends import split_store_suffix
 from posvit_cli.core.io.images import image_size, parse_intensity, read_image, to_channels, to_float
 from posvit_cli.core.io.preprocess import (ResizeMode, check_patch_multiple, parse_size, plan_resize,
                                              resize_and_normalise, suggested_tile)
-from posvit_cli.core.progress import ProgressCallback, report
+from posvit_cli.core.progress import ProgressCallback, no_progress, report
 
 __all__ = ["ExtractOptions", "ExtractSummary", "extract_images", "shard_paths", "tile_starts", "blend_ramp",
            "variant_path"]
@@ -251,10 +251,14 @@ def _own_channels(raw: np.ndarray) -> int:
 # The engine
 
 
+#: The progress task counting tiles of all tiled images so far (its total grows as each tiled image starts).
+TILES_TASK = "extract tiles"
+
+
 class _Runner:
     """Runs batches through the encoder and writes results to the store."""
 
-    def __init__(self, encoder, writer, opts: ExtractOptions, device):
+    def __init__(self, encoder, writer, opts: ExtractOptions, device, progress: ProgressCallback = no_progress):
         import torch
 
         from posvit_cli.core.device import autocast
@@ -262,6 +266,10 @@ class _Runner:
         self.torch = torch
         self.encoder, self.writer, self.opts, self.device = encoder, writer, opts, device
         self.autocast = lambda: autocast(device, opts.precision)
+        # One huge image is one unit of the "extract" task: tiles are counted apart, so a 17-minute image has an eta.
+        self.progress = progress
+        self.tiles_done = 0
+        self.tiles_total = 0
 
     def forward(self, batch):
         """Tokens for a (B, C, H, W) CPU tensor: dict layer -> float32 ndarray (B, h, w, C), prefix dict or None."""
@@ -315,6 +323,8 @@ class _Runner:
         ys = tile_starts(H, tile, overlap, patch)
         xs = tile_starts(W, tile, overlap, patch)
         gh, gw = H // patch, W // patch
+        self.tiles_total += len(ys) * len(xs)
+        self.progress(TILES_TASK, self.tiles_done, self.tiles_total)
         C = enc.embed_dim
         layers = opts.layers
         handle = self.writer.begin_image(
@@ -356,6 +366,9 @@ class _Runner:
                         for layer in layers:
                             acc[layer][r0 : r0 + len(wy), tx0 : tx0 + tw_t] += tokens[layer][j] * wgt[..., None]
                         wsum[r0 : r0 + len(wy), tx0 : tx0 + tw_t] += wgt
+                    # One call per forward pass (a batch of tiles): the rate is bounded by the model's.
+                    self.tiles_done += len(gcols)
+                    self.progress(TILES_TASK, self.tiles_done, self.tiles_total)
             # Rows above the next tile row's start receive no more contributions: normalise and write them.
             done_to = ys[yi + 1] // patch if yi + 1 < len(ys) else gh
             n_done = done_to - acc_start
@@ -418,6 +431,9 @@ def extract_images(
     skipped with a :class:`PosvitWarning` and listed in the summary, or raise with ``options.strict``. Images
     refused for their size (``options.max_side``) are refused from their header, before they are decoded.
 
+    ``progress`` is called with task ``"extract"`` (images done or skipped, of those to do) and, once an image is
+    tiled, ``"extract tiles"`` (tiles done, of the tiles of every tiled image started so far) after each forward pass.
+
     Returns
     -------
     ExtractSummary
@@ -439,7 +455,7 @@ def extract_images(
     done = {os.path.abspath(d) for d in writer.done} | set(writer.done)
     todo = [Path(p) for p in paths if str(p) not in done and os.path.abspath(p) not in done]
     summary.already_done = len(paths) - len(todo)
-    runner = _Runner(encoder, writer, options, device)
+    runner = _Runner(encoder, writer, options, device, progress)
     total = len(todo)
     progress("extract", 0, total)
     buckets: dict[tuple, list[_Prepared]] = collections.OrderedDict()
