@@ -392,7 +392,8 @@ class _Runner:
         H, W = it.proc_size
         # native mode tiles the decoded image directly; the remainder beyond the last patch multiple is cropped.
         raw = it.raw[:H, :W]
-        scale = None if raw.dtype == np.float32 and opts.size.kind != "native" else _global_intensity(raw, opts.intensity)
+        resized = raw.dtype == np.float32 and opts.size.kind != "native"
+        scale = None if resized else _global_intensity(raw, opts.intensity)
         tile = opts.tile - opts.tile % patch
         overlap = opts.overlap - opts.overlap % patch
         offsets = shift_offsets(tile, overlap, patch, opts.tile_shifts) if opts.tile_shifts > 1 else [0]
