@@ -50,6 +50,7 @@ def extract(
     max_side: Annotated[int, typer.Option("--max-side", min=1, help="Skip untiled images whose processed longer side exceeds this (px).")] = 2048,
     tile: Annotated[Optional[int], typer.Option("--tile", min=1, help="Tile images larger than this (px, patch multiple) and blend the tiles' tokens. Default: no tiling.", show_default=False)] = None,
     overlap: Annotated[int, typer.Option("--overlap", min=0, help="Tile overlap in px (patch multiple).")] = 0,
+    tile_shifts: Annotated[int, typer.Option("--tile-shifts", min=1, help="With --tile: blend N tile grids offset diagonally by k/N of the tile step, averaging out the per-tile positional pattern (N times the cost).")] = 1,
     batch_size: BatchSizeOpt = 8,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = Precision.auto,
@@ -152,9 +153,9 @@ def _apply_head(inputs, out, head, overwrite, dtype, compression, transform, res
         emit_json({**summary, "output": where, "head": str(head), "method": head_obj.method})
 
 
-def _extract(inputs, out, model, weights, layers, prefix_tokens, size, intensity, max_side, tile, overlap, batch_size,
-             device, precision, dtype, compression, workers, recursive, shard, resume, overwrite, strict, head,
-             transform, seed, threads, json_out, quiet, method=None, tiff_pages="first", **_):
+def _extract(inputs, out, model, weights, layers, prefix_tokens, size, intensity, max_side, tile, overlap, tile_shifts,
+             batch_size, device, precision, dtype, compression, workers, recursive, shard, resume, overwrite, strict,
+             head, transform, seed, threads, json_out, quiet, method=None, tiff_pages="first", **_):
     import torch
 
     from posvit_cli.core.device import resolve_device, resolve_precision
@@ -169,6 +170,8 @@ def _extract(inputs, out, model, weights, layers, prefix_tokens, size, intensity
         raise PosvitError("--workers must be 0 or more")
     if tile is not None and tile <= overlap:
         raise PosvitError(f"--tile {tile} must be larger than --overlap {overlap}")
+    if tile_shifts > 1 and tile is None:
+        raise PosvitError(f"--tile-shifts {tile_shifts} shifts tile grids: give --tile too")
     if threads:
         torch.set_num_threads(threads)
     size_specs = _size_list(size)
@@ -229,7 +232,7 @@ def _extract(inputs, out, model, weights, layers, prefix_tokens, size, intensity
         spec = image_transform.spec if image_transform is not None else None
         options = ExtractOptions(
             layers=layer_names, size=mode, intensity=intensity, keep_prefix=prefix_tokens, batch_size=batch_size,
-            precision=prec, tile=tile, overlap=overlap, max_side=max_side, workers=workers, strict=strict,
+            precision=prec, tile=tile, overlap=overlap, tile_shifts=tile_shifts, max_side=max_side, workers=workers, strict=strict,
             postprocess=postprocess,
             image_transform=image_transform if spec not in (None, "identity") else None,
         )

@@ -3,7 +3,9 @@
 Decoding and resizing run in a small thread pool ahead of the model; same-sized images are batched; every batch
 is committed to the store, so an interrupted run resumes after the last batch. Images larger than ``tile`` are cut
 into overlapping tiles whose token grids are blended (linear ramps across the overlap) and written to the store
-in row bands, so memory depends on the image width and tile size, not on the image area.
+in row bands, so memory depends on the image width and tile size, not on the image area. With
+``tile_shifts`` N > 1, N tile grids offset along the diagonal by k/N of the tile step are blended together, so the
+encoder's per-tile positional pattern is averaged over N phases instead of repeating once per tile.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from posvit_cli.core.io.preprocess import (ResizeMode, check_patch_multiple, par
 from posvit_cli.core.progress import ProgressCallback, no_progress, report
 
 __all__ = ["ExtractOptions", "ExtractSummary", "extract_images", "shard_paths", "tile_starts", "blend_ramp",
-           "variant_path"]
+           "shift_offsets", "shifted_tile_starts", "variant_path"]
 
 
 @dataclasses.dataclass
@@ -51,6 +53,10 @@ class ExtractOptions:
     tile, overlap : int or None, int
         Tile side and overlap in pixels (multiples of the patch size); images whose processed side exceeds
         ``tile`` are tiled. ``None`` disables tiling.
+    tile_shifts : int
+        Tile grids blended per tiled image (1: one grid). Grid k (0 ≤ k < N) is offset by k/N of the tile step
+        along both axes (rounded to patches), which averages the encoder's positional pattern over N phases at N
+        times the cost.
     max_side : int
         Refuse (skip) untiled images whose processed longer side exceeds this many pixels.
     workers : int
@@ -72,6 +78,7 @@ class ExtractOptions:
     precision: str = "fp32"
     tile: int | None = None
     overlap: int = 0
+    tile_shifts: int = 1
     max_side: int = 2048
     workers: int = 2
     strict: bool = False
@@ -147,6 +154,34 @@ def tile_starts(length: int, tile: int, overlap: int, patch: int) -> list[int]:
     if starts[-1] != last:
         starts.append(last)
     return [s - s % patch for s in starts[:-1]] + [last]
+
+
+def shift_offsets(tile: int, overlap: int, patch: int, shifts: int) -> list[int]:
+    """Offsets (pixels) of ``shifts`` tile grids: k/N of the step ``tile - overlap``, rounded down to patches.
+
+    Raises
+    ------
+    PosvitError
+        If the step has fewer patches than ``shifts`` (two grids would coincide).
+    """
+    step_tokens = (tile - overlap) // patch
+    if shifts < 1 or step_tokens < shifts:
+        raise PosvitError(f"--tile-shifts {shifts} needs a tile step (--tile {tile} - --overlap {overlap}) of at "
+                          f"least {shifts} patches of {patch} px; use fewer shifts or a larger tile")
+    return [(k * step_tokens // shifts) * patch for k in range(shifts)]
+
+
+def shifted_tile_starts(length: int, tile: int, overlap: int, patch: int, offset: int) -> list[int]:
+    """Tile starts (pixels) of the grid offset by ``offset`` px: ``0``, then every step from ``offset``, then the
+    start of the tile that ends at ``length``. ``offset`` 0 is :func:`tile_starts`.
+
+    Every tile keeps the full ``tile`` size (a shorter tile would carry a rescaled positional pattern), so the
+    first tile starts at 0 and overlaps the second by more than ``overlap``; near the image borders the shifted
+    grids therefore coincide with the plain one.
+    """
+    if offset == 0 or length <= tile:
+        return tile_starts(length, tile, overlap, patch)
+    return sorted({0, *range(offset, length - tile, tile - overlap), length - tile})
 
 
 def blend_ramp(n: int, start: int, total: int, overlap_tokens: int) -> np.ndarray:
@@ -255,6 +290,46 @@ def _own_channels(raw: np.ndarray) -> int:
 TILES_TASK = "extract tiles"
 
 
+class _Band:
+    """Weighted sums of tile tokens for the token rows not yet written (a band of the image's token grid)."""
+
+    def __init__(self, layers: Sequence[str], width: int, channels: int):
+        self.layers, self.width, self.channels = list(layers), width, channels
+        self.acc = {layer: np.zeros((0, width, channels), np.float32) for layer in self.layers}
+        self.wsum = np.zeros((0, width), np.float32)
+        self.start = 0  # token row of acc[0]
+
+    def grow_to(self, end: int) -> None:
+        """Make room for token rows up to ``end`` (exclusive)."""
+        grow = end - self.start - self.wsum.shape[0]
+        if grow > 0:
+            for layer in self.layers:
+                self.acc[layer] = np.concatenate([self.acc[layer], np.zeros((grow, self.width, self.channels),
+                                                                             np.float32)])
+            self.wsum = np.concatenate([self.wsum, np.zeros((grow, self.width), np.float32)])
+
+    def add(self, tokens: dict, row: int, col: int, weights: np.ndarray) -> None:
+        """Add one tile's tokens (layer -> (h, w, C)) at token (row, col) times ``weights`` (h, w)."""
+        r0 = row - self.start
+        h, w = weights.shape
+        for layer in self.layers:
+            self.acc[layer][r0 : r0 + h, col : col + w] += tokens[layer] * weights[..., None]
+        self.wsum[r0 : r0 + h, col : col + w] += weights
+
+    def pop_finished(self, done_to: int) -> list[tuple[str, int, np.ndarray]]:
+        """Normalise and remove the rows above ``done_to``: (layer, first row, rows (n, w, C)) per layer."""
+        n_done = done_to - self.start
+        if n_done <= 0:
+            return []
+        w = np.maximum(self.wsum[:n_done], 1e-12)[..., None]
+        out = [(layer, self.start, self.acc[layer][:n_done] / w) for layer in self.layers]
+        for layer in self.layers:
+            self.acc[layer] = self.acc[layer][n_done:]
+        self.wsum = self.wsum[n_done:]
+        self.start = done_to
+        return out
+
+
 class _Runner:
     """Runs batches through the encoder and writes results to the store."""
 
@@ -306,81 +381,69 @@ class _Runner:
         self.writer.commit()
 
     def run_tiled(self, it: _Prepared) -> None:
-        """Extract one large image tile by tile, blending tokens and writing finished row bands."""
-        torch = self.torch
+        """Extract one large image tile by tile, blending tokens and writing finished row bands.
+
+        With ``tile_shifts`` N > 1 the tile rows of all N grids are run in order of their start, into one
+        accumulator: every tile adds its tokens times its blend weights, so each token ends as the weighted mean
+        over all the tiles (of all grids) that cover it.
+        """
         enc, opts = self.encoder, self.opts
         patch = enc.patch_size
-        raw = it.raw
         H, W = it.proc_size
         # native mode tiles the decoded image directly; the remainder beyond the last patch multiple is cropped.
-        raw = raw[:H, :W]
-        if raw.dtype == np.float32 and opts.size.kind != "native":
-            scale = None
-        else:
-            scale = _global_intensity(raw, opts.intensity)
+        raw = it.raw[:H, :W]
+        resized = raw.dtype == np.float32 and opts.size.kind != "native"
+        scale = None if resized else _global_intensity(raw, opts.intensity)
         tile = opts.tile - opts.tile % patch
         overlap = opts.overlap - opts.overlap % patch
-        ys = tile_starts(H, tile, overlap, patch)
-        xs = tile_starts(W, tile, overlap, patch)
+        offsets = shift_offsets(tile, overlap, patch, opts.tile_shifts) if opts.tile_shifts > 1 else [0]
+        grids = [(shifted_tile_starts(H, tile, overlap, patch, d), shifted_tile_starts(W, tile, overlap, patch, d))
+                 for d in offsets]
+        # Tile rows of every grid, by start: rows above the next start receive no more contributions.
+        tile_rows = sorted((y0, k) for k, (ys, _) in enumerate(grids) for y0 in ys)
         gh, gw = H // patch, W // patch
-        self.tiles_total += len(ys) * len(xs)
+        self.tiles_total += sum(len(ys) * len(xs) for ys, xs in grids)
         self.progress(TILES_TASK, self.tiles_done, self.tiles_total)
-        C = enc.embed_dim
-        layers = opts.layers
-        handle = self.writer.begin_image(
-            it.path, (gh, gw), C, orig_size=it.orig_size, proc_size=it.proc_size,
-            meta={"tiles": {"tile": tile, "overlap": overlap, "rows": ys, "cols": xs}},
-        )
-        ov_t = overlap // patch
-        acc = {layer: np.zeros((0, gw, C), np.float32) for layer in layers}
-        wsum = np.zeros((0, gw), np.float32)
-        acc_start = 0  # token row of acc[0]
-        for yi, y0 in enumerate(ys):
-            th = min(tile, H - y0)
-            ty0 = y0 // patch
-            need = ty0 + th // patch
-            if need > acc_start + wsum.shape[0]:
-                grow = need - acc_start - wsum.shape[0]
-                for layer in layers:
-                    acc[layer] = np.concatenate([acc[layer], np.zeros((grow, gw, C), np.float32)])
-                wsum = np.concatenate([wsum, np.zeros((grow, gw), np.float32)])
-            wy = blend_ramp(th // patch, ty0, gh, ov_t)
-            for b0 in range(0, len(xs), opts.batch_size):
-                cols = xs[b0 : b0 + opts.batch_size]
-                tiles = []
-                for x0 in cols:
-                    tw = min(tile, W - x0)
-                    tiles.append(self._tile_tensor(raw[y0 : y0 + th, x0 : x0 + tw], scale))
-                if len({t.shape for t in tiles}) == 1:
-                    groups = [(cols, torch.stack(tiles))]
-                else:
-                    groups = [([c], t[None]) for c, t in zip(cols, tiles)]
-                for gcols, batch in groups:
-                    tokens, _ = self.forward(batch)
-                    for j, x0 in enumerate(gcols):
-                        tw_t = batch.shape[-1] // patch
-                        tx0 = x0 // patch
-                        wx = blend_ramp(tw_t, tx0, gw, ov_t)
-                        wgt = wy[:, None] * wx[None, :]
-                        r0 = ty0 - acc_start
-                        for layer in layers:
-                            acc[layer][r0 : r0 + len(wy), tx0 : tx0 + tw_t] += tokens[layer][j] * wgt[..., None]
-                        wsum[r0 : r0 + len(wy), tx0 : tx0 + tw_t] += wgt
-                    # One call per forward pass (a batch of tiles): the rate is bounded by the model's.
-                    self.tiles_done += len(gcols)
-                    self.progress(TILES_TASK, self.tiles_done, self.tiles_total)
-            # Rows above the next tile row's start receive no more contributions: normalise and write them.
-            done_to = ys[yi + 1] // patch if yi + 1 < len(ys) else gh
-            n_done = done_to - acc_start
-            if n_done > 0:
-                w = np.maximum(wsum[:n_done], 1e-12)[..., None]
-                for layer in layers:
-                    handle.write_rows(layer, acc_start, acc[layer][:n_done] / w)
-                    acc[layer] = acc[layer][n_done:]
-                wsum = wsum[n_done:]
-                acc_start = done_to
+        meta = {"tile": tile, "overlap": overlap, "rows": grids[0][0], "cols": grids[0][1]}
+        if len(offsets) > 1:
+            meta.update(shifts=len(offsets), offsets=offsets)
+        handle = self.writer.begin_image(it.path, (gh, gw), enc.embed_dim, orig_size=it.orig_size,
+                                         proc_size=it.proc_size, meta={"tiles": meta})
+        band = _Band(opts.layers, gw, enc.embed_dim)
+        for i, (y0, k) in enumerate(tile_rows):
+            self._tile_row(raw, scale, band, y0, grids[k][1], tile, overlap, (gh, gw))
+            done_to = tile_rows[i + 1][0] // patch if i + 1 < len(tile_rows) else gh
+            for layer, start, rows in band.pop_finished(done_to):
+                handle.write_rows(layer, start, rows)
         handle.finish()
         self.writer.commit()
+
+    def _tile_row(self, raw, scale, band: _Band, y0: int, xs: list[int], tile: int, overlap: int, grid) -> None:
+        """Run the tiles starting at row ``y0`` (pixels) and columns ``xs`` and add their weighted tokens."""
+        torch, patch, opts = self.torch, self.encoder.patch_size, self.opts
+        H, W = raw.shape[:2]
+        gh, gw = grid
+        ov_t = overlap // patch
+        th = min(tile, H - y0)
+        ty0 = y0 // patch
+        band.grow_to(ty0 + th // patch)
+        wy = blend_ramp(th // patch, ty0, gh, ov_t)
+        for b0 in range(0, len(xs), opts.batch_size):
+            cols = xs[b0 : b0 + opts.batch_size]
+            tiles = [self._tile_tensor(raw[y0 : y0 + th, x0 : x0 + min(tile, W - x0)], scale) for x0 in cols]
+            if len({t.shape for t in tiles}) == 1:
+                groups = [(cols, torch.stack(tiles))]
+            else:
+                groups = [([c], t[None]) for c, t in zip(cols, tiles)]
+            for gcols, batch in groups:
+                tokens, _ = self.forward(batch)
+                tw_t = batch.shape[-1] // patch
+                for j, x0 in enumerate(gcols):
+                    wx = blend_ramp(tw_t, x0 // patch, gw, ov_t)
+                    band.add({layer: t[j] for layer, t in tokens.items()}, ty0, x0 // patch, wy[:, None] * wx[None, :])
+                # One call per forward pass (a batch of tiles): the rate is bounded by the model's.
+                self.tiles_done += len(gcols)
+                self.progress(TILES_TASK, self.tiles_done, self.tiles_total)
 
     def _tile_tensor(self, raw_tile: np.ndarray, scale):
         torch = self.torch
@@ -450,6 +513,8 @@ def extract_images(
     if options.tile is not None:  # provenance records the tile as given: it must be the tile used
         check_patch_multiple(f"--tile {options.tile}", options.tile, encoder.patch_size, encoder.name)
         check_patch_multiple(f"--overlap {options.overlap}", options.overlap, encoder.patch_size, encoder.name)
+        if options.tile_shifts > 1:
+            shift_offsets(options.tile, options.overlap, encoder.patch_size, options.tile_shifts)
     t0 = time.perf_counter()
     summary = ExtractSummary(requested=len(paths))
     done = {os.path.abspath(d) for d in writer.done} | set(writer.done)
@@ -501,6 +566,15 @@ def extract_images(
     return summary
 
 
+def _tiling_provenance(options: ExtractOptions) -> dict | None:
+    if not options.tile:
+        return None
+    tiling = {"tile": options.tile, "overlap": options.overlap}
+    if options.tile_shifts > 1:  # absent for one grid, so stores tiled before the option existed stay the same
+        tiling["shifts"] = options.tile_shifts
+    return tiling
+
+
 def extraction_provenance(encoder, options: ExtractOptions, *, device, command: str = "", shard: str | None = None,
                           debias: list | None = None, transform: str | None = None) -> dict:
     """The store provenance of an extraction: model, weights, layers, preprocessing and run settings."""
@@ -524,7 +598,7 @@ def extraction_provenance(encoder, options: ExtractOptions, *, device, command: 
                 "std": list(encoder.std),
                 "in_chans": encoder.in_chans,
             },
-            "tiling": {"tile": options.tile, "overlap": options.overlap} if options.tile else None,
+            "tiling": _tiling_provenance(options),
             "precision": options.precision,
             "device": str(device),
             "debias": debias or [],
