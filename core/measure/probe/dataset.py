@@ -134,7 +134,7 @@ def _probe_dataset(read, images, layers, settings, device, progress) -> dict:
                 raise PosvitError(f"image '{im['name']}' features have shape {f.shape}, its grid is {tuple(im['grid'])}")
             if acc.channels is None:
                 acc.channels = int(f.shape[2])
-            if not np.isfinite(f).all():
+            if not _all_finite(f):
                 if im["name"] not in acc.nonfinite:
                     acc.nonfinite.append(im["name"])
             elif not acc.nonfinite:  # once an error is certain, only keep scanning for more bad images
@@ -158,6 +158,11 @@ def _probe_dataset(read, images, layers, settings, device, progress) -> dict:
         acc.classify(read, images, progress)
     grids = [tuple(im["grid"]) for im in images]
     return {"layers": {ly: acc.block(ly, grids) for ly in layers}, "channels": acc.channels}
+
+
+def _all_finite(f: np.ndarray) -> bool:
+    """``np.isfinite(f).all()`` a row of the grid at a time: no boolean copy of a huge image's features."""
+    return all(np.isfinite(row).all() for row in f)
 
 
 def _tile_frame_settings(settings: ProbeSettings) -> ProbeSettings | None:
