@@ -343,6 +343,12 @@ def _tile_layout(record, patch) -> dict:
     return {"tiles": {**tiles, "patch": int(patch)}}
 
 
+def _stored_features(store, index: int, layer: str) -> np.ndarray:
+    """One image's features as stored when that is float16 or float32, else as float32."""
+    f = store.features(index, layer, dtype=None)
+    return f if f.dtype in (np.float16, np.float32) else f.astype(np.float32)
+
+
 def probe_store(
     store,
     settings: ProbeSettings,
@@ -394,7 +400,10 @@ def probe_store(
     kept, skipped = _probeable_records(records, settings.validated())
     images = [{"name": r.name, "path": r.path, "grid": [int(r.grid[0]), int(r.grid[1])],
                **_tile_layout(r, store.patch_size)} for r in kept]
-    out = probe_dataset(lambda i, ly: store.features(kept[i].index, ly, dtype=np.float32), images, layers, settings,
+    # Features are read in their stored type (float16 or float32): the solver converts token chunks to float64,
+    # and float16 → float64 is exact, so a float32 copy of a huge image would only add memory (0.6 GB at
+    # 625 × 625 × 384), never precision.
+    out = probe_dataset(lambda i, ly: _stored_features(store, kept[i].index, ly), images, layers, settings,
                         device=device, threads=threads, progress=progress)
     primary = store.default_layer if store.default_layer in layers else layers[-1]
     notes = [f"skipped image '{name}': {why}" for name, why in skipped]
