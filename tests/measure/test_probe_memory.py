@@ -10,8 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from posvit_cli.core.measure.probe import make_settings, probe_image, ramp_targets, sampling_plan
-from posvit_cli.core.measure.probe import solver
+from posvit_cli.core.features.store import FeatureStore
+from posvit_cli.core.measure.probe import (
+    make_settings, probe_dataset, probe_image, probe_store, ramp_targets, sampling_plan, solver,
+)
+
+from conftest import write_store
 
 
 def _ramped_grid(rng, h, w, C):
@@ -87,3 +91,20 @@ def test_probe_peak_memory_on_a_large_grid_is_bounded():
     bound = 3 * got["features"] + 150 * 2**20
     assert got["lr"] > 0.9
     assert got["above"] < bound, f"peak {got['above'] / 2**20:.0f} MiB above start, bound {bound / 2**20:.0f} MiB"
+
+
+def test_float16_store_probes_as_its_float32_cast(tmp_path):
+    """probe_store reads float16 features as stored (no float32 copy); the scores are bit-identical to probing
+    the same values cast to float32, the classifier's included."""
+    rng = np.random.default_rng(4)
+    grids = [_ramped_grid(rng, 12, 14, 16).astype(np.float16) for _ in range(3)]
+    path = write_store(tmp_path / "half.h5", grids, dtype="float16")
+    s, _ = make_settings("holdout", fraction=0.2)
+    with FeatureStore(path) as fs:
+        assert fs.features(0, dtype=None).dtype == np.float16
+        got = probe_store(fs, s)["results"]
+    cast = [g.astype(np.float32) for g in grids]
+    images = [{"name": f"img{i:03d}.png", "path": "", "grid": g.shape[:2]} for i, g in enumerate(cast)]
+    want = probe_dataset(lambda i, ly: cast[i], images, ["final"], s)["layers"]
+    assert json.dumps(got, sort_keys=True) == json.dumps(want, sort_keys=True)
+    assert got["final"]["position_accuracy"]["images_scored"] == 3
