@@ -3,7 +3,9 @@
 The store holds ONE 10,000 × 10,000-pixel image at patch 16: a 625 × 625 token grid × 384 channels, float16
 (300 MB on disk, 600 MB as float32): what a tiled ViT-S/16 extraction of such an image writes. No encoder is
 run: the tokens are standard-normal noise with planted ramps (``lr``, ``ud``, ``diag``, ``radial`` in four
-channels), written with :class:`~posvit_cli.core.features.writer.StoreWriter`.
+channels), written with :class:`~posvit_cli.core.features.writer.StoreWriter` together with the tile layout
+that ``extract --tile 1024 --overlap 128`` records (11 × 11 tiles), so the probe also runs its tile-frame fits
+and the tile periodicity.
 
 Each reader runs as its own process: ``posvit probe`` (the defaults: every target, per channel, extras),
 ``posvit cluster -k 2`` and ``posvit viz pca``. Its peak resident memory (``ru_maxrss`` of a watcher process
@@ -27,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 GRID, CHANNELS, PATCH = 625, 384, 16
+TILE, OVERLAP = 1024, 128                     # the layout recorded as ``extract --tile 1024 --overlap 128`` does
 TARGET_GB = 1.5
 # Runs argv[1:] as the only child and prints its peak RSS in KiB (Linux ru_maxrss unit) as the last line.
 _WATCH = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode; "
@@ -35,6 +38,7 @@ _WATCH = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:], s
 
 def write_huge_store(path: Path, seed: int = 0) -> Path:
     """One 625 × 625 × 384 float16 grid: noise plus the four ramps planted in channels 3, 17, 9 and 25."""
+    from posvit_cli.core.features.extract import tile_starts
     from posvit_cli.core.features.writer import StoreWriter
     from posvit_cli.core.measure.probe import ramp_targets
 
@@ -46,7 +50,10 @@ def write_huge_store(path: Path, seed: int = 0) -> Path:
     side = GRID * PATCH
     prov = {"model": "synthetic (stands for a tiled ViT-S/16 extraction)", "patch_size": PATCH, "channels": CHANNELS}
     with StoreWriter(path, provenance=prov, layers=["final"], dtype="float16", overwrite=True) as w:
-        w.add("huge.png", {"final": f}, orig_size=(side, side), proc_size=(side, side))
+        starts = tile_starts(side, TILE, OVERLAP, PATCH)
+        # The tile layout makes the probe also fit the ramps in the tile frame and score the tile periodicity.
+        w.add("huge.png", {"final": f}, orig_size=(side, side), proc_size=(side, side),
+              meta={"tiles": {"tile": TILE, "overlap": OVERLAP, "rows": starts, "cols": starts}})
         w.commit()
     return path
 
@@ -92,6 +99,7 @@ def main() -> int:
         "interpreter_s": round(base_s, 1),
         "readers": details,
         "study": {"grid": [GRID, GRID], "channels": CHANNELS, "patch": PATCH, "dtype": "float16",
+                  "tile_px": TILE, "overlap_px": OVERLAP,
                   "store_mb": round(size_mb, 1), "float32_features_gb": round(GRID * GRID * CHANNELS * 4 / 1e9, 3)},
         "cpu_count": os.cpu_count(),
         "load_average_1min": round(os.getloadavg()[0], 2),

@@ -68,20 +68,24 @@ rng = np.random.default_rng(0)
 f = rng.standard_normal((h, w, C), dtype=np.float32)
 f[..., 3] = ramp_targets(h, w, ("lr",))["lr"].astype(np.float32)
 s, _ = make_settings("holdout")                      # the defaults: every target, per channel, extras
-images = [{"name": "big", "path": "big.png", "grid": (h, w)}]
+starts = list(range(0, 16 * h - 1024, 896)) + [16 * h - 1024]      # tiles of 1024 px, 128 px overlap
+tiles = {"tile": 1024, "overlap": 128, "rows": starts, "cols": starts, "patch": 16}
+images = [{"name": "big", "path": "big.png", "grid": (h, w), "tiles": tiles}]   # tile-frame fits too
 with open("/proc/self/clear_refs", "w") as fh:       # reset the peak RSS to the current RSS
     fh.write("5")
 before = status("VmRSS")
 out = probe_dataset(lambda i, ly: f, images, ["final"], s)
 peak = status("VmHWM")
 r2 = out["layers"]["final"]["stack_r2"]["lr"]["mean"]
+assert out["layers"]["final"]["tile_frame"]["images"] == [0]
 print(json.dumps({"features": f.nbytes, "above": peak - before, "lr": r2}))
 """
 
 
 def test_probe_peak_memory_on_a_large_grid_is_bounded():
-    """A 400 × 400 × 64 grid (41 MB of float32): the probe's peak RSS above its start stays under 3× the
-    features + 150 MB (it was about 0.5 GB when every sum materialised float64 (N × C) and (fits × N) arrays)."""
+    """A 400 × 400 × 64 grid (41 MB of float32) extracted in 7 × 7 tiles: the probe's peak RSS above its start
+    (defaults, tile-frame fits and periodicity included) stays under 3× the features + 150 MB (it was about
+    0.5 GB when every sum materialised float64 (N × C) and (fits × N) arrays)."""
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("needs Linux /proc/self/clear_refs to reset the peak RSS")
     proc = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT], capture_output=True, text=True, timeout=300,
@@ -108,3 +112,21 @@ def test_float16_store_probes_as_its_float32_cast(tmp_path):
     want = probe_dataset(lambda i, ly: cast[i], images, ["final"], s)["layers"]
     assert json.dumps(got, sort_keys=True) == json.dumps(want, sort_keys=True)
     assert got["final"]["position_accuracy"]["images_scored"] == 3
+
+
+def test_tile_periodicity_over_chunks_equals_one_chunk(monkeypatch):
+    """The tile-phase ANOVA sums over 7-token chunks give the one-chunk scores (and a planted tile pattern)."""
+    from posvit_cli.core.measure.probe.tiles import phase_periodicity, tile_frame
+
+    rng = np.random.default_rng(8)
+    h = w = 12
+    frame = tile_frame((h, w), {"tile": 64, "overlap": 16, "rows": [0, 48, 128], "cols": [0, 48, 128]}, 16)
+    f = rng.normal(size=(h, w, 6)).astype(np.float32)
+    f[..., 2] += 4 * np.sin(frame.row + 2 * frame.col)                # set by the tile phase
+    monkeypatch.setattr(solver, "CHUNK_TOKENS", h * w)
+    whole = phase_periodicity(f, frame)
+    monkeypatch.setattr(solver, "CHUNK_TOKENS", 7)
+    chunked = phase_periodicity(f, frame)
+    assert whole["eta2"] > whole["eta2_chance"]
+    for key in ("periodicity", "eta2", "eta2_chance"):
+        assert chunked[key] == pytest.approx(whole[key], abs=1e-12), key
