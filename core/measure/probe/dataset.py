@@ -134,7 +134,7 @@ def _probe_dataset(read, images, layers, settings, device, progress) -> dict:
                 raise PosvitError(f"image '{im['name']}' features have shape {f.shape}, its grid is {tuple(im['grid'])}")
             if acc.channels is None:
                 acc.channels = int(f.shape[2])
-            if not np.isfinite(f).all():
+            if not _all_finite(f):
                 if im["name"] not in acc.nonfinite:
                     acc.nonfinite.append(im["name"])
             elif not acc.nonfinite:  # once an error is certain, only keep scanning for more bad images
@@ -158,6 +158,11 @@ def _probe_dataset(read, images, layers, settings, device, progress) -> dict:
         acc.classify(read, images, progress)
     grids = [tuple(im["grid"]) for im in images]
     return {"layers": {ly: acc.block(ly, grids) for ly in layers}, "channels": acc.channels}
+
+
+def _all_finite(f: np.ndarray) -> bool:
+    """``np.isfinite(f).all()`` a row of the grid at a time: no boolean copy of a huge image's features."""
+    return all(np.isfinite(row).all() for row in f)
 
 
 def _tile_frame_settings(settings: ProbeSettings) -> ProbeSettings | None:
@@ -338,6 +343,12 @@ def _tile_layout(record, patch) -> dict:
     return {"tiles": {**tiles, "patch": int(patch)}}
 
 
+def _stored_features(store, index: int, layer: str) -> np.ndarray:
+    """One image's features as stored when that is float16 or float32, else as float32."""
+    f = store.features(index, layer, dtype=None)
+    return f if f.dtype in (np.float16, np.float32) else f.astype(np.float32)
+
+
 def probe_store(
     store,
     settings: ProbeSettings,
@@ -389,7 +400,10 @@ def probe_store(
     kept, skipped = _probeable_records(records, settings.validated())
     images = [{"name": r.name, "path": r.path, "grid": [int(r.grid[0]), int(r.grid[1])],
                **_tile_layout(r, store.patch_size)} for r in kept]
-    out = probe_dataset(lambda i, ly: store.features(kept[i].index, ly, dtype=np.float32), images, layers, settings,
+    # Features are read in their stored type (float16 or float32): the solver converts token chunks to float64,
+    # and float16 → float64 is exact, so a float32 copy of a huge image would only add memory (0.6 GB at
+    # 625 × 625 × 384), never precision.
+    out = probe_dataset(lambda i, ly: _stored_features(store, kept[i].index, ly), images, layers, settings,
                         device=device, threads=threads, progress=progress)
     primary = store.default_layer if store.default_layer in layers else layers[-1]
     notes = [f"skipped image '{name}': {why}" for name, why in skipped]

@@ -40,38 +40,71 @@ def _scale_of(var, mean, n):
     return torch.where(constant, torch.ones_like(var), var.sqrt())
 
 
-def _stack_weights(Xc, train_idx, Y, alpha: float, regressor: str):
+#: Tokens per chunk wherever a sum runs over every token of an image: the float64 working set is a few
+#: CHUNK_TOKENS × C arrays (16,384 × 384 × 8 B = 50 MB each) whatever the grid size, so a 625 × 625 grid costs
+#: its features plus that, not several float64 (N × C) copies. Module-level so tests can make it tiny.
+CHUNK_TOKENS = 16384
+
+
+def _centred_chunks(X: np.ndarray, mean, dev):
+    """``(slice, chunk)`` over consecutive token chunks of ``X`` (N, C), each a float64 tensor minus ``mean``.
+
+    A fresh float64 copy per chunk (never a view of the caller's array, which may be float64 already).
+    """
+    torch = _torch()
+    N = X.shape[0]
+    step = max(1, int(CHUNK_TOKENS))
+    for start in range(0, N, step):
+        sl = slice(start, min(N, start + step))
+        chunk = torch.as_tensor(np.array(X[sl], dtype=np.float64), device=dev)
+        if mean is not None:
+            chunk -= mean
+        yield sl, chunk
+
+
+def _chunk_sums(X: np.ndarray, mean, dev, terms) -> list:
+    """Σ over token chunks of ``terms(slice, centred chunk)``, a tuple of tensors of fixed shapes."""
+    total = None
+    for sl, chunk in _centred_chunks(X, mean, dev):
+        part = terms(sl, chunk)
+        total = list(part) if total is None else [a + b for a, b in zip(total, part)]
+    return total
+
+
+def _all_finite(X: np.ndarray) -> bool:
+    """``np.isfinite(X).all()`` without an (N, C) boolean temporary."""
+    step = max(1, int(CHUNK_TOKENS))
+    return all(np.isfinite(X[i:i + step]).all() for i in range(0, X.shape[0], step))
+
+
+def _stack_weights(Xt, Yt, alpha: float, regressor: str):
     """Whole-stack regressors for a group of masks with equal training size, as weights on the raw features.
 
     Parameters
     ----------
-    Xc : tensor (N, C), float64
-        One image's tokens, centred per channel over the image (R² is invariant to that shift; it keeps the
-        float64 variance arithmetic well conditioned).
-    train_idx : tensor of int64, shape (M, n)
-        Training tokens of each mask.
-    Y : tensor (M, N, T)
-        Targets of each mask.
+    Xt : tensor (M, n, C), float64
+        The training tokens of each mask, centred by the image's per-channel mean (R² is invariant to that
+        shift; it keeps the float64 variance arithmetic well conditioned).
+    Yt : tensor (M, n, T)
+        Targets of each mask at its training tokens.
 
     Returns
     -------
     weights : tensor (M, C, T)
     offset : tensor (M, 1, T)
-        Predictions for every token are ``Xc @ weights + offset``: the standardisation (with the training
-        tokens' mean and std) is folded into the weights, so all masks share one product with ``Xc``.
+        Predictions for every token are ``Xc @ weights + offset`` with ``Xc`` the centred tokens: the
+        standardisation (with the training tokens' mean and std) is folded into the weights, so all masks
+        share one product with each chunk of ``Xc``.
     """
     torch = _torch()
-    M, n = train_idx.shape
-    C = Xc.shape[1]
-    Xt = Xc[train_idx]                                                     # (M, n, C)
+    M, n, C = Xt.shape
     mu = Xt.mean(1, keepdim=True)                                          # (M, 1, C)
     var = ((Xt - mu) ** 2).mean(1, keepdim=True)
     scale = _scale_of(var, mu, n)
     Zt = (Xt - mu) / scale                                                 # standardised training tokens
-    Yt = torch.gather(Y, 1, train_idx[:, :, None].expand(-1, -1, Y.shape[2]))
     ybar = Yt.mean(1, keepdim=True)
     Yc = Yt - ybar
-    like = dict(dtype=Xc.dtype, device=Xc.device)
+    like = dict(dtype=Xt.dtype, device=Xt.device)
     if regressor == "ridge" and n < C:
         # Dual form: w = Zᵀ (Z Zᵀ + αI)⁻¹ y, an n × n system instead of C × C.
         K = Zt @ Zt.mT + alpha * torch.eye(n, **like)
@@ -79,7 +112,7 @@ def _stack_weights(Xc, train_idx, Y, alpha: float, regressor: str):
     elif regressor == "ridge":
         G = Zt.mT @ Zt + alpha * torch.eye(C, **like)
         W = torch.cholesky_solve(Zt.mT @ Yc, torch.linalg.cholesky(G))
-    elif Xc.device.type == "cpu":
+    elif Xt.device.type == "cpu":
         # Minimum-norm least squares (SVD-based), the solution scikit-learn's LinearRegression returns.
         W = torch.linalg.lstsq(Zt, Yc, driver="gelsd").solution
     else:
@@ -88,31 +121,41 @@ def _stack_weights(Xc, train_idx, Y, alpha: float, regressor: str):
     return Wx, ybar - mu @ Wx
 
 
-def _channel_r2_dense(Xc, X2, T, E, y, rows_mask, alpha: float):
-    """Per-channel R² for arbitrary training and evaluation masks (dense mask products).
+def _channel_r2_dense(X, mean, plan: SamplingPlan, rows_m, rows_c, alpha: float):
+    """Per-channel R² for arbitrary training and evaluation masks (dense mask products, summed over chunks).
 
     Parameters
     ----------
-    Xc, X2 : tensor (N, C)
-        Centred tokens and their squares.
-    T, E : tensor (M, N), float64
-        Training and evaluation indicators of each mask.
-    y : tensor (R, N)
-        Target of each fit; fit ``r`` uses mask ``rows_mask[r]``.
+    X : ndarray (N, C)
+        The image's tokens (any float type); ``mean`` (1, C) is subtracted chunk by chunk.
+    plan : SamplingPlan
+        Masks and targets; fit ``r`` is target column ``rows_c[r]`` of mask ``rows_m[r]``.
 
     Returns
     -------
     tensor (R, C)
     """
-    n = T.sum(1)
-    S1, S2 = T @ Xc, T @ X2                                                # (M, C)
-    Tr, Er = T[rows_mask], E[rows_mask]
-    ty = (Tr * y).sum(1)
-    txy = (Tr * y) @ Xc
-    nE = E.sum(1)[rows_mask]
-    ey, ey2, eyx = (Er * y).sum(1), (Er * y * y).sum(1), (Er * y) @ Xc
-    e1, e2 = (E @ Xc)[rows_mask], (E @ X2)[rows_mask]
-    return _channel_r2_from_sums(n, S1, S2, rows_mask, ty, txy, nE, ey, ey2, eyx, e1, e2, alpha)
+    torch = _torch()
+    dev = mean.device
+    train = torch.as_tensor(plan.train)
+    evaluate = torch.as_tensor(plan.evaluate)
+    targets = torch.as_tensor(plan.targets)
+    rm_cpu, rc_cpu = rows_m.cpu(), rows_c.cpu()
+
+    def terms(sl, Xc):
+        X2 = Xc * Xc
+        T = train[:, sl].to(device=dev, dtype=torch.float64)
+        E = evaluate[:, sl].to(device=dev, dtype=torch.float64)
+        y = targets[:, sl][rm_cpu, :, rc_cpu].to(dev)                      # (R, chunk)
+        Tr, Er = T[rows_m], E[rows_m]
+        Ty, Ey = Tr * y, Er * y
+        return (T @ Xc, T @ X2, Ty.sum(1), Ty @ Xc, Ey.sum(1), (Ey * y).sum(1), Ey @ Xc,
+                (E @ Xc)[rows_m], (E @ X2)[rows_m])
+
+    S1, S2, ty, txy, ey, ey2, eyx, e1, e2 = _chunk_sums(X, mean, dev, terms)
+    n = torch.as_tensor(plan.train.sum(1), device=dev, dtype=torch.float64)
+    nE = torch.as_tensor(plan.evaluate.sum(1), device=dev, dtype=torch.float64)[rows_m]
+    return _channel_r2_from_sums(n, S1, S2, rows_m, ty, txy, nE, ey, ey2, eyx, e1, e2, alpha)
 
 
 def _channel_r2_from_sums(n, S1, S2, rows_mask, ty, txy, nE, ey, ey2, eyx, e1, e2, alpha):
@@ -207,20 +250,17 @@ def probe_image(
     h, w, C = f.shape
     if C < 1:
         raise PosvitError("features have no channels")
-    if not np.isfinite(f).all():
+    X = f.reshape(h * w, C)                                                # a view: no copy of the features
+    if not _all_finite(X):
         raise PosvitError("features contain NaN or inf")
     if plan is None:
         plan = sampling_plan((h, w), settings, rng if rng is not None else np.random.default_rng(settings.seed))
     if plan.grid != (h, w):
         raise ValueError(f"sampling plan is for a {plan.grid} grid, features are {(h, w)}")
     dev = torch.device(device)
-    N = h * w
-    # A private float64 copy, centred in place (never the caller's array): peak memory is two N × C arrays.
-    Xc = torch.as_tensor(f.reshape(N, C), device=dev).to(torch.float64, copy=True)
-    Xc -= Xc.mean(0, keepdim=True)
-    Y = torch.as_tensor(plan.targets, device=dev)                          # (M, N, 6)
-    T = torch.as_tensor(plan.train, device=dev)
-    M = T.shape[0]
+    # Every sum over all tokens runs over chunks of float64 copies centred by the image mean, so memory beyond
+    # the features stays O(CHUNK_TOKENS × C) (see CHUNK_TOKENS); only the training tokens are gathered whole.
+    mean = _chunk_sums(X, None, dev, lambda sl, chunk: (chunk.sum(0, keepdim=True),))[0] / (h * w)
 
     # The fits: one row per (mask, target column) that some target needs; xy rows always (coordinate RMSE).
     roles = list(settings.targets) + ([] if "xy" in settings.targets else ["xy"])
@@ -231,69 +271,114 @@ def probe_image(
                 row_of.setdefault((m, col), len(row_of))
     rows_m = torch.as_tensor([k[0] for k in row_of], device=dev)
     rows_c = torch.as_tensor([k[1] for k in row_of], device=dev)
-    y = Y[rows_m, :, rows_c]                                               # (R, N)
-    Ef = torch.as_tensor(plan.evaluate, device=dev, dtype=torch.float64)[rows_m]
-
-    # Whole-stack fits, grouped by training-set size (grid masks with random offsets may differ by a row).
-    weights = torch.empty((M, C, Y.shape[2]), dtype=torch.float64, device=dev)
-    offset = torch.empty((M, 1, Y.shape[2]), dtype=torch.float64, device=dev)
-    sizes = T.sum(1)
-    for n in torch.unique(sizes).tolist():
-        group = torch.nonzero(sizes == n).ravel()
-        idx = torch.stack([torch.nonzero(T[g]).ravel() for g in group.tolist()])
-        weights[group], offset[group] = _stack_weights(Xc, idx, Y[group], settings.alpha, settings.regressor)
-    # One (N × C) @ (C × R) product predicts every token for every fit.
-    pred = (Xc @ weights[rows_m, :, rows_c].T).T + offset[rows_m, 0, rows_c][:, None]
-    nE = Ef.sum(1)
-    sse = (((y - pred) ** 2) * Ef).sum(1)
-    ey = (y * Ef).sum(1)
-    sst = (y * y * Ef).sum(1) - ey ** 2 / nE
-    tiny = sst <= 1e-12 * torch.clamp((y * y * Ef).sum(1), min=1e-300)
-    r2_rows = torch.where(tiny, torch.full_like(sse, float("nan")), 1.0 - sse / torch.where(tiny, 1.0, sst))
-    r2_rows, sse_rows = r2_rows.cpu().numpy(), sse.cpu().numpy()
 
     def rows_for(t: str) -> np.ndarray:
         """Row indices of target ``t``, shape (repeats, columns)."""
         return np.array([[row_of[(m, c)] for c in TARGET_COLUMNS[t]] for m in plan.mask_of[t].tolist()])
 
+    weights, offset = _fit_stacks(X, mean, plan, settings)
+    xy_rows = rows_for("xy")
+    r2_rows, sse_rows, nE, chance_sse = _evaluate_stacks(X, mean, plan, rows_m, rows_c,
+                                                         weights[rows_m, :, rows_c], offset[rows_m, 0, rows_c],
+                                                         xy_rows)
     stack = {t: r2_rows[rows_for(t)].mean(1) for t in settings.targets}  # xy: mean of the x and y R²
 
     # 2-D coordinate regressor: the xy fit, rescaled from [0, 1] ramps to patch units.
-    xy_rows = rows_for("xy")
     unit2 = np.array([max(w - 1, 0), max(h - 1, 0)], dtype=np.float64) ** 2
-    n_eval = nE.cpu().numpy()[xy_rows[:, 0]]
+    n_eval = nE[xy_rows[:, 0]]
     rmse = np.sqrt((sse_rows[xy_rows] * unit2).sum(1) / (2 * n_eval))
-    yn, en = y.cpu().numpy(), Ef.cpu().numpy()
-    tn = plan.train[plan.mask_of["xy"]]
-    chance_sse = np.zeros_like(rmse)
-    for k in range(2):
-        yk = yn[xy_rows[:, k]]
-        mean_train = (yk * tn).sum(1) / tn.sum(1)
-        chance_sse += unit2[k] * (((yk - mean_train[:, None]) ** 2) * en[xy_rows[:, k]]).sum(1)
-    chance = np.sqrt(chance_sse / (2 * n_eval))
+    chance = np.sqrt((chance_sse * unit2).sum(1) / (2 * n_eval))
 
     channel: dict[str, np.ndarray] = {}
     if settings.per_channel:
         alpha = settings.alpha if settings.regressor == "ridge" else 0.0
-        X2 = Xc * Xc
-        rc2 = _channel_r2_sparse(Xc, X2, plan, y, rows_m, rows_c, alpha)
+        rc2 = _channel_r2_sparse(X, mean, plan, rows_m, rows_c, alpha)
         if rc2 is None:  # evaluation sets that are neither "all tokens" nor "all but the training tokens"
-            Tf = T.to(torch.float64)
-            Eall = torch.as_tensor(plan.evaluate, device=dev, dtype=torch.float64)
-            rc2 = _channel_r2_dense(Xc, X2, Tf, Eall, y, rows_m, alpha)
+            rc2 = _channel_r2_dense(X, mean, plan, rows_m, rows_c, alpha)
         rc2 = rc2.cpu().numpy()
         for t in settings.targets:
             channel[t] = rc2[rows_for(t)].mean(1)                          # (repeats, C); xy: mean of x and y
     return ImageProbe(stack=stack, channel=channel, coordinate_rmse=rmse, coordinate_rmse_chance=chance)
 
 
-def _channel_r2_sparse(Xc, X2, plan: SamplingPlan, y, rows_m, rows_c, alpha):
+def _training_tokens(X: np.ndarray, mean, idx: np.ndarray):
+    """The tokens ``X[idx]`` (idx of any shape) as a centred float64 tensor on ``mean``'s device."""
+    torch = _torch()
+    return torch.as_tensor(np.array(X[idx], dtype=np.float64), device=mean.device) - mean
+
+
+def _fit_stacks(X: np.ndarray, mean, plan: SamplingPlan, settings: ProbeSettings):
+    """Whole-stack weights (M, C, 6) and offsets (M, 1, 6) of every mask, grouped by training-set size (grid
+    masks with random offsets may differ by a row)."""
+    torch = _torch()
+    dev = mean.device
+    M, C = plan.train.shape[0], X.shape[1]
+    cols = plan.targets.shape[2]
+    weights = torch.empty((M, C, cols), dtype=torch.float64, device=dev)
+    offset = torch.empty((M, 1, cols), dtype=torch.float64, device=dev)
+    sizes = plan.train.sum(1)
+    for n in np.unique(sizes).tolist():
+        group = np.flatnonzero(sizes == n)
+        idx = np.stack([np.flatnonzero(plan.train[g]) for g in group.tolist()])    # (G, n)
+        Yt = torch.as_tensor(plan.targets[group[:, None], idx], device=dev)      # (G, n, 6)
+        g = torch.as_tensor(group, device=dev)
+        weights[g], offset[g] = _stack_weights(_training_tokens(X, mean, idx), Yt, settings.alpha,
+                                               settings.regressor)
+    return weights, offset
+
+
+def _evaluate_stacks(X, mean, plan: SamplingPlan, rows_m, rows_c, W, off, xy_rows):
+    """Held-out R² of every stack fit, summed over token chunks.
+
+    Parameters
+    ----------
+    W : tensor (R, C)
+        Weights of each fit on the centred tokens; ``off`` (R,) its offset.
+    xy_rows : ndarray of int, shape (repeats, 2)
+        The rows of the xy fits, whose constant (training-mean) prediction gives the chance RMSE.
+
+    Returns
+    -------
+    r2 : ndarray (R,)
+    sse : ndarray (R,)
+        Σ over evaluation tokens of the squared residual.
+    n_eval : ndarray (R,)
+    chance_sse : ndarray (repeats, 2)
+        Σ over the evaluation tokens of each xy fit of (y − training mean of y)², per coordinate.
+    """
+    torch = _torch()
+    dev = mean.device
+    rm, rc = rows_m.cpu().numpy(), rows_c.cpu().numpy()
+    targets = torch.as_tensor(plan.targets)
+    evaluate = torch.as_tensor(plan.evaluate[rm])                          # (R, N) bool: small
+    xy = torch.as_tensor(xy_rows, device=dev)
+    # Training mean of each xy coordinate, from its training tokens (the constant "chance" prediction).
+    mean_train = torch.as_tensor(np.array([[plan.targets[rm[r], plan.train[rm[r]], rc[r]].mean() for r in row]
+                                           for row in xy_rows]), device=dev)  # (repeats, 2)
+
+    def terms(sl, Xc):
+        y = targets[:, sl][rm, :, rc].to(dev)                              # (R, chunk)
+        E = evaluate[:, sl].to(device=dev, dtype=torch.float64)
+        pred = (Xc @ W.T).T + off[:, None]
+        Ey = E * y
+        chance = (((y[xy] - mean_train[:, :, None]) ** 2) * E[xy]).sum(2)
+        return (((y - pred) ** 2) * E).sum(1), Ey.sum(1), (Ey * y).sum(1), chance
+
+    sse, ey, ey2, chance_sse = _chunk_sums(X, mean, dev, terms)
+    nE = torch.as_tensor(plan.evaluate[rm].sum(1), device=dev, dtype=torch.float64)
+    sst = ey2 - ey ** 2 / nE
+    tiny = sst <= 1e-12 * torch.clamp(ey2, min=1e-300)
+    r2 = torch.where(tiny, torch.full_like(sse, float("nan")), 1.0 - sse / torch.where(tiny, 1.0, sst))
+    return r2.cpu().numpy(), sse.cpu().numpy(), nE.cpu().numpy(), chance_sse.cpu().numpy()
+
+
+def _channel_r2_sparse(X, mean, plan: SamplingPlan, rows_m, rows_c, alpha):
     """Per-channel R² when every evaluation set is all tokens or all but the training tokens.
 
     Then each evaluation sum is a whole-image sum (shared by all masks; for the fixed ramps shared by all
     fits) minus, at most, a sum over the few training tokens, gathered instead of multiplied by a dense mask:
-    the cost is O(fits · n_train · C) plus one (columns × N) @ (N × C) product, not O(fits · N · C).
-    Returns None for other evaluation sets.
+    the cost is O(fits · n_train · C) plus one (columns × N) @ (N × C) product (over token chunks), not
+    O(fits · N · C). Returns None for other evaluation sets.
     """
     torch = _torch()
     if plan.evaluate.all():
@@ -302,8 +387,8 @@ def _channel_r2_sparse(Xc, X2, plan: SamplingPlan, y, rows_m, rows_c, alpha):
         complement = True
     else:
         return None
-    dev = Xc.device
-    N = Xc.shape[0]
+    dev = mean.device
+    N = X.shape[0]
     counts = plan.train.sum(1)
     nmax = int(counts.max())
     idx_np = np.zeros((len(counts), nmax), dtype=np.int64)
@@ -312,39 +397,39 @@ def _channel_r2_sparse(Xc, X2, plan: SamplingPlan, y, rows_m, rows_c, alpha):
         where = np.flatnonzero(row)
         idx_np[m, : len(where)] = where
         wt_np[m, : len(where)] = 1.0
-    idx = torch.as_tensor(idx_np, device=dev)
     wt = torch.as_tensor(wt_np, device=dev)
-    Xg = Xc[idx] * wt[:, :, None]                                          # (M, nmax, C), padding zeroed
+    Xg = _training_tokens(X, mean, idx_np) * wt[:, :, None]               # (M, nmax, C), padding zeroed
     n = wt.sum(1)
     S1, S2 = Xg.sum(1), (Xg * Xg).sum(1)
-    yg = torch.gather(y, 1, idx[rows_m]) * wt[rows_m]                      # (R, nmax)
+    rm, rc = rows_m.cpu().numpy(), rows_c.cpu().numpy()
+    yg = torch.as_tensor(plan.targets[rm[:, None], idx_np[rm], rc[:, None]], device=dev) * wt[rows_m]  # (R, nmax)
     ty = yg.sum(1)
     # Σ_T x·y for every fit as one batched product per mask: fits of a mask sit in slots (M, P, nmax).
-    rm = rows_m.cpu().numpy()
     slot = np.zeros(len(rm), dtype=np.int64)
     seen: dict[int, int] = {}
     for r, m in enumerate(rm.tolist()):
         slot[r] = seen.get(m, 0)
         seen[m] = slot[r] + 1
     slot_t = torch.as_tensor(slot, device=dev)
-    packed = torch.zeros((Xg.shape[0], int(slot.max()) + 1, nmax), dtype=Xc.dtype, device=dev)
+    packed = torch.zeros((Xg.shape[0], int(slot.max()) + 1, nmax), dtype=Xg.dtype, device=dev)
     packed[rows_m, slot_t] = yg
     txy = torch.bmm(packed, Xg)[rows_m, slot_t]                            # (R, C)
-    # Whole-image Σ x·y: one product per distinct target column; the random column differs per mask.
-    all_yx = torch.empty((y.shape[0], Xc.shape[1]), dtype=Xc.dtype, device=dev)
+    # Whole-image sums over token chunks; Σ x·y is one product per distinct fixed target column (shared by all
+    # masks) and one per fit of the random column (which differs per mask).
     random_col = TARGET_MATRIX_COLUMNS.index("random")
-    is_random = rows_c == random_col
-    fixed_rows = torch.nonzero(~is_random).ravel()
-    if len(fixed_rows):
-        cols = rows_c[fixed_rows]
-        uniq, inverse = torch.unique(cols, return_inverse=True)
-        table = torch.as_tensor(plan.targets[0][:, uniq.cpu().numpy()], device=dev).T @ Xc  # (U, C)
-        all_yx[fixed_rows] = table[inverse]
-    rand_rows = torch.nonzero(is_random).ravel()
-    if len(rand_rows):
-        all_yx[rand_rows] = y[rand_rows] @ Xc
-    all_y, all_y2 = y.sum(1), (y * y).sum(1)
-    all_x, all_x2 = Xc.sum(0), X2.sum(0)
+    fixed_rows, rand_rows = np.flatnonzero(rc != random_col), np.flatnonzero(rc == random_col)
+    uniq, inverse = np.unique(rc[fixed_rows], return_inverse=True)
+    targets = torch.as_tensor(plan.targets)
+
+    def terms(sl, Xc):
+        y = targets[:, sl][rm, :, rc].to(dev)                              # (R, chunk)
+        table = targets[0, sl][:, uniq].to(dev).T @ Xc                     # (U, C)
+        return y.sum(1), (y * y).sum(1), Xc.sum(0), (Xc * Xc).sum(0), table, y[rand_rows] @ Xc
+
+    all_y, all_y2, all_x, all_x2, table, rand_yx = _chunk_sums(X, mean, dev, terms)
+    all_yx = torch.empty((len(rm), X.shape[1]), dtype=Xg.dtype, device=dev)
+    all_yx[torch.as_tensor(fixed_rows, device=dev)] = table[torch.as_tensor(inverse.ravel(), device=dev)]
+    all_yx[torch.as_tensor(rand_rows, device=dev)] = rand_yx
     if complement:
         nE = N - n[rows_m]
         ey, ey2, eyx = all_y - ty, all_y2 - (yg * yg).sum(1), all_yx - txy

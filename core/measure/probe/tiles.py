@@ -15,6 +15,7 @@ import dataclasses
 
 import numpy as np
 
+import posvit_cli.core.measure.probe.solver as solver
 from posvit_cli.core.measure.probe.settings import SamplingPlan
 
 __all__ = ["TileFrame", "phase_periodicity", "tile_frame", "tile_frame_plan", "tile_ramp_columns"]
@@ -137,12 +138,20 @@ def phase_periodicity(features: np.ndarray, frame: TileFrame) -> dict[str, float
     N = h * w
     _, classes = np.unique(frame.row.ravel() * (int(frame.width.max()) + 1) + frame.col.ravel(), return_inverse=True)
     K = int(classes.max()) + 1
-    X = torch.as_tensor(np.asarray(features).reshape(N, C)).to(torch.float64, copy=True)
-    X -= X.mean(0, keepdim=True)
+    # Sums over token chunks of float64 copies (see solver.CHUNK_TOKENS): a huge tiled image costs its features,
+    # not float64 (N × C) copies of them.
+    X = np.asarray(features).reshape(N, C)
+    step = max(1, int(solver.CHUNK_TOKENS))
+    chunks = range(0, N, step)
+    mean = sum(torch.as_tensor(np.array(X[i:i + step], dtype=np.float64)).sum(0) for i in chunks) / N
     idx = torch.as_tensor(classes.ravel(), dtype=torch.int64)
-    sums = torch.zeros((K, C), dtype=torch.float64).index_add_(0, idx, X)
+    sums = torch.zeros((K, C), dtype=torch.float64)
+    ss_t = torch.zeros(C, dtype=torch.float64)
+    for i in chunks:
+        Xc = torch.as_tensor(np.array(X[i:i + step], dtype=np.float64)) - mean
+        sums.index_add_(0, idx[i:i + step], Xc)
+        ss_t += (Xc * Xc).sum(0)
     counts = torch.bincount(idx, minlength=K).to(torch.float64)
-    ss_t = (X * X).sum(0)
     ss_b = (sums * sums / counts[:, None]).sum(0)
     varies = ss_t > 1e-12 * torch.clamp(ss_t.max(), min=1e-300)
     nan = float("nan")
