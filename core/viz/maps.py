@@ -45,12 +45,46 @@ def _flat(tokens: np.ndarray) -> np.ndarray:
     return t.reshape(-1, t.shape[-1]).astype(np.float64)
 
 
-def _zscore(X: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
-    ref = X if rows is None else X[rows]
-    mu = ref.mean(0)
-    sd = ref.std(0)
+#: Tokens per float64 block of the PCA passes: memory stays bounded on a huge image's grid (a 625×625×384 grid
+#: is 1.2 GB in float64; one block of it is 200 MB).
+CHUNK_TOKENS = 65_536
+
+
+def _blocks(tokens: np.ndarray, rows: np.ndarray | None = None):
+    """``(h·w, C)`` tokens as float64 blocks of at most :data:`CHUNK_TOKENS` rows (only ``rows`` when given)."""
+    t = np.asarray(tokens)
+    if t.ndim != 3:
+        raise PosvitError(f"features must be a token grid (h, w, C), got shape {t.shape}")
+    flat = t.reshape(-1, t.shape[-1])
+    for a in range(0, flat.shape[0], CHUNK_TOKENS):
+        X = flat[a : a + CHUNK_TOKENS].astype(np.float64)
+        if not np.isfinite(X).all():
+            raise PosvitError("features hold NaN or inf values: cannot compute a PCA")
+        yield X if rows is None else X[rows[a : a + CHUNK_TOKENS]]
+
+
+def _zscore_stats(tokens: np.ndarray, rows: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and divisor (the standard deviation, 1 for a constant channel) over ``rows``, in two
+    block passes (mean, then squared deviations) as exact as a whole-array ``std``."""
+    n, s1 = 0, 0.0
+    for X in _blocks(tokens, rows):
+        n += X.shape[0]
+        s1 = s1 + X.sum(0)
+    mu = s1 / max(n, 1)
+    ss = 0.0
+    for X in _blocks(tokens, rows):
+        ss = ss + ((X - mu) ** 2).sum(0)
+    sd = np.sqrt(ss / max(n, 1))
     # A constant channel carries nothing; dividing it by 1 keeps it at zero instead of NaN.
-    return (X - mu) / np.where(sd > 0, sd, 1.0)
+    return mu, np.where(sd > 0, sd, 1.0)
+
+
+def _prepared_blocks(tokens: np.ndarray, mask: np.ndarray | None, standardise: bool):
+    """The float64 blocks a PCA sees: the ``mask`` tokens, z-scored over them when ``standardise``."""
+    rows = None if mask is None else np.asarray(mask, bool).ravel()
+    stats = _zscore_stats(tokens, rows) if standardise else None
+    for X in _blocks(tokens, rows):
+        yield X if stats is None else (X - stats[0]) / stats[1]
 
 
 @dataclasses.dataclass
@@ -82,10 +116,12 @@ class PCABasis:
     def scores(self, tokens: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
         """Principal scores of one token grid, shape ``(h, w, k)``."""
         h, w, _ = np.shape(tokens)
-        X = _flat(tokens)
-        if self.standardise:
-            X = _zscore(X, None if mask is None else np.asarray(mask, bool).ravel())
-        return ((X - self.mean) @ self.components.T).reshape(h, w, -1)
+        if mask is None or not self.standardise:
+            blocks = _prepared_blocks(tokens, None, self.standardise)
+        else:  # z-scored over the foreground, applied to every token (the background is blacked out later)
+            stats = _zscore_stats(tokens, np.asarray(mask, bool).ravel())
+            blocks = ((X - stats[0]) / stats[1] for X in _blocks(tokens))
+        return np.concatenate([(X - self.mean) @ self.components.T for X in blocks], axis=0).reshape(h, w, -1)
 
     def to_rgb(self, tokens: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
         """Colour image of one token grid, shape ``(h, w, 3)``, float in [0, 1].
@@ -145,13 +181,10 @@ def fit_pca(
     if not (0.0 <= clip_percentile < 50.0):
         raise PosvitError(f"clip percentile must be in [0, 50), got {clip_percentile}")
     def prepared(j):
-        X = _flat(grids[j])
-        if X.shape[1] != C:
-            raise PosvitError(f"images have {C} and {X.shape[1]} channels: a shared PCA needs the same encoder")
-        rows = None if masks[j] is None else np.asarray(masks[j], bool).ravel()
-        if standardise:
-            X = _zscore(X, rows)
-        return X if rows is None else X[rows]
+        t = grids[j]
+        if np.shape(t)[-1] != C:
+            raise PosvitError(f"images have {C} and {np.shape(t)[-1]} channels: a shared PCA needs the same encoder")
+        return _prepared_blocks(t, masks[j], standardise)
 
     C = int(np.shape(grids[0])[-1])
     # Two passes over the grids (sums, then scores) keep a shared PCA over many images in O(C² + 3·tokens)
@@ -160,10 +193,10 @@ def fit_pca(
     s1 = np.zeros(C)
     s2 = np.zeros((C, C))
     for j in range(len(grids)):
-        X = prepared(j)
-        n += X.shape[0]
-        s1 += X.sum(0)
-        s2 += X.T @ X
+        for X in prepared(j):
+            n += X.shape[0]
+            s1 += X.sum(0)
+            s2 += X.T @ X
     if n < 2:
         raise PosvitError("fewer than 2 tokens to fit a PCA on (an empty foreground mask?)")
     mean = s1 / n
@@ -184,7 +217,7 @@ def fit_pca(
     big = np.argmax(np.abs(comps), axis=1)
     comps = comps * np.sign(comps[np.arange(kk), big])[:, None]
     total = float(np.clip(np.trace(cov), 1e-300, None))
-    scores = np.concatenate([(prepared(j) - mean) @ comps.T for j in range(len(grids))], axis=0)
+    scores = np.concatenate([(X - mean) @ comps.T for j in range(len(grids)) for X in prepared(j)], axis=0)
     if clip_percentile > 0:
         low, high = np.percentile(scores, [clip_percentile, 100 - clip_percentile], axis=0)
     else:
