@@ -19,8 +19,10 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = "test_vit"
 
 
-def write_store(path, grids, *, names=None, provenance=None, layers=("final",), maps=None, dtype="float32"):
-    """Write a store straight from arrays: ``grids`` is a list of (h, w, C) arrays (one per image)."""
+def write_store(path, grids, *, names=None, provenance=None, layers=("final",), maps=None, dtype="float32",
+                meta=None):
+    """Write a store straight from arrays: ``grids`` is a list of (h, w, C) arrays (one per image); ``meta`` is
+    recorded with every image (e.g. ``{"tiles": ...}`` as ``extract --tile`` writes it)."""
     from posvit_cli.core.features.writer import StoreWriter
 
     grids = [np.asarray(g) for g in grids]
@@ -37,6 +39,7 @@ def write_store(path, grids, *, names=None, provenance=None, layers=("final",), 
                 orig_size=(h * p, wd * p),
                 proc_size=(h * p, wd * p),
                 maps=None if maps is None else {k: v[i] for k, v in maps.items()},
+                meta=meta,
             )
         w.commit()
     return Path(path)

@@ -18,16 +18,7 @@ TILING = {"tiling": {"tile": 128, "overlap": 0}, "patch_size": PATCH}
 
 def _write_tiled_store(path, grids, tiles=TILES, layers=("final",)):
     """``write_store`` with each image's ``meta["tiles"]`` and the ``tiling`` provenance of ``extract --tile``."""
-    from posvit_cli.core.features.writer import StoreWriter
-
-    prov = {"model": "synthetic", "patch_size": PATCH, "channels": int(grids[0].shape[-1]), **TILING}
-    with StoreWriter(path, provenance=prov, layers=list(layers), dtype="float32", overwrite=True) as w:
-        for i, g in enumerate(grids):
-            h, wd = g.shape[:2]
-            w.add(f"img{i:03d}.png", {layer: g for layer in layers}, orig_size=(h * PATCH, wd * PATCH),
-                  proc_size=(h * PATCH, wd * PATCH), meta={"tiles": tiles})
-        w.commit()
-    return path
+    return write_store(path, grids, layers=layers, provenance=TILING, meta={"tiles": tiles})
 
 
 def _grid(rng, x, y, channels=16, noise=0.02):
