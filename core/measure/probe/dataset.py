@@ -179,17 +179,22 @@ def _probeable_records(records, settings: ProbeSettings) -> tuple[list, list[tup
     One tiny image (a 15×10 px thumbnail has a 1×1 grid) must not stop the probe of a whole store; it is left out
     and named. When no image is left, the probe refuses as before (:func:`_check_grids` names the first).
     """
-    kept, skipped = [], []
-    for r in records:
-        grid = (int(r.grid[0]), int(r.grid[1]))
+    why_not: dict[tuple[int, int], str | None] = {}  # one sampling check per grid size, not per image
+    for grid in dict.fromkeys((int(r.grid[0]), int(r.grid[1])) for r in records):
         try:
             if grid[0] * grid[1] < 2:
                 raise PosvitError(f"a {grid[0]}×{grid[1]} token grid has no positions to probe (need at least 2 tokens)")
             sampling_plan(grid, settings, np.random.default_rng(0))
+            why_not[grid] = None
         except PosvitError as exc:
-            skipped.append((r.name, str(exc)))
-            continue
-        kept.append(r)
+            why_not[grid] = str(exc)
+    kept, skipped = [], []
+    for r in records:
+        reason = why_not[(int(r.grid[0]), int(r.grid[1]))]
+        if reason is None:
+            kept.append(r)
+        else:
+            skipped.append((r.name, reason))
     if not kept:
         return list(records), []  # nothing probeable: let the dataset check refuse with its message
     if skipped:
