@@ -416,7 +416,7 @@ def svd(
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Encoder whose constant-image subspace is removed. Default: the encoder that made the store (its provenance).", show_default=False)] = None,
     weights: WeightsOpt = "pretrained",
     rank: Annotated[int, typer.Option("--rank", min=1, help="Singular vectors of the constant-image tokens removed (INSID3: 16).")] = 16,
-    size: Annotated[str, typer.Option("--size", help="Constant-image size N or HxW px (auto = the input store's most common image size, else 518).")] = "auto",
+    size: Annotated[str, typer.Option("--size", help="Constant-image size N or HxW px (auto = the input store's most common image size, its tile size for images extracted in tiles, else 518).")] = "auto",
     report_images: ReportImagesOpt = 16,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
@@ -432,7 +432,7 @@ def svd(
     The encoder is the one that made the input store (from its provenance) unless --model/--weights are given. Writes a head (.safetensors) for `posvit extract --head`.
     """
     from posvit_cli.core.debias.heads import ProjectionHead
-    from posvit_cli.core.debias.report import backbone_info, most_common_size, require_final, store_report
+    from posvit_cli.core.debias.report import backbone_info, encoder_input_size, require_final, store_report
     from posvit_cli.core.debias.svd import constant_image_subspace, svd_image_size
     from posvit_cli.core.features.encoders import load_encoder
     from posvit_cli.core.features.rebuild import encoder_from_provenance
@@ -457,7 +457,7 @@ def svd(
             if fs is not None and fs.channels and fs.channels != encoder.embed_dim:
                 raise PosvitError(f"the encoder has {encoder.embed_dim} channels, '{fs.source}' {fs.channels}: "
                                   "pass the --model that made the store")
-            hw = svd_image_size(size, encoder.patch_size, most_common_size(fs) if fs is not None else None)
+            hw = svd_image_size(size, encoder.patch_size, encoder_input_size(fs) if fs is not None else None)
             basis, facts = constant_image_subspace(encoder, hw, rank, device=dev, precision=prec)
             prov = fs.provenance if fs is not None and not chosen else encoder.provenance()
             head = ProjectionHead(basis[None], method="svd", exact=True,

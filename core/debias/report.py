@@ -14,7 +14,7 @@ from posvit_cli.core.errors import PosvitError
 from posvit_cli.core.features.provenance import NETWORK_KEYS
 from posvit_cli.core.progress import ProgressCallback, report
 
-__all__ = ["backbone_info", "most_common_size", "report_indices", "require_final", "stack_r2_report", "store_report"]
+__all__ = ["backbone_info", "encoder_input_size", "most_common_size", "report_indices", "require_final", "stack_r2_report", "store_report"]
 
 #: Provenance keys a head copies from the store (or encoder) it was made for: what identifies the network, and how
 #: it was named.
@@ -29,6 +29,24 @@ def backbone_info(provenance: dict) -> dict:
 def most_common_size(store) -> tuple[int, int]:
     """The most common processed image size ``(H, W)`` in pixels of a store's images."""
     return Counter(tuple(r.proc_size) for r in store.records).most_common(1)[0][0]
+
+
+def encoder_input_size(store) -> tuple[int, int]:
+    """The most common image size ``(H, W)`` in pixels the encoder itself ran on, for a store's images.
+
+    An image extracted in tiles (``extract --tile``) was seen one tile at a time, so its size is the tile's
+    (clipped to the image); others count with their processed size. ``svd --size auto`` uses it: the constant
+    image of a tiled 10,000² px micrograph is one 1024 px tile, not a 10,000² px image no ViT could attend over.
+    """
+    sizes = []
+    for r in store.records:
+        tiles = (r.meta or {}).get("tiles")
+        if isinstance(tiles, dict) and tiles.get("tile"):
+            side = int(tiles["tile"])
+            sizes.append((min(side, int(r.proc_size[0])), min(side, int(r.proc_size[1]))))
+        else:
+            sizes.append(tuple(int(v) for v in r.proc_size))
+    return Counter(sizes).most_common(1)[0][0]
 
 
 def require_final(store) -> None:

@@ -125,3 +125,13 @@ def test_the_report_reads_and_cleans_huge_grids_in_bands(tmp_path, monkeypatch):
     for side in ("before", "after"):
         for target, r2 in whole[side].items():
             assert banded[side][target] == pytest.approx(r2, abs=1e-6)
+
+
+def test_svd_size_auto_of_a_tiled_store_is_one_tile(tmp_path):
+    tiles = {"tiles": {"tile": 256, "overlap": 32, "rows": [0, 224, 448, 672], "cols": [0, 224, 448, 672]}}
+    g = np.zeros((58, 58, 4), np.float32)  # 928 px images at 16 px per token
+    write_store(tmp_path / "tiled.h5", [g, g], meta=tiles)
+    write_store(tmp_path / "plain.h5", [g, g])
+    with FeatureStore(tmp_path / "tiled.h5") as tiled, FeatureStore(tmp_path / "plain.h5") as plain:
+        assert report.encoder_input_size(tiled) == (256, 256)  # the encoder saw 256 px tiles, not 928 px images
+        assert report.encoder_input_size(plain) == (928, 928) == report.most_common_size(plain)
