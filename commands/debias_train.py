@@ -311,7 +311,7 @@ def rasa(
     batching: Annotated[Batching, typer.Option("--batching", case_sensitive=False, help="What a step trains on: tokens (random tokens of all images), images (all tokens of --batch-images images, shuffled each epoch) or images-in-order (the references' unshuffled batches, the last partial batch dropped).", rich_help_panel=RASA)] = Batching.tokens,
     exact: Annotated[bool, typer.Option("--exact", help="Remove all planes with one exact orthogonal projector (QR of every plane vector) instead of one plane after another in training order (the references).", rich_help_panel=RASA)] = False,
     token_fraction: Annotated[float, typer.Option("--token-fraction", min=0.0, max=1.0, help="Fraction of the cached tokens each epoch uses, in (0, 1] (a fresh random subset per epoch).", rich_help_panel=RASA)] = 1.0,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Most tokens held in memory (float16: 2·D bytes each); larger stores are sampled evenly per image.", rich_help_panel=RASA)] = 4_000_000,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Most tokens held in memory (float16: 2·D bytes each); larger stores are sampled evenly per image. One image gives at most 262,144 tokens (a seeded sample of larger ones).", rich_help_panel=RASA)] = 4_000_000,
     augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Images input: Franca's augmentations (random resized crop 0.25-1, colour jitter, greyscale, blur, flips, rotation); off: short-side resize + centre crop.")] = True,
     rotation: Annotated[Rotation, typer.Option("--rotation", case_sensitive=False, help="Images input, with --augment: rotate half the views by any angle in [-90, 90] degrees (nearest neighbour, corners black: Franca's RandomRotation(90)) or by quarter-turns only (exactly +-90 degrees).")] = Rotation.any,
     views: Annotated[int, typer.Option("--views", min=1, help="Images input: augmented views per image.")] = 1,
@@ -416,7 +416,7 @@ def svd(
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Encoder whose constant-image subspace is removed. Default: the encoder that made the store (its provenance).", show_default=False)] = None,
     weights: WeightsOpt = "pretrained",
     rank: Annotated[int, typer.Option("--rank", min=1, help="Singular vectors of the constant-image tokens removed (INSID3: 16).")] = 16,
-    size: Annotated[str, typer.Option("--size", help="Constant-image size N or HxW px (auto = the input store's most common image size, else 518).")] = "auto",
+    size: Annotated[str, typer.Option("--size", help="Constant-image size N or HxW px (auto = the input store's most common image size, its tile size for images extracted in tiles, else 518).")] = "auto",
     report_images: ReportImagesOpt = 16,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
@@ -432,7 +432,7 @@ def svd(
     The encoder is the one that made the input store (from its provenance) unless --model/--weights are given. Writes a head (.safetensors) for `posvit extract --head`.
     """
     from posvit_cli.core.debias.heads import ProjectionHead
-    from posvit_cli.core.debias.report import backbone_info, most_common_size, require_final, store_report
+    from posvit_cli.core.debias.report import backbone_info, encoder_input_size, require_final, store_report
     from posvit_cli.core.debias.svd import constant_image_subspace, svd_image_size
     from posvit_cli.core.features.encoders import load_encoder
     from posvit_cli.core.features.rebuild import encoder_from_provenance
@@ -457,7 +457,7 @@ def svd(
             if fs is not None and fs.channels and fs.channels != encoder.embed_dim:
                 raise PosvitError(f"the encoder has {encoder.embed_dim} channels, '{fs.source}' {fs.channels}: "
                                   "pass the --model that made the store")
-            hw = svd_image_size(size, encoder.patch_size, most_common_size(fs) if fs is not None else None)
+            hw = svd_image_size(size, encoder.patch_size, encoder_input_size(fs) if fs is not None else None)
             basis, facts = constant_image_subspace(encoder, hw, rank, device=dev, precision=prec)
             prov = fs.provenance if fs is not None and not chosen else encoder.provenance()
             head = ProjectionHead(basis[None], method="svd", exact=True,
@@ -620,7 +620,7 @@ def _rasa_head(store_src: str, config, *, max_tokens: int, threads: int | None, 
                quiet: bool):
     """Train RASA planes on a store's final tokens; the head and the facts for the summary."""
     from posvit_cli.core.debias.heads import ProjectionHead
-    from posvit_cli.core.debias.rasa import load_token_cache, train_rasa
+    from posvit_cli.core.debias.rasa import MAX_IMAGE_TOKENS, load_token_cache, train_rasa
     from posvit_cli.core.debias.report import backbone_info, most_common_size, require_final, store_report
 
     store = _open_store(store_src)
@@ -645,11 +645,13 @@ def _rasa_head(store_src: str, config, *, max_tokens: int, threads: int | None, 
                       "size": list(most_common_size(store)),
                       "preprocessing": store.preprocessing, "augmentation": prov.get("augmentation")},
             "training": {**config.as_dict(), "tokens": result.tokens, "tokens_sampled": token_cache.sampled,
+                         "image_token_cap": MAX_IMAGE_TOKENS,
                          "steps_per_round": result.steps_per_round, "device": str(dev),
                          "seconds": round(result.seconds, 3)},
             "rounds": [r.as_dict() for r in result.rounds],
         }
         head = ProjectionHead(result.planes, method="rasa", exact=config.exact, info=info)
+        del token_cache  # the report reads the store again: free the cached tokens first
         with RichProgress(quiet) as progress:
             report = store_report(store, head, report_images, seed=seed, progress=progress)
     finally:

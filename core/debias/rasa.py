@@ -33,12 +33,16 @@ from typing import Any
 
 import numpy as np
 
+from posvit_cli.core.debias.token_cache import (  # noqa: F401  (re-exported: RASA's data)
+    MAX_IMAGE_TOKENS, TokenCache, grid_coordinates, load_token_cache,
+)
 from posvit_cli.core.errors import PosvitError, PosvitWarning
 from posvit_cli.core.progress import ProgressCallback, report
 
 __all__ = [
     "AUGMENTATIONS",
     "BATCHINGS",
+    "MAX_IMAGE_TOKENS",
     "ROTATIONS",
     "RasaConfig",
     "RasaResult",
@@ -76,151 +80,6 @@ def _torch():
     import torch
 
     return torch
-
-
-def grid_coordinates(h: int, w: int) -> np.ndarray:
-    """RASA targets of an ``h × w`` token grid in row-major order: ``(row/(h−1), col/(w−1))``.
-
-    An axis with a single token gets 0.5 (the centre; the sigmoid of 0).
-
-    Returns
-    -------
-    ndarray of float32, shape (h·w, 2)
-        Column 0 is the normalised row (y), column 1 the normalised column (x), both in [0, 1].
-    """
-    ys = np.arange(h, dtype=np.float32) / (h - 1) if h > 1 else np.full(1, 0.5, np.float32)
-    xs = np.arange(w, dtype=np.float32) / (w - 1) if w > 1 else np.full(1, 0.5, np.float32)
-    yy, xx = np.meshgrid(ys, xs, indexing="ij")
-    return np.stack([yy.ravel(), xx.ravel()], axis=1)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The token cache
-
-
-@dataclasses.dataclass
-class TokenCache:
-    """Patch tokens of many images with their RASA targets, ready for training.
-
-    Attributes
-    ----------
-    tokens : torch.Tensor, shape (M, D)
-        float16 (as most stores hold them) or float32, on the training device.
-    coords : torch.Tensor of float32, shape (M, 2)
-        ``(row/(h−1), col/(w−1))`` of every token.
-    n_images : int
-        Images (or augmented views) the tokens come from.
-    sampled : bool
-        True when fewer than all tokens of the store were kept (``max_tokens``).
-    grids : dict
-        ``{"HxW": number of images}``.
-    offsets : ndarray of int64, shape (n_images + 1,), optional
-        Image ``i`` owns tokens ``offsets[i]:offsets[i + 1]``. None: ``n_images`` equal runs.
-    """
-
-    tokens: Any
-    coords: Any
-    n_images: int
-    sampled: bool = False
-    grids: dict = dataclasses.field(default_factory=dict)
-    offsets: np.ndarray | None = None
-
-    @property
-    def channels(self) -> int:
-        return int(self.tokens.shape[1])
-
-    def image_offsets(self) -> np.ndarray:
-        """Token ranges of the images (``offsets``, or equal runs when they were not recorded)."""
-        if self.offsets is not None:
-            return np.asarray(self.offsets, dtype=np.int64)
-        M = len(self)
-        if M % self.n_images:
-            raise PosvitError(f"{M} tokens do not split into {self.n_images} equal images: give the cache its offsets")
-        return np.arange(self.n_images + 1, dtype=np.int64) * (M // self.n_images)
-
-    def __len__(self) -> int:
-        return int(self.tokens.shape[0])
-
-
-def load_token_cache(
-    store,
-    *,
-    layer: str = "final",
-    max_tokens: int = 4_000_000,
-    seed: int = 0,
-    device="cpu",
-    progress: ProgressCallback | None = None,
-) -> TokenCache:
-    """Read a store's tokens once into memory (the device's), sampling evenly when there are too many.
-
-    Parameters
-    ----------
-    store : FeatureStore
-    layer : str
-        Stored layer (RASA is defined on ``final``).
-    max_tokens : int
-        Upper bound on cached tokens; above it every image contributes the same fraction of its tokens, drawn
-        at random (``seed``). Memory: ``max_tokens × D × 2`` bytes for float16 stores.
-    seed : int
-    device : str or torch.device
-    progress : callable, optional
-        ``progress("read tokens", done, n_images)``.
-
-    Raises
-    ------
-    PosvitError
-        Empty store, missing layer, or non-finite features.
-    """
-    torch = _torch()
-    progress = report(progress)
-    if len(store) == 0:
-        raise PosvitError(f"'{store.source}' holds no images: nothing to train on")
-    layer = store.check_layer(layer)
-    if max_tokens < 1:
-        raise PosvitError(f"--max-tokens must be at least 1, got {max_tokens}")
-    records = store.records
-    counts = np.array([r.grid[0] * r.grid[1] for r in records], dtype=np.int64)
-    total = int(counts.sum())
-    sampled = total > max_tokens
-    keep = np.maximum(1, np.floor(counts * (max_tokens / total)).astype(np.int64)) if sampled else counts
-    M = int(keep.sum())
-    D = store.channels or int(store.features(0, layer).shape[-1])
-    half = store.dtype == "float16"
-    dtype = torch.float16 if half else torch.float32
-    tokens = torch.empty((M, D), dtype=dtype)
-    coords = torch.empty((M, 2), dtype=torch.float32)
-    rng = np.random.default_rng(seed)
-    grids: dict[str, int] = {}
-    pos = 0
-    bad = []
-    progress("read tokens", 0, len(records))
-    for i, r in enumerate(records):
-        h, w = r.grid
-        f = store.features(r.index, layer).reshape(h * w, -1)
-        if f.shape[1] != D:
-            raise PosvitError(f"image '{r.name}' has {f.shape[1]} channels, the store {D}")
-        if not np.isfinite(f).all():
-            bad.append(r.name)
-            continue
-        xy = grid_coordinates(h, w)
-        k = int(keep[i])
-        if k < h * w:
-            idx = np.sort(rng.choice(h * w, size=k, replace=False))
-            f, xy = f[idx], xy[idx]
-        tokens[pos : pos + k] = torch.from_numpy(f)
-        coords[pos : pos + k] = torch.from_numpy(xy)
-        pos += k
-        grids[f"{h}x{w}"] = grids.get(f"{h}x{w}", 0) + 1
-        progress("read tokens", i + 1, len(records))
-    if bad:
-        raise PosvitError(
-            f"features of {len(bad)} image(s) contain NaN or inf (first: '{bad[0]}'): re-extract them, e.g. with "
-            "--dtype float32"
-        )
-    device = torch.device(device)
-    offsets = np.concatenate([[0], np.cumsum(keep)]).astype(np.int64)
-    return TokenCache(tokens=tokens.to(device), coords=coords.to(device), n_images=len(records), sampled=sampled,
-                      grids=grids, offsets=offsets)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -460,9 +319,34 @@ def _steps_per_epoch(config: RasaConfig, n_images: int) -> int:
     return n_images // config.batch_images
 
 
-def _train_rasa(cache: TokenCache, config: RasaConfig, progress, on_round) -> RasaResult:
-    import torch.nn.functional as F
+#: Tokens per forward/backward part of one optimiser step: a larger step sums the gradients of its parts, so
+#: its float32 copy of the tokens stays ``STEP_CHUNK_TOKENS × D × 4`` bytes (100 MB for D = 384) however many
+#: tokens the step holds.
+STEP_CHUNK_TOKENS = 65_536
 
+
+def _loss_backward(Z, Y, idx, W, bases, q):
+    """One step's mean squared error (detached), its gradient accumulated into ``W.grad``.
+
+    Steps of more than :data:`STEP_CHUNK_TOKENS` tokens run in parts whose summed losses are the step's mean.
+    """
+    torch = _torch()
+    F = torch.nn.functional
+    n = int(idx.shape[0])
+    if n <= STEP_CHUNK_TOKENS:
+        loss = F.mse_loss(torch.sigmoid(Z[idx].float() @ _through_planes(W, bases, q).T), Y[idx])
+        loss.backward()
+        return loss.detach()
+    total = torch.zeros((), device=Z.device)
+    for part in idx.split(STEP_CHUNK_TOKENS):
+        W_eff = _through_planes(W, bases, q)
+        loss = F.mse_loss(torch.sigmoid(Z[part].float() @ W_eff.T), Y[part], reduction="sum") / (Y.shape[1] * n)
+        loss.backward()
+        total += loss.detach()
+    return total
+
+
+def _train_rasa(cache: TokenCache, config: RasaConfig, progress, on_round) -> RasaResult:
     from posvit_cli.core.debias.heads import gram_schmidt
 
     torch = _torch()
@@ -518,13 +402,9 @@ def _train_rasa(cache: TokenCache, config: RasaConfig, progress, on_round) -> Ra
                 lr_now = 0.5 * config.lr * (1.0 + math.cos(math.pi * step / total_steps))
                 for g in opt.param_groups:
                     g["lr"] = lr_now
-                z = Z[idx].float()
-                W_eff = _through_planes(W, bases, q)
-                loss = F.mse_loss(torch.sigmoid(z @ W_eff.T), Y[idx])
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                epoch_loss += _loss_backward(Z, Y, idx, W, bases, q)
                 opt.step()
-                epoch_loss += loss.detach()
                 step += 1
                 done += 1
                 progress("RASA", done, config.rounds * total_steps)

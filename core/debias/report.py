@@ -14,7 +14,7 @@ from posvit_cli.core.errors import PosvitError
 from posvit_cli.core.features.provenance import NETWORK_KEYS
 from posvit_cli.core.progress import ProgressCallback, report
 
-__all__ = ["backbone_info", "most_common_size", "report_indices", "require_final", "stack_r2_report", "store_report"]
+__all__ = ["backbone_info", "encoder_input_size", "most_common_size", "report_indices", "require_final", "stack_r2_report", "store_report"]
 
 #: Provenance keys a head copies from the store (or encoder) it was made for: what identifies the network, and how
 #: it was named.
@@ -29,6 +29,24 @@ def backbone_info(provenance: dict) -> dict:
 def most_common_size(store) -> tuple[int, int]:
     """The most common processed image size ``(H, W)`` in pixels of a store's images."""
     return Counter(tuple(r.proc_size) for r in store.records).most_common(1)[0][0]
+
+
+def encoder_input_size(store) -> tuple[int, int]:
+    """The most common image size ``(H, W)`` in pixels the encoder itself ran on, for a store's images.
+
+    An image extracted in tiles (``extract --tile``) was seen one tile at a time, so its size is the tile's
+    (clipped to the image); others count with their processed size. ``svd --size auto`` uses it: the constant
+    image of a tiled 10,000² px micrograph is one 1024 px tile, not a 10,000² px image no ViT could attend over.
+    """
+    sizes = []
+    for r in store.records:
+        tiles = (r.meta or {}).get("tiles")
+        if isinstance(tiles, dict) and tiles.get("tile"):
+            side = int(tiles["tile"])
+            sizes.append((min(side, int(r.proc_size[0])), min(side, int(r.proc_size[1]))))
+        else:
+            sizes.append(tuple(int(v) for v in r.proc_size))
+    return Counter(sizes).most_common(1)[0][0]
 
 
 def require_final(store) -> None:
@@ -52,6 +70,18 @@ def report_indices(n: int, max_images: int) -> list[int]:
     if n <= max_images:
         return list(range(n))
     return sorted({int(round(v)) for v in np.linspace(0, n - 1, max_images)})
+
+
+#: Grids of more tokens than this are read and cleaned for the report in row bands of about this many tokens,
+#: and both feature sets are handed to the probe in the store's dtype (float16 or float32): a 625 × 625 × 384
+#: float16 grid then costs 0.3 GB per set, not a whole float32 copy per set plus the head's output.
+REPORT_BAND_TOKENS = 65_536
+
+
+def _probe_input(f) -> np.ndarray:
+    """Features for the probe: float16 or float32 as given (the probe sums them in float64 chunks), else float32."""
+    f = np.asarray(f)
+    return f if f.dtype in (np.float16, np.float32) else f.astype(np.float32)
 
 
 def stack_r2_report(
@@ -107,7 +137,7 @@ def stack_r2_report(
            "protocol": f"holdout probe, {len(images)} images, fraction {fraction:.3g}, {settings.repeats} repeats, "
                        f"seed {seed}"}
     for name, fn in (("before", read), ("after", read_after)):
-        res = probe_dataset(lambda i, _ly, fn=fn: np.asarray(fn(i), dtype=np.float32), images, ["final"], settings,
+        res = probe_dataset(lambda i, _ly, fn=fn: _probe_input(fn(i)), images, ["final"], settings,
                             progress=lambda task, done, total, name=name: progress(f"probe {name}", done, total))
         out[name] = {t: v["mean"] for t, v in res["layers"]["final"]["stack_r2"].items()}
     return out
@@ -134,5 +164,28 @@ def store_report(store, head, max_images: int, *, seed: int = 0,
         return None
     images = [{"name": store.record(i).name, "path": store.record(i).path, "grid": list(store.record(i).grid)}
               for i in usable]
-    return stack_r2_report(lambda j: store.features(usable[j], "final"), images, apply=head.apply_numpy,
-                           seed=seed, progress=progress)
+    return stack_r2_report(lambda j: _report_features(store, usable[j]), images,
+                           read_after=lambda j: _report_features(store, usable[j], head), seed=seed,
+                           progress=progress)
+
+
+def _report_features(store, index: int, head=None) -> np.ndarray:
+    """One image's final tokens ``(h, w, C)``, cleaned by ``head`` when given.
+
+    Up to :data:`REPORT_BAND_TOKENS` tokens: read whole as float32. Larger grids: read (and cleaned) in row bands
+    into one array of the store's dtype, so memory stays one grid as stored plus a band.
+    """
+    h, w = store.record(index).grid
+    if h * w <= REPORT_BAND_TOKENS:
+        f = store.features(index, "final")
+        return f if head is None else head.apply_numpy(f)
+    rows = max(1, REPORT_BAND_TOKENS // w)
+    out = None
+    for start in range(0, h, rows):
+        stop = min(h, start + rows)
+        band = store.feature_rows(index, "final", start, stop, dtype=None)
+        if out is None:
+            dtype = band.dtype if band.dtype in (np.float16, np.float32) else np.float32
+            out = np.empty((h, w, band.shape[-1]), dtype=dtype)
+        out[start:stop] = band if head is None else head.apply_numpy(band)
+    return out

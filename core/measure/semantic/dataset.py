@@ -178,7 +178,7 @@ def gather_samples(store, layer: str, source: MaskSource, scan: MaskScan, indice
     frac = min(1.0, max_samples / available) if available else 0.0
     take = {i: (c if frac >= 1.0 else int(math.floor(c * frac))) for i, c in cand.items()}
     total = sum(take.values())
-    C = int(store.features(indices[0], layer).shape[-1]) if indices else int(store.channels)
+    C = int(store.feature_rows(indices[0], layer, 0, 1).shape[-1]) if indices else int(store.channels)
     X = np.empty((total, C), dtype=np.float16)
     y = np.empty(total, dtype=np.int64)
     rank = {i: k for k, i in enumerate(sorted(indices, key=lambda j: (recs[j].name, j)))}
@@ -189,14 +189,14 @@ def gather_samples(store, layer: str, source: MaskSource, scan: MaskScan, indice
             prog(task, n_done + 1, len(indices))
             continue
         rng = np.random.default_rng([int(seed), int(salt), rank[i]])
-        f = store.features(i, layer, dtype=np.float32)
         if resolution == "tokens":
             t = scan.tokens[i].ravel()
             valid = np.flatnonzero(t != ignore_index) if ignore_index is not None else np.arange(t.size)
             pick = valid if k == len(valid) else np.sort(rng.choice(valid, size=k, replace=False))
-            X[pos:pos + k] = f.reshape(-1, f.shape[-1])[pick]
+            X[pos:pos + k] = _picked_tokens(store, i, layer, pick)
             y[pos:pos + k] = t[pick]
         else:
+            f = _stored_grid(store, i, layer)
             lab = source.processed(i)
             flat = lab.ravel()
             valid = np.flatnonzero(flat != ignore_index) if ignore_index is not None else np.arange(flat.size)
@@ -211,14 +211,70 @@ def gather_samples(store, layer: str, source: MaskSource, scan: MaskScan, indice
             y0, y1, ly = bilinear_taps(h, H)
             x0, x1, lx = bilinear_taps(w, W)
             a, b = ly[py][:, None], lx[px][:, None]
-            X[pos:pos + k] = ((1 - a) * (1 - b) * f[y0[py], x0[px]] + (1 - a) * b * f[y0[py], x1[px]]
-                              + a * (1 - b) * f[y1[py], x0[px]] + a * b * f[y1[py], x1[px]])
+            def tap(rows, cols):  # float32 whatever the store holds: the same sums as from a float32 grid
+                return f[rows, cols].astype(np.float32, copy=False)
+
+            X[pos:pos + k] = ((1 - a) * (1 - b) * tap(y0[py], x0[px]) + (1 - a) * b * tap(y0[py], x1[px])
+                              + a * (1 - b) * tap(y1[py], x0[px]) + a * b * tap(y1[py], x1[px]))
             y[pos:pos + k] = flat[pick]
         pos += k
         prog(task, n_done + 1, len(indices))
     if not np.isfinite(X).all():
         raise PosvitError(f"features of '{store.source}' contain NaN or inf (or overflow float16): re-extract them")
     return X, y, {"available": int(available), "used": int(total)}
+
+
+#: Grids of more tokens than this are read in row bands of about this many tokens (gathering samples, scoring), so
+#: a huge tiled image (625 × 625 × 384) never sits in memory as a whole float32 copy.
+BAND_TOKENS = 65_536
+
+
+def _stored_grid(store, index: int, layer: str) -> np.ndarray:
+    """One image's token grid (h, w, C) as stored when that is float16 or float32, else float32."""
+    f = store.features(index, layer, dtype=None)
+    return f if f.dtype in (np.float16, np.float32) else f.astype(np.float32)
+
+
+def _bands(store, index: int):
+    """Row ranges ``(start, stop)`` of one image of about :data:`BAND_TOKENS` tokens each."""
+    h, w = store.record(index).grid
+    rows = max(1, BAND_TOKENS // max(w, 1))
+    return [(a, min(h, a + rows)) for a in range(0, h, rows)]
+
+
+def _picked_tokens(store, index: int, layer: str, pick: np.ndarray) -> np.ndarray:
+    """Tokens at the sorted row-major indices ``pick`` of one image, shape (len(pick), C), float32.
+
+    Grids above :data:`BAND_TOKENS` tokens are read in row bands, keeping the picked tokens of each.
+    """
+    h, w = store.record(index).grid
+    if h * w <= BAND_TOKENS:
+        f = store.features(index, layer, dtype=np.float32)
+        return f.reshape(-1, f.shape[-1])[pick]
+    parts = []
+    for a, b in _bands(store, index):
+        lo, hi = np.searchsorted(pick, [a * w, b * w])
+        if hi > lo:
+            band = store.feature_rows(index, layer, a, b, dtype=np.float32)
+            parts.append(band.reshape(-1, band.shape[-1])[pick[lo:hi] - a * w])
+    return np.concatenate(parts) if parts else np.empty((0, store.channels), np.float32)
+
+
+def _grid_logits(head: AffineHead, store, index: int, layer: str, device):
+    """Logits (h, w, K) of one image, after checking its features are finite; grids above
+    :data:`BAND_TOKENS` tokens are read and scored in row bands."""
+    import torch
+
+    h, w = store.record(index).grid
+    bands = [(0, None)] if h * w <= BAND_TOKENS else _bands(store, index)
+    out = []
+    for a, b in bands:
+        f = (store.features(index, layer, dtype=np.float32) if b is None
+             else store.feature_rows(index, layer, a, b, dtype=np.float32))
+        if not np.isfinite(f).all():
+            raise PosvitError(f"features of '{store.record(index).name}' in '{store.source}' contain NaN or inf")
+        out.append(head.logits(f, device))
+    return out[0] if len(out) == 1 else torch.cat(out, dim=0)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -261,16 +317,13 @@ def score_store(head: AffineHead, store, layer: str, source: MaskSource, indices
     with torch.no_grad():
         for n_done, i in enumerate(indices):
             j = feature_index[i] if feature_index is not None else i
-            f = store.features(j, layer, dtype=np.float32)
-            want = tuple(source.store.record(i).grid)
-            if tuple(f.shape[:2]) != want:
+            got, want = tuple(store.record(j).grid), tuple(source.store.record(i).grid)
+            if got != want:
                 raise PosvitError(
-                    f"image '{source.store.record(i).name}' has a {f.shape[0]}×{f.shape[1]} token grid in "
+                    f"image '{source.store.record(i).name}' has a {got[0]}×{got[1]} token grid in "
                     f"'{store.source}' but {want[0]}×{want[1]} with its masks: extract both at the same size"
                 )
-            if not np.isfinite(f).all():
-                raise PosvitError(f"features of '{store.record(j).name}' in '{store.source}' contain NaN or inf")
-            logits = head.logits(f, device)
+            logits = _grid_logits(head, store, j, layer, device)
             if resolution == "tokens":
                 gt = token_masks[i] if token_masks is not None and i in token_masks else source.tokens(i)
                 pred = logits.argmax(-1).cpu().numpy()
