@@ -150,3 +150,70 @@ def test_the_score_probes_a_float16_store_as_stored(tmp_path, monkeypatch):
         want = scores.score_store(store, [0, 1], "final")
     assert got.mean == pytest.approx(want.mean, abs=1e-9)
     assert got.per_image == pytest.approx(want.per_image, abs=1e-9)
+
+
+def whole_image_display(path, fp, out_hw, intensity):
+    """The display image by the whole-image recipe: float32 [0, 1] of every pixel, RGB, crop, uint8, resize."""
+    from PIL import Image
+
+    from posvit_cli.core.io.images import read_image, to_channels, to_float
+
+    img = to_float(read_image(path), intensity)
+    if img.ndim == 3 and img.shape[-1] not in (1, 3):
+        img = img[..., :1] if img.shape[-1] == 2 else img[..., :3]
+    img = to_channels(img, 3)[int(fp.top): int(fp.bottom), int(fp.left): int(fp.right)]
+    pil = Image.fromarray(np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8))
+    return np.asarray(pil.resize((out_hw[1], out_hw[0]), Image.Resampling.LANCZOS))
+
+
+@pytest.mark.parametrize("mode,intensity", [("I;16", "auto"), ("I;16", "percentile:2,98"), ("L", "auto"),
+                                            ("RGB", "auto"), ("RGBA", "minmax"), ("LA", "auto"), ("F", "dtype")])
+def test_the_source_image_is_brought_to_display_in_bands_as_a_whole(tmp_path, monkeypatch, mode, intensity):
+    from PIL import Image
+
+    from posvit_cli.core.viz import geometry
+
+    rng = np.random.default_rng(1)
+    H, W = 45, 60
+    yy, xx = np.mgrid[0:H, 0:W]
+    if mode == "I;16":
+        im = Image.fromarray((300 + 40 * xx + 7 * yy + rng.integers(0, 50, (H, W))).astype(np.uint16))
+    elif mode == "F":
+        im = Image.fromarray((xx / W + rng.normal(0, 0.2, (H, W))).astype(np.float32))
+    else:
+        n = len(mode)
+        arr = rng.integers(0, 256, (H, W, n)).astype(np.uint8)
+        arr[..., 0] = (xx * 4).astype(np.uint8)
+        im = Image.fromarray(arr[..., 0] if n == 1 else arr, mode)
+    path = tmp_path / ("im.tif" if mode == "F" else "im.png")
+    im.save(path)
+    fp = geometry.Footprint(5.0, 8.0, 37.0, 56.0, (2, 3), (H, W))  # a crop
+    want = whole_image_display(path, fp, (20, 30), intensity)
+    monkeypatch.setattr(geometry, "DISPLAY_BAND_PIXELS", 50)  # one row per band
+    got = geometry.load_display_image(path, fp, (20, 30), intensity)
+    assert got.shape == (20, 30, 3) and got.dtype == np.uint8
+    np.testing.assert_array_equal(got, want)
+
+
+def test_a_big_16_bit_source_image_costs_a_few_bytes_per_pixel_for_display(tmp_path, monkeypatch):
+    """No float32 RGB copy of the source image (12 bytes a pixel, and more for temporaries): the decoded 16-bit
+    pixels and one uint8 copy. (The whole-image recipe allocates about 38 bytes a pixel.)"""
+    import tracemalloc
+
+    from PIL import Image
+
+    from posvit_cli.core.viz import geometry
+
+    H = W = 1200
+    yy, xx = np.mgrid[0:H, 0:W]
+    Image.fromarray((xx * 30 + yy).astype(np.uint16)).save(tmp_path / "big.png")
+    fp = geometry.Footprint(0.0, 0.0, float(H), float(W), (75, 75), (H, W))
+    monkeypatch.setattr(geometry, "DISPLAY_BAND_PIXELS", 1 << 16)
+    tracemalloc.start()
+    try:
+        out = geometry.load_display_image(tmp_path / "big.png", fp, (64, 64))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert out.shape == (64, 64, 3)
+    assert peak < 8 * H * W, f"{peak / (H * W):.1f} bytes a pixel"
