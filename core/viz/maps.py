@@ -1,7 +1,9 @@
 """The numbers behind the pictures: PCA colourings, similarity maps, label statistics, upsampling and colour.
 
-Pure functions on NumPy arrays. Token grids are ``(h, w, C)`` with row 0 at the top; maps are ``(h, w)``;
-colour images are ``(H, W, 3)`` ``uint8``.
+Pure functions on NumPy arrays. Token grids are ``(h, w, C)`` with row 0 at the top: an array, or a lazy grid
+(an object with ``shape`` and ``rows(start, stop)``, such as :class:`~posvit_cli.core.viz.pictures.StoreGrid`) that
+the PCA and similarity passes read in bands of whole token rows (:data:`CHUNK_TOKENS`), so a huge image is never
+held whole. Maps are ``(h, w)``; colour images are ``(H, W, 3)`` ``uint8``.
 """
 
 from __future__ import annotations
@@ -178,8 +180,8 @@ def fit_pca(
 
     Parameters
     ----------
-    grids : sequence of ndarray, each (h, w, C)
-        Token grids (grids may differ in size; channels must agree). Indexed twice each, so a lazy sequence
+    grids : sequence of ndarray or lazy grids, each (h, w, C)
+        Token grids (grids may differ in size; channels must agree); lazy grids are read in row bands. Indexed twice each, so a lazy sequence
         that reads images on demand keeps memory bounded.
     k : int
         Number of components (3 for RGB).
