@@ -13,8 +13,16 @@ from posvit_cli.core.progress import ProgressCallback, report
 from posvit_cli.core.viz.geometry import fit_size, token_footprint
 from posvit_cli.core.viz.index import FigureEntry
 from posvit_cli.core.viz.layout import ColourBar, Panel, PanelGrid
-from posvit_cli.core.viz.maps import colormap_rgb, upsample
-from posvit_cli.core.viz.pictures import FigureOptions, require_features, select_images, slug, store_label, write_grid
+from posvit_cli.core.viz.maps import colormap_rgb, grid_channels, upsample
+from posvit_cli.core.viz.pictures import (
+    FigureOptions,
+    StoreGrid,
+    require_features,
+    select_images,
+    slug,
+    store_label,
+    write_grid,
+)
 from posvit_cli.core.viz.scores import ChannelScores, fmt
 
 __all__ = [
@@ -58,7 +66,7 @@ def channels_figure(
     chans = list(channels) if channels else list(scores.ranked)
     if not chans:
         raise PosvitError("no channels to draw")
-    first = store.features(indices[0], layer)
+    first = StoreGrid(store, indices[0], layer)
     C = int(first.shape[-1])
     bad = [c for c in chans if not 0 <= c < C]
     if bad:
@@ -68,8 +76,8 @@ def channels_figure(
     prep = store.preprocessing
     recs = [store.record(i) for i in indices]
     hws = [fit_size(fp.height, fp.width, opts.panel_size) for fp in (token_footprint(r, prep) for r in recs)]
-    # Only the drawn channels are kept in memory: (h, w, len(chans)) per image.
-    per_image = [first[..., chans]] + [store.features(i, layer)[..., chans] for i in indices[1:]]
+    # Only the drawn channels are kept in memory: (h, w, len(chans)) per image, read in bands of token rows.
+    per_image = [grid_channels(StoreGrid(store, i, layer), chans) for i in indices]
     stem = "_".join(["channels", slug(label)] + ([slug(layer)] if layer != "final" else []))
     rows, labels, bars, numbers = [], [], [], []
     for k, c in enumerate(chans):

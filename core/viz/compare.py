@@ -15,6 +15,7 @@ from posvit_cli.core.viz.maps import fit_pca, to_uint8, upsample
 from posvit_cli.core.viz.pictures import (
     FigureOptions,
     SourceImages,
+    StoreGrid,
     marker_xy,
     require_features,
     require_images,
@@ -175,7 +176,7 @@ def compare_figure(
             fp = token_footprint(rec, preps[k])
             hw = fit_size(fp.height, fp.width, opts.panel_size)
             under = img0 if hw == hw0 else (sources.image(rec.path, rec.name, fp, hw) if img0 is not None else None)
-            t = s.features(i, layers[k])
+            t = StoreGrid(s, i, layers[k])  # read in bands of token rows: a huge image is never held whole
             basis = fit_pca([t], 3, standardise=standardise)
             ptitle = scores[k].image_text(i) if scores[k] is not None else ""
             row.append(Panel(to_uint8(upsample(basis.to_rgb(t), hw, opts.upsample)), title=ptitle))

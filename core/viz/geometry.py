@@ -258,14 +258,13 @@ def load_display_image(
     """
     from PIL import Image
 
-    from posvit_cli.core.io.images import read_image, to_channels, to_float
+    from posvit_cli.core.io.images import read_image
 
     raw = read_image(path)
-    img = to_float(raw, intensity)
-    if img.ndim == 3 and img.shape[-1] not in (1, 3):
-        img = img[..., :1] if img.shape[-1] == 2 else img[..., :3]
-    img = to_channels(img, 3)
-    H, W = img.shape[:2]
+    levels = _display_levels(raw, intensity)  # over every channel, alpha included, as to_float takes them
+    if raw.ndim == 3 and raw.shape[-1] not in (1, 3):
+        raw = raw[..., :1] if raw.shape[-1] == 2 else raw[..., :3]
+    H, W = raw.shape[:2]
     if (H, W) != tuple(footprint.image_size):
         warnings.warn(
             f"'{path}' is {W}×{H} px but was {footprint.image_size[1]}×{footprint.image_size[0]} px when its "
@@ -278,9 +277,40 @@ def load_display_image(
         sy = sx = 1.0
     t, b = int(round(footprint.top * sy)), int(round(footprint.bottom * sy))
     l, r = int(round(footprint.left * sx)), int(round(footprint.right * sx))
-    img = img[max(t, 0): max(b, t + 1), max(l, 0): max(r, l + 1)]
-    u8 = np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)
-    pil = Image.fromarray(u8)
+    crop = raw[max(t, 0): max(b, t + 1), max(l, 0): max(r, l + 1)]
+    # Grey stays one channel until after the resize (LANCZOS treats channels alike, so repeating it afterwards
+    # gives the same picture); the crop is brought to uint8 in row bands. A 10,000² px micrograph then costs its
+    # decoded pixels and one uint8 copy, not float32 RGB copies of several GB.
+    u8 = np.empty(crop.shape[:2] + crop.shape[2:3], np.uint8)
+    step = max(1, DISPLAY_BAND_PIXELS // max(crop.shape[1] * (crop.shape[2] if crop.ndim == 3 else 1), 1))
+    for a in range(0, crop.shape[0], step):
+        u8[a : a + step] = np.clip(np.round(levels(crop[a : a + step]) * 255.0), 0, 255).astype(np.uint8)
+    pil = Image.fromarray(u8[..., 0] if u8.ndim == 3 and u8.shape[-1] == 1 else u8)
     if pil.size != (out_hw[1], out_hw[0]):
         pil = pil.resize((out_hw[1], out_hw[0]), Image.Resampling.LANCZOS)
-    return np.asarray(pil)
+    out = np.asarray(pil)
+    return np.repeat(out[..., None], 3, axis=-1) if out.ndim == 2 else out
+
+
+#: Pixels (times channels) per band when a source image is brought to uint8 for display.
+DISPLAY_BAND_PIXELS = 1 << 22
+
+
+def _display_levels(raw: np.ndarray, intensity: str):
+    """The intensity mapping of :func:`~posvit_cli.core.io.images.to_float` for ``raw`` as a function of a band of
+    its pixels: per-image statistics (min-max, percentiles) are taken once over the whole image, then every band
+    maps to the same float32 values the whole-image ``to_float`` gives (``read_image`` already replaced
+    non-finite pixels)."""
+    from posvit_cli.core.io.images import parse_intensity, to_float
+
+    rule, pct = parse_intensity(intensity)
+    if raw.dtype == np.bool_ or rule == "dtype" or (rule == "auto" and raw.dtype == np.uint8):
+        return lambda band: to_float(band, "dtype")  # elementwise: a band maps as it would in the whole image
+    if rule in ("auto", "minmax"):
+        # min/max commute with the monotonic float32 cast: the same numbers without a float32 copy.
+        lo, hi = float(np.float32(raw.min())), float(np.float32(raw.max()))
+    else:
+        lo, hi = (float(v) for v in np.percentile(raw.astype(np.float32), pct))
+    if hi <= lo:
+        return lambda band: np.zeros(band.shape, np.float32)
+    return lambda band: np.clip((band.astype(np.float32) - lo) / (hi - lo), 0.0, 1.0)

@@ -1,7 +1,9 @@
 """The numbers behind the pictures: PCA colourings, similarity maps, label statistics, upsampling and colour.
 
-Pure functions on NumPy arrays. Token grids are ``(h, w, C)`` with row 0 at the top; maps are ``(h, w)``;
-colour images are ``(H, W, 3)`` ``uint8``.
+Pure functions on NumPy arrays. Token grids are ``(h, w, C)`` with row 0 at the top: an array, or a lazy grid
+(an object with ``shape`` and ``rows(start, stop)``, such as :class:`~posvit_cli.core.viz.pictures.StoreGrid`) that
+the PCA and similarity passes read in bands of whole token rows (:data:`CHUNK_TOKENS`), so a huge image is never
+held whole. Maps are ``(h, w)``; colour images are ``(H, W, 3)`` ``uint8``.
 """
 
 from __future__ import annotations
@@ -14,12 +16,17 @@ import numpy as np
 from posvit_cli.core.errors import PosvitError
 
 __all__ = [
+    "CHUNK_TOKENS",
     "PCABasis",
     "blend",
     "colormap_rgb",
     "cosine_similarity_map",
     "fit_pca",
     "foreground_mask",
+    "grid_bands",
+    "grid_channels",
+    "grid_rows",
+    "grid_shape",
     "label_palette",
     "labels_rgb",
     "pca_rgb",
@@ -36,31 +43,54 @@ UPSAMPLE_METHODS = ("nearest", "bilinear")
 # PCA → RGB
 
 
-def _flat(tokens: np.ndarray) -> np.ndarray:
-    t = np.asarray(tokens)
-    if t.ndim != 3:
-        raise PosvitError(f"features must be a token grid (h, w, C), got shape {t.shape}")
-    if not np.isfinite(t).all():
-        raise PosvitError("features hold NaN or inf values: cannot compute a PCA")
-    return t.reshape(-1, t.shape[-1]).astype(np.float64)
+#: Tokens per float64 block of the PCA and similarity passes: memory stays bounded on a huge image's grid (a
+#: 625×625×384 grid is 1.2 GB in float64; a block of it, whole token rows, about 50 MB).
+CHUNK_TOKENS = 16_384
 
 
-#: Tokens per float64 block of the PCA passes: memory stays bounded on a huge image's grid (a 625×625×384 grid
-#: is 1.2 GB in float64; one block of it is 200 MB).
-CHUNK_TOKENS = 65_536
+def grid_shape(tokens) -> tuple[int, int, int]:
+    """``(h, w, C)`` of a token grid: an array or a lazy grid (an object with ``shape`` and ``rows(start, stop)``)."""
+    shape = tuple(int(v) for v in np.shape(tokens))
+    if len(shape) != 3:
+        raise PosvitError(f"features must be a token grid (h, w, C), got shape {shape}")
+    return shape
 
 
-def _blocks(tokens: np.ndarray, rows: np.ndarray | None = None):
-    """``(h·w, C)`` tokens as float64 blocks of at most :data:`CHUNK_TOKENS` rows (only ``rows`` when given)."""
-    t = np.asarray(tokens)
-    if t.ndim != 3:
-        raise PosvitError(f"features must be a token grid (h, w, C), got shape {t.shape}")
-    flat = t.reshape(-1, t.shape[-1])
-    for a in range(0, flat.shape[0], CHUNK_TOKENS):
-        X = flat[a : a + CHUNK_TOKENS].astype(np.float64)
+def grid_rows(tokens, start: int, stop: int) -> np.ndarray:
+    """Token rows ``start:stop`` of a grid, shape ``(stop - start, w, C)``.
+
+    A lazy grid (such as :class:`~posvit_cli.core.viz.pictures.StoreGrid`) reads only those rows from its store,
+    so a huge image is never held whole.
+    """
+    read = getattr(tokens, "rows", None)
+    return np.asarray(read(start, stop)) if callable(read) else np.asarray(tokens)[start:stop]
+
+
+def grid_bands(tokens):
+    """``(start, stop, rows)`` bands of whole token rows, about :data:`CHUNK_TOKENS` tokens each (one row at least)."""
+    h, w, _ = grid_shape(tokens)
+    step = max(1, CHUNK_TOKENS // max(w, 1))
+    for a in range(0, h, step):
+        b = min(h, a + step)
+        yield a, b, grid_rows(tokens, a, b)
+
+
+def grid_channels(tokens, channels: Sequence[int]) -> np.ndarray:
+    """Only the given channels of a token grid, shape ``(h, w, len(channels))``, read band by band."""
+    h, w, _ = grid_shape(tokens)
+    chans = list(channels)
+    parts = [band[..., chans] for _, _, band in grid_bands(tokens)]
+    return np.concatenate(parts, axis=0) if parts else np.zeros((0, w, len(chans)), np.float32)
+
+
+def _blocks(tokens, rows: np.ndarray | None = None):
+    """``(h·w, C)`` tokens as float64 blocks of whole token rows (only ``rows`` when given)."""
+    _, w, C = grid_shape(tokens)
+    for a, b, band in grid_bands(tokens):
+        X = band.reshape(-1, C).astype(np.float64)
         if not np.isfinite(X).all():
             raise PosvitError("features hold NaN or inf values: cannot compute a PCA")
-        yield X if rows is None else X[rows[a : a + CHUNK_TOKENS]]
+        yield X if rows is None else X[rows[a * w : b * w]]
 
 
 def _zscore_stats(tokens: np.ndarray, rows: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -150,8 +180,8 @@ def fit_pca(
 
     Parameters
     ----------
-    grids : sequence of ndarray, each (h, w, C)
-        Token grids (grids may differ in size; channels must agree). Indexed twice each, so a lazy sequence
+    grids : sequence of ndarray or lazy grids, each (h, w, C)
+        Token grids (grids may differ in size; channels must agree); lazy grids are read in row bands. Indexed twice each, so a lazy sequence
         that reads images on demand keeps memory bounded.
     k : int
         Number of components (3 for RGB).
@@ -294,13 +324,17 @@ def cosine_similarity_map(tokens: np.ndarray, row: int, col: int, eps: float = 1
     ndarray of float64, shape (h, w)
         Values in [-1, 1].
     """
-    h, w, _ = np.shape(tokens)
+    h, w, _ = grid_shape(tokens)
     if not (0 <= row < h and 0 <= col < w):
         raise PosvitError(f"query token ({row}, {col}) is outside the {h}×{w} grid")
-    X = _flat(tokens)
-    q = X[row * w + col]
-    norms = np.linalg.norm(X, axis=1)
-    sim = (X @ q) / (norms * np.linalg.norm(q) + eps)
+    q = grid_rows(tokens, row, row + 1)[0, col].astype(np.float64)
+    q_norm = np.linalg.norm(q)
+    sim = np.empty(h * w)
+    # Band by band: a huge grid is never copied whole (as float64 it would be 1.2 GB for 625×625×384).
+    start = 0
+    for X in _blocks(tokens):
+        sim[start : start + X.shape[0]] = (X @ q) / (np.linalg.norm(X, axis=1) * q_norm + eps)
+        start += X.shape[0]
     sim = np.clip(sim, -1.0, 1.0).reshape(h, w)
     sim[row, col] = 1.0
     return sim

@@ -27,6 +27,7 @@ __all__ = [
     "FigureOptions",
     "LazyTokens",
     "SourceImages",
+    "StoreGrid",
     "marker_xy",
     "raw_size",
     "require_features",
@@ -144,8 +145,35 @@ def select_images(store, images: Sequence[str] | None = None, max_images: int = 
     return list(dict.fromkeys(out))
 
 
+class StoreGrid:
+    """One stored image's token grid, read in bands of token rows on demand and never whole.
+
+    The figures' numbers (:mod:`~posvit_cli.core.viz.maps`) take it wherever they take a ``(h, w, C)`` array: a
+    huge image (a 625×625×384 grid is 0.6 GB as float32) is then read a band at a time.
+
+    Attributes
+    ----------
+    shape : (int, int, int)
+        ``(h, w, C)`` of the grid.
+    """
+
+    def __init__(self, store, index: int, layer: str):
+        self.store, self.index, self.layer = store, int(index), layer
+        h, w = (int(v) for v in store.record(index).grid)
+        first = store.feature_rows(index, layer, 0, min(1, h))
+        self.shape = (h, w, int(first.shape[-1]))
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Token rows ``start:stop`` as float32, shape ``(stop - start, w, C)``."""
+        return self.store.feature_rows(self.index, self.layer, start, stop, dtype=np.float32)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        # Whole-grid reads stay possible for small grids (np.asarray), but the figures read bands.
+        return self.store.features(self.index, self.layer, dtype=dtype or np.float32)
+
+
 class LazyTokens:
-    """Token grids of chosen store images, read on demand: a sequence that never holds more than one image."""
+    """Token grids of chosen store images, read on demand: a sequence of :class:`StoreGrid` (read in bands)."""
 
     def __init__(self, store, indices: Sequence[int], layer: str):
         self.store, self.indices, self.layer = store, list(indices), layer
@@ -153,8 +181,8 @@ class LazyTokens:
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, j: int) -> np.ndarray:
-        return self.store.features(self.indices[j], self.layer)
+    def __getitem__(self, j: int) -> StoreGrid:
+        return StoreGrid(self.store, self.indices[j], self.layer)
 
 
 class SourceImages:

@@ -201,6 +201,13 @@ def probe_fraction(grids: Sequence[tuple[int, int]]) -> float:
     return float(max(1 / 36, min(0.25, MIN_TRAIN_TOKENS / max(smallest, 1))))
 
 
+def _features_as_stored(store, index: int, layer: str) -> np.ndarray:
+    """One image's features as stored when float16 or float32 (else float32): the probe casts them in token
+    chunks, so a float16 store's huge image is not held as a float32 copy (0.6 GB for 625×625×384 tokens)."""
+    f = store.features(index, layer, dtype=None)
+    return f if f.dtype in (np.float16, np.float32) else f.astype(np.float32)
+
+
 def _probe(store, indices, layer, targets, per_channel, repeats, seed, progress):
     from posvit_cli.core.measure.probe import make_settings, probe_dataset
 
@@ -209,7 +216,7 @@ def _probe(store, indices, layer, targets, per_channel, repeats, seed, progress)
     fraction = probe_fraction([r.grid for r in recs])
     settings, _ = make_settings("holdout", targets=tuple(targets), fraction=fraction, repeats=repeats, seed=seed,
                                 per_channel=per_channel, extras=False)
-    out = probe_dataset(lambda j, ly: store.features(indices[j], ly), images, [layer], settings,
+    out = probe_dataset(lambda j, ly: _features_as_stored(store, indices[j], ly), images, [layer], settings,
                         progress=progress)
     return out["layers"][layer], settings
 

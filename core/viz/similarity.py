@@ -23,6 +23,7 @@ from posvit_cli.core.viz.maps import (
 from posvit_cli.core.viz.pictures import (
     FigureOptions,
     SourceImages,
+    StoreGrid,
     marker_xy,
     raw_size,
     require_features,
@@ -163,7 +164,7 @@ def similarity_figure(
         fp = token_footprint(rec, prep)
         hw = fit_size(fp.height, fp.width, opts.panel_size)
         img = sources.image(rec.path, rec.name, fp, hw)
-        t = store.features(i, layer)
+        t = StoreGrid(store, i, layer)  # read in bands of token rows: a huge image is never held whole
         marks = [marker_xy(fp, q, hw) for q in queries[i]]
         row = [Panel(img, size=hw, placeholder="source image not found", markers=marks)]
         info = {"name": rec.name, "index": rec.index, "queries": []}
