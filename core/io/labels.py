@@ -35,6 +35,7 @@ __all__ = [
     "UnknownColourError",
     "check_label_range",
     "colour_codes",
+    "as_label_values",
     "decode_labels",
     "find_label_files",
     "label_files_by_stem",
@@ -154,7 +155,7 @@ def check_label_range(labels: np.ndarray, source, num_classes: int | None, ignor
 
 
 def decode_labels(path: str | os.PathLike) -> np.ndarray:
-    """Decode a label file to its stored values ``(H, W)`` int64, or its colours ``(H, W, 3)`` uint8.
+    """Decode a label file to its stored values ``(H, W)`` int32, or its colours ``(H, W, 3)`` uint8.
 
     Palette PNGs give their palette indices (VOC), greyscale PNGs and integer TIFFs (8/16/32-bit, first page)
     their values; an RGB(A) image whose three channels are equal is greyscale. Any other colour image comes
@@ -200,7 +201,22 @@ def decode_labels(path: str | os.PathLike) -> np.ndarray:
         raise LabelImageError(f"label image '{path}' has shape {arr.shape}; expected (H, W)")
     if np.issubdtype(arr.dtype, np.floating) and not np.all(np.equal(np.mod(arr, 1), 0)):
         raise LabelImageError(f"label image '{path}' holds non-integer values; store class indices as integers")
-    return arr.astype(np.int64)
+    return as_label_values(arr)
+
+
+def as_label_values(arr: np.ndarray) -> np.ndarray:
+    """Integer label values as int32, or int64 when a value does not fit in int32.
+
+    int32 rather than int64 halves what a 10,000² px label image costs (400 MB, not 800 MB) and keeps the
+    arithmetic of the convention (``-1`` for unlabelled, ``value - 1``) safe, which uint8/uint16 would not.
+    """
+    arr = np.asarray(arr)
+    info = np.iinfo(np.int32)
+    if arr.dtype.kind in "biu" and arr.dtype.itemsize <= 2:
+        return arr.astype(np.int32)
+    if arr.size and (arr.min() < info.min or arr.max() > info.max):
+        return arr.astype(np.int64)
+    return arr.astype(np.int32)
 
 
 def colour_codes(rgb: np.ndarray) -> np.ndarray:
@@ -309,7 +325,7 @@ class LabelImage:
 
     Attributes
     ----------
-    values : ndarray of int64, shape (H, W)
+    values : ndarray of int32 (int64 for values beyond int32), shape (H, W)
         Stored values in the role's convention: for a ``mask`` the class index (or the ignore value), for
         ``scribbles`` and ``prediction`` 0 (unlabelled) or ``class + 1``.
     ignored : ndarray of bool, shape (H, W)
@@ -329,9 +345,12 @@ class LabelImage:
 
     @property
     def classes(self) -> np.ndarray:
-        """Class indices ``0 .. C-1`` per pixel, ``-1`` where unlabelled; int64 ``(H, W)``."""
-        idx = self.values if self.role == "mask" else self.values - 1
-        return np.where(self.ignored, -1, idx)
+        """Class indices ``0 .. C-1`` per pixel, ``-1`` where unlabelled; the dtype of ``values``, ``(H, W)``."""
+        idx = self.values.copy()        # one array, edited in place: a 10,000² px image costs 400 MB, not 1.6 GB
+        if self.role != "mask":
+            idx -= 1
+        idx[self.ignored] = -1
+        return idx
 
 
 def read_label_image(
@@ -395,7 +414,7 @@ def read_label_image(
         else:
             values = np.where(unlabelled, 0, pos + 1)
             ignored = unlabelled
-        return LabelImage(values.astype(np.int64), ignored, role, str(path), table)
+        return LabelImage(as_label_values(values), ignored, role, str(path), table)
     if raw.size and raw.min() < 0:
         raise LabelImageError(f"label image '{path}' holds the negative value {int(raw.min())}")
     if role == "mask":

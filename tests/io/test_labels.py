@@ -45,7 +45,7 @@ def _warnings_of(fn):
 def test_grey_png_mask_gives_class_indices_and_the_ignore_mask(tmp_path):
     Image.fromarray(CLASSES).save(tmp_path / "m.png")
     m = read_label_image(tmp_path / "m.png", "mask")
-    assert m.values.dtype == np.int64
+    assert m.values.dtype == np.int32
     np.testing.assert_array_equal(m.values, CLASSES)
     np.testing.assert_array_equal(m.ignored, CLASSES == 255)
     np.testing.assert_array_equal(m.classes, INDEX)
@@ -307,3 +307,32 @@ def test_rare_colours_are_the_anti_aliased_handful_not_small_classes():
     assert rare_colours({"a.png": a, "b.png": b}, max_fraction=0.01) == [((250, 3, 2), 1, "a.png"),
                                                                          ((128, 0, 0), 3, "a.png")]
     assert rare_colours({"b.png": b}) == []  # 31 labelled px: nothing is below 0.1 % of them
+
+
+def test_label_values_are_int32_unless_a_value_needs_int64(tmp_path):
+    small = np.array([[0, 1], [2, 65535]], np.uint16)
+    tifffile.imwrite(tmp_path / "s.tif", small)
+    assert decode_labels(tmp_path / "s.tif").dtype == np.int32
+    huge = np.array([[0, 1], [2, 2**32 - 2]], np.uint32)         # a 32-bit instance label beyond int32
+    tifffile.imwrite(tmp_path / "h.tif", huge)
+    values = decode_labels(tmp_path / "h.tif")
+    assert values.dtype == np.int64
+    np.testing.assert_array_equal(values, huge.astype(np.int64))
+
+
+def test_reading_a_large_prediction_costs_one_int32_copy_per_array(tmp_path):
+    import tracemalloc
+
+    pred = np.ones((2000, 2000), np.uint8)
+    pred[:, :1000] = 2
+    pred[:10, :10] = 0                                            # unlabelled
+    Image.fromarray(pred).save(tmp_path / "p.png")
+    tracemalloc.start()
+    m = read_label_image(tmp_path / "p.png", "prediction")
+    classes = m.classes
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert classes[0, 0] == -1 and classes[-1, 0] == 1 and classes[-1, -1] == 0
+    # decoded uint8 (4 MB) + values int32 (16 MB) + ignored (4 MB) + classes int32 (16 MB); int64 and a
+    # np.where temporary cost 3x that
+    assert peak < 45e6, peak
