@@ -150,10 +150,26 @@ def _stat_labels(lab: np.ndarray, side: int = 256) -> np.ndarray:
     return upsample(lab, fit_size(H, W, side), "nearest")
 
 
-def _read_segmentations(images, predictions, truth, class_names, ignore_index) -> list:
-    """``(image path, stem, prediction classes, truth classes or None)`` per image, off-by-one checked.
+#: Label-image rows counted or scored at once: statistics of a 10,000² px image cost a band, not the image.
+BAND_ROWS = 512
 
-    Both label images become class indices 0..C-1 (-1 = unlabelled), so the legend's names index them directly.
+
+def _value_counts(lab: np.ndarray) -> dict[int, int]:
+    """Pixels of each value of a label image, counted in row bands."""
+    counts: dict[int, int] = {}
+    for r in range(0, lab.shape[0], BAND_ROWS):
+        vals, n = np.unique(lab[r : r + BAND_ROWS], return_counts=True)
+        for v, c in zip(vals.tolist(), n.tolist()):
+            counts[v] = counts.get(v, 0) + c
+    return counts
+
+
+def _read_segmentations(images, predictions, truth, class_names, ignore_index) -> list:
+    """``(image path, stem, prediction file, truth file or None, prediction counts, truth counts)`` per image.
+
+    Every label image is read once here, off-by-one checked and reduced to its value counts (class indices
+    0..C-1, -1 = unlabelled, so the legend's names index them directly); the figure reads each again when it
+    draws it, so only one image's labels are in memory at a time.
     """
     from posvit_cli.core.io.labels import LabelCheck, read_label_image, stem as stem_of
 
@@ -165,15 +181,40 @@ def _read_segmentations(images, predictions, truth, class_names, ignore_index) -
         s = stem_of(p)
         pr = read_label_image(predictions[s], "prediction")
         pred_check.add(pr)
-        gt = None
+        pred_counts = _value_counts(pr.classes)
+        del pr
+        truth_file, truth_counts = None, None
         if truth and s in truth:
-            g = read_label_image(truth[s], "mask", ignore_index=ignore_index)
+            truth_file = truth[s]
+            g = read_label_image(truth_file, "mask", ignore_index=ignore_index)
             truth_check.add(g)
-            gt = g.classes
-        loaded.append((Path(p), s, pr.classes, gt))
+            truth_counts = _value_counts(g.classes)
+        loaded.append((Path(p), s, predictions[s], truth_file, pred_counts, truth_counts))
     pred_check.finish()
     truth_check.finish()
     return loaded
+
+
+def _confusion_in_bands(name: str, pred: np.ndarray, gt: np.ndarray, n_cls: int) -> np.ndarray:
+    """``(n_cls, n_cls)`` confusion counts of a prediction against its truth (-1 = unlabelled), by row bands."""
+    from posvit_cli.core.io.labels import resize_labels_nearest
+    from posvit_cli.core.measure.metrics import confusion_matrix
+
+    pr = pred if pred.shape == gt.shape else resize_labels_nearest(pred, gt.shape)
+    conf = np.zeros((n_cls, n_cls), np.int64)
+    for r in range(0, gt.shape[0], BAND_ROWS):
+        g, p = gt[r : r + BAND_ROWS], pr[r : r + BAND_ROWS]
+        keep = g >= 0
+        pk = p[keep]
+        if (pk < 0).any():
+            raise PosvitError(f"prediction of '{name}' leaves pixels unlabelled (value 0) where the ground truth "
+                              "has a class: predictions hold class k as value k+1 (docs/labels.md)")
+        bad = pk >= n_cls
+        if bad.any():
+            raise PosvitError(f"prediction of '{name}' holds label {int(pk[bad][0])}, not a class of the "
+                              f"ground truth or the other predictions")
+        conf += confusion_matrix(g[keep], pk, n_cls)
+    return conf
 
 
 def segmentation_figure(
@@ -211,9 +252,9 @@ def segmentation_figure(
     -------
     list of FigureEntry
     """
-    from posvit_cli.core.io.images import read_image
-    from posvit_cli.core.io.labels import resize_labels_nearest
-    from posvit_cli.core.measure.metrics import accumulate_confusion, confusion_matrix, miou
+    from posvit_cli.core.io.images import image_size
+    from posvit_cli.core.io.labels import read_label_image, resize_labels_nearest
+    from posvit_cli.core.measure.metrics import accumulate_confusion, miou
 
     opts = options or FigureOptions()
     run = report(progress)
@@ -223,15 +264,16 @@ def segmentation_figure(
         raise PosvitError(f"--alpha must be in [0, 1], got {alpha}")
     outdir = Path(outdir)
     loaded = _read_segmentations(images, predictions, truth, class_names, ignore_index)
-    values = sorted({int(v) for _, _, pr, gt in loaded for a in (pr, gt) if a is not None
-                     for v in np.unique(a) if v >= 0})
+    values = sorted({v for *_, pc, tc in loaded for counts in (pc, tc) if counts for v in counts if v >= 0})
     palette = label_palette(max(len(values), 1))
     n_cls = (max(values) + 1) if values else 1
     total = None
     rows, labels, numbers = [], [], []
-    for j, (p, s, pred, gt) in enumerate(loaded):
+    for j, (p, s, pred_file, truth_file, pred_counts, _) in enumerate(loaded):
+        pred = read_label_image(pred_file, "prediction").classes
+        gt = None if truth_file is None else read_label_image(truth_file, "mask", ignore_index=ignore_index).classes
         try:
-            H, W = read_image(p).shape[:2]
+            H, W = image_size(p)
             fp = Footprint(0.0, 0.0, float(H), float(W), (H, W), (H, W))
             hw = fit_size(H, W, opts.panel_size)
             img = load_display_image(p, fp, hw, intensity)
@@ -247,21 +289,11 @@ def segmentation_figure(
         colours = labels_rgb(resize_labels_nearest(pred, hw), values, palette)
         ex, ey = position_eta_squared(_stat_labels(pred))
         info.update({"eta2_x": ex, "eta2_y": ey,
-                     "class_fractions": {int(v): float(np.mean(pred == v)) for v in np.unique(pred)}})
+                     "class_fractions": {v: n / pred.size for v, n in sorted(pred_counts.items())}})
         t = f"η² x {fmt(ex)}, y {fmt(ey)}"
         row = [Panel(img, size=hw, placeholder="image unreadable")]
         if gt is not None:
-            pr = pred if pred.shape == gt.shape else resize_labels_nearest(pred, gt.shape)
-            gt_ok = gt
-            keep = gt_ok >= 0
-            bad = (pr[keep] < 0) | (pr[keep] >= n_cls)
-            if (pr[keep] < 0).any():
-                raise PosvitError(f"prediction of '{s}' leaves pixels unlabelled (value 0) where the ground truth "
-                                  "has a class: predictions hold class k as value k+1 (docs/labels.md)")
-            if bad.any():
-                raise PosvitError(f"prediction of '{s}' holds label {int(pr[keep][bad][0])}, not a class of the "
-                                  f"ground truth or the other predictions")
-            conf = confusion_matrix(gt_ok[keep], pr[keep], n_cls)
+            conf = _confusion_in_bands(s, pred, gt, n_cls)
             total = accumulate_confusion(total, conf)
             score = miou(conf, absent="skip")
             info["miou"] = score
@@ -275,12 +307,12 @@ def segmentation_figure(
         numbers.append(info)
         run("drawing segmentations", j + 1, len(loaded))
     overall = miou(total, absent="skip") if total is not None else None
-    n_truth = sum(1 for *_, gt in loaded if gt is not None)
+    n_truth = sum(1 for *_, tc in loaded if tc is not None)
     title = f"Segmentation · {label}\n" + (
         f"mIoU {fmt(overall, 3)} over {n_truth} image(s) with ground truth (one confusion matrix; classes in "
         "neither truth nor prediction left out)" if overall is not None
         else "no ground truth given (--truth): η² = share of column (x) / row (y) variance explained by the labels")
-    headers = ["image", "prediction"] + (["ground truth"] if any(gt is not None for *_, gt in loaded) else [])
+    headers = ["image", "prediction"] + (["ground truth"] if any(tc is not None for *_, tc in loaded) else [])
     path = outdir / f"segmentation_{slug(label)}.png"
     legend = _legend(values, palette, class_names, "class")
     grid = PanelGrid(rows, title=title, row_labels=labels, col_headers=headers, legend=legend,

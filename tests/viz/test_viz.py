@@ -386,10 +386,11 @@ def test_clusters_command_eta_and_legend(cli, tmp_path):
     assert r.exit_code == 2 and "map 'nope' is not in" in r.output
 
 
-def test_segmentation_command_hand_computed_miou(cli, tmp_path):
+def _quadrant_segmentation_numbers(cli, tmp_path) -> dict:
+    """``viz segmentation`` numbers of four 24×32 quadrants with 64 px of class 0 predicted as 3."""
     imgs, pred, gt = tmp_path / "imgs", tmp_path / "pred", tmp_path / "gt"
     for d in (imgs, pred, gt):
-        d.mkdir()
+        d.mkdir(parents=True)
     yy, xx = np.mgrid[0:48, 0:64]
     truth = ((xx >= 32).astype(np.uint8) + 2 * (yy >= 24)).astype(np.uint8)   # four 24×32 quadrants
     guess = truth.copy()
@@ -401,7 +402,26 @@ def test_segmentation_command_hand_computed_miou(cli, tmp_path):
     assert r.exit_code == 0, r.output
     q = 24 * 32
     expect = ((q - 64) / q + 1 + 1 + q / (q + 64)) / 4
-    assert json.loads(r.stdout)["figures"][0]["numbers"]["miou"] == pytest.approx(expect, abs=1e-12)
+    numbers = json.loads(r.stdout)["figures"][0]["numbers"]
+    assert numbers["miou"] == pytest.approx(expect, abs=1e-12)
+    return numbers
+
+
+def test_segmentation_command_hand_computed_miou(cli, tmp_path):
+    _quadrant_segmentation_numbers(cli, tmp_path)
+
+
+def test_segmentation_statistics_in_row_bands_equal_the_whole_image(cli, tmp_path, monkeypatch):
+    """Bands of 5 rows cut the quadrants and the 8-row error block: the counts and the mIoU are unchanged."""
+    import posvit_cli.core.viz.label_maps as label_maps
+
+    whole = _quadrant_segmentation_numbers(cli, tmp_path / "whole")
+    monkeypatch.setattr(label_maps, "BAND_ROWS", 5)
+    banded = _quadrant_segmentation_numbers(cli, tmp_path / "banded")
+    assert banded["images"][0]["class_fractions"] == whole["images"][0]["class_fractions"]
+    q = 24 * 32
+    assert whole["images"][0]["class_fractions"] == {"0": (q - 64) / (4 * q), "1": 0.25, "2": 0.25,
+                                                     "3": (q + 64) / (4 * q)}
 
 
 def test_compare_headers_carry_each_models_score(cli, tmp_path):
