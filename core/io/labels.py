@@ -428,6 +428,10 @@ def read_label_image(
 # The off-by-one check
 
 
+#: Rows of a label image the off-by-one check reads at once.
+LABEL_BAND_ROWS = 512
+
+
 class LabelCheck:
     """Watches the values of every label image of a run and warns once when they look shifted by one.
 
@@ -468,14 +472,17 @@ class LabelCheck:
             values, ignored, source = image.values, image.ignored, source or image.source
         else:
             values = np.asarray(image)
-        kept = values if ignored is None else values[~ignored]
         if self.role != "mask":
-            kept = values  # 0 is evidence here, not something to drop
-        if not kept.size:
-            return
-        lo, hi = int(kept.min()), int(kept.max())
-        found = np.flatnonzero(np.bincount(kept.ravel() - lo)) + lo if hi - lo < 1 << 20 else np.unique(kept)
-        for v in found.tolist():
+            ignored = None  # 0 is evidence here, not something to drop
+        found: set[int] = set()
+        for r in range(0, values.shape[0] if values.ndim else 0, LABEL_BAND_ROWS):  # bands: a huge mask costs a band
+            band = values[r : r + LABEL_BAND_ROWS]
+            kept = band if ignored is None else band[~ignored[r : r + LABEL_BAND_ROWS]]
+            if kept.size:
+                lo, hi = int(kept.min()), int(kept.max())
+                found.update((np.flatnonzero(np.bincount(kept.ravel() - lo)) + lo).tolist() if hi - lo < 1 << 20
+                             else np.unique(kept).tolist())
+        for v in sorted(found):
             if v not in self.present:
                 self.present.add(int(v))
                 self.first_with[int(v)] = str(source)

@@ -259,7 +259,10 @@ def read_ground_truth(path: str | os.PathLike, classes: Any = None, *, ignore_in
         check.add(mask)
     if mask.colours is not None:
         return _model_values(mask.values + 1, mask.ignored, classes)
-    return np.where(mask.ignored, 0, mask.values + 1)
+    values = mask.values              # the mask is this function's own: edited in place, no copy of a huge mask
+    values += 1
+    values[mask.ignored] = 0
+    return values
 
 
 def _model_values(positions: np.ndarray, ignored: np.ndarray, classes: Any) -> np.ndarray:

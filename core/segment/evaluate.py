@@ -23,7 +23,7 @@ import dataclasses
 import numpy as np
 
 from posvit_cli.core.errors import PosvitError
-from posvit_cli.core.measure.metrics import class_average_miou, confusion_matrix, iou_per_class, miou
+from posvit_cli.core.measure.metrics import confusion_matrix, iou_per_class, miou
 from posvit_cli.core.measure.probe import stack_r2
 
 __all__ = [
@@ -47,8 +47,13 @@ def _grid_shape(H: int, W: int, grid: int) -> tuple[int, int]:
     return max(2, h), max(2, w)
 
 
-def _block_ids(H: int, W: int, h: int, w: int) -> np.ndarray:
-    rows = (np.arange(H) * h) // H
+#: Label-image rows scored at once: the scores of a 10,000² px image cost a band of it, not copies of it.
+BAND_ROWS = 512
+
+
+def _band_block_ids(r0: int, r1: int, H: int, W: int, h: int, w: int) -> np.ndarray:
+    """Block index of each pixel of rows ``r0:r1`` of an ``(H, W)`` image cut into ``h × w`` blocks."""
+    rows = (np.arange(r0, r1) * h) // H
     cols = (np.arange(W) * w) // W
     return (rows[:, None] * w + cols[None, :]).ravel()
 
@@ -62,10 +67,15 @@ def block_average(maps: np.ndarray, grid: int = 64) -> np.ndarray:
     """
     H, W, K = maps.shape
     h, w = _grid_shape(H, W, grid)
-    ids = _block_ids(H, W, h, w)
-    counts = np.bincount(ids, minlength=h * w).astype(np.float64)
-    flat = maps.reshape(-1, K)
-    out = np.stack([np.bincount(ids, weights=flat[:, k], minlength=h * w) for k in range(K)], axis=-1)
+    counts = np.zeros(h * w)
+    out = np.zeros((h * w, K))
+    for r0 in range(0, H, BAND_ROWS):
+        r1 = min(H, r0 + BAND_ROWS)
+        ids = _band_block_ids(r0, r1, H, W, h, w)
+        counts += np.bincount(ids, minlength=h * w)
+        flat = maps[r0:r1].reshape(-1, K)
+        for k in range(K):
+            out[:, k] += np.bincount(ids, weights=flat[:, k], minlength=h * w)
     return (out / counts[:, None]).reshape(h, w, K)
 
 
@@ -77,11 +87,53 @@ def class_fractions(labels: np.ndarray, values, grid: int = 64) -> np.ndarray:
     labels = np.asarray(labels)
     H, W = labels.shape
     h, w = _grid_shape(H, W, grid)
-    ids = _block_ids(H, W, h, w)
-    flat = labels.ravel()
-    counts = np.bincount(ids, minlength=h * w).astype(np.float64)
-    out = np.stack([np.bincount(ids[flat == v], minlength=h * w) for v in values], axis=-1)
+    counts = np.zeros(h * w)
+    out = np.zeros((h * w, len(values)))
+    for r0 in range(0, H, BAND_ROWS):
+        r1 = min(H, r0 + BAND_ROWS)
+        ids = _band_block_ids(r0, r1, H, W, h, w)
+        flat = labels[r0:r1].ravel()
+        counts += np.bincount(ids, minlength=h * w)
+        for k, v in enumerate(values):
+            out[:, k] += np.bincount(ids[flat == v], minlength=h * w)
     return (out / counts[:, None]).reshape(h, w, len(values))
+
+
+def _kept_values(gt: np.ndarray | None, pred: np.ndarray, ignore_value: int | None) -> tuple[list, list]:
+    """Sorted values of the scored ground-truth pixels and of the prediction's scored pixels and all pixels."""
+    scored, everywhere = set(), set()
+    for r0 in range(0, pred.shape[0], BAND_ROWS):
+        p = pred[r0 : r0 + BAND_ROWS]
+        everywhere.update(np.unique(p).tolist())
+        if gt is not None:
+            g = gt[r0 : r0 + BAND_ROWS]
+            keep = g != ignore_value if ignore_value is not None else slice(None)
+            scored.update(np.unique(g[keep]).tolist())
+            scored.update(np.unique(p[keep]).tolist())
+    return sorted(scored), sorted(everywhere)
+
+
+def _image_confusion(gt: np.ndarray, pred: np.ndarray, values: list, ignore_value: int | None) -> np.ndarray:
+    """``(V, V)`` confusion counts over ``values`` of the scored pixels of one image, in row bands."""
+    lut = np.zeros(max(values) - min(values) + 1, np.int64)
+    lut[np.asarray(values) - min(values)] = np.arange(len(values))
+    conf = np.zeros((len(values), len(values)), np.int64)
+    for r0 in range(0, gt.shape[0], BAND_ROWS):
+        g, p = gt[r0 : r0 + BAND_ROWS], pred[r0 : r0 + BAND_ROWS]
+        if ignore_value is not None:
+            keep = g != ignore_value
+            g, p = g[keep], p[keep]
+        conf += confusion_matrix(lut[g - min(values)], lut[p - min(values)], len(values))
+    return conf
+
+
+def _class_average_miou(conf: np.ndarray) -> float:
+    """Mean IoU over the classes present in the ground truth (rows) of a confusion matrix, as
+    :func:`~posvit_cli.core.measure.metrics.class_average_miou` computes it from pixels."""
+    tp = np.diag(conf)
+    present = conf.sum(1) > 0
+    union = conf.sum(1) + conf.sum(0) - tp
+    return float(np.mean(tp[present] / union[present])) if present.any() else float("nan")
 
 
 def positional_r2(coarse: np.ndarray, seed: int = 0) -> dict[str, float]:
@@ -99,8 +151,9 @@ class _Confusion:
         self.values: list[int] = []
         self.matrix = np.zeros((0, 0), np.int64)
 
-    def add(self, gt: np.ndarray, pred: np.ndarray) -> None:
-        new = sorted(set(np.unique(gt).tolist()) | set(np.unique(pred).tolist()) - set(self.values))
+    def add(self, values: list, matrix: np.ndarray) -> None:
+        """Add one image's confusion counts ``matrix`` over its label ``values`` (rows: truth)."""
+        new = sorted(set(values) - set(self.values))
         if new:
             old_values = self.values
             self.values = sorted(set(old_values) | set(new))
@@ -109,10 +162,8 @@ class _Confusion:
             if pos:
                 grown[np.ix_(pos, pos)] = self.matrix
             self.matrix = grown
-        lut = np.zeros(max(self.values) + 1, np.int64)
-        lut[self.values] = np.arange(len(self.values))
-        n = len(self.values)
-        self.matrix += confusion_matrix(lut[gt.astype(np.int64)], lut[pred.astype(np.int64)], n)
+        pos = [self.values.index(v) for v in values]
+        self.matrix[np.ix_(pos, pos)] += matrix
 
 
 @dataclasses.dataclass
@@ -171,14 +222,15 @@ class SegmentationScores:
                     f"'{name}': prediction is {pred.shape[0]}×{pred.shape[1]} px, ground truth "
                     f"{gt.shape[0]}×{gt.shape[1]} px"
                 )
-            keep = np.ones(gt.shape, bool) if self.ignore_value is None else gt != self.ignore_value
-            if keep.any():
-                entry["class_avg_miou"] = class_average_miou(gt[keep], pred[keep])
-                self._confusion.add(gt[keep], pred[keep])
+            scored, everywhere = _kept_values(gt, pred, self.ignore_value)
+            if scored:
+                conf = _image_confusion(gt, pred, scored, self.ignore_value)
+                entry["class_avg_miou"] = _class_average_miou(conf)
+                self._confusion.add(scored, conf)
             if values is None:
-                values = sorted(set(np.unique(gt[keep]).tolist()) | set(np.unique(pred).tolist()))
+                values = sorted(set(scored) | set(everywhere))
         if values is None:
-            values = sorted(np.unique(pred).tolist())
+            values = _kept_values(None, pred, self.ignore_value)[1]
         if probs is not None:
             coarse = block_average(np.asarray(probs, np.float32), self.grid)
         else:

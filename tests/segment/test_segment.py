@@ -241,6 +241,24 @@ def test_miou_of_hand_made_label_maps_equals_the_hand_computed_values():
     assert summ["dataset_miou"] == pytest.approx((21 / 23 + 6 / 8 + 0) / 3)
 
 
+@pytest.mark.parametrize("band_rows", [1, 3])
+def test_scores_in_row_bands_equal_the_hand_computed_values(monkeypatch, band_rows):
+    """Bands of 1 and 3 rows cut every class: the per-image, dataset and per-class scores are unchanged."""
+    import posvit_cli.core.segment.evaluate as evaluate
+
+    monkeypatch.setattr(evaluate, "BAND_ROWS", band_rows)
+    test_miou_of_hand_made_label_maps_equals_the_hand_computed_values()
+    gt = np.array([[1, 1, 2, 2], [1, 1, 2, 2], [1, 1, 2, 2], [0, 0, 2, 2]])
+    fr = class_fractions(gt, [1, 2], grid=2)
+    np.testing.assert_array_equal(fr[..., 0], [[1, 0], [0.5, 0]])
+    rng = np.random.default_rng(0)
+    probs = rng.random((7, 9, 3))
+    monkeypatch.setattr(evaluate, "BAND_ROWS", 512)
+    whole = block_average(probs, 3)
+    monkeypatch.setattr(evaluate, "BAND_ROWS", band_rows)
+    np.testing.assert_allclose(block_average(probs, 3), whole, rtol=1e-13)
+
+
 def test_eval_command_reports_the_hand_computed_miou(tmp_path, cli):
     (tmp_path / "pred").mkdir()
     (tmp_path / "gt").mkdir()
