@@ -26,6 +26,13 @@ class PositionFreeMethod(str, Enum):
     nope = "nope"
 
 
+class TileBlend(str, Enum):
+    """Blend weights of --tile (see posvit_cli.core.features.extract.TILE_BLENDS)."""
+
+    linear = "linear"
+    centre = "centre"
+
+
 class TiffPages(str, Enum):
     """How a multi-page TIFF becomes images (see posvit_cli.core.io.images.list_images)."""
 
@@ -51,6 +58,7 @@ def extract(
     tile: Annotated[Optional[int], typer.Option("--tile", min=1, help="Tile images larger than this (px, patch multiple) and blend the tiles' tokens. Default: no tiling.", show_default=False)] = None,
     overlap: Annotated[int, typer.Option("--overlap", min=0, help="Tile overlap in px (patch multiple).")] = 0,
     tile_shifts: Annotated[int, typer.Option("--tile-shifts", min=1, help="With --tile: blend N tile grids offset diagonally by k/N of the tile step, averaging out the per-tile positional pattern (N times the cost).")] = 1,
+    tile_blend: Annotated[TileBlend, typer.Option("--tile-blend", help="With --tile: blend weights of the tiles: linear ramps across the overlap, or centre (a Hann window over the whole tile, taking each token mostly from the tiles it is nearest the centre of).")] = TileBlend.linear,
     batch_size: BatchSizeOpt = 8,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = Precision.auto,
@@ -89,6 +97,7 @@ def extract(
             transform = transforms_old
         precision, dtype = _value(precision), _value(dtype)
         compression, method, tiff_pages = _value(compression), _value(method), _value(tiff_pages)
+        tile_blend = _value(tile_blend)
         out = store_output(output)
         if json_out and out == "-":
             raise PosvitError("--json prints to stdout, where the store goes: name an output with -o")
@@ -154,7 +163,7 @@ def _apply_head(inputs, out, head, overwrite, dtype, compression, transform, res
 
 
 def _extract(inputs, out, model, weights, layers, prefix_tokens, size, intensity, max_side, tile, overlap, tile_shifts,
-             batch_size, device, precision, dtype, compression, workers, recursive, shard, resume, overwrite, strict,
+             tile_blend, batch_size, device, precision, dtype, compression, workers, recursive, shard, resume, overwrite, strict,
              head, transform, seed, threads, json_out, quiet, method=None, tiff_pages="first", **_):
     import torch
 
@@ -172,6 +181,8 @@ def _extract(inputs, out, model, weights, layers, prefix_tokens, size, intensity
         raise PosvitError(f"--tile {tile} must be larger than --overlap {overlap}")
     if tile_shifts > 1 and tile is None:
         raise PosvitError(f"--tile-shifts {tile_shifts} shifts tile grids: give --tile too")
+    if tile_blend != "linear" and tile is None:
+        raise PosvitError(f"--tile-blend {tile_blend} blends tiles: give --tile too")
     if threads:
         torch.set_num_threads(threads)
     size_specs = _size_list(size)
@@ -232,7 +243,8 @@ def _extract(inputs, out, model, weights, layers, prefix_tokens, size, intensity
         spec = image_transform.spec if image_transform is not None else None
         options = ExtractOptions(
             layers=layer_names, size=mode, intensity=intensity, keep_prefix=prefix_tokens, batch_size=batch_size,
-            precision=prec, tile=tile, overlap=overlap, tile_shifts=tile_shifts, max_side=max_side, workers=workers, strict=strict,
+            precision=prec, tile=tile, overlap=overlap, tile_shifts=tile_shifts, tile_blend=tile_blend, max_side=max_side,
+            workers=workers, strict=strict,
             postprocess=postprocess,
             image_transform=image_transform if spec not in (None, "identity") else None,
         )

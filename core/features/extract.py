@@ -5,7 +5,9 @@ is committed to the store, so an interrupted run resumes after the last batch. I
 into overlapping tiles whose token grids are blended (linear ramps across the overlap) and written to the store
 in row bands, so memory depends on the image width and tile size, not on the image area. With
 ``tile_shifts`` N > 1, N tile grids offset along the diagonal by k/N of the tile step are blended together, so the
-encoder's per-tile positional pattern is averaged over N phases instead of repeating once per tile.
+encoder's per-tile positional pattern is averaged over N phases instead of repeating once per tile. With
+``tile_blend="centre"`` every tile is weighted by a smooth window over the whole tile (a floored Hann window), so
+each token is taken mostly from the tiles it lies nearest the centre of, away from the tile edges.
 """
 
 from __future__ import annotations
@@ -30,7 +32,15 @@ from posvit_cli.core.io.preprocess import (ResizeMode, check_patch_multiple, par
 from posvit_cli.core.progress import ProgressCallback, no_progress, report
 
 __all__ = ["ExtractOptions", "ExtractSummary", "extract_images", "shard_paths", "tile_starts", "blend_ramp",
-           "shift_offsets", "shifted_tile_starts", "variant_path"]
+           "centre_window", "tile_weights", "TILE_BLENDS", "shift_offsets", "shifted_tile_starts", "variant_path"]
+
+#: Blend weights of tiled extraction: ``linear`` ramps across the overlaps (weight 1 elsewhere), or a ``centre``
+#: window over the whole tile (:func:`centre_window`).
+TILE_BLENDS = ("linear", "centre")
+
+#: The least weight of :func:`centre_window`, relative to the tile centre's: tokens at the image border are covered
+#: by edge tokens only, which must keep a weight.
+CENTRE_FLOOR = 1e-3
 
 
 @dataclasses.dataclass
@@ -57,6 +67,9 @@ class ExtractOptions:
         Tile grids blended per tiled image (1: one grid). Grid k (0 ≤ k < N) is offset by k/N of the tile step
         along both axes (rounded to patches), which averages the encoder's positional pattern over N phases at N
         times the cost.
+    tile_blend : {"linear", "centre"}
+        Blend weights of the tiles: linear ramps across the overlap (1 elsewhere), or a Hann window over the
+        whole tile (:func:`centre_window`) that takes each token mostly from the tiles it is nearest the centre of.
     max_side : int
         Refuse (skip) untiled images whose processed longer side exceeds this many pixels.
     workers : int
@@ -79,6 +92,7 @@ class ExtractOptions:
     tile: int | None = None
     overlap: int = 0
     tile_shifts: int = 1
+    tile_blend: str = "linear"
     max_side: int = 2048
     workers: int = 2
     strict: bool = False
@@ -208,6 +222,34 @@ def blend_ramp(n: int, start: int, total: int, overlap_tokens: int) -> np.ndarra
     if start + n < total:
         w[n - k :] = np.minimum(w[n - k :], ramp[:k][::-1])
     return w
+
+
+def centre_window(n: int) -> np.ndarray:
+    """Blending weights along one axis of a tile that favour its centre: a Hann window over the whole tile.
+
+    ``w[i] = max(sin²(π (i + ½) / n), CENTRE_FLOOR)``: symmetric, largest at the centre, sampled at token centres
+    so no token has weight 0, and floored so that a token at the image border, covered only by tile edges, is
+    still covered. The same at image borders and inside the image: the accumulated weights are normalised per
+    token, so where one tile alone covers a token its weight cancels.
+
+    Parameters
+    ----------
+    n : int
+        Tile length in tokens.
+
+    Returns
+    -------
+    ndarray of float32, shape (n,)
+    """
+    w = np.sin(np.pi * (np.arange(n, dtype=np.float64) + 0.5) / max(n, 1)) ** 2
+    return np.maximum(w, CENTRE_FLOOR).astype(np.float32)
+
+
+def tile_weights(n: int, start: int, total: int, overlap_tokens: int, blend: str = "linear") -> np.ndarray:
+    """Blending weights (tokens) along one axis of a tile: :func:`blend_ramp` or :func:`centre_window`."""
+    if blend == "centre":
+        return centre_window(n)
+    return blend_ramp(n, start, total, overlap_tokens)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -407,6 +449,8 @@ class _Runner:
         meta = {"tile": tile, "overlap": overlap, "rows": grids[0][0], "cols": grids[0][1]}
         if len(offsets) > 1:
             meta.update(shifts=len(offsets), offsets=offsets)
+        if opts.tile_blend != "linear":
+            meta["blend"] = opts.tile_blend
         handle = self.writer.begin_image(it.path, (gh, gw), enc.embed_dim, orig_size=it.orig_size,
                                          proc_size=it.proc_size, meta={"tiles": meta})
         band = _Band(opts.layers, gw, enc.embed_dim)
@@ -427,7 +471,7 @@ class _Runner:
         th = min(tile, H - y0)
         ty0 = y0 // patch
         band.grow_to(ty0 + th // patch)
-        wy = blend_ramp(th // patch, ty0, gh, ov_t)
+        wy = tile_weights(th // patch, ty0, gh, ov_t, opts.tile_blend)
         for b0 in range(0, len(xs), opts.batch_size):
             cols = xs[b0 : b0 + opts.batch_size]
             tiles = [self._tile_tensor(raw[y0 : y0 + th, x0 : x0 + min(tile, W - x0)], scale) for x0 in cols]
@@ -439,7 +483,7 @@ class _Runner:
                 tokens, _ = self.forward(batch)
                 tw_t = batch.shape[-1] // patch
                 for j, x0 in enumerate(gcols):
-                    wx = blend_ramp(tw_t, x0 // patch, gw, ov_t)
+                    wx = tile_weights(tw_t, x0 // patch, gw, ov_t, opts.tile_blend)
                     band.add({layer: t[j] for layer, t in tokens.items()}, ty0, x0 // patch, wy[:, None] * wx[None, :])
                 # One call per forward pass (a batch of tiles): the rate is bounded by the model's.
                 self.tiles_done += len(gcols)
@@ -515,6 +559,8 @@ def extract_images(
         check_patch_multiple(f"--overlap {options.overlap}", options.overlap, encoder.patch_size, encoder.name)
         if options.tile_shifts > 1:
             shift_offsets(options.tile, options.overlap, encoder.patch_size, options.tile_shifts)
+        if options.tile_blend not in TILE_BLENDS:
+            raise PosvitError(f"--tile-blend '{options.tile_blend}': use {' or '.join(TILE_BLENDS)}")
     t0 = time.perf_counter()
     summary = ExtractSummary(requested=len(paths))
     done = {os.path.abspath(d) for d in writer.done} | set(writer.done)
@@ -572,6 +618,8 @@ def _tiling_provenance(options: ExtractOptions) -> dict | None:
     tiling = {"tile": options.tile, "overlap": options.overlap}
     if options.tile_shifts > 1:  # absent for one grid, so stores tiled before the option existed stay the same
         tiling["shifts"] = options.tile_shifts
+    if options.tile_blend != "linear":  # likewise absent for the default
+        tiling["blend"] = options.tile_blend
     return tiling
 
 

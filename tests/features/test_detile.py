@@ -14,6 +14,7 @@ Known answers from fake encoders on a 64×64 image, patch 4, tile 16 px (4 token
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -23,7 +24,7 @@ from PIL import Image
 
 from conftest import TINY_MODEL
 from posvit_cli.core.errors import PosvitError
-from posvit_cli.core.features.extract import (ExtractOptions, extract_images, shift_offsets,
+from posvit_cli.core.features.extract import (ExtractOptions, centre_window, extract_images, shift_offsets,
                                               shifted_tile_starts, tile_starts)
 from posvit_cli.core.features.store import FeatureStore
 from posvit_cli.core.features.writer import StoreWriter
@@ -49,6 +50,15 @@ class _FakeEncoder:
             col = torch.arange(w, dtype=torch.float32)[None, :].expand(h, w)
             row = torch.arange(h, dtype=torch.float32)[:, None].expand(h, w)
             t = torch.stack([col, row], -1)[None].expand(B, h, w, 2)
+        elif self.mode == "edge":  # content plus 1 per tile edge the token is on (row and column): a border artefact
+            edge_col = torch.zeros(w)
+            edge_col[0] = edge_col[-1] = 1.0
+            edge_row = torch.zeros(h)
+            edge_row[0] = edge_row[-1] = 1.0
+            art = edge_row[:, None] + edge_col[None, :]
+            p = x[:, 0].reshape(B, h, PATCH, w, PATCH)
+            art = art[None].expand(B, h, w)
+            t = torch.stack([art + p.mean((2, 4)), art], -1)
         else:  # mean and max of the patch's pixels: content only
             p = x[:, 0].reshape(B, h, PATCH, w, PATCH)
             t = torch.stack([p.mean((2, 4)), p.amax((2, 4))], -1)
@@ -129,3 +139,79 @@ def test_shifts_are_recorded_and_a_different_resume_is_refused(tmp_path, cli):
     res = cli(["extract", tmp_path / "big.png", "-m", TINY_MODEL, "-w", "random", "-o", tmp_path / "g.h5", "-q",
                "--tile-shifts", "2"])
     assert res.exit_code == 2 and "give --tile" in res.output, res.output
+
+
+# --------------------------------------------------------------------------------------------------------------
+# --tile-blend centre
+
+
+def test_centre_window_is_symmetric_positive_and_peaks_at_the_centre():
+    for n in (1, 4, 7, 8, 32):
+        w = centre_window(n)
+        assert w.shape == (n,) and w.dtype == np.float32
+        np.testing.assert_array_equal(w, w[::-1])
+        assert (w > 0).all() and w.max() <= 1.0
+        assert w.argmax() == (n - 1) // 2 and w[0] == w.min()
+    np.testing.assert_allclose(centre_window(8), np.sin(np.pi * (np.arange(8) + 0.5) / 8) ** 2, rtol=1e-6)
+    assert centre_window(512)[0] == pytest.approx(1e-3)  # floored: image-border tokens stay covered
+
+
+def test_centre_blend_keeps_constant_and_content_features(tmp_path):
+    flat = np.full((SIDE, SIDE), 77, np.uint8)
+    f, meta = _extract(tmp_path, "content", "flat.h5", flat, tile=32, overlap=8, tile_shifts=4, tile_blend="centre")
+    assert meta["blend"] == "centre"
+    # The weights are normalised per token, so a constant field stays constant (to float32 rounding).
+    np.testing.assert_allclose(f, 77 / 255, rtol=1e-6, atol=0)
+    img = _image(3)
+    untiled, _ = _extract(tmp_path, "content", "u.h5", img)
+    for n in (1, 2):
+        centre, _ = _extract(tmp_path, "content", f"cc{n}.h5", img, tile=TILE, overlap=8, tile_shifts=n,
+                             tile_blend="centre")
+        np.testing.assert_allclose(centre, untiled, atol=1e-6)
+
+
+def test_centre_blend_suppresses_an_artefact_at_tile_edges(tmp_path):
+    """Tile 32 px (8 tokens), overlap 8 px (2 tokens), 80² px: tiles at tokens 0, 6, 12. At a seam a token is
+    an edge token (artefact 1) of one tile and the second token (0) of the other: linear ramps weigh them
+    0.25 : 0.75, the centre window sin²(π/16) : sin²(3π/16), so the artefact falls from 0.25 to 0.1098 per axis."""
+    img = np.random.default_rng(4).integers(0, 256, (80, 80), dtype=np.uint8)
+    lin, meta = _extract(tmp_path, "edge", "lin.h5", img, tile=32, overlap=8)
+    cen, _ = _extract(tmp_path, "edge", "cen.h5", img, tile=32, overlap=8, tile_blend="centre")
+    assert meta["cols"] == [0, 24, 48] and "blend" not in meta
+    w = np.sin(np.pi * (np.arange(8) + 0.5) / 8) ** 2
+    seam = w[0] / (w[0] + w[1])
+    assert seam == pytest.approx(0.1098, abs=1e-4)
+    for art, expected in ((lin[..., 1], 0.25), (cen[..., 1], seam)):
+        one_axis = art[9]  # token row 9 is on no tile edge: the column artefact alone
+        np.testing.assert_allclose(one_axis[[6, 7, 12, 13]], expected, atol=1e-6)
+        np.testing.assert_allclose(one_axis[[1, 5, 8, 11, 14, 18]], 0.0, atol=1e-6)
+    # With content, the weaker seam artefact explains less of the features. Measured inside the image: the tokens
+    # on the image border are covered by one tile edge alone, so they keep the whole artefact with either blend.
+    frame = tile_frame(lin.shape[:2], meta, PATCH)
+    inner = (slice(1, -1), slice(1, -1))
+    frame = dataclasses.replace(frame, row=frame.row[inner], col=frame.col[inner], height=frame.height[inner],
+                                width=frame.width[inner])
+    p_lin = phase_periodicity(lin[inner][..., :1], frame)["periodicity"]
+    p_cen = phase_periodicity(cen[inner][..., :1], frame)["periodicity"]
+    assert p_cen < p_lin - 0.1, (p_lin, p_cen)
+
+
+def test_tile_blend_is_recorded_only_when_not_the_default(tmp_path, cli):
+    Image.fromarray(_image(5)).save(tmp_path / "big.png")
+    args = ["extract", tmp_path / "big.png", "-m", TINY_MODEL, "-w", "random", "-q", "--device", "cpu", "--tile", "32",
+            "--overlap", "16"]
+    res = cli([*args, "-o", tmp_path / "lin.h5", "--tile-blend", "linear"])
+    assert res.exit_code == 0, res.output
+    res = cli([*args, "-o", tmp_path / "cen.h5", "--tile-blend", "centre"])
+    assert res.exit_code == 0, res.output
+    with FeatureStore(tmp_path / "lin.h5") as st:
+        assert st.provenance["tiling"] == {"tile": 32, "overlap": 16} and "blend" not in st.record(0).meta["tiles"]
+    with FeatureStore(tmp_path / "cen.h5") as st:
+        assert st.provenance["tiling"] == {"tile": 32, "overlap": 16, "blend": "centre"}
+    res = cli([*args, "-o", tmp_path / "cen.h5", "--resume"])
+    assert res.exit_code == 2 and "tiling" in res.output, res.output
+    res = cli(["extract", tmp_path / "big.png", "-m", TINY_MODEL, "-w", "random", "-o", tmp_path / "g.h5", "-q",
+               "--tile-blend", "centre"])
+    assert res.exit_code == 2 and "give --tile" in res.output, res.output
+    res = cli([*args, "-o", tmp_path / "x.h5", "--tile-blend", "middle"])
+    assert res.exit_code == 2 and "centre" in res.output, res.output
