@@ -191,9 +191,12 @@ def apply_segmenter(
                                       device=device, threads=threads, progress=progress,
                                       task=f"segment {i + 1}/{len(paths)}")
         write_label_image(out_path, labels, classes)
-        # One bincount over the value range instead of one comparison pass per class.
+        # One bincount over the value range instead of one comparison pass per class, in row bands: an int64
+        # copy of a 10,000² px label image would be 800 MB.
         values = np.asarray(classes.values, dtype=np.int64)
-        counts = np.bincount(labels.ravel().astype(np.int64), minlength=int(values.max()) + 1)
+        counts = np.zeros(int(values.max()) + 1, np.int64)
+        for r in range(0, H, 512):
+            counts += np.bincount(labels[r : r + 512].ravel(), minlength=counts.size)
         results.append({
             "image": p,
             "labels": str(out_path),
