@@ -26,9 +26,10 @@ __all__ = [
     "sample_tokens",
 ]
 
-#: Most float32 values (tokens × dimensions) k-means is fitted on: 2**26 values = 256 MiB, i.e. 1,342,177 tokens
-#: after a 50-dim PCA or 174,762 tokens of 384 channels. Larger problems are fitted on a sample that size.
-FIT_MAX_VALUES = 2**26
+#: Most float32 values (tokens × dimensions) k-means is fitted on: 2**25 values = 128 MiB, i.e. 671,088 tokens
+#: after a 50-dim PCA or 87,381 tokens of 384 channels. Larger problems are fitted on a sample that size (k-means
+#: holds the sample, a centred copy and its working blocks: about 0.5 GB at the cap with 384 channels).
+FIT_MAX_VALUES = 2**25
 #: Tokens per row band when a huge image is read or labelled piecewise (32,768 × 384 float32 = 50 MB).
 BAND_TOKENS = 32_768
 #: Indices drawn per block when sampling (the sample is drawn block by block, so memory is O(sample)).
