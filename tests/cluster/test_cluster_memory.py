@@ -195,3 +195,34 @@ def test_banded_upsampling_matches_the_whole_grid_resize(tmp_path, monkeypatch):
             (ids, y), = list(projected_chunks(fs, "final", [0], proj, upsample_to=(13, 37)))
         assert ids == [0]
         assert torch.allclose(y, ref, atol=1e-5)
+
+
+def test_mask_value_check_runs_in_row_bands_with_the_same_verdict(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from posvit_cli.core.cluster import masks as masks_mod
+    from posvit_cli.core.errors import PosvitWarning
+    from posvit_cli.core.features.store import FeatureStore
+    from posvit_cli.core.io.labels import LabelCheck
+
+    # A 1-based mask (values 1 and 2, no 0) whose two values sit in different bands: the off-by-one warning
+    # needs both, so it only fires if every band reaches the same check.
+    mask = np.ones((64, 64), np.uint8)
+    mask[40:] = 2
+    mdir = tmp_path / "masks"
+    mdir.mkdir()
+    Image.fromarray(mask).save(mdir / "img000.png")
+    store = write_store(tmp_path / "f.h5", [np.zeros((4, 4, 3), np.float32)])
+    monkeypatch.setattr(masks_mod, "CHECK_BAND_ROWS", 8, raising=False)
+    rows_seen = []
+    real_add = LabelCheck.add
+
+    def spy_add(self, image, source=None, ignored=None):
+        rows_seen.append(np.asarray(getattr(image, "values", image)).shape[0])
+        return real_add(self, image, source, ignored)
+
+    monkeypatch.setattr(LabelCheck, "add", spy_add)
+    with FeatureStore(store) as fs, pytest.warns(PosvitWarning, match="1-based"):
+        out = masks_mod.load_masks(fs, mdir, eval_size=(8, 8))
+    assert rows_seen == [8] * 8
+    assert out.labels[0, :5].tolist() == [[1] * 8] * 5 and out.labels[0, 5:].tolist() == [[2] * 8] * 3
