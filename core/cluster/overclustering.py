@@ -364,7 +364,9 @@ def per_image_kmeans(store, ks: Sequence[int], *, n_init: int = 15, max_iter: in
     """k-means of each image's tokens on their own (the "What DINO saw" decompositions).
 
     Each image's tokens are standardised channel by channel over that image (zero-variance channels are left
-    centred), then clustered with ``n_init`` k-means++ restarts, keeping the lowest inertia.
+    centred), then clustered with ``n_init`` k-means++ restarts, keeping the lowest inertia. An image of more
+    values than :data:`~posvit_cli.core.cluster.sampled.FIT_MAX_VALUES` is read in row bands and fitted on a
+    seeded sample of its tokens (see :func:`_image_kmeans`).
 
     Returns
     -------
