@@ -23,6 +23,7 @@ The pieces live in their own modules: :mod:`~posvit_cli.core.cluster.projection`
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,7 +33,8 @@ import numpy as np
 from posvit_cli.core.cluster.entropy import spatial_entropy
 from posvit_cli.core.cluster.masks import MaskSet
 from posvit_cli.core.cluster.matching import matched_iou
-from posvit_cli.core.cluster.projection import fit_projection, project_tokens
+from posvit_cli.core.cluster.projection import fit_projection, project_tokens, projected_source
+from posvit_cli.core.cluster.sampled import fit_sample_size, kmeans_streamed
 from posvit_cli.core.errors import PosvitError
 from posvit_cli.core.progress import ProgressCallback, report
 
@@ -92,12 +94,42 @@ def _check_k(ks, n_tokens):
             raise PosvitError(f"k={k} is larger than the number of tokens to cluster ({n_tokens}): use a smaller -k")
 
 
-def _kmeans_labels(y, k, seed, n_init, max_iter, device, max_points_per_cluster, progress, task):
-    """k-means on the projected tokens (optionally trained on a subsample), labels for all tokens."""
+@dataclasses.dataclass
+class _Tokens:
+    """The projected tokens to cluster: ``y`` (N, p) in memory, or None and a ``source`` streamed per pass."""
+
+    y: object
+    source: object
+    n: int
+    dims: int
+
+
+def _projected_tokens(store, layer, indices, proj, upsample_to, device, prog, n_tokens) -> _Tokens:
+    """Project all tokens into memory, unless they exceed the fit cap (then they are re-projected per pass)."""
+    if fit_sample_size(n_tokens, proj.out_dim) is None:
+        y, _ = project_tokens(store, layer, indices, proj, upsample_to=upsample_to, device=device, progress=prog)
+        return _Tokens(y, None, int(y.shape[0]), proj.out_dim)
+    source = projected_source(store, layer, indices, proj, upsample_to=upsample_to, device=device)
+    return _Tokens(None, source, int(n_tokens), proj.out_dim)
+
+
+def _kmeans_labels(tokens: _Tokens, k, seed, n_init, max_iter, device, max_points_per_cluster, progress, task):
+    """k-means on the projected tokens (optionally trained on a subsample), labels for all tokens.
+
+    Tokens beyond the fit cap (:data:`~posvit_cli.core.cluster.sampled.FIT_MAX_VALUES`) are fitted on a sample
+    of at most that many values, drawn like the ``max_points_per_cluster`` one, and labelled chunk by chunk.
+    """
     import torch
 
     from posvit_cli.core.cluster.kmeans import assign_labels, kmeans
 
+    y = tokens.y
+    if y is None:
+        limit = k * max_points_per_cluster if max_points_per_cluster else None
+        sample = fit_sample_size(tokens.n, tokens.dims, limit) or tokens.n
+        return kmeans_streamed(tokens.source, tokens.n, tokens.dims, k, sample=sample, sample_seed=10_000 + seed,
+                               device=device, n_init=n_init, max_iter=max_iter, seed=seed, progress=progress,
+                               task=task)
     n = y.shape[0]
     if max_points_per_cluster and n > k * max_points_per_cluster:
         # faiss's default: train on a random subset of k · max_points_per_cluster points, then label all.
@@ -109,6 +141,10 @@ def _kmeans_labels(y, k, seed, n_init, max_iter, device, max_points_per_cluster,
         return labels, float(sq.sum()), res.n_iter
     res = kmeans(y, k, n_init=n_init, max_iter=max_iter, seed=seed, device=device, progress=progress, task=task)
     return res.labels, res.inertia, res.n_iter
+
+
+def _offsets(grids) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum([h * w for h, w in grids])]).astype(np.int64)
 
 
 def _grids(store, indices, upsample_to):
@@ -203,7 +239,8 @@ def overcluster_eval(store, masks: MaskSet, ks: Sequence[int], *, protocol: str 
     t0 = time.perf_counter()
     proj = fit_projection(store, layer, indices, pca_dim=pca_dim, zscore_eps=cfg["zscore_eps"],
                           pca_fit_max=cfg["pca_fit_max"], upsample_to=upsample_to, device=device, progress=prog)
-    y, offsets = project_tokens(store, layer, indices, proj, upsample_to=upsample_to, device=device, progress=prog)
+    y = _projected_tokens(store, layer, indices, proj, upsample_to, device, prog, n_tokens)
+    offsets = _offsets(grids)
     prep_seconds = time.perf_counter() - t0
 
     gt = masks.labels
@@ -290,7 +327,8 @@ def cluster_dataset(store, ks: Sequence[int], *, seeds: Sequence[int] = (0,), pc
     n_tokens = sum(h * w for h, w in grids)
     _check_k(ks, n_tokens)
     proj = fit_projection(store, layer, indices, pca_dim=pca_dim, device=device, progress=prog)
-    y, offsets = project_tokens(store, layer, indices, proj, device=device, progress=prog)
+    y = _projected_tokens(store, layer, indices, proj, None, device, prog, n_tokens)
+    offsets = _offsets(grids)
     results, maps = [], {}
     for k in ks:
         ent, shuffled, inertias, iters = [], None, [], []
@@ -326,7 +364,9 @@ def per_image_kmeans(store, ks: Sequence[int], *, n_init: int = 15, max_iter: in
     """k-means of each image's tokens on their own (the "What DINO saw" decompositions).
 
     Each image's tokens are standardised channel by channel over that image (zero-variance channels are left
-    centred), then clustered with ``n_init`` k-means++ restarts, keeping the lowest inertia.
+    centred), then clustered with ``n_init`` k-means++ restarts, keeping the lowest inertia. An image of more
+    values than :data:`~posvit_cli.core.cluster.sampled.FIT_MAX_VALUES` is read in row bands and fitted on a
+    seeded sample of its tokens (see :func:`_image_kmeans`).
 
     Returns
     -------
@@ -334,10 +374,6 @@ def per_image_kmeans(store, ks: Sequence[int], *, n_init: int = 15, max_iter: in
         ``results``: per k the spatial entropy (per image, token-weighted) and its shuffled reference, the mean
         inertia; ``maps``: ``{"kmeans_k{k}": [labels (h, w) per image]}``.
     """
-    import torch
-
-    from posvit_cli.core.cluster.kmeans import kmeans
-
     layer = store.check_layer(layer)
     prog = report(progress)
     n = len(store)
@@ -353,15 +389,10 @@ def per_image_kmeans(store, ks: Sequence[int], *, n_init: int = 15, max_iter: in
     maps = {f"kmeans_k{k}": [] for k in ks}
     inertia = {k: [] for k in ks}
     t0 = time.perf_counter()
-    for i, (rec, f) in enumerate(store.iter_features(layer)):
-        x = torch.from_numpy(f.reshape(-1, f.shape[-1])).to(device)
-        mu = x.mean(0)
-        sd = x.std(0, unbiased=False)
-        x = (x - mu) / torch.where(sd > 0, sd, torch.ones_like(sd))
-        for k in ks:
-            res = kmeans(x, k, n_init=n_init, max_iter=max_iter, seed=seed, device=device)
-            maps[f"kmeans_k{k}"].append(res.labels.reshape(rec.grid).astype(np.int32))
-            inertia[k].append(res.inertia)
+    for i, rec in enumerate(store.records):
+        for k, (labels, inert) in _image_kmeans(store, i, layer, ks, n_init, max_iter, seed, device).items():
+            maps[f"kmeans_k{k}"].append(labels.reshape(rec.grid).astype(np.int32))
+            inertia[k].append(inert)
         prog("per-image k-means", i + 1, n)
     results = []
     for k in ks:
@@ -377,6 +408,82 @@ def per_image_kmeans(store, ks: Sequence[int], *, n_init: int = 15, max_iter: in
                      "standardise": "per image, per channel", "init": "k-means++ (greedy)"},
         "n_images": n, "seconds": round(time.perf_counter() - t0, 3), "results": results, "maps": maps,
     }
+
+
+def _image_kmeans(store, index, layer, ks, n_init, max_iter, seed, device) -> dict:
+    """``{k: (labels (h·w,), inertia)}`` of one image's standardised tokens.
+
+    An image of more values than :data:`~posvit_cli.core.cluster.sampled.FIT_MAX_VALUES` is standardised from
+    streamed moments and fitted on a sample of its tokens (seeded by ``seed``), then labelled band by band.
+    """
+    import torch
+
+    from posvit_cli.core.cluster.kmeans import kmeans
+
+    h, w = (int(v) for v in store.record(index).grid)
+    dims = int(store.feature_rows(index, layer, 0, 1).shape[-1])
+    sample = fit_sample_size(h * w, dims)
+    if sample is None:
+        f = store.features(index, layer)
+        x = torch.from_numpy(f.reshape(-1, f.shape[-1])).to(device)
+        mu = x.mean(0)
+        sd = x.std(0, unbiased=False)
+        x = (x - mu) / torch.where(sd > 0, sd, torch.ones_like(sd))
+        out = {}
+        for k in ks:
+            res = kmeans(x, k, n_init=n_init, max_iter=max_iter, seed=seed, device=device)
+            out[k] = (res.labels, res.inertia)
+        return out
+    raw = _band_source(store, index, layer, device)
+    mu, scale = _streamed_standardisation(raw)
+    source = _band_source(store, index, layer, device, mu, scale)
+    out = {}
+    for k in ks:
+        labels, inert, _ = kmeans_streamed(source, h * w, dims, k, sample=sample, sample_seed=10_000 + seed,
+                                           device=device, n_init=n_init, max_iter=max_iter, seed=seed)
+        out[k] = (labels, inert)
+    return out
+
+
+def _band_source(store, index, layer, device, mu=None, scale=None):
+    """Token source (see :mod:`~posvit_cli.core.cluster.sampled`) of one image read in row bands, optionally
+    standardised as ``(x − mu) / scale``."""
+    import torch
+
+    from posvit_cli.core.cluster.sampled import BAND_TOKENS
+
+    h, w = (int(v) for v in store.record(index).grid)
+    rows = max(1, BAND_TOKENS // w)
+
+    def chunks():
+        for r0 in range(0, h, rows):
+            band = store.feature_rows(index, layer, r0, min(h, r0 + rows))
+            x = torch.from_numpy(band.reshape(-1, band.shape[-1])).to(device)
+            yield r0 * w, x if mu is None else (x - mu) / scale
+
+    return chunks
+
+
+def _streamed_standardisation(source):
+    """Per-channel mean and standard deviation (1 where it is 0) of a token source, float32 tensors (C,)."""
+    import torch
+
+    shift = s1 = s2 = None
+    n = 0
+    for _, x in source():
+        if shift is None:
+            # Moments about the first band's mean: no cancellation in E[x²] − E[x]².
+            shift = x.mean(0, dtype=torch.float64)
+            s1 = torch.zeros_like(shift)
+            s2 = torch.zeros_like(shift)
+        xs = x.double() - shift
+        s1 += xs.sum(0)
+        s2 += (xs * xs).sum(0)
+        n += x.shape[0]
+    m1 = s1 / n
+    sd = (s2 / n - m1 * m1).clamp(min=0).sqrt()
+    mu = (shift + m1).to(torch.float32)
+    return mu, torch.where(sd > 0, sd, torch.ones_like(sd)).to(torch.float32)
 
 
 def write_label_store(path, store, maps: dict, provenance: dict, *, overwrite: bool = False) -> str | None:

@@ -2,7 +2,8 @@
 
 Everything streams from the feature store in bounded memory: per-dimension moments and the covariance are
 accumulated chunk by chunk (float64), PCA is an ``eigh`` in float64, and only the projected ``(N, 50)`` tokens are
-held in memory.
+held in memory (or, above :data:`~posvit_cli.core.cluster.sampled.FIT_MAX_VALUES`, re-projected per pass). An image
+of more tokens than a chunk is read in row bands, never whole.
 """
 
 from __future__ import annotations
@@ -18,23 +19,36 @@ __all__ = [
     "FeatureProjection",
     "fit_projection",
     "project_tokens",
+    "projected_chunks",
+    "projected_source",
 ]
 
 
 _CHUNK_TOKENS = 131_072
 
 
-def _iter_token_chunks(store, layer, indices, upsample_to, device, chunk_tokens=_CHUNK_TOKENS):
-    """Yield ``(image_indices, tokens (n, C) float32 tensor)`` blocks of whole images, about ``chunk_tokens`` each."""
-    import torch
-    import torch.nn.functional as F
+def _iter_token_chunks(store, layer, indices, upsample_to, device, chunk_tokens=None):
+    """Yield ``(image_indices, tokens (n, C) float32 tensor)`` blocks of whole images, about ``chunk_tokens`` each.
 
+    An image of more than ``chunk_tokens`` tokens comes on its own in row bands of about
+    :data:`~posvit_cli.core.cluster.sampled.BAND_TOKENS` tokens (its index with the last band), so a huge grid
+    is never held whole; smaller images are read, and batched, as before.
+    """
+    import torch
+
+    chunk_tokens = chunk_tokens or _CHUNK_TOKENS
     batch, ids, count = [], [], 0
     for i in indices:
+        h, w = (int(v) for v in store.record(int(i)).grid)
+        if h * w > chunk_tokens:
+            if batch:
+                yield ids, torch.cat(batch)
+                batch, ids, count = [], [], 0
+            yield from _image_bands(store, int(i), layer, upsample_to, device)
+            continue
         f = torch.from_numpy(store.features(int(i), layer)).to(device)
         if upsample_to is not None:
-            f = F.interpolate(f.permute(2, 0, 1)[None], size=tuple(upsample_to), mode="bilinear",
-                              align_corners=False)[0].permute(1, 2, 0)
+            f = _upsample(f, upsample_to)
         batch.append(f.reshape(-1, f.shape[-1]))
         ids.append(int(i))
         count += batch[-1].shape[0]
@@ -43,6 +57,58 @@ def _iter_token_chunks(store, layer, indices, upsample_to, device, chunk_tokens=
             batch, ids, count = [], [], 0
     if batch:
         yield ids, torch.cat(batch)
+
+
+def _upsample(f, size):
+    """Bilinear resize of an (h, w, C) token grid to ``size`` (align_corners=False), as (H, W, C)."""
+    import torch.nn.functional as F
+
+    return F.interpolate(f.permute(2, 0, 1)[None], size=tuple(size), mode="bilinear",
+                         align_corners=False)[0].permute(1, 2, 0)
+
+
+def _image_bands(store, index, layer, upsample_to, device):
+    """One huge image's tokens as ``([], band)`` row bands and ``([index], last band)``.
+
+    With ``upsample_to`` the resized grid is built from the bands (separable bilinear: across each band, then
+    a weighted sum of bands down the rows) and yielded whole; it has the evaluation size, not the image's.
+    """
+    import torch
+
+    from posvit_cli.core.cluster.sampled import BAND_TOKENS
+
+    h, w = (int(v) for v in store.record(index).grid)
+    rows = max(1, BAND_TOKENS // w)
+    out = None
+    if upsample_to is not None:
+        weights = _bilinear_weights(h, int(upsample_to[0]), device)  # (H_out, h)
+    for r0 in range(0, h, rows):
+        r1 = min(h, r0 + rows)
+        band = torch.from_numpy(store.feature_rows(index, layer, r0, r1)).to(device)
+        if upsample_to is None:
+            yield ([index] if r1 == h else []), band.reshape(-1, band.shape[-1])
+            continue
+        across = _upsample(band, (r1 - r0, int(upsample_to[1])))  # rows kept (scale 1 is the identity)
+        part = torch.einsum("or,rwc->owc", weights[:, r0:r1], across)
+        out = part if out is None else out.add_(part)
+    if upsample_to is not None:
+        yield [index], out.reshape(-1, out.shape[-1])
+
+
+def _bilinear_weights(n_in: int, n_out: int, device):
+    """(n_out, n_in) matrix of torch's 1-D bilinear resize (align_corners=False, no antialias)."""
+    import torch
+
+    scale = n_in / n_out
+    src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * scale - 0.5).clamp(min=0)
+    i0 = src.floor().long().clamp(max=n_in - 1)
+    i1 = (i0 + 1).clamp(max=n_in - 1)
+    frac = src - i0
+    wts = torch.zeros(n_out, n_in, dtype=torch.float64)
+    ar = torch.arange(n_out)
+    wts.index_put_((ar, i0), 1 - frac, accumulate=True)
+    wts.index_put_((ar, i1), frac, accumulate=True)
+    return wts.to(device=device, dtype=torch.float32)
 
 
 @dataclasses.dataclass
@@ -180,17 +246,37 @@ def fit_projection(store, layer, indices, *, pca_dim: int = 50, zscore_eps: floa
     return FeatureProjection(mean.cpu().numpy(), scale.cpu().numpy(), comps.numpy(), pca_mean.cpu().numpy(), ratio, n)
 
 
+def projected_chunks(store, layer, indices, projection: FeatureProjection, *, upsample_to=None, device="cpu"):
+    """Yield ``(image_indices, projected tokens (b, p) float32 tensor)`` in token order (see ``_iter_token_chunks``)."""
+    import torch
+
+    w, b = projection.affine(device)
+    for ids, x in _iter_token_chunks(store, layer, indices, upsample_to, device):
+        yield ids, torch.addmm(b[None, :], x.to(torch.float32), w)
+
+
+def projected_source(store, layer, indices, projection: FeatureProjection, *, upsample_to=None, device="cpu"):
+    """The projected tokens as a token source for :mod:`~posvit_cli.core.cluster.sampled` (re-read per pass)."""
+
+    def chunks():
+        start = 0
+        for _, y in projected_chunks(store, layer, indices, projection, upsample_to=upsample_to, device=device):
+            yield start, y
+            start += y.shape[0]
+
+    return chunks
+
+
 def project_tokens(store, layer, indices, projection: FeatureProjection, *, upsample_to=None, device="cpu",
                    progress: ProgressCallback | None = None):
     """Project every token of the given images: returns ``(Y (N, p) float32 tensor, offsets (n_img + 1,))``."""
     import torch
 
-    w, b = projection.affine(device)
     prog = report(progress)
     parts, sizes = [], []
     done = 0
-    for ids, x in _iter_token_chunks(store, layer, indices, upsample_to, device):
-        parts.append(torch.addmm(b[None, :], x.to(torch.float32), w))
+    for ids, y in projected_chunks(store, layer, indices, projection, upsample_to=upsample_to, device=device):
+        parts.append(y)
         done += len(ids)
         prog("project tokens", done, len(indices))
     for i in indices:
