@@ -124,7 +124,7 @@ def apply_segmenter(
     suffix: str = ".png",
     probabilities: bool = False,
     crf: Any = None,
-    tile: int = 2048,
+    tile: int = 1024,
     device: str = "cpu",
     threads: int | None = None,
     progress: ProgressCallback = no_progress,
