@@ -65,3 +65,16 @@ def test_norms_figure_panel_titles_carry_the_share(tmp_path, monkeypatch):
     r, c = PLANTED[0]
     assert panel.image.shape == (256, 256, 3)
     assert np.array_equal(panel.image[r * 16 + 8, c * 16 + 8], panel.image.reshape(-1, 3)[panel.image.sum(-1).argmax()])
+
+
+def test_norms_bad_input_is_one_error_line(cli, tmp_path):
+    empty = write_store(tmp_path / "empty.h5", [], provenance={"channels": 16})
+    r = cli(["viz", "norms", empty, "-o", tmp_path / "out"])
+    assert r.exit_code == 2 and "holds no images: nothing to draw" in r.output
+    bad = noise_grid(0)
+    bad[3, 4, 0] = np.nan
+    r = cli(["viz", "norms", write_store(tmp_path / "nan.h5", [bad]), "-o", tmp_path / "out"])
+    assert r.exit_code == 2 and "holds NaN or inf features" in r.output and "img000" in r.output
+    r = cli(["viz", "norms", write_store(tmp_path / "ok.h5", [noise_grid(0)]), "-o", tmp_path / "out",
+             "--norm-k", "0"])
+    assert r.exit_code == 2 and "--norm-k must be positive" in r.output
