@@ -101,6 +101,8 @@ def positional(
     top_k_short: Annotated[Optional[int], deprecated_option("-k", min=1)] = None,
     per_channel: Annotated[bool, typer.Option("--per-channel/--no-per-channel", help="Score every channel alone too.")] = True,
     extras: Annotated[bool, typer.Option("--extras/--no-extras", help="Also measure the 2-D coordinate RMSE and the token-index classifier accuracy.")] = True,
+    token_norms: Annotated[bool, typer.Option("--token-norms/--no-token-norms", help="Also measure high-norm outlier tokens (the register artefact) on the primary layer: the token_norms section of the JSON.")] = True,
+    norm_k: Annotated[float, typer.Option("--norm-k", min=0.0, help="Outlier cut of --token-norms: log norm more than this many robust standard deviations (1.4826 MAD) above the image's median.")] = 6.0,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write the results as JSON to this file. Default: none.", show_default=False)] = None,
     csv_path: Annotated[Optional[str], typer.Option("--csv", help="Write the per-channel R² of every layer and target as CSV to this file. Default: none.", show_default=False)] = None,
     device: DeviceOpt = "auto",
@@ -130,7 +132,8 @@ def positional(
             top_k = top_k_short
         _positional(store, targets, protocol.value, sampling.value if sampling else None, fraction, step, cutoff,
                     repeats, alpha, regressor.value if regressor else None, seed, layer, all_layers, top_k,
-                    per_channel, extras, output, csv_path, device, threads, json_out, quiet)
+                    per_channel, extras, output, csv_path, device, threads, json_out, quiet,
+                    norm_k if token_norms else None)
 
 
 @app.command(_SEMANTIC, cls=PosvitCommand)
@@ -298,7 +301,8 @@ def _print_semantic(result: dict, output: str | None) -> None:
 
 
 def _positional(store, targets, protocol, sampling, fraction, step, cutoff, repeats, alpha, regressor, seed, layer,
-                all_layers, top_k, per_channel, extras, output, csv_path, device, threads, json_out, quiet) -> None:
+                all_layers, top_k, per_channel, extras, output, csv_path, device, threads, json_out, quiet,
+                norm_k=None) -> None:
     import warnings
 
     from posvit_cli.core.errors import PosvitWarning
@@ -332,6 +336,12 @@ def _positional(store, targets, protocol, sampling, fraction, step, cutoff, repe
         layers = list(fs.layers) if all_layers else (parse_csv(layer) or None)
         with RichProgress(quiet) as progress:
             result = probe_store(fs, settings, layers=layers, device=dev, threads=threads, progress=progress)
+            if norm_k is not None:
+                from posvit_cli.core.measure.norms import store_token_norms
+
+                # A separate banded pass over the primary layer: the probe's own numbers are left as they were.
+                result["token_norms"] = store_token_norms(fs, layer=result["primary_layer"], k=norm_k,
+                                                          progress=progress)
     result["command"] = command_line()
     if output:
         write_probe_result(output, result)
@@ -369,6 +379,20 @@ def _print_tile_frame(tile: dict | None, store: dict) -> None:
         )
     elif tiling:
         console.print(f"tile frame: no image was split into more than one tile ({tiling.get('tile')} px tiles)")
+
+
+def _print_token_norms(tn: dict | None) -> None:
+    """One line: how many images hold high-norm outlier tokens, their mean share and where they lie."""
+    if not tn:
+        return
+    border = tn["border"]["ratio"]
+    where = "" if border is None else f"; their border distance {border:.2f} × uniform (0 = all on the border)"
+    console.print(
+        f"token norms ({tn['layer']}): high-norm outliers (log norm > median + {tn['k']:g} robust SD) in "
+        f"{tn['images_with_outliers']} of {tn['n_images']} images, mean share {100 * tn['mean_share']:.2f} % "
+        f"(max {100 * tn['max_share']:.2f} %){where}",
+        highlight=False,
+    )
 
 
 def _print_report(result: dict, output: str | None, csv_path: str | None) -> None:
@@ -452,6 +476,7 @@ def _print_report(result: dict, output: str | None, csv_path: str | None) -> Non
             "many channels the ridge null is negative. Compare ramps with this control (or raise --alpha / --fraction).",
             markup=True,
         )
+    _print_token_norms(result.get("token_norms"))
     for note in result.get("notes", []):
         console.print(f"[yellow]note:[/] {note}", markup=True)
     if output:

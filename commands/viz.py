@@ -47,7 +47,7 @@ def _renamed(new, old, old_flag: str, new_flag: str):
 app = typer.Typer(
     cls=PosvitGroup,
     name="viz",
-    help="Pictures of positional bias and its removal: PCA, similarity maps, positional channels, probe plots, "
+    help="Pictures of positional bias and its removal: PCA, similarity maps, positional channels, token norms, probe plots, "
     "label maps, model comparisons and reports, each with its score, laid out in OUTDIR/index.html.",
     no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -308,6 +308,47 @@ def channels(
                                     progress=progress)
                 entries = channels_figure(fs, outdir, cs, channels=chans or None, layer=ly, indices=idx, cmap=cmap,
                                           options=opts, progress=progress)
+        _finish(outdir, entries, json_out, quiet)
+
+
+@app.command("norms", cls=PosvitCommand)
+def norms(
+    store: StoreArg = None,
+    output: OutOpt = "viz",
+    k: Annotated[float, typer.Option("--norm-k", min=0.0, help="Outlier cut: log norm more than this many robust standard deviations (1.4826 MAD) above the image's median.")] = 6.0,
+    cmap: Annotated[str, typer.Option("--cmap", help="Matplotlib colormap of the norms.")] = "viridis",
+    upsample: Annotated[Upsample, typer.Option("--upsample", help="Enlarging token maps: nearest (one token stays one block) or bilinear.")] = Upsample.nearest,
+    layer: LayerOpt = None,
+    images: ImagesOpt = None,
+    max_images: MaxImagesOpt = 8,
+    panel_size: PanelOpt = 256,
+    image_dir: ImageDirOpt = None,
+    label: NameOpt = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Token L2-norm maps beside each image, high-norm outlier tokens circled, their share in the titles.
+
+    ViTs trained without registers (DINOv2 without _reg, DeiT-III, OpenCLIP) store global information in a few
+    background tokens of very high norm: bright isolated dots here. posvit probe reports the same share per
+    image (the token_norms section of its JSON).
+    """
+    with cli_context(debug, quiet):
+        from posvit_cli.core.features.store import FeatureStore
+        from posvit_cli.core.viz.norms import norms_figure
+        from posvit_cli.core.viz.pictures import require_features, select_images
+
+        if not k > 0:
+            raise PosvitError(f"--norm-k must be positive, got {k}")
+        opts = _options(panel_size, upsample, False, image_dir, label)
+        outdir = _outdir(output)
+        with FeatureStore(store_input(store)) as fs:
+            ly = require_features(fs, layer)
+            idx = select_images(fs, parse_csv(images), max_images)
+            with RichProgress(quiet) as progress:
+                entries = norms_figure(fs, outdir, layer=ly, indices=idx, k=k, cmap=cmap, options=opts,
+                                       progress=progress)
         _finish(outdir, entries, json_out, quiet)
 
 

@@ -9,7 +9,7 @@
 - :mod:`~posvit_cli.core.viz.layout`: pixel-exact figure grids (matplotlib, Agg), atomic PNG/SVG writing.
 - :mod:`~posvit_cli.core.viz.pictures`: what every figure shares (options, image choice, row labels);
   :mod:`~posvit_cli.core.viz.pca_figure`, :mod:`~posvit_cli.core.viz.similarity`,
-  :mod:`~posvit_cli.core.viz.channels`, :mod:`~posvit_cli.core.viz.label_maps`, :mod:`~posvit_cli.core.viz.compare`
+  :mod:`~posvit_cli.core.viz.channels`, :mod:`~posvit_cli.core.viz.norms`, :mod:`~posvit_cli.core.viz.label_maps`, :mod:`~posvit_cli.core.viz.compare`
   and :mod:`~posvit_cli.core.viz.plots`: the figures.
 - :mod:`~posvit_cli.core.viz.index`: the output folder's ``index.html``.
 """

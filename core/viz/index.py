@@ -34,6 +34,7 @@ SECTIONS = {
     "pca": "PCA of patch features",
     "similarity": "Cosine-similarity maps",
     "channels": "Most positional channels",
+    "norms": "Token norms (high-norm artefacts)",
     "clusters": "Cluster maps",
     "segmentation": "Segmentations",
 }
