@@ -427,11 +427,14 @@ class PosMeanHead(Head):
         from posvit_cli.core.debias.posmean import resample_grid
 
         key = (tuple(int(v) for v in grid), rows)
-        if key not in self._cache:
-            if len(self._cache) > 8:  # bands of huge grids: keep only a few
+        if key in self._cache:
+            return self._cache[key]
+        out = resample_grid(self.field, grid, rows)
+        if out.nbytes <= 2**25:  # keep whole small grids (batches of one size); bands of huge grids are read once
+            if len(self._cache) >= 8:
                 self._cache.clear()
-            self._cache[key] = resample_grid(self.field, grid, rows)
-        return self._cache[key]
+            self._cache[key] = out
+        return out
 
     def apply(self, tokens):
         """Tokens of whole grids, shape ``(..., h, w, D)``."""
