@@ -28,6 +28,7 @@ __all__ = [
     "CheckpointOutOpt",
     "CompileOpt",
     "Distance",
+    "Fill",
     "DistanceOpt",
     "EvalEveryOpt",
     "GlobalBatchOpt",
@@ -81,7 +82,7 @@ __all__ = [
 
 #: Methods by what they train on.
 IMAGE_METHODS = ("alibi", "nope")
-STORE_METHODS = ("rasa", "blank", "svd")
+STORE_METHODS = ("rasa", "blank", "svd", "posmean")
 METHODS = (*IMAGE_METHODS, *STORE_METHODS, "tta")
 
 
@@ -200,6 +201,11 @@ class Batching(str, enum.Enum):
 class Rotation(str, enum.Enum):
     any = "any"
     quarter_turns = "quarter-turns"
+
+
+class Fill(str, enum.Enum):
+    zero = "zero"
+    mean = "mean"
 
 
 class HeadFormat(str, enum.Enum):

@@ -2,8 +2,9 @@
 
 - ``alibi`` / ``nope`` IMAGES: retrofit the encoder (2-D ALiBi attention bias, or no position encoding) and distil
   it to the original model (core: :mod:`posvit_cli.core.debias.retrofit`).
-- ``rasa`` STORE|IMAGES, ``blank`` [STORE], ``svd`` [STORE], ``tta`` [IMAGES]: debiasing heads for final patch
-  tokens (core: :mod:`~posvit_cli.core.debias.rasa`, :mod:`~posvit_cli.core.debias.blank`,
+- ``rasa`` STORE|IMAGES, ``blank`` [STORE], ``svd`` [STORE], ``posmean`` STORE, ``tta`` [IMAGES]: debiasing heads
+  for final patch tokens (core: :mod:`~posvit_cli.core.debias.rasa`, :mod:`~posvit_cli.core.debias.blank`,
+  :mod:`~posvit_cli.core.debias.posmean`,
   :mod:`~posvit_cli.core.debias.svd`, :mod:`~posvit_cli.core.debias.tta`, :mod:`~posvit_cli.core.debias.heads`).
 
 The old form ``posvit debias-train --method X ...`` still works for one release (:class:`MethodGroup` rewrites it
@@ -24,7 +25,7 @@ from posvit_cli._cli import (
 )
 from posvit_cli.commands.debias_options import (
     IMAGE_METHODS, STORE_METHODS, Batching, CheckpointEveryOpt, CheckpointOutOpt, CompileOpt, Distance,
-    DistanceOpt, EvalEveryOpt, GlobalBatchOpt, GradClipOpt, GramWeightOpt, HeadFormat, HeadOutOpt, HeadSizeOpt,
+    DistanceOpt, EvalEveryOpt, Fill, GlobalBatchOpt, GradClipOpt, GramWeightOpt, HeadFormat, HeadOutOpt, HeadSizeOpt,
     ImagesArg, KeepCheckpointsOpt, LogEveryOpt, Loss, LossOpt, LrOpt, MethodGroup, MicroBatchOpt, MinLrRatioOpt,
     MonitorFractionOpt, MonitorImagesOpt, MonitorSizeOpt, NormalizeOpt, Precision, PrecisionOpt, ReportImagesOpt,
     ResumeOpt, RetrofitDeviceOpt, RetrofitOverwriteOpt, RetrofitSeedOpt, Rotation, RunDirOpt, Schedule,
@@ -32,6 +33,7 @@ from posvit_cli.commands.debias_options import (
     TeacherModelOpt, TeacherStoreOpt, TeacherWeightsOpt, ValFractionOpt, ValMaxOpt, WarmupOpt, WeightDecayOpt,
     WorkersOpt, WrapOpt,
 )
+from posvit_cli.commands.debias_tables import print_head_summary, print_log_row, print_summary
 from posvit_cli.core.errors import PosvitError
 from posvit_cli.options import (
     DebugOpt, DeviceOpt, IntensityOpt, JsonOpt, ModelOpt, OverwriteOpt, QuietOpt, RecursiveOpt, SeedOpt, StoreArg,
@@ -41,8 +43,8 @@ from posvit_cli.options import (
 app = typer.Typer(
     name="debias-train",
     cls=MethodGroup,
-    help="Train a debiasing method: `alibi`/`nope` retrofit the encoder on images; `rasa`, `blank`, `svd` and `tta` "
-         "write a head for `posvit extract --head` (rasa, blank and svd from a feature store).",
+    help="Train a debiasing method: `alibi`/`nope` retrofit the encoder on images; `rasa`, `blank`, `svd`, `posmean` "
+         "and `tta` write a head for `posvit extract --head` (all but tta from a feature store).",
     no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -265,7 +267,7 @@ def _run_retrofit(config, *, images: list[str], output: Path, model: str | None,
 
         def on_log(row: dict) -> None:
             if not quiet:
-                _print_log_row(row)
+                print_log_row(row)
 
         try:
             with RichProgress(quiet) as progress, sigterm_as_interrupt():
@@ -284,7 +286,7 @@ def _run_retrofit(config, *, images: list[str], output: Path, model: str | None,
     if not dist.is_main:
         return
     if not quiet:
-        _print_summary(result, teacher, config)
+        print_summary(result, teacher, config)
     if json_out:
         emit_json({**result.as_dict(), "method": config.method, "command": command_line()})
 
@@ -371,6 +373,7 @@ def blank(
     output: HeadOutOpt = ...,
     channels: Annotated[str, typer.Option("--blank", help="Channels to zero: auto (probe the input store), a list such as 47,113,117,359, or a `posvit probe` result .json. `none` is refused: it would blank nothing.")] = "auto",
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="Channels taken per ramp (lr, ud, diag, radial) from a probe result or --blank auto.")] = 2,
+    fill: Annotated[Fill, typer.Option("--fill", help="What the blanked channels become: zero, or mean (each channel's mean over every token of the input store, one pass).")] = Fill.zero,
     report_images: ReportImagesOpt = 16,
     seed: SeedOpt = 0,
     overwrite: OverwriteOpt = False,
@@ -384,12 +387,13 @@ def blank(
     """
     from posvit_cli.core.debias.blank import blank_channels
     from posvit_cli.core.debias.heads import BlankHead
+    from posvit_cli.core.debias.posmean import store_means
     from posvit_cli.core.debias.report import backbone_info, require_final, store_report
 
     with cli_context(debug, quiet):
         t0 = time.perf_counter()
         out = _head_output(output, "blank", "posvit", overwrite)
-        wants_store = channels.strip().lower() == "auto"
+        wants_store = channels.strip().lower() == "auto" or fill is Fill.mean
         store_src, _ = _split_inputs([store] if store else None, store_wanted=wants_store, images_allowed=False)
         fs = _open_store(store_src) if store_src else None
         try:
@@ -397,8 +401,14 @@ def blank(
                 require_final(fs)
             with RichProgress(quiet) as progress:
                 chans, width, source = blank_channels(channels, top_k=top_k, store=fs, seed=seed, progress=progress)
+                values = None
+                if fill is Fill.mean:
+                    if fs is None:
+                        raise PosvitError("--fill mean takes the channel means of the input store: give the store")
+                    values = store_means(fs, progress=progress)["channel_mean"][sorted(set(chans))]
                 head = BlankHead(chans, width, info={"backbone": backbone_info(fs.provenance) if fs else {},
-                                                     "channel_source": source})
+                                                     "channel_source": source, "fill": fill.value},
+                                 fill_values=values)
                 report = store_report(fs, head, report_images, seed=seed, progress=progress) if fs else None
         finally:
             if fs is not None:
@@ -406,6 +416,51 @@ def blank(
         head.info["report"] = report
         _finish_head(head, {"store": store_src, "channels_zeroed": head.channels_zeroed, "channel_source": source,
                             "report": report}, "blank", out, "posvit", t0, json_out=json_out, quiet=quiet)
+
+
+@app.command("posmean", cls=PosvitCommand)
+def posmean(
+    store: StoreArg = None,
+    output: HeadOutOpt = ...,
+    report_images: ReportImagesOpt = 16,
+    seed: SeedOpt = 0,
+    overwrite: OverwriteOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Write a posmean head: subtract the dataset-mean token at each grid position (less its mean over positions).
+
+    One pass over the store: every image, resampled (bilinear, token centres aligned) to the store's most common grid (at most 128x128 tokens), adds to a mean per position. The head subtracts that field, resampled to each image's grid, keeping the global mean token. Writes a head (.safetensors) for `posvit extract --head`.
+    """
+    from posvit_cli.core.debias.heads import PosMeanHead
+    from posvit_cli.core.debias.posmean import reference_grid, store_means
+    from posvit_cli.core.debias.report import backbone_info, require_final, store_report
+
+    with cli_context(debug, quiet):
+        t0 = time.perf_counter()
+        out = _head_output(output, "posmean", "posvit", overwrite)
+        store_src, _ = _split_inputs([store] if store else None, store_wanted=True, images_allowed=False)
+        if store_src is None:
+            raise PosvitError("posmean needs the feature store it will clean (a path, or piped in)")
+        fs = _open_store(store_src)
+        try:
+            require_final(fs)
+            grid = reference_grid(fs)
+            with RichProgress(quiet) as progress:
+                means = store_means(fs, grid, progress=progress)
+                field = means["field"] - means["field"].mean(axis=(0, 1))
+                head = PosMeanHead(field, info={
+                    "backbone": backbone_info(fs.provenance),
+                    "input": {"store": fs.source, "images": means["images"], "tokens": means["tokens"],
+                              "grids": [list(g) for g in means["grids"]], "reference_grid": list(grid)},
+                    "resampling": "bilinear, token centres aligned, clamped at the outer centres"})
+                report = store_report(fs, head, report_images, seed=seed, progress=progress)
+        finally:
+            fs.close()
+        head.info["report"] = report
+        _finish_head(head, {"store": store_src, "images": means["images"], "report": report}, "posmean", out,
+                     "posvit", t0, json_out=json_out, quiet=quiet)
 
 
 @app.command("svd", cls=PosvitCommand)
@@ -605,7 +660,7 @@ def _finish_head(head, facts: dict, method: str, out: Path, fmt: str, t0: float,
     summary = {"method": method, "output": str(out), "head_format": fmt, "channels": head.channels,
                **head.summary(), **facts, "seconds": round(time.perf_counter() - t0, 3), "command": command_line()}
     if not quiet:
-        _print_head_summary(summary)
+        print_head_summary(summary)
     if json_out:
         emit_json(summary)
 
@@ -697,88 +752,3 @@ def _extract_views(images: list[str], cache_path: Path, *, model: str | None, we
                       f"{cache_path} ({summary['seconds']:.1f} s)")
     return str(cache_path), {"cache": str(cache_path), "views": summary["views"], "images": summary["images"],
                              "seconds": round(summary["seconds"], 3)}
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Tables on stderr
-
-
-def _fmt(v, nd=4) -> str:
-    return "-" if v is None else f"{v:.{nd}f}"
-
-
-def _print_log_row(row: dict) -> None:
-    event = row.get("event")
-    if event == "teacher":
-        r2 = " ".join(f"{t} {_fmt(row.get(f'r2_{t}'), 3)}" for t in ("lr", "ud", "diag", "radial", "xy"))
-        console.print(f"teacher at {row['size']} px: stack R2 {r2}; blanked channels {row['channels_blanked']}")
-    elif event == "eval":
-        r2 = " ".join(f"{t} {_fmt(row.get(f'r2_{t}'), 3)}" for t in ("lr", "ud", "diag", "radial", "xy"))
-        console.print(
-            f"step {row['step']} (stage {row['stage']}, {row['size']} px, epoch {row['epoch']:.2f}): "
-            f"train {_fmt(row.get('train_loss'))} · val {_fmt(row.get('val_loss'))} · "
-            f"cos {_fmt(row.get('val_cosine'))} · R2 {r2}"
-        )
-
-
-def _print_summary(result, teacher, config) -> None:
-    from rich.table import Table
-
-    t = Table(title=f"posvit debias-train {config.method} → {result.output}", show_header=False,
-              title_justify="left")
-    t.add_row("teacher", f"{teacher.name} ({teacher.embed_dim} channels, weights {teacher.weights})")
-    if config.method == "alibi":
-        a = config.alibi
-        t.add_row("ALiBi", f"slopes {a.slopes} (m={a.slope}), {a.distance}, wrap {a.wrap}, normalize {a.normalize}")
-    t.add_row("stages", ", ".join(f"{s.size} px × {s.epochs:g} ep (lr {s.lr:g}, batch {s.batch_size})"
-                                  for s in config.stages))
-    t.add_row("images", f"{result.train_images} train, {result.val_images} validation")
-    t.add_row("blanked channels", str(result.channels_blanked))
-    t.add_row("steps", str(result.steps))
-    f = result.final
-    t.add_row("final", f"val loss {_fmt(f.get('val_loss'))}, cos {_fmt(f.get('val_cosine'))}, "
-                       f"stack R2 xy {_fmt(f.get('r2_xy'), 3)}")
-    for size, r2 in result.teacher_r2.items():
-        t.add_row(f"teacher R2 @{size}", f"xy {_fmt(r2.get('xy'), 3)}")
-    # The monitor's R² is measured on its own images (noise by default), so it need not equal `posvit probe`'s.
-    t.add_row("R2 protocol", f"holdout probe on the monitor images ({config.monitor_size} size), fraction "
-                             f"{config.r2_fraction:.3g}, {config.r2_repeats} repeats")
-    t.add_row("log", result.log_csv)
-    t.add_row("time", f"{result.seconds:.1f} s")
-    console.print(t)
-
-
-def _print_head_summary(s: dict) -> None:
-    from rich.table import Table
-
-    t = Table(title=f"posvit debias-train {s['method']} → {s['output']}", show_header=False,
-              title_justify="left")
-    if s.get("store"):
-        t.add_row("input", f"{s['store']}" + (f" ({s['images']} images, {s['tokens']} tokens)" if "tokens" in s else ""))
-    if s.get("views"):
-        v = s["views"]
-        t.add_row("views", f"{v['views']} views of {v['images']} images → {v['cache']}")
-    if s["method"] == "rasa":
-        t.add_row("planes", f"{s['planes']} ({'exact projector' if s['exact'] else 'sequential, training order'}, "
-                            f"rank {s['rank']})")
-        if s.get("rounds"):
-            last = s["rounds"][-1]
-            t.add_row("coordinate MSE", f"{s['rounds'][0]['probe_mse_before']:.4f} → {last['probe_mse_after']:.4f} "
-                                        f"(constant predictor {last['constant_mse']:.4f})")
-            t.add_row("cos(raw, clean)", f"{last['cosine']:.4f}")
-    elif s["method"] == "blank":
-        t.add_row("channels zeroed", f"{s['channels_zeroed']} ({s['channel_source']})")
-    elif s["method"] == "svd":
-        t.add_row("subspace", f"rank {s['rank']} from a constant {s['size'][0]}×{s['size'][1]} px image "
-                              f"({100 * s['explained']:.1f}% of its positional variance)")
-    elif s["method"] == "tta":
-        t.add_row("transforms", ", ".join(s["transforms"]))
-    rep = s.get("report")
-    if rep:
-        for tgt in ("lr", "ud", "diag", "radial", "xy"):
-            b, a = rep["before"].get(tgt), rep["after"].get(tgt)
-            t.add_row(f"stack R2 {tgt}", f"{_fmt(b, 3)} → {_fmt(a, 3)}")
-        t.add_row("R2 protocol", rep.get("protocol") or f"{rep['images']} images")
-    t.add_row("head format", s["head_format"])
-    t.add_row("time", f"{s['seconds']:.1f} s")
-    console.print(t)

@@ -88,7 +88,7 @@ def test_debias_train_without_a_method_names_the_methods_and_writes_nothing(micr
     r = cli(["debias-train", "micro.h5", "-o", "x"])
     lines = r.output.strip().splitlines()
     assert r.exit_code == 2 and len(lines) == 1, r.output
-    assert "'micro.h5' is a feature store" in lines[0] and "rasa, blank, svd take a feature store" in lines[0]
+    assert "'micro.h5' is a feature store" in lines[0] and "rasa, blank, svd, posmean take a feature store" in lines[0]
     assert "alibi and nope take images" in lines[0] and "posvit debias-train rasa micro.h5" in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["micro.h5"]  # no x.train/ or x
 
@@ -101,7 +101,7 @@ def test_debias_train_image_method_given_a_store_says_which_methods_take_one(mic
     lines = r.output.strip().splitlines()
     assert r.exit_code == 2 and len(lines) == 1, r.output
     assert "'micro.h5' is a feature store" in lines[0] and "alibi|nope take images" in lines[0], r.output
-    assert "rasa|blank|svd take a feature store" in lines[0] and "posvit debias-train rasa micro.h5" in lines[0]
+    assert "rasa|blank|svd|posmean take a feature store" in lines[0] and "posvit debias-train rasa micro.h5" in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["micro.h5"]
 
 

@@ -11,7 +11,9 @@ File format (``.safetensors``):
 posvit layout
     Tensors: ``planes`` float32 ``[T, r, D]`` for projection heads (RASA: the trained ``W_t`` of every round in
     training order, ``r = 2``, row 0 predicts the row (y), row 1 the column (x); SVD: ``T = 1``, ``r = k``
-    singular vectors), ``channels_zeroed`` int64 ``[k]`` for blanking, nothing for test-time averaging.
+    singular vectors), ``channels_zeroed`` int64 ``[k]`` for blanking (with ``fill_values`` float32 ``[k]`` when
+    they are set to their dataset means, not 0), ``position_mean`` float32 ``[H, W, D]`` for ``posmean`` (the
+    mean token field less its mean over positions), nothing for test-time averaging.
     Metadata: ``format = "posvit-head"``, ``format_version``, ``method``, ``channels`` (D, or ``"any"``) and
     ``posvit``: a JSON document with the rest (exact flag, backbone, input size, training settings and logs).
 Franca layout (read and written)
@@ -32,7 +34,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -40,8 +41,9 @@ from typing import Any
 
 import numpy as np
 
-from posvit_cli.core.fileio import atomic_path, json_text
+from posvit_cli.core.debias.franca_format import planes_from_franca, unwrap_state
 from posvit_cli.core.errors import PosvitError, PosvitWarning
+from posvit_cli.core.fileio import atomic_path, json_text
 from posvit_cli.core.features.provenance import INPUT_KEYS, STORAGE_KEYS, identity_differences
 from posvit_cli.core.progress import ProgressCallback, report
 
@@ -50,6 +52,7 @@ __all__ = [
     "HEAD_METHODS",
     "BlankHead",
     "Head",
+    "PosMeanHead",
     "ProjectionHead",
     "TTAHead",
     "apply_head_to_store",
@@ -60,12 +63,7 @@ __all__ = [
 
 HEAD_FORMAT = "posvit-head"
 HEAD_FORMAT_VERSION = 1
-HEAD_METHODS = ("rasa", "svd", "blank", "tta")
-# Prefixes under which Franca's code and checkpoints keep the head's weights.
-_FRANCA_PREFIXES = ("module.", "rasa_head.", "model.")
-# Modules that hold the head inside a whole model: Franca's hub backbone, and its Lightning training module.
-_HEAD_MODULES = ("rasa_head", "head")
-_FRANCA_KEY = re.compile(r"^(?:pre_pos_layers\.(\d+)|pos_pred)\.weight$")
+HEAD_METHODS = ("rasa", "svd", "blank", "posmean", "tta")
 # A plane vector shorter than this (relative) after orthogonalisation carries no new direction.
 _DEGENERATE = 1e-8
 
@@ -148,6 +146,13 @@ class Head:
         torch.Tensor, same shape and dtype
         """
         raise NotImplementedError
+
+    def apply_rows(self, tokens, grid: tuple[int, int], start: int):
+        """:meth:`apply` to rows ``start:start + len`` ``(rows, w, D)`` of an image whose token grid is ``grid``.
+
+        Heads that act on each token alone ignore where the rows are; ``posmean`` needs it.
+        """
+        return self.apply(tokens)
 
     def apply_numpy(self, tokens: np.ndarray) -> np.ndarray:
         """:meth:`apply` for a NumPy array ``(..., D)``; returns float32."""
@@ -350,8 +355,14 @@ class BlankHead(Head):
 
     method = "blank"
 
-    def __init__(self, channels_zeroed: Sequence[int], channels: int | None = None, info: dict | None = None):
+    def __init__(self, channels_zeroed: Sequence[int], channels: int | None = None, info: dict | None = None,
+                 fill_values=None):
         idx = sorted({int(c) for c in channels_zeroed})
+        # fill_values: one value per channel of ``channels_zeroed`` (ascending), e.g. the dataset means; None = 0.
+        self.fill_values = None if fill_values is None else np.asarray(fill_values, dtype=np.float32).reshape(-1)
+        if self.fill_values is not None and self.fill_values.shape[0] != len(idx):
+            raise PosvitError(f"a blank head needs one fill value per channel ({len(idx)}), got "
+                              f"{self.fill_values.shape[0]}")
         if any(c < 0 for c in idx):
             raise PosvitError("channel indices to blank must be 0 or more")
         if channels is not None and idx and idx[-1] >= channels:
@@ -371,15 +382,79 @@ class BlankHead(Head):
         self.check_channels(tokens.shape[-1])
         out = tokens.clone()
         if self.channels_zeroed:
-            out[..., self.channels_zeroed] = 0
+            if self.fill_values is None:
+                out[..., self.channels_zeroed] = 0
+            else:
+                out[..., self.channels_zeroed] = _torch().from_numpy(self.fill_values).to(out.device, out.dtype)
         return out
 
     def summary(self) -> dict:
-        return {"channels_zeroed": list(self.channels_zeroed)}
+        return {"channels_zeroed": list(self.channels_zeroed), "fill": "zero" if self.fill_values is None else "mean"}
 
     def _tensors(self) -> dict:
         torch = _torch()
-        return {"channels_zeroed": torch.tensor(self.channels_zeroed, dtype=torch.int64)}
+        out = {"channels_zeroed": torch.tensor(self.channels_zeroed, dtype=torch.int64)}
+        if self.fill_values is not None:
+            out["fill_values"] = torch.from_numpy(self.fill_values.copy())
+        return out
+
+
+class PosMeanHead(Head):
+    """Subtracts the dataset-mean token field (less its mean over positions), resampled to each image's grid.
+
+    Parameters
+    ----------
+    field : array-like, shape (H, W, D)
+        Mean token at each position of the reference grid minus its mean over positions (float32), from
+        :func:`~posvit_cli.core.debias.posmean.store_means`. Other grids get it resampled bilinearly with token
+        centres aligned (:func:`~posvit_cli.core.debias.posmean.resample_grid`).
+    """
+
+    method = "posmean"
+
+    def __init__(self, field, info: dict | None = None):
+        f = np.asarray(field.numpy() if hasattr(field, "numpy") else field, dtype=np.float32)
+        if f.ndim != 3 or min(f.shape) < 1:
+            raise PosvitError(f"a posmean head needs a field of shape [H, W, D], got {tuple(f.shape)}")
+        if not np.isfinite(f).all():
+            raise PosvitError("the head's mean field contains NaN or inf")
+        super().__init__(int(f.shape[2]), info)
+        self.field = f
+        self._cache: dict = {}
+
+    def field_on(self, grid: tuple[int, int], rows: tuple[int, int] | None = None) -> np.ndarray:
+        """The field resampled to ``grid`` (rows ``start:stop`` only when given), float32 ``(rows, w, D)``."""
+        from posvit_cli.core.debias.posmean import resample_grid
+
+        key = (tuple(int(v) for v in grid), rows)
+        if key in self._cache:
+            return self._cache[key]
+        out = resample_grid(self.field, grid, rows)
+        if out.nbytes <= 2**25:  # keep whole small grids (batches of one size); bands of huge grids are read once
+            if len(self._cache) >= 8:
+                self._cache.clear()
+            self._cache[key] = out
+        return out
+
+    def apply(self, tokens):
+        """Tokens of whole grids, shape ``(..., h, w, D)``."""
+        if tokens.ndim < 3:
+            raise PosvitError("a posmean head acts on token grids (..., h, w, D), not on loose tokens")
+        return self.apply_rows(tokens, tuple(tokens.shape[-3:-1]), 0)
+
+    def apply_rows(self, tokens, grid: tuple[int, int], start: int):
+        torch = _torch()
+        self.check_channels(tokens.shape[-1])
+        field = self.field_on(grid, (int(start), int(start) + int(tokens.shape[-3])))
+        out = tokens.float() - torch.from_numpy(field).to(tokens.device)
+        return out.to(tokens.dtype)
+
+    def summary(self) -> dict:
+        return {"grid": list(self.field.shape[:2]),
+                "field_rms": float(np.sqrt(np.mean(self.field.astype(np.float64) ** 2)))}
+
+    def _tensors(self) -> dict:
+        return {"position_mean": _torch().from_numpy(self.field.copy())}
 
 
 class TTAHead(Head):
@@ -511,69 +586,6 @@ def save_head(head: Head, path: str | os.PathLike, *, layout: str = "posvit") ->
     return Path(path)
 
 
-def _strip_prefixes(state: dict, source: str) -> dict:
-    """Keys of a Franca head without ``module.``/``model.`` prefixes; a whole model keeps only its head.
-
-    Whole models: Franca's hub backbone (``rasa_head.*`` next to the ViT) and the Lightning module it trains the
-    head in (``backbone.*`` next to ``head.*``). The other tensors are ignored, with one warning.
-    """
-    for _ in range(3):
-        for p in _FRANCA_PREFIXES:
-            if state and all(k.startswith(p) for k in state):
-                state = {k[len(p):]: v for k, v in state.items()}
-    for module in _HEAD_MODULES:
-        inner = {k[len(module) + 1:]: v for k, v in state.items() if k.startswith(module + ".")}
-        if any(_FRANCA_KEY.match(k) for k in inner):
-            if len(inner) < len(state):
-                warnings.warn(f"'{source}' is a whole model: using its RASA head ({module}.*), ignoring "
-                              f"{len(state) - len(inner)} other tensors (the backbone)", PosvitWarning, stacklevel=3)
-            return inner
-    return state
-
-
-def _planes_from_franca(state: dict, source: str):
-    torch = _torch()
-    state = _strip_prefixes(state, source)
-    pre: dict[int, Any] = {}
-    last = None
-    bad = []
-    for k, v in state.items():
-        m = _FRANCA_KEY.match(k)
-        if not m:
-            bad.append(k)
-        elif m.group(1) is None:
-            last = v
-        else:
-            pre[int(m.group(1))] = v
-    if bad:
-        shown = ", ".join(bad[:3]) + (f" (+{len(bad) - 3})" if len(bad) > 3 else "")
-        raise PosvitError(
-            f"'{source}' is not a RASA head: unexpected keys {shown} (expected pre_pos_layers.{{i}}.weight and "
-            "pos_pred.weight)"
-        )
-    if last is None:
-        raise PosvitError(f"'{source}' has no pos_pred.weight: not a RASA head")
-    if sorted(pre) != list(range(len(pre))):
-        raise PosvitError(f"'{source}': pre_pos_layers are numbered {sorted(pre)}, expected 0..{len(pre) - 1}")
-    planes = [pre[i] for i in range(len(pre))] + [last]
-    shapes = {tuple(p.shape) for p in planes}
-    if len(shapes) != 1 or len(next(iter(shapes))) != 2 or next(iter(shapes))[0] != 2:
-        raise PosvitError(f"'{source}': RASA planes must all be [2, D], got shapes {sorted(shapes)}")
-    return torch.stack([torch.as_tensor(p).float() for p in planes])
-
-
-def _unwrap_state(obj: Any, source: str) -> dict:
-    torch = _torch()
-    for _ in range(3):
-        if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), dict):
-            obj = next(iter(obj.values()))
-        elif isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-            obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
-        raise PosvitError(f"'{source}' does not hold a state dict of tensors: not a head file")
-    return obj
-
-
 def load_head(
     path: str | os.PathLike, channels: int | None = None, *, backbone: dict | None = None
 ) -> Head:
@@ -614,7 +626,7 @@ def load_head(
             obj = torch.load(str(p), map_location="cpu", weights_only=True)
         except Exception as exc:
             raise PosvitError(f"cannot read head '{path}' as a torch state dict ({type(exc).__name__}: {exc})") from None
-        state = _unwrap_state(obj, str(path))
+        state = unwrap_state(obj, str(path))
     else:
         raise PosvitError(f"head file '{path}': expected .safetensors (posvit) or .pth (Franca)")
 
@@ -633,13 +645,17 @@ def load_head(
         head: Head = ProjectionHead(state["planes"], method=method, exact=bool(doc.get("exact", False)), info=info)
     elif method == "blank" and "channels_zeroed" in state:
         width = doc.get("channels")
-        head = BlankHead(state["channels_zeroed"].tolist(), None if width is None else int(width), info=info)
+        fill = state["fill_values"].numpy() if "fill_values" in state else None
+        head = BlankHead(state["channels_zeroed"].tolist(), None if width is None else int(width), info=info,
+                         fill_values=fill)
+    elif method == "posmean" and "position_mean" in state:
+        head = PosMeanHead(state["position_mean"], info=info)
     elif method == "tta":
         if "transforms" not in doc:
             raise PosvitError(f"head '{path}' names no transforms")
         head = TTAHead(",".join(doc["transforms"]), info=info)
     elif state:
-        planes = _planes_from_franca(state, str(path))
+        planes = planes_from_franca(state, str(path))
         if not doc:
             info = {"format": "franca", "source_file": p.name}
         head = ProjectionHead(planes, method="rasa", exact=bool(doc.get("exact", False)), info=info)
@@ -759,7 +775,7 @@ def apply_head_to_store(
                     band = source.feature_rows(rec.index, ly, r0, min(h, r0 + rows))
                     if ly == "final":
                         with torch.inference_mode():
-                            band = head.apply(torch.from_numpy(band)).numpy()
+                            band = head.apply_rows(torch.from_numpy(band), (h, w), r0).numpy()
                     handle.write_rows(ly, r0, band)
             handle.finish()
             writer.commit()

@@ -187,5 +187,9 @@ def _report_features(store, index: int, head=None) -> np.ndarray:
         if out is None:
             dtype = band.dtype if band.dtype in (np.float16, np.float32) else np.float32
             out = np.empty((h, w, band.shape[-1]), dtype=dtype)
-        out[start:stop] = band if head is None else head.apply_numpy(band)
+        if head is not None:  # where the rows lie matters to posmean
+            import torch
+
+            band = head.apply_rows(torch.from_numpy(band.astype(np.float32)), (h, w), start).numpy()
+        out[start:stop] = band
     return out

@@ -49,6 +49,29 @@ def _final(path):
         return {r.path: s.features(r.index, "final") for r in s.records}, s.provenance
 
 
+def test_posmean_head_from_a_store_and_extract_head_equals_cleaning_the_store(images, store, tmp_path, cli):
+    head_path = tmp_path / "posmean.safetensors"
+    r = cli(["debias-train", "posmean", store, "-o", head_path, "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["images"] == 8 and doc["grid"] == [4, 6] and doc["report"]["after"]["xy"] < doc["report"]["before"]["xy"]
+    head = load_head(head_path, channels=64)
+    raw, _ = _final(store)
+    mean_field = np.mean(list(raw.values()), axis=0, dtype=np.float64)
+    np.testing.assert_allclose(head.field, mean_field - mean_field.mean(axis=(0, 1)), atol=1e-5)
+    at_extraction, from_store = tmp_path / "a.h5", tmp_path / "b.h5"
+    r = cli(["extract", images, "-m", TINY_MODEL, "-w", "random", "--dtype", "float32", "--head", head_path,
+             "-o", at_extraction, "-q", "--threads", "1"])
+    assert r.exit_code == 0, r.output
+    r = cli(["extract", store, "--head", head_path, "-o", from_store, "-q"])
+    assert r.exit_code == 0, r.output
+    (a, prov_a), (b, prov_b) = _final(at_extraction), _final(from_store)
+    for path, f in raw.items():
+        expected = head.apply_numpy(f)
+        assert np.allclose(a[path], expected, atol=1e-5) and np.allclose(b[path], expected, atol=1e-5)
+    assert prov_a["debias"][-1]["method"] == prov_b["debias"][-1]["method"] == "posmean"
+
+
 def test_rasa_head_from_a_store_and_extract_head_equals_cleaning_the_store(images, store, tmp_path, cli):
     head_path = tmp_path / "rasa.safetensors"
     r = cli(["debias-train", "rasa", store, "-o", head_path, "--json", *FAST_RASA])
@@ -292,7 +315,7 @@ def test_missing_method_says_which_methods_take_a_store_or_images(images, store,
     out = tmp_path / "x.safetensors"
     for first, example in ((store, f"posvit debias-train rasa {store}"), (images, f"posvit debias-train alibi {images}")):
         r = cli(["debias-train", first, "-o", out])
-        _one_line_error(r, "name the method first", "rasa, blank, svd take a feature store", "alibi and nope take images",
+        _one_line_error(r, "name the method first", "rasa, blank, svd, posmean take a feature store", "alibi and nope take images",
                         example)
     r = cli(["debias-train", "-o", out, store])
     _one_line_error(r, "name the method first")
