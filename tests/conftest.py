@@ -46,6 +46,18 @@ def write_store(path, grids, *, names=None, provenance=None, layers=("final",), 
 
 
 @pytest.fixture
+def one_torch_thread():
+    """One intra-op torch thread for the test: tiny models on a shared 2-core machine, where OpenMP spin-waits of
+    more threads cost up to 10×."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture
 def image_dir(tmp_path):
     """Six 8-bit greyscale PNGs (96×128) and one RGB PNG (64×64) of smooth random texture."""
     from PIL import Image

@@ -11,15 +11,7 @@ import pytest
 from conftest import write_store
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The test machines are small and shared: one intra-op thread keeps many tiny torch ops fast.
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -17,14 +17,7 @@ H, W, C = 20, 24, 6
 FIT_TOKENS = 60
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _planted(seed=0):

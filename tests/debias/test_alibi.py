@@ -17,13 +17,7 @@ from posvit_cli.core.errors import PosvitError, PosvitWarning
 from conftest import TINY_MODEL
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models on a shared 2-core machine: one thread avoids OpenMP spin-waits that cost 10× here.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tokens(enc, x):

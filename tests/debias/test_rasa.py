@@ -20,12 +20,7 @@ from posvit_cli.core.features.store import FeatureStore
 D, H, W, N = 384, 12, 16, 48
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # small matrices: threads only contend on shared cores
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
