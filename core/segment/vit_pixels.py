@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 PCA_POLICIES = ("per-image", "shared")
-_BAND_TOKENS = 1 << 18  # tokens per band read from a store
+_BAND_TOKENS = 1 << 15  # tokens per band read from a store: float64 working copies of 384 channels stay ~100 MB
 
 
 @dataclasses.dataclass
