@@ -45,6 +45,18 @@ def write_store(path, grids, *, names=None, provenance=None, layers=("final",), 
     return Path(path)
 
 
+#: Token positions of the planted high-norm outliers of :func:`noise_grid` in the token-norm tests.
+NORM_PLANTED = [(2, 3), (8, 8), (12, 5)]
+
+
+def noise_grid(seed=0, h=16, w=16, C=16, planted=(), factor=20.0):
+    """Gaussian noise of norm about 1 per token; ``planted`` tokens scaled to norm ``factor`` exactly."""
+    g = np.random.default_rng(seed).standard_normal((h, w, C)) / np.sqrt(C)
+    for r, c in planted:
+        g[r, c] *= factor / np.linalg.norm(g[r, c])
+    return g.astype(np.float32)
+
+
 @pytest.fixture
 def one_torch_thread():
     """One intra-op torch thread for the test: tiny models on a shared 2-core machine, where OpenMP spin-waits of

@@ -6,18 +6,9 @@ import json
 
 import numpy as np
 
-from conftest import write_store
+from conftest import NORM_PLANTED as PLANTED, noise_grid, write_store
 from test_viz import images_for, index_links, png_size, produced_files
 
-PLANTED = [(2, 3), (8, 8), (12, 5)]
-
-
-def noise_grid(seed=0, h=16, w=16, C=16, planted=(), factor=20.0):
-    """Gaussian noise of norm about 1 per token; ``planted`` tokens scaled to norm ``factor`` exactly."""
-    g = np.random.default_rng(seed).standard_normal((h, w, C)) / np.sqrt(C)
-    for r, c in planted:
-        g[r, c] *= factor / np.linalg.norm(g[r, c])
-    return g.astype(np.float32)
 
 
 def test_norms_figure_written_with_its_share(cli, tmp_path):
