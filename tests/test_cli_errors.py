@@ -135,3 +135,31 @@ def test_sigterm_stops_cluster_like_ctrl_c_with_no_output_left(tmp_path, cli, mo
         signal.signal(signal.SIGTERM, old)
     assert r.exit_code == 130 and r.output.strip() == "error: interrupted", r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.h5"]  # no labels.h5, no labels.cluster.json
+
+
+@pytest.mark.parametrize("args, says", [
+    (["debias-train", "blank", "--blank", "1,2", "--fill", "mean", "-o", "out.safetensors", "--overwrite"],
+     "no feature store on standard input"),
+    (["debias-train", "posmean", "missing.h5", "-o", "out.safetensors", "--overwrite"], "'missing.h5' does not exist"),
+    (["debias-train", "posmean", "micro.h5", "-o", "out.safetensors"], "--overwrite"),
+    (["viz", "norms", "micro.h5", "--images", "nothere", "-o", "out"], "nothere"),
+    (["viz", "norms", "micro.h5", "--norm-k", "-1", "-o", "out"], "--norm-k"),
+    (["extract", "imgs", "-m", "test_vit", "-w", "random", "--tile", "64", "--tile-blend", "cubic", "-o",
+      "out.h5", "--overwrite"], "cubic"),
+])
+def test_refused_runs_of_the_newer_options_leave_every_file_as_it_was(micro_store, tmp_path, cli, args, says):
+    """A refused run (missing store, existing output, unknown image or value) exits 2 with one error line and changes nothing:
+    the existing output file (or folder) keeps its bytes and no file appears."""
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "imgs" / "a.png")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "index.html").write_text("old index")
+    for name in ("out.safetensors", "out.h5"):
+        (tmp_path / name).write_bytes(b"old bytes")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    r = cli(args, input="")
+    lines = [ln for ln in r.output.strip().splitlines() if ln.strip()]
+    assert r.exit_code == 2, r.output
+    assert says in r.output, r.output
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.output
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
