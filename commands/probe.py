@@ -16,9 +16,10 @@ from posvit_cli._cli import (
 )
 from posvit_cli.core.errors import PosvitError
 from posvit_cli.options import (
-    ClassNamesOpt, DebugOpt, DeviceOpt, IgnoreIndexOpt, JsonOpt, LayerOpt, MasksOpt, QuietOpt, SeedOpt, StoreArg,
-    ThreadsOpt, deprecated_option, warn_deprecated,
+    ClassNamesOpt, DebugOpt, DeviceOpt, IgnoreIndexOpt, JsonOpt, LayerOpt, MasksOpt, NormKOpt, QuietOpt, SeedOpt,
+    StoreArg, ThreadsOpt, deprecated_option, warn_deprecated,
 )
+from posvit_cli.core.measure.norms import DEFAULT_K
 
 _TARGETS_DEFAULT = "lr,ud,diag,radial,xy,random,raster"
 _POSITIONAL = "positional"
@@ -102,7 +103,7 @@ def positional(
     per_channel: Annotated[bool, typer.Option("--per-channel/--no-per-channel", help="Score every channel alone too.")] = True,
     extras: Annotated[bool, typer.Option("--extras/--no-extras", help="Also measure the 2-D coordinate RMSE and the token-index classifier accuracy.")] = True,
     token_norms: Annotated[bool, typer.Option("--token-norms/--no-token-norms", help="Also measure high-norm outlier tokens (the register artefact) on the primary layer: the token_norms section of the JSON.")] = True,
-    norm_k: Annotated[float, typer.Option("--norm-k", min=0.0, help="Outlier cut of --token-norms: log norm more than this many robust standard deviations (1.4826 MAD) above the image's median.")] = 6.0,
+    norm_k: NormKOpt = DEFAULT_K,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write the results as JSON to this file. Default: none.", show_default=False)] = None,
     csv_path: Annotated[Optional[str], typer.Option("--csv", help="Write the per-channel R² of every layer and target as CSV to this file. Default: none.", show_default=False)] = None,
     device: DeviceOpt = "auto",

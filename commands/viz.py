@@ -15,8 +15,10 @@ from posvit_cli._cli import (
 )
 from posvit_cli.core.errors import PosvitError
 from posvit_cli.options import (
-    IgnoreIndexOpt, IntensityOpt, LayerOpt, RecursiveOpt, StoreArg, Upsample, deprecated_option, warn_deprecated,
+    IgnoreIndexOpt, IntensityOpt, LayerOpt, NormKOpt, RecursiveOpt, StoreArg, Upsample, deprecated_option,
+    warn_deprecated,
 )
+from posvit_cli.core.measure.norms import DEFAULT_K
 
 
 class Standardise(str, Enum):
@@ -315,7 +317,7 @@ def channels(
 def norms(
     store: StoreArg = None,
     output: OutOpt = "viz",
-    k: Annotated[float, typer.Option("--norm-k", min=0.0, help="Outlier cut: log norm more than this many robust standard deviations (1.4826 MAD) above the image's median.")] = 6.0,
+    k: NormKOpt = DEFAULT_K,
     cmap: Annotated[str, typer.Option("--cmap", help="Matplotlib colormap of the norms.")] = "viridis",
     upsample: Annotated[Upsample, typer.Option("--upsample", help="Enlarging token maps: nearest (one token stays one block) or bilinear.")] = Upsample.nearest,
     layer: LayerOpt = None,

@@ -56,6 +56,7 @@ __all__ = [
     "LayerOpt",
     "MasksOpt",
     "ModelOpt",
+    "NormKOpt",
     "OverwriteOpt",
     "PosvitDeprecationWarning",
     "QuietOpt",
@@ -212,3 +213,12 @@ class Upsample(str, Enum):
 
     nearest = "nearest"
     bilinear = "bilinear"
+
+
+#: High-norm outlier tokens (``probe --token-norms``, ``viz norms``); the default is
+#: :data:`posvit_cli.core.measure.norms.DEFAULT_K` (6).
+NormKOpt = Annotated[
+    float,
+    typer.Option("--norm-k", min=0.0, help="Outlier cut of the token norms: log norm more than this many robust "
+                 "standard deviations (1.4826 MAD) above the image's median."),
+]
