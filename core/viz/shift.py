@@ -89,9 +89,9 @@ def _view_pixels(entry: dict, block: dict, doc: dict, image_dir: str | None) -> 
 
 def _title(block: dict) -> str:
     disp = block.get("displacement_error")
-    return (f"shift {block['shift'][0]},{block['shift'][1]}: content {block['fraction_content']:.2f} · absolute "
-            f"{block['fraction_absolute']:.2f}\nother {block['fraction_other']:.2f} · displacement "
-            + ("n/a" if disp is None else f"{disp:.2f}") + " tokens")
+    # The column header names the shift; two short lines fit a panel of 160 px.
+    return (f"content {block['fraction_content']:.2f} · absolute {block['fraction_absolute']:.2f}\n"
+            f"other {block['fraction_other']:.2f} · error " + ("n/a" if disp is None else f"{disp:.2f}") + " tok")
 
 
 def shift_figure(
