@@ -3,6 +3,7 @@ and `posvit viz shift`: its per-token maps drawn over the images."""
 
 from __future__ import annotations
 
+import os
 from enum import Enum
 from typing import Annotated, Optional
 
@@ -96,6 +97,8 @@ def _shift(images, model, weights, shift_specs, mode, size, intensity, max_side,
     parse_intensity(intensity)
     if output in ("", "-"):
         raise PosvitError("-o names a JSON file; use --json for standard output")
+    if output and os.path.isdir(output):
+        raise PosvitError(f"output '{output}' is a folder: -o names the JSON file to write")
     paths = list_images(images, recursive=recursive)
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)

@@ -199,3 +199,19 @@ def test_cli_writes_the_result_and_a_refused_run_leaves_it(tmp_path, cli, one_to
     fig = json.loads(r.stdout)["figures"][0]
     assert fig["kind"] == "shift" and (figs / fig["file"]).stat().st_size > 0
     assert len(fig["numbers"]["images"]) == 1 and fig["numbers"]["summary"] == doc["summary"]
+
+
+def test_map_colours_blend_the_category_over_the_grey_image_and_leave_outside_tokens():
+    from posvit_cli.core.viz.shift import CATEGORY_COLOURS, OVERLAY_ALPHA, category_rgb, select_result_images
+
+    cats = np.array([[CONTENT, ABSOLUTE], [OTHER, OUTSIDE]], dtype=np.int8)
+    base = np.full((2, 2, 3), 100, dtype=np.uint8)  # grey 100 stays 100 in luminance
+    rgb = category_rgb(cats, base).astype(float)
+    for (r, c), cat in (((0, 0), CONTENT), ((0, 1), ABSOLUTE), ((1, 0), OTHER)):
+        want = (1 - OVERLAY_ALPHA) * 100 + OVERLAY_ALPHA * np.asarray(CATEGORY_COLOURS[cat], dtype=float)
+        np.testing.assert_allclose(rgb[r, c], np.rint(want), atol=1)
+    np.testing.assert_array_equal(rgb[1, 1], [100, 100, 100])
+    doc = {"images": [{"name": "a.png"}, {"name": "b.png"}]}
+    assert select_result_images(doc, ["b", "0"]) == [1, 0] and select_result_images(doc, None, 1) == [0]
+    with pytest.raises(PosvitError, match="'c' is not in the crop-shift result"):
+        select_result_images(doc, ["c"])

@@ -67,8 +67,8 @@ def category_rgb(categories: np.ndarray, base: np.ndarray | None = None, alpha: 
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def _view_pixels(entry: dict, block: dict, doc: dict, image_dir: str | None) -> np.ndarray | None:
-    """View A of the image as the encoder saw it (RGB uint8), or None when the image is not found."""
+def _processed_pixels(entry: dict, doc: dict, image_dir: str | None) -> np.ndarray | None:
+    """The image as the encoder saw it (resized as the probe did; RGB uint8), or None when it is not found."""
     from posvit_cli.core.io.images import read_image, to_channels, to_float
     from posvit_cli.core.io.preprocess import parse_size, resize_and_normalise
 
@@ -77,14 +77,18 @@ def _view_pixels(entry: dict, block: dict, doc: dict, image_dir: str | None) -> 
     if path is None:
         return None
     settings = doc["settings"]
-    patch = int(doc["model"]["patch_size"])
     img = to_channels(to_float(read_image(path), settings.get("intensity", "auto")), 3)
-    t, _ = resize_and_normalise(img, parse_size(settings["size"]), patch, (0.0,) * 3, (1.0,) * 3)
-    pix = (t.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    t, _ = resize_and_normalise(img, parse_size(settings["size"]), int(doc["model"]["patch_size"]), (0.0,) * 3,
+                                (1.0,) * 3)
+    return (t.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def _view_a(pixels: np.ndarray | None, block: dict, patch: int) -> np.ndarray | None:
+    """View A of a shift block cut from the processed image (the whole image in roll mode, where origin is 0, 0)."""
+    if pixels is None:
+        return None
     (y, x), (h, w) = block["origin_a"], block["view_grid"]
-    if settings["mode"] == "roll":
-        return pix
-    return pix[y * patch: (y + h) * patch, x * patch: (x + w) * patch]
+    return pixels[y * patch: (y + h) * patch, x * patch: (x + w) * patch]
 
 
 def _title(block: dict) -> str:
@@ -130,10 +134,11 @@ def shift_figure(
     rows, labels, missing = [], [], 0
     for j, i in enumerate(indices):
         entry = entries[i]
+        pixels = _processed_pixels(entry, doc, image_dir)
         row = []
         for block in entry["shifts"]:
             cats = np.asarray(block["map"], dtype=np.int8)
-            base = _view_pixels(entry, block, doc, image_dir)
+            base = _view_a(pixels, block, int(doc["model"]["patch_size"]))
             missing += base is None
             hw = fit_size(cats.shape[0], cats.shape[1], panel_size)
             over = upsample(cats.astype(np.float32), hw, "nearest").round().astype(np.int8)
