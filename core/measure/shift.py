@@ -55,6 +55,9 @@ __all__ = [
     "shift_correspondence",
     "shift_result_json",
     "shift_views",
+    "image_matches",
+    "summarise",
+    "view_pair",
     "write_shift_result",
 ]
 
@@ -238,9 +241,9 @@ def match_tokens(tokens_a, tokens_b, views: ShiftViews, *, block: int = MATCH_BL
     -------
     ShiftMatch
     """
-    h, w = views.view_hw
     import torch
 
+    h, w = views.view_hw
     # Tensors stay where they are (a GPU matches its own tokens); arrays become CPU tensors.
     ta, tb = (t if torch.is_tensor(t) else torch.as_tensor(np.asarray(t)) for t in (tokens_a, tokens_b))
     if tuple(ta.shape[:2]) != (h, w) or tuple(tb.shape[:2]) != (h, w):
