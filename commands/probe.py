@@ -14,6 +14,7 @@ import typer
 from posvit_cli._cli import (
     PosvitCommand, PosvitGroup, RichProgress, cli_context, command_line, console, parse_class_names, parse_csv, store_input,
 )
+from posvit_cli.commands import probe_shift as probe_shift_cmd
 from posvit_cli.core.errors import PosvitError
 from posvit_cli.options import (
     ClassNamesOpt, DebugOpt, DeviceOpt, IgnoreIndexOpt, JsonOpt, LayerOpt, MasksOpt, NormKOpt, QuietOpt, SeedOpt,
@@ -135,6 +136,9 @@ def positional(
                     repeats, alpha, regressor.value if regressor else None, seed, layer, all_layers, top_k,
                     per_channel, extras, output, csv_path, device, threads, json_out, quiet,
                     norm_k if token_norms else None)
+
+
+app.command("shift", cls=PosvitCommand)(probe_shift_cmd.shift)
 
 
 @app.command(_SEMANTIC, cls=PosvitCommand)

@@ -13,6 +13,7 @@ from posvit_cli._cli import (
     DebugOpt, JsonOpt, PosvitCommand, PosvitGroup, QuietOpt, RichProgress, cli_context, command_line, console,
     emit_json, parse_class_names, parse_csv, store_input,
 )
+from posvit_cli.commands import probe_shift as probe_shift_cmd
 from posvit_cli.core.errors import PosvitError
 from posvit_cli.options import (
     IgnoreIndexOpt, IntensityOpt, LayerOpt, NormKOpt, RecursiveOpt, StoreArg, Upsample, deprecated_option,
@@ -352,6 +353,9 @@ def norms(
                 entries = norms_figure(fs, outdir, layer=ly, indices=idx, k=k, cmap=cmap, options=opts,
                                        progress=progress)
         _finish(outdir, entries, json_out, quiet)
+
+
+app.command("shift", cls=PosvitCommand)(probe_shift_cmd.viz_shift)
 
 
 @app.command("probe", cls=PosvitCommand)

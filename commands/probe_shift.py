@@ -1,0 +1,202 @@
+"""`posvit probe shift`: crop-shift correspondence of an encoder on images (a label-free positional diagnostic),
+and `posvit viz shift`: its per-token maps drawn over the images."""
+
+from __future__ import annotations
+
+import os
+from enum import Enum
+from typing import Annotated, Optional
+
+import typer
+
+from posvit_cli._cli import RichProgress, cli_context, command_line, console, emit_json, parse_csv
+from posvit_cli.core.errors import PosvitError
+from posvit_cli.options import (
+    DebugOpt, DeviceOpt, IntensityOpt, JsonOpt, LayerOpt, ModelOpt, PrecisionOpt, Precision, QuietOpt, RecursiveOpt,
+    SeedOpt, SizeOpt, ThreadsOpt, WeightsOpt,
+)
+
+
+class ShiftMode(str, Enum):
+    """The two views of a shift (see posvit_cli.core.measure.shift)."""
+
+    crop = "crop"
+    roll = "roll"
+
+
+class RetrofitMethod(str, Enum):
+    """How a --weights file encodes position (posvit_cli.core.features.alibi.METHODS)."""
+
+    alibi = "alibi"
+    nope = "nope"
+
+
+ShiftOpt = Annotated[Optional[list[str]], typer.Option("--shift", help="Offset DY,DX of view B from view A in whole patches (rows, columns); repeat for several shifts. Default: 2,3.", show_default=False)]
+
+
+def shift(
+    images: Annotated[list[str], typer.Argument(help="Image files, folders, or .txt lists of paths.", show_default=False)],
+    model: ModelOpt = None,
+    weights: WeightsOpt = "pretrained",
+    shifts: ShiftOpt = None,
+    mode: Annotated[ShiftMode, typer.Option("--mode", help="crop: two same-size crops of the image, B offset by the shift (the overlap is scored). roll: the image and its torus roll by the shift (every token scored; a roll-equivariant encoder scores content 1 exactly).")] = ShiftMode.crop,
+    size: SizeOpt = "native",
+    intensity: IntensityOpt = "auto",
+    max_side: Annotated[int, typer.Option("--max-side", min=1, help="Refuse images whose processed longer side exceeds this (px).")] = 2048,
+    method: Annotated[Optional[RetrofitMethod], typer.Option("--method", help="The model is position-free: alibi (2-D ALiBi, torus) or nope (no position encoding), as extract --method. Default: none (posvit checkpoints carry this themselves).", show_default=False)] = None,
+    layer: LayerOpt = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write the result (with per-token maps) as JSON to this file. Default: none.", show_default=False)] = None,
+    recursive: RecursiveOpt = False,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = Precision.auto,
+    threads: ThreadsOpt = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Crop-shift correspondence: do tokens follow the content or the grid when the image moves by whole patches?
+
+    For every image, two views offset by --shift are encoded, and every token of view A with a counterpart in
+    view B is matched to its cosine nearest neighbour among all tokens of B. Reports the fraction matched at the
+    content-correct offset (a position-free encoder: 1), the fraction drawn to the same absolute grid position (a
+    dominant position code: 1), the rest, and the mean distance in tokens from the match to the content-correct
+    token; mean ± std over images. Needs no labels and no store: only images and the encoder.
+    """
+    with cli_context(debug, quiet):
+        _shift(images, model, weights, shifts or ["2,3"], mode.value, size, intensity, max_side,
+               method.value if method else None, layer, output, recursive, seed, device, precision.value, threads,
+               json_out, quiet)
+
+
+def _encoder(model, weights, method, seed, device):
+    from posvit_cli.core.features.encoders import load_encoder, read_checkpoint_meta
+
+    if model is None and not (weights not in ("pretrained", "random") and read_checkpoint_meta(weights)):
+        model = "dinov2-s-reg"
+    modifications = None
+    if method:
+        from posvit_cli.core.features.alibi import AlibiConfig
+
+        modifications = [{"name": method, "config": AlibiConfig().to_dict() if method == "alibi" else {}}]
+    return load_encoder(model, weights, device=str(device), seed=seed, modifications=modifications)
+
+
+def _shift(images, model, weights, shift_specs, mode, size, intensity, max_side, method, layer, output, recursive,
+           seed, device, precision, threads, json_out, quiet) -> None:
+    from posvit_cli.core.device import resolve_device, resolve_precision, torch_threads
+    from posvit_cli.core.io.images import list_images, parse_intensity
+    from posvit_cli.core.io.preprocess import check_patch_multiple, parse_size
+    from posvit_cli.core.measure.shift import parse_shift, shift_correspondence, shift_result_json, write_shift_result
+
+    shifts = list(dict.fromkeys(parse_shift(s) for s in shift_specs))
+    layers = parse_csv(layer)
+    if len(layers) > 1:
+        raise PosvitError("the crop-shift probe matches one layer: name one with --layer")
+    mode_size = parse_size(size)
+    parse_intensity(intensity)
+    if output in ("", "-"):
+        raise PosvitError("-o names a JSON file; use --json for standard output")
+    if output and os.path.isdir(output):
+        raise PosvitError(f"output '{output}' is a folder: -o names the JSON file to write")
+    paths = list_images(images, recursive=recursive)
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    encoder = _encoder(model, weights, method, seed, dev)
+    if mode_size.kind in ("square", "crop"):
+        check_patch_multiple(f"--size {mode_size}", mode_size.size, encoder.patch_size, encoder.name)
+    (layer_name,) = encoder.layer_names(layers)
+    with torch_threads(threads), RichProgress(quiet) as progress:
+        result = shift_correspondence(encoder, paths, shifts=shifts, mode=mode, size=mode_size, intensity=intensity,
+                                      layer=layer_name, device=dev, precision=prec, max_side=max_side,
+                                      progress=progress)
+    result["command"] = command_line()
+    if output:
+        write_shift_result(output, result)
+    if not quiet:
+        _print_table(result, output)
+    if json_out:
+        import sys
+
+        sys.stdout.write(shift_result_json(result) + "\n")
+        sys.stdout.flush()
+
+
+def _fmt(block: dict, digits: int = 3) -> str:
+    if block["mean"] is None:
+        return "n/a"
+    return f"{block['mean']:.{digits}f} ± {block['std']:.{digits}f}"
+
+
+def _print_table(result: dict, output: str | None) -> None:
+    from rich.table import Table
+
+    s = result["settings"]
+    m = result["model"]
+    weights = "random weights" if m.get("weights") == "random" else ""
+    mods = ", ".join(x["name"] for x in m.get("modifications") or [])
+    what = " · ".join(x for x in (m.get("model"), weights, mods) if x)
+    table = Table(title=f"posvit probe shift · {what} · layer {result['layer']} · {len(result['images'])} images · "
+                        f"mode {s['mode']} · size {s['size']}", title_justify="left")
+    for col in ("shift DY,DX", "tokens", "content", "absolute", "other", "displacement (tokens)", "chance"):
+        table.add_column(col, justify="left" if col.startswith("shift") else "right")
+    for row in result["summary"]:
+        table.add_row(",".join(str(v) for v in row["shift"]), str(row["overlap_tokens"]), _fmt(row["fraction_content"]),
+                      _fmt(row["fraction_absolute"]), _fmt(row["fraction_other"]), _fmt(row["displacement_error"], 2),
+                      f"{row['chance']['mean']:.4f}")
+    console.print(table)
+    console.print("content: the nearest neighbour (cosine, among all tokens of view B) shows the same pixels; absolute: "
+                  "it sits at the query's own grid position. A position-free encoder scores content near 1, absolute "
+                  "near 0.", highlight=False, soft_wrap=True)
+    if output:
+        console.print(f"results → {output}")
+
+
+def viz_shift(
+    result: Annotated[str, typer.Argument(help="Crop-shift result JSON (posvit probe shift -o).", show_default=False)],
+    output: Annotated[str, typer.Option("--output", "-o", help="Folder for the figure and index.html (created; figures of earlier runs are kept and indexed).")] = "viz",
+    images: Annotated[Optional[str], typer.Option("--images", help="Images to draw, comma-separated file names or stems, or indices into the result. Default: the first --max-images.", show_default=False)] = None,
+    max_images: Annotated[int, typer.Option("--max-images", "-n", min=1, help="Images drawn when --images is not given (one row each).")] = 4,
+    panel_size: Annotated[int, typer.Option("--panel-size", min=16, max=4096, help="Longer side of each panel in pixels.")] = 256,
+    image_dir: Annotated[Optional[str], typer.Option("--image-dir", help="Folder to look for the images in first (when they moved since the probe). Default: the recorded paths.", show_default=False)] = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Crop-shift maps: view A of each image, every matched token coloured content / absolute / other.
+
+    Green tokens matched the token that shows the same pixels, red ones the token at their own grid position (a
+    positional code), grey ones something else; tokens without a counterpart in view B are left uncoloured. The
+    fractions are in the titles.
+    """
+    with cli_context(debug, quiet):
+        import dataclasses
+        from pathlib import Path
+
+        from posvit_cli.core.fileio import json_clean
+        from posvit_cli.core.measure.shift import read_shift_result
+        from posvit_cli.core.viz.index import update_index
+        from posvit_cli.core.viz.shift import select_result_images, shift_figure
+
+        doc = read_shift_result(result)
+        if image_dir is not None and not Path(image_dir).is_dir():
+            raise PosvitError(f"--image-dir '{image_dir}' is not a folder")
+        idx = select_result_images(doc, parse_csv(images), max_images)
+        if output in ("", "-"):
+            raise PosvitError("viz writes image files: name a folder with -o (e.g. -o figures/)")
+        outdir = Path(output)
+        if outdir.exists() and not outdir.is_dir():
+            raise PosvitError(f"output '{output}' is a file: -o names a folder for the figures")
+        outdir.mkdir(parents=True, exist_ok=True)
+        with RichProgress(quiet) as progress:
+            entries = shift_figure(doc, outdir, indices=idx, panel_size=panel_size, image_dir=image_dir,
+                                   source=result, command=command_line(), progress=progress)
+        page = update_index(outdir, entries)
+        if not quiet:
+            for e in entries:
+                console.print(f"[bold]{e.title}[/]\n  {e.caption}\n  → {outdir / e.file}", markup=True,
+                              highlight=False, soft_wrap=True)
+            console.print(f"index: {page}")
+        if json_out:
+            emit_json(json_clean({"output": str(outdir), "index": str(page),
+                                  "figures": [dataclasses.asdict(e) for e in entries]}))
