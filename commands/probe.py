@@ -74,16 +74,19 @@ class _DefaultPositional(PosvitGroup):
         return super().parse_args(ctx, args)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return [_POSITIONAL, _SEMANTIC]
+        # The two probes of a store first, then the probes that run an encoder on images, in registration order.
+        return [_POSITIONAL, _SEMANTIC, *(name for name in self.commands if name not in (_POSITIONAL, _SEMANTIC))]
 
 
 app = typer.Typer(cls=_DefaultPositional, context_settings={"help_option_names": ["-h", "--help"]},
-                  help="Probe positional bias (the default subcommand) or semantic retention.")
+                  help="Probe positional bias (the default subcommand), semantic retention, crop-shift correspondence or position-embedding controls.")
 
 
 @app.command(_POSITIONAL, cls=PosvitCommand,
              epilog="posvit probe STORE is short for posvit probe positional STORE. "
-             "The semantic probe: posvit probe semantic STORE --masks DIR (see its --help).")
+             "The semantic probe: posvit probe semantic STORE --masks DIR. Probes that run an encoder on images: "
+             "posvit probe shift IMAGES -m MODEL (crop-shift correspondence) and posvit probe controls IMAGES -m "
+             "MODEL (position-embedding controls). See each one's --help.")
 def positional(
     store: StoreArg = None,
     targets: Annotated[str, typer.Option("--targets", "-t", help="Comma-separated targets: lr, ud, diag, radial, xy (joint x,y: mean of two R²) and the controls random, raster.")] = _TARGETS_DEFAULT,

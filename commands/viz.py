@@ -50,7 +50,7 @@ def _renamed(new, old, old_flag: str, new_flag: str):
 app = typer.Typer(
     cls=PosvitGroup,
     name="viz",
-    help="Pictures of positional bias and its removal: PCA, similarity maps, positional channels, token norms, probe plots, "
+    help="Pictures of positional bias and its removal: PCA, similarity maps, positional channels, token norms, crop-shift maps, probe plots, "
     "label maps, model comparisons and reports, each with its score, laid out in OUTDIR/index.html.",
     no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"]},

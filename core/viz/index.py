@@ -35,6 +35,7 @@ SECTIONS = {
     "similarity": "Cosine-similarity maps",
     "channels": "Most positional channels",
     "norms": "Token norms (high-norm artefacts)",
+    "shift": "Crop-shift correspondence",
     "clusters": "Cluster maps",
     "segmentation": "Segmentations",
 }
