@@ -72,7 +72,7 @@ class _DefaultPositional(PosvitGroup):
         return super().parse_args(ctx, args)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return [_POSITIONAL, _SEMANTIC]
+        return [_POSITIONAL, _SEMANTIC, *sorted(set(self.commands) - {_POSITIONAL, _SEMANTIC})]
 
 
 app = typer.Typer(cls=_DefaultPositional, context_settings={"help_option_names": ["-h", "--help"]},
@@ -483,3 +483,8 @@ def _print_report(result: dict, output: str | None, csv_path: str | None) -> Non
         console.print(f"results → {output}")
     if csv_path:
         console.print(f"per-channel scores → {csv_path}")
+
+
+from posvit_cli.commands.probe_controls import controls as controls_command  # noqa: E402
+
+app.command("controls", cls=PosvitCommand)(controls_command)
