@@ -101,18 +101,18 @@ def _controls(images, model, weights, control_names, shift, layer, size, intensi
 def _cell(stat: dict | None) -> str:
     if not stat or stat.get("mean") is None:
         return "–"
-    return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
+    return f"{stat['mean']:.3f}±{stat['std']:.3f}"
 
 
 def _print_table(result: dict, output: str | None) -> None:
     from rich.table import Table
 
     codes = ", ".join(result["position_encoding"])
-    table = Table(title=f"{result['model']['model']} · {result['layer']} · position code: {codes} · "
+    table = Table(title=f"whole-stack R² · {result['model']['model']} · {result['layer']} · position code: {codes} · "
                         f"{len(result['images'])} images", title_justify="left")
     table.add_column("control")
     for t in _COLUMNS:
-        table.add_column(f"R² {t}", justify="right")
+        table.add_column(t, justify="right")
     table.add_column("drop xy", justify="right")
     for name, entry in result["controls"].items():
         if entry["status"] != "probed":
