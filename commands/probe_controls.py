@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from posvit_cli._cli import RichProgress, cli_context, command_line, console, emit_json, parse_csv
+from posvit_cli.commands.extract import PositionFreeMethod
 from posvit_cli.core.errors import PosvitError
 from posvit_cli.options import (
     DebugOpt, DeviceOpt, IntensityOpt, JsonOpt, LayerOpt, ModelOpt, QuietOpt, RecursiveOpt, SeedOpt, SizeOpt,
@@ -21,6 +22,7 @@ def controls(
     images: Annotated[list[str], typer.Argument(help="Image files, folders, or .txt lists of paths (as for extract).", show_default=False)],
     model: ModelOpt = None,
     weights: WeightsOpt = "pretrained",
+    method: Annotated[Optional[PositionFreeMethod], typer.Option("--method", help="The --weights file is a position-free model: alibi or nope (as for extract); its controls are then reported as not applicable. Default: none (posvit checkpoints carry this themselves).", show_default=False)] = None,
     control_names: Annotated[str, typer.Option("--controls", "-c", help="Comma-separated controls besides the reference none: zero (no position code), shuffle (codes permuted across positions, seeded by --seed), shift (the grid of codes rolled by --shift patches).")] = "zero,shuffle,shift",
     shift: Annotated[str, typer.Option("--shift", help="DY,DX: whole patches the shift control rolls the position codes by (on the torus).")] = "2,3",
     layer: LayerOpt = None,
@@ -47,7 +49,7 @@ def controls(
     Models without position code (ALiBi/NoPE) are probed once and the controls reported as not applicable.
     """
     with cli_context(debug, quiet):
-        _controls(images, model, weights, control_names, shift, layer, size, intensity, max_side, fraction, repeats,
+        _controls(images, model, weights, method.value if method else None, control_names, shift, layer, size, intensity, max_side, fraction, repeats,
                   seed, output, device, threads, recursive, json_out, quiet)
 
 
@@ -61,7 +63,7 @@ def _parse_shift(text: str) -> tuple[int, int]:
     return values[0], values[1]
 
 
-def _controls(images, model, weights, control_names, shift, layer, size, intensity, max_side, fraction, repeats, seed,
+def _controls(images, model, weights, method, control_names, shift, layer, size, intensity, max_side, fraction, repeats, seed,
               output, device, threads, recursive, json_out, quiet) -> None:
     import torch
 
@@ -84,7 +86,12 @@ def _controls(images, model, weights, control_names, shift, layer, size, intensi
     if threads:
         torch.set_num_threads(threads)
     dev = str(resolve_device(device))
-    encoder = load_encoder(model or "dinov2-s-reg", weights, device=dev, seed=seed)
+    modifications = None
+    if method:
+        from posvit_cli.core.features.alibi import AlibiConfig
+
+        modifications = [{"name": method, "config": AlibiConfig().to_dict() if method == "alibi" else {}}]
+    encoder = load_encoder(model or "dinov2-s-reg", weights, device=dev, seed=seed, modifications=modifications)
     with RichProgress(quiet) as progress:
         result = probe_controls(encoder, paths, controls=names, shift=offsets, layer=layer or "final", size=mode,
                                 intensity=intensity, max_side=max_side, settings=settings, device=dev,

@@ -210,3 +210,16 @@ def test_cli_controls_json_and_refusal(cli, tmp_path, one_torch_thread):
     lines = [ln for ln in bad.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "blur" in lines[0]
     assert out.read_text() == "keep me"
+
+
+def test_cli_position_free_model_rows(cli, tmp_path, one_torch_thread):
+    paths = _texture_pngs(tmp_path / "imgs", 2, (64, 64), seed=4)
+    res = cli(["probe", "controls", *paths, "-m", "posvit-tiny", "-w", "random", "--method", "nope", "--fraction",
+               "0.25", "--repeats", "1", "--json", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["position_encoding"] == ["no position embedding"]
+    assert doc["controls"]["none"]["status"] == "probed"
+    assert {k: v["status"] for k, v in doc["controls"].items() if k != "none"} == dict.fromkeys(
+        ["zero", "shuffle", "shift"], "no position embedding")
+    assert res.stderr.count("no position embedding") >= 4  # the title and one row per control
