@@ -223,3 +223,29 @@ def test_cli_position_free_model_rows(cli, tmp_path, one_torch_thread):
     assert {k: v["status"] for k, v in doc["controls"].items() if k != "none"} == dict.fromkeys(
         ["zero", "shuffle", "shift"], "no position embedding")
     assert res.stderr.count("no position embedding") >= 4  # the title and one row per control
+
+
+def test_eva02_with_pos_embed_and_rope_controls_both(one_torch_thread):
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("eva02_tiny_patch14_224", pretrained=False, num_classes=0, dynamic_img_size=True,
+                              depth=2).eval()
+    with torch.no_grad():  # sharp attention and a strong embedding, so that both codes matter
+        for name, param in model.named_parameters():
+            if "qkv.weight" in name or "q_proj.weight" in name or "k_proj.weight" in name:
+                param.mul_(8.0)
+        model.pos_embed.mul_(50.0)
+    p, h, w, patch = model.num_prefix_tokens, 6, 5, 14
+    x = torch.randn(1, 3, h * patch, w * patch, generator=torch.Generator().manual_seed(8))
+    rolled = torch.roll(x, (patch, 2 * patch), (2, 3))
+
+    def grid(inp):
+        with torch.inference_mode():
+            return model.forward_features(inp)[0, p:].reshape(h, w, -1)
+
+    target = torch.roll(grid(x), (1, 2), (0, 1))
+    assert (grid(rolled) - target).abs().max() > 0.1
+    with position_control(model, "shift", shift=(1, 2)) as codes:
+        assert codes == ["pos_embed", "rope"]
+        torch.testing.assert_close(grid(rolled), target, atol=2e-5, rtol=1e-5)
