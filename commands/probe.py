@@ -491,3 +491,8 @@ def _print_report(result: dict, output: str | None, csv_path: str | None) -> Non
         console.print(f"results → {output}")
     if csv_path:
         console.print(f"per-channel scores → {csv_path}")
+
+
+from posvit_cli.commands.probe_controls import controls as controls_command  # noqa: E402
+
+app.command("controls", cls=PosvitCommand)(controls_command)
