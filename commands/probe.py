@@ -14,6 +14,7 @@ import typer
 from posvit_cli._cli import (
     PosvitCommand, PosvitGroup, RichProgress, cli_context, command_line, console, parse_class_names, parse_csv, store_input,
 )
+from posvit_cli.commands import probe_controls as probe_controls_cmd
 from posvit_cli.commands import probe_shift as probe_shift_cmd
 from posvit_cli.core.errors import PosvitError
 from posvit_cli.options import (
@@ -139,9 +140,6 @@ def positional(
                     repeats, alpha, regressor.value if regressor else None, seed, layer, all_layers, top_k,
                     per_channel, extras, output, csv_path, device, threads, json_out, quiet,
                     norm_k if token_norms else None)
-
-
-app.command("shift", cls=PosvitCommand)(probe_shift_cmd.shift)
 
 
 @app.command(_SEMANTIC, cls=PosvitCommand)
@@ -493,6 +491,6 @@ def _print_report(result: dict, output: str | None, csv_path: str | None) -> Non
         console.print(f"per-channel scores → {csv_path}")
 
 
-from posvit_cli.commands.probe_controls import controls as controls_command  # noqa: E402
-
-app.command("controls", cls=PosvitCommand)(controls_command)
+# The probes that run an encoder on images (no store): listed after positional and semantic.
+app.command("shift", cls=PosvitCommand)(probe_shift_cmd.shift)
+app.command("controls", cls=PosvitCommand)(probe_controls_cmd.controls)
