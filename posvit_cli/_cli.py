@@ -66,7 +66,21 @@ __all__ = [
     "store_output",
 ]
 
-console = Console(stderr=True, highlight=False)
+#: Width of tables written into a log (stderr redirected to a file, no COLUMNS): Rich's 80 columns would cut
+#: numbers to "0.914±0.…", which a log is read for.
+LOG_WIDTH = 160
+
+
+def _stderr_width() -> int | None:
+    """Rich's own choice on a terminal or with COLUMNS set; :data:`LOG_WIDTH` when stderr is a file or pipe."""
+    try:
+        interactive = os.isatty(sys.stderr.fileno())
+    except (AttributeError, OSError, ValueError):
+        interactive = False
+    return None if interactive or os.environ.get("COLUMNS") else LOG_WIDTH
+
+
+console = Console(stderr=True, highlight=False, width=_stderr_width())
 
 # The shared option types are defined once in posvit_cli.options; these names stay importable from here.
 from posvit_cli.options import DebugOpt, DeviceOpt, JsonOpt, QuietOpt  # noqa: E402

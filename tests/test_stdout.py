@@ -128,3 +128,25 @@ def test_parse_seeds_rejects_bad_lists_in_one_line(text, message):
     with pytest.raises(PosvitError, match=message) as info:
         parse_seeds(text)
     assert "\n" not in str(info.value)
+
+
+def test_tables_in_a_redirected_log_are_not_cut_to_80_columns(tmp_path):
+    """stderr into a file without COLUMNS: the probe's table keeps whole numbers (mean ± std), which an 80-column
+    console would cut to '0.91±0.…'."""
+    from conftest import write_store
+
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(-1, 1, 12, dtype=np.float32)
+    grids = [np.concatenate([rng.standard_normal((12, 12, 6)).astype(np.float32),
+                             np.broadcast_to(ramp[None, :, None], (12, 12, 1)),
+                             np.broadcast_to(ramp[:, None, None], (12, 12, 1))], axis=-1) for _ in range(3)]
+    store = write_store(tmp_path / "s.h5", grids)
+    env = {k: v for k, v in _env(tmp_path).items() if k != "COLUMNS"}
+    with open(tmp_path / "run.log", "w") as log:
+        r = subprocess.run([sys.executable, "-m", "posvit_cli", "probe", str(store), "--fraction", "0.3"],
+                           stdout=subprocess.DEVNULL, stderr=log, timeout=300, env=env)
+    text = (tmp_path / "run.log").read_text()
+    assert r.returncode == 0, text
+    rows = [ln for ln in text.splitlines() if "±" in ln]
+    assert rows and not any("…" in ln for ln in rows), text
+    assert max(len(ln) for ln in text.splitlines()) > 80
