@@ -75,6 +75,7 @@ __all__ = [
     "DEFAULT_DRAWS",
     "DEPENDENCE_THRESHOLD",
     "P_THRESHOLD",
+    "dependence_cell",
     "label_block_mi",
     "position_dependence",
 ]
@@ -255,3 +256,11 @@ def position_dependence(labels_per_image: Sequence[np.ndarray], *, per_image: bo
         "null": "each image's labels rolled by an independent uniform whole-token offset on the torus",
         "n_images": len(labels_per_image), "n_tokens": int(sum(np.asarray(x).size for x in labels_per_image)),
     }
+
+
+def dependence_cell(result: dict | None) -> str:
+    """A result as a table cell: ``0.93 (p=0.01)``, with `` *`` when it is position-driven; ``""`` for None."""
+    if not result:
+        return ""
+    cell = f"{result['dependence']:.2f} (p={result['p_value']:.2g})"
+    return cell + " *" if result["position_driven"] else cell
