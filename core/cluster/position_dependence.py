@@ -126,8 +126,8 @@ def label_block_mi(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.maximum(h_label + h_block - h_joint, 0.0), np.minimum(h_label, h_block)
 
 
-def _group_counts(labels: np.ndarray, k: int, bins: int, shifts: np.ndarray | None, per_image: bool) -> np.ndarray:
-    """Joint (label, block) counts of images of one grid, after rolling each by its shift.
+def _group_counts(labels: np.ndarray, k: int, bins: int, shifts: np.ndarray | None, per_image: bool):
+    """Joint (label, block) counts of images of one grid, after rolling each by its shift, chunk by chunk.
 
     Parameters
     ----------
@@ -137,23 +137,25 @@ def _group_counts(labels: np.ndarray, k: int, bins: int, shifts: np.ndarray | No
     per_image : bool
         One count table per image (else one pooled table).
 
-    Returns
-    -------
-    ndarray of int64, shape (n or 1, k, nb) with ``nb`` the number of blocks.
+    Yields
+    ------
+    ndarray of int64, shape (m, k, nb) with ``nb`` the number of blocks: per image, ``m`` images at a time (at
+    most :data:`CHUNK_TOKENS` tokens and count cells per chunk), or once the pooled table (``m`` = 1).
     """
     n, h, w = labels.shape
     rows, cols = _axis_bins(h, bins), _axis_bins(w, bins)
     bw = min(bins, w)
     nb = min(bins, h) * bw
-    out = np.zeros((n if per_image else 1, k, nb), dtype=np.int64)
+    pooled = np.zeros((1, k, nb), dtype=np.int64)
     # np.roll(lab, (dy, dx))[r, c] = lab[r - dy, c - dx]: the token stored at (r, c) lands in the block of
     # (r + dy, c + dx), so rolling the block indices is the same as rolling the labels.
     row_idx = np.arange(h)
     col_blocks = np.broadcast_to(cols, (n, w)) if shifts is None else cols[(np.arange(w) + shifts[:, 1:2]) % w]
     band = max(1, min(h, CHUNK_TOKENS // max(w, 1)))  # rows per chunk when one image is larger than a chunk
-    per_chunk = max(1, CHUNK_TOKENS // max(h * w, 1))  # images per chunk otherwise
+    per_chunk = max(1, CHUNK_TOKENS // max(h * w, k * nb if per_image else 1))  # images per chunk otherwise
     for a in range(0, n, per_chunk):
         b = min(n, a + per_chunk)
+        out = np.zeros((b - a, k, nb), dtype=np.int64) if per_image else pooled
         for r0 in range(0, h, band if per_chunk == 1 else h):
             r1 = min(h, r0 + (band if per_chunk == 1 else h))
             rr = row_idx[r0:r1]
@@ -163,10 +165,13 @@ def _group_counts(labels: np.ndarray, k: int, bins: int, shifts: np.ndarray | No
                                                               + col_blocks[a:b, None, :])
             if per_image:
                 key += (np.arange(b - a) * (k * nb))[:, None, None]
-                out[a:b] += np.bincount(key.ravel(), minlength=(b - a) * k * nb).reshape(b - a, k, nb)
+                out += np.bincount(key.ravel(), minlength=(b - a) * k * nb).reshape(b - a, k, nb)
             else:
                 out[0] += np.bincount(key.ravel(), minlength=k * nb).reshape(k, nb)
-    return out
+        if per_image:
+            yield out
+    if not per_image:
+        yield pooled
 
 
 def _by_grid(labels_per_image: Sequence[np.ndarray]) -> tuple[dict[tuple[int, int], np.ndarray], int]:
@@ -192,12 +197,12 @@ def _statistic(grids: dict, k: int, bins: int, per_image: bool, shifts: dict | N
     mi_sum = max_sum = 0.0
     tokens = 0
     for g, labs in grids.items():
-        counts = _group_counts(labs, k, bins, None if shifts is None else shifts[g], per_image)
-        weight = counts.sum(axis=(1, 2)).astype(np.float64)
-        mi, max_mi = label_block_mi(counts)
-        mi_sum += float(weight @ mi)
-        max_sum += float(weight @ max_mi)
-        tokens += int(weight.sum())
+        for counts in _group_counts(labs, k, bins, None if shifts is None else shifts[g], per_image):
+            weight = counts.sum(axis=(1, 2)).astype(np.float64)
+            mi, max_mi = label_block_mi(counts)
+            mi_sum += float(weight @ mi)
+            max_sum += float(weight @ max_mi)
+            tokens += int(weight.sum())
     return mi_sum / tokens, max_sum / tokens
 
 

@@ -171,3 +171,13 @@ def test_bad_input_is_refused_in_one_line():
         position_dependence([np.zeros((4, 4), int)], bins=1)
     with pytest.raises(PosvitError, match="no label maps"):
         position_dependence([])
+
+
+def test_per_image_counts_in_chunks_of_images_give_the_same_answer(monkeypatch):
+    maps = _textures(9, 5) + [_top_bottom()] * 3
+    whole = position_dependence(maps, per_image=True, draws=20, seed=3)
+    monkeypatch.setattr(P, "CHUNK_TOKENS", 1000)  # two 20 × 24 images per chunk
+    chunked = position_dependence(maps, per_image=True, draws=20, seed=3)
+    for key in ("mi_bits", "null_mean_bits", "null_std", "max_bits", "dependence"):
+        assert chunked[key] == pytest.approx(whole[key], abs=1e-12)
+    assert chunked["p_value"] == whole["p_value"]
