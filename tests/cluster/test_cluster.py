@@ -1,4 +1,4 @@
-"""`posvit cluster` and its core: matching, mIoU, k-means, spatial entropy, label stores, bad input."""
+"""`posvit cluster` and its core: matching, mIoU, k-means, spatial entropy, position dependence, label stores, bad input."""
 
 from __future__ import annotations
 
