@@ -49,6 +49,8 @@ def cluster(
     max_iter: Annotated[Optional[int], typer.Option("--max-iter", min=1, help="k-means iterations. Default: 100 (standard), 50 (in-training), 300 (--per-image).", show_default=False)] = None,
     eval_size: Annotated[str, typer.Option("--eval-size", help="Evaluation grid, N or HxW: masks are resized to it and cluster maps upsampled to it (nearest).")] = "100",
     max_points_per_cluster: Annotated[Optional[int], typer.Option("--max-points-per-cluster", min=1, help="Fit k-means on a random k·N subset of tokens, then label all (faiss's default is 256). Default: fit on all tokens.", show_default=False)] = None,
+    position_bins: Annotated[int, typer.Option("--position-bins", min=2, max=16, help="Blocks per side of the token grid for the position dependence of the clusters (2: quadrants).")] = 2,
+    null_draws: Annotated[int, typer.Option("--null-draws", min=39, max=9999, help="Rolled copies of the label maps in the position dependence's null (the smallest p-value is 1/(1 + draws)).")] = 99,
     layer: LayerOpt = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write label maps (kmeans_k{k}, and the matched classes with --masks) to this store (.h5, .zarr, .zarr.zip, - for stdout), for `posvit viz`. Default: stdout when it is a pipe and --json is off, else none.", show_default=False)] = None,
     results_json: Annotated[Optional[Path], typer.Option("--results-json", help="Write the results JSON here. Default: next to -o (labels.h5 → labels.cluster.json), else none.", dir_okay=False, show_default=False)] = None,
@@ -64,8 +66,9 @@ def cluster(
     With --masks: the overclustering evaluation of Ziegler & Asano (2022) as Leopart/NeCo run it (z-score → PCA 50 →
     k-means for seeds 0-4 → Hungarian matching when k equals the number of classes, precision-based many-to-one
     for any other k → dataset-wide mIoU, mean ± std over seeds). Without masks: dataset-wide k-means label maps, or
-    per-image decompositions with --per-image. Every clustering reports its spatial entropy (1 = clusters spread
-    over the whole grid, low = clusters that follow position).
+    per-image decompositions with --per-image. Every clustering reports its position dependence: how much more the
+    cluster labels tell about the token's grid quadrant than for the same label maps rolled to random offsets
+    (1 = as much as the cluster sizes allow, about 0 = no more than by chance), with its p-value.
     """
     # SIGTERM (a scheduler's time limit, `kill`) stops it like Ctrl-C: exit 130, no output under its final name.
     with cli_context(debug, quiet), sigterm_as_interrupt():
@@ -107,8 +110,8 @@ def _results_path(results_json, output) -> Path | None:
 
 
 def _run(store, k, masks, ignore_index, num_classes, class_names, seeds, pca_dim, protocol, matching, per_image,
-         n_init, max_iter, eval_size, max_points_per_cluster, layer, output, results_json, overwrite, threads, device,
-         json_out, quiet, **_):
+         n_init, max_iter, eval_size, max_points_per_cluster, position_bins, null_draws, layer, output, results_json,
+         overwrite, threads, device, json_out, quiet, **_):
     protocol = protocol.value
     ks = parse_csv(k, int)
     if not ks:
@@ -131,6 +134,9 @@ def _run(store, k, masks, ignore_index, num_classes, class_names, seeds, pca_dim
         raise PosvitError("--max-points-per-cluster must be at least 1")
     if num_classes is not None and num_classes < 1:
         raise PosvitError("--num-classes must be at least 1")
+    if not 2 <= position_bins <= 16 or not 39 <= null_draws <= 9999:
+        raise PosvitError("--position-bins must be 2-16 and --null-draws 39-9999")
+    posdep = dict(position_bins=position_bins, null_draws=null_draws)
     seed_list = parse_seeds(seeds) if seeds is not None else None
     names = _parse_class_names(class_names)
     eval_hw = _parse_eval_size(eval_size)
@@ -163,21 +169,22 @@ def _run(store, k, masks, ignore_index, num_classes, class_names, seeds, pca_dim
             raise PosvitError(f"'{fs.source}' holds no images")
         if per_image:
             out = C.per_image_kmeans(fs, ks, n_init=n_init or 15, max_iter=max_iter or 300,
-                                     seed=(seed_list or [0])[0], layer=layer, device=dev, progress=progress)
+                                     seed=(seed_list or [0])[0], layer=layer, device=dev, progress=progress,
+                                     **posdep)
         elif masks is not None:
             mask_set = load_masks(fs, masks, eval_size=eval_hw, ignore_index=None if ignore_index < 0 else ignore_index,
                                   num_classes=num_classes, class_names=names, progress=progress)
             out = C.overcluster_eval(fs, mask_set, ks, protocol=protocol, seeds=seed_list, pca_dim=pca_dim,
                                      n_init=n_init, max_iter=max_iter, layer=layer, device=dev,
                                      max_points_per_cluster=max_points_per_cluster, keep_maps=bool(output),
-                                     matching=matching.value, progress=progress)
+                                     matching=matching.value, progress=progress, **posdep)
             out["masks"] = str(masks)
             if mask_set.resized:
                 out["masks_resized"] = mask_set.resized
         else:
             out = C.cluster_dataset(fs, ks, seeds=seed_list or [0], pca_dim=pca_dim, n_init=n_init or 5,
                                     max_iter=max_iter or 100, layer=layer, device=dev,
-                                    max_points_per_cluster=max_points_per_cluster, progress=progress)
+                                    max_points_per_cluster=max_points_per_cluster, progress=progress, **posdep)
         maps = out.pop("maps", None)
         out = {"command": command_line(), "store": fs.source, "device": str(dev), **out}
         where = None
@@ -197,6 +204,8 @@ def _run(store, k, masks, ignore_index, num_classes, class_names, seeds, pca_dim
 def _print_table(out: dict, where, res_path) -> None:
     from rich.table import Table
 
+    from posvit_cli.core.cluster.position_dependence import DEPENDENCE_THRESHOLD, P_THRESHOLD, dependence_cell
+
     settings = out.get("settings", {})
     mode = settings.get("mode") or f"overclustering, {settings.get('protocol')} protocol"
     title = f"posvit cluster: {mode} ({out.get('n_images')} images)"
@@ -206,20 +215,21 @@ def _print_table(out: dict, where, res_path) -> None:
     if evaluated:
         t.add_column("matching")
         t.add_column("mIoU (%)", justify="right")
-    t.add_column("spatial entropy", justify="right")
-    t.add_column("shuffled", justify="right")
+    t.add_column("position dep.", justify="right")
     for r in out["results"]:
-        ent = f"{r['spatial_entropy']:.3f}"
-        if r.get("spatial_entropy_std"):
-            ent += f" ± {r['spatial_entropy_std']:.3f}"
         row = [str(r["k"])]
         if evaluated:
             n = len(r["miou_per_seed"])
             m = f"{100 * r['miou_mean']:.2f}" + (f" ± {100 * r['miou_std']:.2f}" if n > 1 else "")
             row += [r["matching"], m]
-        row += [ent, f"{r['spatial_entropy_shuffled']:.3f}"]
+        row.append(dependence_cell(r.get("position_dependence")))
         t.add_row(*row)
     console.print(t)
+    pd = out["results"][0]["position_dependence"] if out["results"] else None
+    if pd:
+        console.print(f"position dep.: mutual information of cluster and {pd['bins']}×{pd['bins']} grid block above "
+                      f"its mean over {pd['draws']} rolled copies, as a share of the most the clusters allow; "
+                      f"* = position-driven (p < {P_THRESHOLD:g}, dependence ≥ {DEPENDENCE_THRESHOLD:g})")
     if evaluated:
         console.print(f"seeds {settings.get('seeds')}, PCA {out['pca']['dims']} dims "
                       f"({100 * out['pca']['explained_variance_ratio']:.1f} % of the variance), "

@@ -1,4 +1,9 @@
-"""How much a clustering follows position rather than content.
+"""The old spatial entropy of a clustering, kept for the ``spatial_entropy`` JSON keys.
+
+Use :mod:`~posvit_cli.core.cluster.position_dependence` instead: the spatial entropy below mixes position with
+cluster size and blob shape, and its shuffled reference destroys the blobs, so it never separates a position split
+from a content split (on scikit-image's coins as a 20 × 24 token grid, a top/bottom k=2 split and a k-means split
+of the intensities both score 0.888, and 0.888 shuffled).
 
 Spatial entropy of a clustering (a position-bias measure, after Franca's Fig. 6)
     For cluster ``j`` on images with an ``h × w`` token grid, let ``p_j(r, c)`` be the fraction of cluster ``j``'s

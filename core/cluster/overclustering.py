@@ -1,4 +1,11 @@
-"""Overclustering evaluation (Ziegler & Asano 2022), k-means decompositions, and the spatial entropy of clusters.
+"""Overclustering evaluation (Ziegler & Asano 2022), k-means decompositions, and how much clusters follow position.
+
+Every clustering reports its ``position_dependence``
+(:func:`~posvit_cli.core.cluster.position_dependence.position_dependence`: mutual information between cluster
+label and grid block against each image's labels rolled on the torus, a p-value and a normalised dependence),
+measured on the first seed's clustering. The ``spatial_entropy`` keys (``_std``, ``_shuffled``, ``_per_seed``)
+are the old measure (:mod:`~posvit_cli.core.cluster.entropy`), kept for scripts that read them: it does not
+separate position from content.
 
 Two evaluation protocols, as the reference code runs them (see ``docs`` and the README for the differences):
 
@@ -18,7 +25,8 @@ Two evaluation protocols, as the reference code runs them (see ``docs`` and the 
 
 The pieces live in their own modules: :mod:`~posvit_cli.core.cluster.projection` (streamed z-score and PCA),
 :mod:`~posvit_cli.core.cluster.masks` (ground truth on the evaluation grid), :mod:`~posvit_cli.core.cluster.matching`
-(clusters to classes) and :mod:`~posvit_cli.core.cluster.entropy` (the spatial entropy of a clustering).
+(clusters to classes), :mod:`~posvit_cli.core.cluster.position_dependence` (does a clustering follow position?) and
+:mod:`~posvit_cli.core.cluster.entropy` (the old spatial entropy).
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import numpy as np
 
 from posvit_cli.core.cluster.entropy import spatial_entropy
 from posvit_cli.core.cluster.masks import MaskSet
+from posvit_cli.core.cluster.position_dependence import DEFAULT_BINS, DEFAULT_DRAWS, position_dependence
 from posvit_cli.core.cluster.matching import matched_iou
 from posvit_cli.core.cluster.projection import fit_projection, project_tokens, projected_source
 from posvit_cli.core.cluster.sampled import fit_sample_size, kmeans_streamed
@@ -168,7 +177,7 @@ def _matching_summary(entry: dict, class_names: Sequence[str]) -> dict:
 
 
 def _seed_summary(entropies, shuffled_entropy: float, inertias, iterations) -> dict:
-    """Spatial entropy (mean, std, shuffled reference), inertia and iterations over the seeds of one k."""
+    """Old spatial entropy (mean, std, shuffled reference), inertia and iterations over the seeds of one k."""
     return {
         "spatial_entropy": float(np.mean(entropies)),
         "spatial_entropy_std": float(np.std(entropies)),
@@ -191,7 +200,8 @@ def overcluster_eval(store, masks: MaskSet, ks: Sequence[int], *, protocol: str 
                      seeds: Sequence[int] | None = None, pca_dim: int = 50, n_init: int | None = None,
                      max_iter: int | None = None, layer: str | None = None, device="cpu",
                      max_points_per_cluster: int | None = None, keep_maps: bool = False,
-                     matching: str = "reference", progress: ProgressCallback | None = None) -> dict:
+                     matching: str = "reference", position_bins: int = DEFAULT_BINS,
+                     null_draws: int = DEFAULT_DRAWS, progress: ProgressCallback | None = None) -> dict:
     """Overclustering mIoU of a store's features against masks, per k, as mean ± std over seeds.
 
     Parameters
@@ -211,14 +221,17 @@ def overcluster_eval(store, masks: MaskSet, ks: Sequence[int], *, protocol: str 
     matching : {"reference", "hungarian"}
         ``reference``: Hungarian only when k equals the number of classes, greedy many-to-one for every other k
         (Leopart's ``PredsmIoU``). ``hungarian``: Hungarian for every k up to the number of classes.
+    position_bins, null_draws : int
+        Blocks per side and rolled draws of the position dependence (of the first seed's clustering).
 
     Returns
     -------
     dict (JSON-ready except ``"maps"``)
         ``settings``, ``pca`` (explained variance), and ``results``: one entry per (k, matching) with
         ``miou_mean``, ``miou_std`` (population std over seeds), ``miou_per_seed``, ``iou_per_class`` (mean over
-        seeds), ``clusters_to_background``, ``spatial_entropy`` (mean, std, shuffled reference), ``inertia_per_seed``
-        and ``seconds``.
+        seeds), ``clusters_to_background``, ``position_dependence`` (first seed; see
+        :func:`~posvit_cli.core.cluster.position_dependence.position_dependence`), the old ``spatial_entropy``
+        (mean, std, shuffled reference), ``inertia_per_seed`` and ``seconds``.
     """
     from posvit_cli.core.io.labels import nearest_indices
     from posvit_cli.core.measure.metrics import confusion_matrix
@@ -256,6 +269,7 @@ def overcluster_eval(store, masks: MaskSet, ks: Sequence[int], *, protocol: str 
         per_method: dict[str, dict] = {}
         methods = matchings_for(k, n_cls, protocol, matching)
         entropies, shuffled, inertias, iters = [], [], [], []
+        dependence = None
         t_k = time.perf_counter()
         for si, seed in enumerate(seeds):
             task = f"k-means k={k} seed {seed}"
@@ -267,6 +281,7 @@ def overcluster_eval(store, masks: MaskSet, ks: Sequence[int], *, protocol: str 
             entropies.append(spatial_entropy(per_img, k))
             if si == 0:
                 shuffled.append(spatial_entropy(per_img, k, shuffle_seed=seed))
+                dependence = position_dependence(per_img, bins=position_bins, draws=null_draws, seed=seed)
             pred = np.empty(gt.shape, dtype=np.int64)
             for j, lab in enumerate(per_img):
                 rr, cc = samplers[grids[j]]
@@ -285,7 +300,7 @@ def overcluster_eval(store, masks: MaskSet, ks: Sequence[int], *, protocol: str 
         seconds = time.perf_counter() - t_k
         for method, entry in per_method.items():
             results.append({"k": int(k), "matching": method, **_matching_summary(entry, masks.class_names),
-                            **_seed_summary(entropies, shuffled[0], inertias, iters), "seconds": round(seconds, 3)})
+                            "position_dependence": dependence, **_seed_summary(entropies, shuffled[0], inertias, iters), "seconds": round(seconds, 3)})
     present = set(int(c) for c in masks.present_classes())
     out = {
         "settings": {
@@ -293,6 +308,7 @@ def overcluster_eval(store, masks: MaskSet, ks: Sequence[int], *, protocol: str 
             "n_init": n_init, "max_iter": max_iter,
             "pca_dim": proj.out_dim, "eval_size": [eh, ew], "ignore_index": masks.ignore_index,
             "num_classes": n_cls, "class_names": list(masks.class_names),
+            "position_bins": position_bins, "null_draws": null_draws,
             **_preprocessing_settings(cfg, proj), "max_points_per_cluster": max_points_per_cluster,
             "init": "k-means++ (greedy, sampled)", "std": "population std over seeds",
         },
@@ -311,13 +327,15 @@ def overcluster_eval(store, masks: MaskSet, ks: Sequence[int], *, protocol: str 
 
 def cluster_dataset(store, ks: Sequence[int], *, seeds: Sequence[int] = (0,), pca_dim: int = 50, n_init: int = 5,
                     max_iter: int = 100, layer: str | None = None, device="cpu",
-                    max_points_per_cluster: int | None = None, progress: ProgressCallback | None = None) -> dict:
+                    max_points_per_cluster: int | None = None, position_bins: int = DEFAULT_BINS,
+                    null_draws: int = DEFAULT_DRAWS, progress: ProgressCallback | None = None) -> dict:
     """Dataset-wide k-means of all tokens (z-score → PCA → k-means), without masks.
 
     Returns
     -------
     dict
-        ``results``: per k the inertia and spatial entropy per seed, and ``maps``: ``{"kmeans_k{k}": [labels
+        ``results``: per k the inertia per seed, the ``position_dependence`` of the first seed's clusters
+        (``position_bins`` blocks per side, ``null_draws`` rolls), the old spatial entropy per seed, and ``maps``: ``{"kmeans_k{k}": [labels
         (h, w) per image]}`` from the first seed.
     """
     layer = store.check_layer(layer)
@@ -331,7 +349,7 @@ def cluster_dataset(store, ks: Sequence[int], *, seeds: Sequence[int] = (0,), pc
     offsets = _offsets(grids)
     results, maps = [], {}
     for k in ks:
-        ent, shuffled, inertias, iters = [], None, [], []
+        ent, shuffled, dependence, inertias, iters = [], None, None, [], []
         t_k = time.perf_counter()
         for si, seed in enumerate(seeds):
             labels, inertia, n_it = _kmeans_labels(y, k, seed, n_init, max_iter, device, max_points_per_cluster,
@@ -342,9 +360,10 @@ def cluster_dataset(store, ks: Sequence[int], *, seeds: Sequence[int] = (0,), pc
             iters.append(n_it)
             if si == 0:
                 shuffled = spatial_entropy(per_img, k, shuffle_seed=seed)
+                dependence = position_dependence(per_img, bins=position_bins, draws=null_draws, seed=seed)
                 maps[f"kmeans_k{k}"] = [lab.astype(np.int32) for lab in per_img]
         results.append({
-            "k": int(k), "spatial_entropy": float(np.mean(ent)), "spatial_entropy_std": float(np.std(ent)),
+            "k": int(k), "position_dependence": dependence, "spatial_entropy": float(np.mean(ent)), "spatial_entropy_std": float(np.std(ent)),
             "spatial_entropy_shuffled": float(shuffled), "spatial_entropy_per_seed": [float(v) for v in ent],
             "inertia_per_seed": [float(v) for v in inertias], "kmeans_iterations": iters,
             "seconds": round(time.perf_counter() - t_k, 3),
@@ -352,7 +371,7 @@ def cluster_dataset(store, ks: Sequence[int], *, seeds: Sequence[int] = (0,), pc
     return {
         "settings": {"mode": "dataset", "layer": layer, "seeds": list(seeds), "n_init": n_init,
                      "max_iter": max_iter, "pca_dim": proj.out_dim, "max_points_per_cluster": max_points_per_cluster,
-                     "init": "k-means++ (greedy, sampled)"},
+                     "init": "k-means++ (greedy, sampled)", "position_bins": position_bins, "null_draws": null_draws},
         "n_images": len(indices), "n_tokens": int(n_tokens),
         "pca": {"dims": proj.out_dim, "explained_variance_ratio": proj.explained_variance_ratio},
         "results": results, "maps": maps,
@@ -360,7 +379,8 @@ def cluster_dataset(store, ks: Sequence[int], *, seeds: Sequence[int] = (0,), pc
 
 
 def per_image_kmeans(store, ks: Sequence[int], *, n_init: int = 15, max_iter: int = 300, seed: int = 0,
-                     layer: str | None = None, device="cpu", progress: ProgressCallback | None = None) -> dict:
+                     layer: str | None = None, device="cpu", position_bins: int = DEFAULT_BINS,
+                     null_draws: int = DEFAULT_DRAWS, progress: ProgressCallback | None = None) -> dict:
     """k-means of each image's tokens on their own (the "What DINO saw" decompositions).
 
     Each image's tokens are standardised channel by channel over that image (zero-variance channels are left
@@ -371,8 +391,8 @@ def per_image_kmeans(store, ks: Sequence[int], *, n_init: int = 15, max_iter: in
     Returns
     -------
     dict
-        ``results``: per k the spatial entropy (per image, token-weighted) and its shuffled reference, the mean
-        inertia; ``maps``: ``{"kmeans_k{k}": [labels (h, w) per image]}``.
+        ``results``: per k the ``position_dependence`` (per image, token-weighted; ``position_bins`` blocks per
+        side, ``null_draws`` rolls), the old spatial entropy and its shuffled reference, the mean inertia; ``maps``: ``{"kmeans_k{k}": [labels (h, w) per image]}``.
     """
     layer = store.check_layer(layer)
     prog = report(progress)
@@ -399,13 +419,16 @@ def per_image_kmeans(store, ks: Sequence[int], *, n_init: int = 15, max_iter: in
         labs = maps[f"kmeans_k{k}"]
         results.append({
             "k": int(k),
+            "position_dependence": position_dependence(labs, per_image=True, bins=position_bins, draws=null_draws,
+                                                       seed=seed),
             "spatial_entropy": spatial_entropy(labs, k, per_image=True),
             "spatial_entropy_shuffled": spatial_entropy(labs, k, per_image=True, shuffle_seed=seed),
             "inertia_mean": float(np.mean(inertia[k])),
         })
     return {
         "settings": {"mode": "per-image", "layer": layer, "n_init": n_init, "max_iter": max_iter, "seed": seed,
-                     "standardise": "per image, per channel", "init": "k-means++ (greedy)"},
+                     "standardise": "per image, per channel", "init": "k-means++ (greedy)",
+                     "position_bins": position_bins, "null_draws": null_draws},
         "n_images": n, "seconds": round(time.perf_counter() - t0, 3), "results": results, "maps": maps,
     }
 

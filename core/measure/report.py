@@ -16,11 +16,17 @@ positional
 semantic (with masks)
     :func:`posvit_cli.core.measure.semantic.semantic_probe` on a seeded split of the images by name (the same split for
     every row of the same images): mIoU of the held-out images from one confusion matrix.
+token-norm outliers
+    :func:`posvit_cli.core.measure.norms.image_norms` on every image (the rule of ``probe``'s ``token_norms``): the
+    mean over images of the share of tokens whose norm is an outlier (the register artefact), read band by band
+    and one image at a time.
 robustness (with masks and transformed stores)
     The same head scored on each transformed store: mIoU per transform.
 overclustering (with masks)
     :func:`posvit_cli.core.cluster.overclustering.overcluster_eval` (standard protocol): mIoU mean ± std over seeds per k and
-    the spatial entropy of the clusters.
+    the position dependence of the first seed's clusters
+    (:func:`~posvit_cli.core.cluster.position_dependence.position_dependence`; the old ``spatial_entropy`` keys
+    stay in the JSON).
 """
 
 from __future__ import annotations
@@ -198,6 +204,7 @@ def compare_stores(
             "stack_r2": {t: block[t]["mean"] for t in positional.targets},
             "stack_r2_std": {t: block[t]["std"] for t in positional.targets},
         }
+        row["token_norms"] = _token_norm_outliers(store, ly)
         prog(task, 1, 3 if masks else 1)
         row["semantic"], row["robustness"], row["cluster"] = None, [], None
         if masks:
@@ -243,6 +250,20 @@ def compare_stores(
     }
 
 
+def _token_norm_outliers(store, layer) -> dict:
+    """Outlier-token shares of every image (``probe``'s ``token_norms`` rule), one norm map in memory at a time."""
+    from posvit_cli.core.measure.norms import DEFAULT_K, image_norms
+
+    shares = []
+    outliers = 0
+    for i in range(len(store)):
+        norms = image_norms(store, i, layer)
+        shares.append(norms.share)
+        outliers += norms.count
+    return {"k": DEFAULT_K, "mean_share": float(sum(shares) / len(shares)), "max_share": float(max(shares)),
+            "n_outliers": int(outliers), "images_with_outliers": sum(1 for v in shares if v > 0)}
+
+
 def _overcluster(store, masks, ks, num_classes, ignore_index, class_names, seeds, layer, device, threads, notes,
                  name) -> list[dict]:
     from posvit_cli.core.cluster.masks import load_masks
@@ -258,7 +279,8 @@ def _overcluster(store, masks, ks, num_classes, ignore_index, class_names, seeds
     mask_set = load_masks(store, masks, ignore_index=ignore_index, num_classes=num_classes, class_names=class_names)
     with torch_threads(threads):
         res = overcluster_eval(store, mask_set, usable, protocol="standard", seeds=seeds, layer=layer, device=device)
-    keep = ("k", "matching", "miou_mean", "miou_std", "spatial_entropy", "spatial_entropy_shuffled")
+    keep = ("k", "matching", "miou_mean", "miou_std", "position_dependence", "spatial_entropy",
+            "spatial_entropy_shuffled")
     return [{k: r[k] for k in keep} for r in res["results"]]
 
 
@@ -272,8 +294,14 @@ def _num(v, digits=3) -> str:
     return f"{v:.{digits}f}"
 
 
+def _share(token_norms: dict | None) -> str:
+    return f"{100 * token_norms['mean_share']:.2f} %" if token_norms else ""
+
+
 def report_table(doc: dict) -> tuple[list[str], list[list[str]]]:
     """The report as a header and rows of strings (what the Markdown and the terminal table show)."""
+    from posvit_cli.core.cluster.position_dependence import dependence_cell
+
     rows = doc["rows"]
     transforms: list[str] = []
     cluster_cols: list[tuple[int, str]] = []
@@ -285,12 +313,12 @@ def report_table(doc: dict) -> tuple[list[str], list[list[str]]]:
             if (c["k"], c["matching"]) not in cluster_cols:
                 cluster_cols.append((c["k"], c["matching"]))
     has_sem = any(r["semantic"] for r in rows)
-    header = ["store", "model", "debias", "size", "grid", "R² xy", "R² lr", "R² ud", "R² random"]
+    header = ["store", "model", "debias", "size", "grid", "R² xy", "R² lr", "R² ud", "R² random", "outlier tokens"]
     if has_sem:
         header.append("semantic mIoU")
     header += [f"mIoU {t}" for t in transforms]
     for k, m in cluster_cols:
-        header += [f"cluster mIoU k={k}" + (f" ({m})" if m != "precision" else ""), f"entropy k={k}"]
+        header += [f"cluster mIoU k={k}" + (f" ({m})" if m != "precision" else ""), f"position dep. k={k}"]
     body = []
     for r in rows:
         pos = r["positional"]["stack_r2"]
@@ -298,7 +326,8 @@ def report_table(doc: dict) -> tuple[list[str], list[list[str]]]:
         line = [r["name"], r["model"] or "", dbs, str(r["size"] or ""),
                 "×".join(str(v) for v in r["grid"]) + ("" if len(r["grids"]) <= 1 else f" (+{len(r['grids']) - 1})")
                 if r["grid"] else "",
-                _num(pos.get("xy")), _num(pos.get("lr")), _num(pos.get("ud")), _num(pos.get("random"))]
+                _num(pos.get("xy")), _num(pos.get("lr")), _num(pos.get("ud")), _num(pos.get("random")),
+                _share(r.get("token_norms"))]
         if has_sem:
             line.append(_num(r["semantic"]["miou"]) if r["semantic"] else "")
         rob = {t["transform"]: t for t in r["robustness"]}
@@ -308,13 +337,16 @@ def report_table(doc: dict) -> tuple[list[str], list[list[str]]]:
         for key in cluster_cols:
             c = cl.get(key)
             line += [f"{_num(c['miou_mean'])} ± {_num(c['miou_std'])}" if c else "",
-                     _num(c["spatial_entropy"]) if c else ""]
+                     dependence_cell(c.get("position_dependence")) if c else ""]
         body.append(line)
     return header, body
 
 
 def report_markdown(doc: dict) -> str:
     """The report as Markdown: a title, the table and how each column was measured."""
+    from posvit_cli.core.cluster import position_dependence as PD
+    from posvit_cli.core.measure.norms import DEFAULT_K as NORM_K
+
     header, body = report_table(doc)
     s = doc["settings"]
     lines = ["# posvit report", "",
@@ -325,7 +357,10 @@ def report_markdown(doc: dict) -> str:
     p = s["positional"]
     lines += ["", "- **R²**: held-out stack R² of a ridge probe of the positional ramp (mean over images × "
               f"{p['repeats']} repeats, training fraction {p['fraction']:.4g}, α {p['alpha']:g}); `xy` is the joint "
-              "x, y score, `random` the null: ramps at the null's level carry no position."]
+              "x, y score, `random` the null: ramps at the null's level carry no position.",
+              f"- **outlier tokens**: mean over images of the share of tokens whose norm lies more than {NORM_K:g} robust "
+              "standard deviations above the image's median log norm (the register artefact; `probe`'s "
+              "`token_norms` rule)."]
     if s["semantic"]:
         sem = s["semantic"]
         lines.append(f"- **semantic mIoU**: {sem['head']} head ({sem['head_form']}) trained on each store's features, "
@@ -339,8 +374,12 @@ def report_markdown(doc: dict) -> str:
         lines.append(f"- **cluster mIoU**: overclustering, standard protocol (z-score, PCA 50, k-means, seeds "
                      f"{seeds[0]}–{seeds[-1]}, Hungarian matching at the class count, precision many-to-one at "
                      "any other k), "
-                     "mean ± std over seeds. **entropy**: spatial entropy of the clusters (1 = spread over the grid, "
-                     "low = clusters that follow position).")
+                     "mean ± std over seeds. **position dep.**: mutual information of the first seed's cluster "
+                     f"labels with the {PD.DEFAULT_BINS} × {PD.DEFAULT_BINS} grid block, above its mean over "
+                     f"{PD.DEFAULT_DRAWS} copies of the label maps rolled to random offsets, as a share of the most "
+                     "the cluster sizes allow (1 = clusters that follow position, about 0 = no more than by "
+                     "chance); p: the share of rolled copies at least as high; * = position-driven "
+                     f"(p < {PD.P_THRESHOLD:g} and dependence ≥ {PD.DEPENDENCE_THRESHOLD:g}).")
     for note in doc.get("notes", []):
         lines.append(f"- note: {note}")
     return "\n".join(lines) + "\n"

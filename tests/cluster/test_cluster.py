@@ -1,4 +1,4 @@
-"""`posvit cluster` and its core: matching, mIoU, k-means, spatial entropy, label stores, bad input."""
+"""`posvit cluster` and its core: matching, mIoU, k-means, spatial entropy, position dependence, label stores, bad input."""
 
 from __future__ import annotations
 
@@ -449,6 +449,49 @@ def test_cli_dataset_clustering_from_a_pipe(tmp_path, cli):
     data = json.loads(r.stdout)
     assert data["settings"]["mode"] == "dataset" and data["results"][0]["k"] == 4
     assert 0.0 < data["results"][0]["spatial_entropy"] <= 1.0
+    dep = data["results"][0]["position_dependence"]
+    assert dep["bins"] == 2 and dep["draws"] == 99 and 0.0 < dep["p_value"] <= 1.0
+
+
+def _half_and_blob_stores(tmp_path, n_img=8, h=12, w=16, C=8):
+    """Two stores: features of every image split top/bottom (position), or along a random blob per image (content)."""
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=C) * 6, rng.normal(size=C) * 6
+    bottom = np.repeat((np.arange(h) >= h // 2)[:, None], w, 1)
+    half, blob = [], []
+    for _ in range(n_img):
+        region = ndi.gaussian_filter(rng.normal(size=(h, w)), 2.0, mode="wrap") > 0
+        half.append((np.where(bottom[..., None], b, a) + rng.normal(size=(h, w, C))).astype(np.float32))
+        blob.append((np.where(region[..., None], b, a) + rng.normal(size=(h, w, C))).astype(np.float32))
+    return write_store(tmp_path / "half.h5", half), write_store(tmp_path / "blob.h5", blob)
+
+
+@pytest.mark.parametrize("mode", [[], ["--per-image"]])
+def test_cli_position_dependence_tells_a_position_split_from_a_content_split(tmp_path, cli, mode):
+    half, blob = _half_and_blob_stores(tmp_path)
+    r = cli(["cluster", half, "-k", "2", *mode, "--results-json", tmp_path / "half.json"])
+    assert r.exit_code == 0, r.output
+    dep = json.loads((tmp_path / "half.json").read_text())["results"][0]["position_dependence"]
+    assert dep["mi_bits"] == pytest.approx(1.0) and dep["dependence"] == pytest.approx(1.0)
+    assert dep["p_value"] == pytest.approx(0.01) and dep["position_driven"]
+    assert "position dep." in r.output and "1.00 (p=0.01) *" in r.output and "spatial entropy" not in r.output
+    r = cli(["cluster", blob, "-k", "2", *mode, "--json", "-q"])
+    dep = json.loads(r.stdout)["results"][0]["position_dependence"]
+    assert not dep["position_driven"] and abs(dep["dependence"]) < 0.1 and dep["p_value"] > 0.1
+
+
+def test_cli_position_bins_and_null_draws_are_used_and_recorded(tmp_path, cli):
+    half, _ = _half_and_blob_stores(tmp_path, n_img=4)
+    r = cli(["cluster", half, "-k", "2", "--position-bins", "4", "--null-draws", "39", "--json", "-q"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    dep = data["results"][0]["position_dependence"]
+    assert (dep["bins"], dep["draws"], dep["p_value"]) == (4, 39, 1 / 40) and dep["position_driven"]
+    assert data["settings"]["position_bins"] == 4 and data["settings"]["null_draws"] == 39
+    r = cli(["cluster", half, "-k", "2", "--null-draws", "10"])
+    assert r.exit_code == 2 and "--null-draws" in r.output
 
 
 # --------------------------------------------------------------------------------------------------------------

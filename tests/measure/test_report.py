@@ -69,6 +69,30 @@ def test_report_rows_show_the_planted_signals(tmp_path):
     md = report_markdown(doc)
     assert "| raw | synthetic | none |" in md and "| clean | synthetic | rasa |" in md
     assert "mIoU roll:0,2" in md and "cluster mIoU k=3 (hungarian)" in md
+    # Clusters of content classes drawn independently per token: no position dependence, in JSON and table.
+    for c in by["clean"]["cluster"]:
+        dep = c["position_dependence"]
+        assert dep["draws"] == 99 and not dep["position_driven"] and abs(dep["dependence"]) < 0.1
+    assert "position dep. k=3" in md and "entropy k=" not in md and "(p=" in md
+    assert "spatial_entropy" in by["clean"]["cluster"][0]  # the old measure stays in the JSON
+
+
+def test_report_outlier_token_column_counts_the_planted_high_norm_tokens(tmp_path):
+    from conftest import NORM_PLANTED, noise_grid
+    from posvit_cli.core.measure.report import report_table
+
+    write_store(tmp_path / "reg.h5", [noise_grid(i) for i in range(3)])
+    write_store(tmp_path / "art.h5", [noise_grid(i, planted=NORM_PLANTED if i else ()) for i in range(3)])
+    with FeatureStore(tmp_path / "reg.h5") as reg, FeatureStore(tmp_path / "art.h5") as art:
+        doc = compare_stores([reg, art], positional=POSITIONAL)
+    reg_tn, art_tn = (r["token_norms"] for r in doc["rows"])
+    assert reg_tn["mean_share"] == 0.0 and reg_tn["n_outliers"] == 0
+    # Two of three images hold 3 outliers in 256 tokens.
+    assert art_tn["mean_share"] == pytest.approx(2 / 3 * 3 / 256) and art_tn["max_share"] == 3 / 256
+    assert art_tn["n_outliers"] == 6 and art_tn["images_with_outliers"] == 2
+    header, body = report_table(doc)
+    col = header.index("outlier tokens")
+    assert [row[col] for row in body] == ["0.00 %", "0.78 %"]
 
 
 def test_cli_report_writes_markdown_and_json(tmp_path, cli):
