@@ -23,7 +23,9 @@ The null: rolls, not shuffles
     :mod:`~posvit_cli.core.cluster.entropy`, never separated from its shuffled value). Here each draw rolls every
     image's label map by its own uniform random whole-token offset on the torus (``np.roll`` by ``(dy, dx)``):
     the cluster sizes, blob shapes and spatial autocorrelation of every image stay as they are; only their
-    alignment to the absolute grid is destroyed. ``draws`` (99 by default) seeded draws give the null
+    alignment to the absolute grid is destroyed. Offsets that map an axis's block partition onto itself (0, and
+    h/2 or w/2 with two blocks) are left out of the draws (:func:`breaking_offsets`): they keep the alignment
+    and would only copy the observation into its own null. ``draws`` (99 by default) seeded draws give the null
     distribution.
 
 What is reported (:func:`position_dependence`)
@@ -49,10 +51,10 @@ Known answers and limits
     - Every image split top/bottom: 1 bit, dependence 1, p = 1/(1 + draws) once a few images are pooled.
     - A content split of a random texture (thresholded smoothed noise, different per image): dependence ≈ 0,
       p roughly uniform on (0, 1].
-    - One image is one observation of where its boundaries fall: a rolled copy can land on the same
-      partition, so p cannot go below the share of such offsets. A top/bottom split of one 20-row grid is
-      reproduced by the rolls of 0 and 10 rows: p ≈ 0.1 however many draws, dependence 1. Pool images for
-      a verdict.
+    - One image: a top/bottom split of a single 20-row grid scores p = 1/(1 + draws) and dependence 1 (the
+      rolls by 0 and 10 rows, which reproduce it, are not null draws). One image cannot tell a position split
+      from content that happens to lie top/bottom (sky over ground): pool images, whose content moves, for a
+      verdict about the encoder.
     - ``B`` blocks see only boundaries on block edges: with ``B = 2`` a centre band (rows h/4 to 3h/4) scores
       0 bits; ``B = 4`` sees it.
 
@@ -75,6 +77,7 @@ __all__ = [
     "DEFAULT_DRAWS",
     "DEPENDENCE_THRESHOLD",
     "P_THRESHOLD",
+    "breaking_offsets",
     "dependence_cell",
     "label_block_mi",
     "position_dependence",
@@ -95,6 +98,22 @@ CHUNK_TOKENS = 1 << 20
 def _axis_bins(n: int, bins: int) -> np.ndarray:
     """Block index along one axis of ``n`` tokens cut into ``min(bins, n)`` near-equal runs, shape (n,)."""
     return np.arange(n) * min(bins, n) // n
+
+
+def breaking_offsets(n: int, bins: int) -> np.ndarray:
+    """Roll offsets along one axis of ``n`` tokens that move its block boundaries, shape (m,) of int.
+
+    A roll by a whole number of blocks (0, or n/2 with two blocks) maps the block partition onto itself, so the
+    rolled labels keep every alignment to the blocks they had: such a draw is a copy of the observation, not a
+    draw of the null, and would put a floor of (its share of offsets) under every p-value (0.1 for one 20-row
+    top/bottom split). They are left out; when every offset keeps the partition (one-token blocks), all are
+    kept.
+    """
+    edge = _axis_bins(n, bins)
+    edge = edge != np.roll(edge, 1)  # a block starts at this token (on the torus)
+    shifted = edge[(np.arange(n)[None, :] - np.arange(n)[:, None]) % n]  # row s: the edges rolled by s
+    moved = np.flatnonzero((shifted != edge[None, :]).any(axis=1))
+    return moved if moved.size else np.arange(n)
 
 
 def _entropy_bits(p: np.ndarray, axis) -> np.ndarray:
@@ -241,9 +260,10 @@ def position_dependence(labels_per_image: Sequence[np.ndarray], *, per_image: bo
     grids, k = _by_grid(labels_per_image)
     observed, max_bits = _statistic(grids, k, bins, per_image, None)
     rng = np.random.default_rng(seed)
+    offsets = {g: (breaking_offsets(g[0], bins), breaking_offsets(g[1], bins)) for g in grids}
     null = np.empty(draws)
     for d in range(draws):
-        shifts = {g: np.stack([rng.integers(0, g[0], len(labs)), rng.integers(0, g[1], len(labs))], 1)
+        shifts = {g: np.stack([rng.choice(offsets[g][0], len(labs)), rng.choice(offsets[g][1], len(labs))], 1)
                   for g, labs in grids.items()}
         null[d] = _statistic(grids, k, bins, per_image, shifts)[0]
     null_mean = float(null.mean())
@@ -258,7 +278,8 @@ def position_dependence(labels_per_image: Sequence[np.ndarray], *, per_image: bo
         "p_value": float(p_value),
         "position_driven": bool(p_value < P_THRESHOLD and dependence >= DEPENDENCE_THRESHOLD),
         "bins": bins, "draws": draws, "seed": int(seed), "per_image": bool(per_image),
-        "null": "each image's labels rolled by an independent uniform whole-token offset on the torus",
+        "null": "each image's labels rolled by an independent uniform whole-token offset on the torus (offsets "
+                "that keep the block partition left out)",
         "n_images": len(labels_per_image), "n_tokens": int(sum(np.asarray(x).size for x in labels_per_image)),
     }
 

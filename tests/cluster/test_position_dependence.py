@@ -9,7 +9,7 @@ import pytest
 from scipy import ndimage as ndi
 
 from posvit_cli.core.cluster import position_dependence as P
-from posvit_cli.core.cluster.position_dependence import label_block_mi, position_dependence
+from posvit_cli.core.cluster.position_dependence import breaking_offsets, label_block_mi, position_dependence
 
 H, W = 20, 24  # scikit-image's coins (303 × 384 px) at about 16 px per token
 
@@ -59,11 +59,15 @@ def test_top_bottom_split_of_every_image_is_position_driven(per_image):
     assert r["excess_bits"] > 0.5 and r["null_std"] > 0
 
 
-def test_one_image_cannot_beat_the_share_of_rolls_that_reproduce_its_partition():
-    # Rolling a top/bottom split of 20 rows by 0 or 10 rows gives the same partition: p = 2/20 = 0.1 exactly in
-    # the limit, whatever the draws, while the dependence is 1.
+def test_one_top_bottom_split_is_position_driven_because_partition_keeping_rolls_are_not_null_draws():
+    # Rolling a 20-row top/bottom split by 0 or 10 rows reproduces it; were those offsets drawn, p could not go
+    # below 2/20 = 0.1 whatever the draws. They are left out, so one image reaches p = 1/(1 + draws).
+    assert list(breaking_offsets(20, 2)) == [o for o in range(20) if o not in (0, 10)]
+    assert list(breaking_offsets(21, 2)) == list(range(1, 21))  # unequal halves: only 0 keeps the partition
+    assert list(breaking_offsets(3, 4)) == [0, 1, 2]  # one-token blocks: every roll keeps it, none left out
     r = position_dependence([_top_bottom()], draws=1999, seed=0)
-    assert r["dependence"] == pytest.approx(1.0) and 0.08 < r["p_value"] < 0.12 and not r["position_driven"]
+    assert r["dependence"] == pytest.approx(1.0) and r["p_value"] == pytest.approx(1 / 2000)
+    assert r["position_driven"]
 
 
 @pytest.mark.parametrize("per_image", [False, True])
@@ -129,7 +133,8 @@ def test_null_equals_np_roll_of_each_image_by_the_seeded_offsets():
     for _ in range(7):
         mi = tokens = 0.0
         for (h, w), labs in grids.items():
-            dy, dx = rng.integers(0, h, len(labs)), rng.integers(0, w, len(labs))
+            dy = rng.choice(breaking_offsets(h, 2), len(labs))
+            dx = rng.choice(breaking_offsets(w, 2), len(labs))
             block = (np.arange(h)[:, None] * 2 // h) * 2 + np.arange(w)[None, :] * 2 // w
             counts = np.zeros((2, 4))
             for lab, a, b in zip(labs, dy, dx):
