@@ -203,3 +203,48 @@ def test_cli_refusals_leave_files_untouched(tmp_path, cli):
     assert head_path.read_bytes() == b"old"
     res = cli(["debias-train", "auto", src, "-o", tmp_path / "x.safetensors", "--candidates", "pca"])
     assert res.exit_code == 2 and "unknown candidate family" in res.output
+
+
+def test_svd_candidates_from_the_rebuilt_encoder_and_the_combined_projection(tmp_path, cli, image_dir,
+                                                                               one_torch_thread):
+    """A store of the tiny random ViT names its encoder: svd-k and svd-k+rasa-r are fitted; the combination
+    removes the span of both the svd vectors and the RASA planes."""
+    import torch
+
+    from posvit_cli.core.debias.auto import AutoSettings, fit_candidates, split_images
+    from posvit_cli.core.features.store import FeatureStore
+
+    res = cli(["extract", image_dir, "--model", TINY_MODEL, "--weights", "random", "-o", tmp_path / "t.h5", "-q"])
+    assert res.exit_code == 0, res.output
+    settings = AutoSettings(families=("none", "svd", "rasa", "svd+rasa"), combos=((2, 2),))
+    with FeatureStore(str(tmp_path / "t.h5")) as fs:
+        fit, held = split_images(fs, settings.holdout_fraction, 0, settings.max_holdout)
+        assert fit and held and not set(fit) & set(held)
+        cands, notes, facts = fit_candidates(fs, fit, settings)
+    by = {c.name: c for c in cands}
+    assert not notes
+    assert {"svd-1", "svd-2", "svd-4", "svd-8", "rasa-1", "rasa-8", "svd-2+rasa-2"} <= set(by)
+    svd2, rasa2, both = by["svd-2"].head, by["rasa-2"].head, by["svd-2+rasa-2"].head
+    assert svd2.basis().shape[1] == 2 and rasa2.basis().shape[1] == 4
+    assert both.basis().shape[1] == 6 and both.exact
+    # The first r planes of the one 8-round fit are the r-round head.
+    assert torch.equal(by["rasa-8"].head.planes[:2], rasa2.planes)
+    directions = torch.cat([svd2.basis().T, rasa2.basis().T]).float()
+    assert both.apply(directions).abs().max() < 1e-5
+    assert svd2.apply(directions[:2]).abs().max() < 1e-5
+
+
+def test_cli_none_writes_the_identity_head_and_notes_skipped_svd(tmp_path, cli):
+    import torch
+
+    from posvit_cli.core.debias.heads import load_head
+
+    src = _planted(tmp_path / "flat.h5", ramp=0.0, n=6)
+    res = cli(["debias-train", "auto", src, "-o", tmp_path / "h.safetensors", "--candidates", "posmean,svd",
+               "--max-loss", "0"])
+    assert res.exit_code == 0, res.output
+    assert "svd skipped" in res.output
+    head = load_head(tmp_path / "h.safetensors", channels=C)
+    assert head.info["auto"]["chosen"] == "none"
+    x = torch.randn(3, C)
+    assert torch.equal(head.apply(x), x)
