@@ -248,8 +248,8 @@ def labelled_sample(store, masks, fit: list, held: HeldOut, *, layer: str = "fin
             continue
         pick = np.sort(rng.choice(ok, size=min(per, ok.size), replace=False))
         h, w = store.record(i).grid
-        f = store.features(i, layer).reshape(h * w, -1)[pick]
-        parts.append((np.asarray(f, dtype=np.float32), lab[pick].astype(np.int64), (h, w), pick // w, pick % w))
+        parts.append((_picked_rows(store, i, layer, (h, w), pick), lab[pick].astype(np.int64), (h, w), pick // w,
+                      pick % w))
     if not parts:
         raise PosvitError(f"no fit image has a labelled token in '{masks}'")
     held_masks = []
@@ -258,13 +258,34 @@ def labelled_sample(store, masks, fit: list, held: HeldOut, *, layer: str = "fin
     return LabelledSample(parts, held_masks, num_classes, ignore_index)
 
 
+def _picked_rows(store, index: int, layer: str, grid, pick: np.ndarray, band_tokens: int = 65_536) -> np.ndarray:
+    """Tokens ``pick`` (sorted row-major indices) of one image as float32 ``(n, C)``, read in row bands so that a
+    huge grid is never held whole."""
+    h, w = grid
+    rows = max(1, band_tokens // w)
+    out = []
+    for start in range(0, h, rows):
+        stop = min(h, start + rows)
+        lo, hi = np.searchsorted(pick, [start * w, stop * w])
+        if hi > lo:
+            band = store.feature_rows(index, layer, start, stop).reshape((stop - start) * w, -1)
+            out.append(np.asarray(band[pick[lo:hi] - start * w], dtype=np.float32))
+    return np.concatenate(out)
+
+
 def _apply_points(head, tokens: np.ndarray, grid, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     from posvit_cli.core.debias.heads import PosMeanHead
 
     if head is None:
         return tokens
     if isinstance(head, PosMeanHead):
-        return (tokens - head.field_on(grid)[rows, cols]).astype(np.float32, copy=False)
+        if grid[0] * grid[1] <= 65_536:
+            return (tokens - head.field_on(grid)[rows, cols]).astype(np.float32, copy=False)
+        out = np.empty_like(tokens, dtype=np.float32)  # a huge grid: the field one needed row at a time
+        for r in np.unique(rows):
+            sel = rows == r
+            out[sel] = tokens[sel] - head.field_on(grid, (int(r), int(r) + 1))[0, cols[sel]]
+        return out
     return head.apply_numpy(tokens)
 
 
