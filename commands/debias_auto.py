@@ -76,7 +76,10 @@ def _chosen_head(head, table: dict, channels: int):
 
     if head is None:
         head = BlankHead([], channels, info={"fill": "zero", "channel_source": "debias-train auto chose none"})
+    family = next(r["family"] for r in table["rows"] if r["chosen"])
     head.info["auto"] = {"chosen": table["chosen"], "rule": table["rule"], "kept_metric": table["kept_metric"],
+                         "split": table["split"],
+                         "fit": {k: v for k, v in table["fit"].items() if k in family.split("+")},
                          "rows": [{k: r[k] for k in ("name", "xy", "null", "kept")} for r in table["rows"]]}
     return head
 
