@@ -246,5 +246,9 @@ def test_cli_none_writes_the_identity_head_and_notes_skipped_svd(tmp_path, cli):
     assert "svd skipped" in res.output
     head = load_head(tmp_path / "h.safetensors", channels=C)
     assert head.info["auto"]["chosen"] == "none"
+    res = cli(["debias-train", "auto", src, "-o", tmp_path / "h2.safetensors", "--candidates", "posmean",
+               "--max-loss", "0", "--json", "-q"])
+    doc = json.loads(res.stdout)
+    assert doc["chosen"] == "none" and [r["name"] for r in doc["rows"]] == ["none", "posmean"]
     x = torch.randn(3, C)
     assert torch.equal(head.apply(x), x)
