@@ -752,3 +752,5 @@ def _extract_views(images: list[str], cache_path: Path, *, model: str | None, we
                       f"{cache_path} ({summary['seconds']:.1f} s)")
     return str(cache_path), {"cache": str(cache_path), "views": summary["views"], "images": summary["images"],
                              "seconds": round(summary["seconds"], 3)}
+from posvit_cli.commands.debias_auto import auto as auto_command  # noqa: E402  (own module: this one is near its line limit)
+app.command("auto", cls=PosvitCommand)(auto_command)
