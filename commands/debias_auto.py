@@ -40,13 +40,13 @@ def print_auto_table(table: dict, output: str | None) -> None:
 
     t = Table(title=f"posvit debias-train auto → {output or '(no head written)'}", title_justify="left")
     masks = table["kept_metric"] == "miou"
-    for col in ("candidate", "params", "xy R2", "null", "above null", "kNN agree", "k-means ARI"):
+    for col in ("candidate", "params", "xy R2 across", "xy R2 within", "null", "kNN agree", "k-means ARI"):
         t.add_column(col, justify="left" if col in ("candidate", "params") else "right")
     if masks:
         t.add_column("mIoU", justify="right")
     t.add_column("chosen", justify="center")
     for r in table["rows"]:
-        cells = [r["name"], _params(r["params"]), _fmt(r["xy"]), _fmt(r["null"]), _fmt(r["above_null"]),
+        cells = [r["name"], _params(r["params"]), _fmt(r.get("xy_across")), _fmt(r["xy"]), _fmt(r["null"]),
                  _fmt(r["knn_agreement"]), _fmt(r["cluster_stability"])]
         if masks:
             cells.append(_fmt(r.get("miou")))
@@ -80,7 +80,7 @@ def _chosen_head(head, table: dict, channels: int):
     head.info["auto"] = {"chosen": table["chosen"], "rule": table["rule"], "kept_metric": table["kept_metric"],
                          "split": table["split"],
                          "fit": {k: v for k, v in table["fit"].items() if k in family.split("+")},
-                         "rows": [{k: r[k] for k in ("name", "xy", "null", "kept")} for r in table["rows"]]}
+                         "rows": [{k: r[k] for k in ("name", "xy_across", "xy", "null", "kept")} for r in table["rows"]]}
     return head
 
 
