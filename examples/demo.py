@@ -7,6 +7,8 @@ Steps (each printed as the `posvit` command it runs, so you can rerun any of the
 1. extract   posvit-tiny features of homogeneous textures (probe set) and of particle micrographs (tiled)
 2. probe     positional bias of the raw features: stack R² of linear probes of position ramps
 3. rasa      a RASA head trained on the cached texture features, applied to both stores without re-extraction
+3b. auto     every cheap head (svd, posmean, blank, rasa) fitted on part of each store and scored on the rest: the
+             least positional one within 0.05 of what the raw features keep (kNN agreement, or mIoU with masks)
 4. alibi     a short CPU ALiBi retrofit of posvit-tiny distilled on generated micrographs, then re-extraction
 5. probe     bias after each method
 6. cluster   overclustering mIoU against the micrographs' ground truth, per feature set
@@ -45,6 +47,7 @@ class Demo:
         self.quick = quick
         self.t0 = time.perf_counter()
         self.timings: dict[str, float] = {}
+        self.auto_chosen: dict[str, str] = {}
         self.env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
 
     def say(self, text: str) -> None:
@@ -93,6 +96,16 @@ class Demo:
         for name in ("textures", "particles"):
             self.posvit("extract", o / f"{name}_raw.h5", "--head", o / "rasa.safetensors",
                         "-o", o / f"{name}_rasa.h5", "-q")
+
+        self.step("3b. debias-train auto: every cheap head fitted on part of each store, scored on the rest")
+        autos = {
+            "textures": self.posvit("debias-train", "auto", o / "textures_raw.h5", "-o", o / "auto_textures.safetensors",
+                                    "--table", o / "auto_textures.json", json_out=True),
+            "particles": self.posvit("debias-train", "auto", o / "particles_raw.h5", "--masks", DATA / "masks",
+                                     "-o", o / "auto_particles.safetensors", "--table", o / "auto_particles.json",
+                                     json_out=True),
+        }
+        self.auto_chosen = {name: doc["chosen"] for name, doc in autos.items()}
 
         self.step("4. debias-train alibi: retrofit posvit-tiny with 2-D ALiBi and distil it (short CPU run)")
         train_dir = o / "alibi-train-images"
@@ -166,12 +179,12 @@ class Demo:
 
         def cluster_row(result, k):
             row = next(r for r in result["results"] if r["k"] == k)
-            return row["miou_mean"], row["spatial_entropy"]
+            return row["miou_mean"], row["position_dependence"]["dependence"]
 
         semantic = {r["name"]: (r["semantic"] or {}).get("miou") for r in report["rows"]}
         rows = []
         for method, label in (("raw", "raw posvit-tiny"), ("rasa", "+ RASA head"), ("alibi", "ALiBi retrofit")):
-            k3, ent3 = cluster_row(clusters[method], 3)
+            k3, dep3 = cluster_row(clusters[method], 3)
             k12, _ = cluster_row(clusters[method], 12)
             seg = segments[method]["summary"]
             rows.append({
@@ -180,7 +193,7 @@ class Demo:
                 "random_control_r2": stack(probes[method], "random"),
                 "overcluster_miou_k3": k3,
                 "overcluster_miou_k12": k12,
-                "cluster_spatial_entropy_k3": ent3,
+                "cluster_position_dependence_k3": dep3,
                 "semantic_miou": semantic[{"raw": "raw", "rasa": "RASA", "alibi": "ALiBi"}[method]],
                 "segment_miou": seg["dataset_miou"],
                 "segment_positional_r2": seg["positional_r2_mean"],
@@ -191,6 +204,7 @@ class Demo:
         summary = {
             "quick": self.quick,
             "rows": rows,
+            "auto_chosen": self.auto_chosen,
             "seconds": round(time.perf_counter() - self.t0, 1),
             "seconds_per_command": {k: round(v, 1) for k, v in self.timings.items()},
             "output": str(self.out),
@@ -238,12 +252,12 @@ def print_summary(summary: dict) -> None:
 
     t = Table(title="posvit demo: positional bias and what removing it does", title_justify="left",
               box=box.SIMPLE_HEAD)
-    for col in ("features", "xy R²", "rand R²", "clu k=3", "clu k=12", "entropy", "sem mIoU", "seg mIoU", "seg R²"):
+    for col in ("features", "xy R²", "rand R²", "clu k=3", "clu k=12", "pos dep", "sem mIoU", "seg mIoU", "seg R²"):
         t.add_column(col, justify="left" if col == "features" else "right", no_wrap=True)
     for r in summary["rows"]:
         t.add_row(r["features"], f(r.get("xy_stack_r2")), f(r.get("random_control_r2")),
                   f(r.get("overcluster_miou_k3")), f(r.get("overcluster_miou_k12")),
-                  f(r.get("cluster_spatial_entropy_k3")), f(r.get("semantic_miou")), f(r.get("segment_miou")),
+                  f(r.get("cluster_position_dependence_k3")), f(r.get("semantic_miou")), f(r.get("segment_miou")),
                   f(r.get("segment_positional_r2")))
     console = Console(stderr=True)
     if not console.is_terminal:  # logs and pipes: wide enough for the table instead of Rich's 80 columns
@@ -253,11 +267,15 @@ def print_summary(summary: dict) -> None:
     console.print(
         "xy R²: held-out R² of a ridge probe of (x, y) from all channels of one texture image (1 = position fully "
         "decodable); rand R²: the same probe of a random target (its null). clu k: overclustering mIoU of the "
-        "particle micrographs against their ground truth; entropy: spatial entropy of the k=3 clusters (1 = "
-        "spread evenly over the image). sem mIoU: a linear probe (batch norm + linear layer) trained on the "
+        "particle micrographs against their ground truth; pos dep: position dependence of the k=3 clusters (mutual "
+        "information of cluster and image quadrant above its value for randomly rolled label maps: 1 = clusters "
+        "as aligned to the grid as their sizes allow, 0 = no more than by chance). sem mIoU: a linear probe (batch norm + linear layer) trained on the "
         "features of the micrographs' masks and scored on a held-out micrograph (posvit report). seg mIoU: scribble segmentation scored on held-out images; seg R²: "
         "positional R² of its predictions (near 0 = no position in the output)."
     )
+    for store, chosen in summary.get("auto_chosen", {}).items():
+        console.print(f"debias-train auto chose [bold]{chosen}[/] for the {store} store "
+                      f"(table: {summary['output']}/auto_{store}.json)")
     console.print(f"\nFinished in {summary['seconds']:.0f} s. Every output is in [bold]{summary['output']}[/] "
                   f"(figures: {summary['output']}/viz/index.html, numbers: {summary['output']}/summary.json).")
 

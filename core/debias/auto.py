@@ -376,7 +376,8 @@ def _score(cands: list[Candidate], held, sample, settings: AutoSettings, progres
         pos = positional_scores(cleaned, seed=settings.seed)
         row = {"name": c.name, "family": c.family, "params": c.params, "rank": list(c.rank),
                "xy": pos["xy"], "null": pos["null"], "above_null": pos["xy"] - pos["null"],
-               "xy_across": across_images_r2(cleaned, held.grids, held.origins, seed=settings.seed)}
+               "xy_across": across_images_r2(cleaned, held.grids, held.origins, frames=held.frames,
+                                             seed=settings.seed)}
         row["knn_agreement"] = neighbour_agreement(cleaned, raw_nn)
         row["cluster_stability"] = cluster_stability(cleaned, k=settings.kmeans_k, tokens=settings.kmeans_tokens,
                                                      seed=settings.seed)

@@ -5,9 +5,9 @@ centre of larger grids), so memory is bounded by ``images × window² × C × 4`
 
 Positional evidence (:func:`across_images_r2`, :func:`positional_scores`)
     *Across images* (what the rule uses): leave one held-out image out, fit a ridge of token coordinates on the
-    others, score it on the one left out; a shared position code transfers, content does not.
-    *Within images*: 
-    ``probe``'s stack R² of the joint ``xy`` ramp (holdout protocol, ridge, 6 fresh masks per image, training
+    others, score it on the one left out; a shared position code transfers, content does not (tiled images in
+    their tile frame).
+    *Within images*: ``probe``'s stack R² of the joint ``xy`` ramp (holdout protocol, ridge, 6 fresh masks per image, training
     fraction 1/36 raised to 16 tokens a fit, as the heads' reports), mean over the
     held-out images, and the same probe's ``random`` target (uniform noise drawn per fit) as its null: a
     feature set with no position scores ``xy`` about as the null does.
@@ -59,6 +59,9 @@ class HeldOut:
     origins : list of (int, int)
         ``(row, col)`` of each window's top-left token in its grid.
     names : list of str
+    frames : list of TileFrame or None
+        The tile frame of images extracted in tiles (:func:`~posvit_cli.core.measure.probe.tiles.tile_frame`),
+        else None: the frame whose coordinates a tiled image's position code follows.
     """
 
     indices: list
@@ -66,6 +69,7 @@ class HeldOut:
     grids: list
     origins: list
     names: list
+    frames: list = dataclasses.field(default_factory=list)
 
 
 def _window_bounds(n: int, side: int) -> tuple[int, int]:
@@ -78,10 +82,15 @@ def _window_bounds(n: int, side: int) -> tuple[int, int]:
 
 def load_held_out(store, indices, *, layer: str = "final", window: int = 96) -> HeldOut:
     """Read the central window (at most ``window × window`` tokens) of each held-out image as float32."""
-    out = HeldOut([], [], [], [], [])
+    from posvit_cli.core.measure.probe.dataset import tile_layout
+    from posvit_cli.core.measure.probe.tiles import tile_frame
+
+    out = HeldOut([], [], [], [], [], [])
     for i in indices:
         rec = store.record(i)
         h, w = rec.grid
+        tiles = tile_layout(rec, store.patch_size).get("tiles")
+        out.frames.append(tile_frame((int(h), int(w)), tiles, tiles["patch"]) if tiles else None)
         r0, r1 = _window_bounds(h, window)
         c0, c1 = _window_bounds(w, window)
         f = store.feature_rows(i, layer, r0, r1)[:, c0:c1]
@@ -140,8 +149,18 @@ def positional_scores(windows: list, *, seed: int = 0) -> dict:
     return {"xy": float(stack["xy"]["mean"]), "null": float(stack["random"]["mean"]), "fraction": fraction}
 
 
-def across_images_r2(windows: list, grids: list, origins: list, *, alpha: float = 1.0, tokens: int = 2048,
-                     seed: int = 0) -> float | None:
+def _frame_coords(grid, origin, frame, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Normalised (x, y) in −1..1 of window tokens ``(rows, cols)``: in the image's tile frame when it was
+    extracted in tiles (each tile's position code restarts), else over its whole grid."""
+    r, c = origin[0] + rows, origin[1] + cols
+    if frame is None:
+        return np.stack([(c + 0.5) / grid[1] * 2 - 1, (r + 0.5) / grid[0] * 2 - 1], 1)
+    return np.stack([(frame.col[r, c] + 0.5) / frame.width[r, c] * 2 - 1,
+                     (frame.row[r, c] + 0.5) / frame.height[r, c] * 2 - 1], 1)
+
+
+def across_images_r2(windows: list, grids: list, origins: list, *, frames: list | None = None, alpha: float = 1.0,
+                     tokens: int = 2048, seed: int = 0) -> float | None:
     """R² of the (x, y) position of tokens of one held-out image, from a ridge fit on the other held-out images.
 
     Leave one image out: a ridge regression (standardised channels, penalty ``alpha``) of each token's normalised
@@ -149,7 +168,8 @@ def across_images_r2(windows: list, grids: list, origins: list, *, alpha: float 
     window and scored on up to ``tokens`` of the left-out one; the R² of x and y are averaged, then the folds. A
     position code shared by the images transfers; content does not (what a within-image probe with many training
     tokens reads off spatially smooth content does not carry over to another image), so no floor is needed: 0 =
-    no position that generalises across images.
+    no position that generalises across images. Tiled images are placed in their tile frame, since each tile
+    carries the encoder's positional pattern anew.
 
     Parameters
     ----------
@@ -159,6 +179,8 @@ def across_images_r2(windows: list, grids: list, origins: list, *, alpha: float 
         Each image's whole token grid.
     origins : list of (int, int)
         Each window's top-left token in its grid.
+    frames : list of TileFrame or None, optional
+        Tile frames of tiled images (coordinates within the tile), None entries (or None) for whole images.
 
     Returns
     -------
@@ -168,12 +190,13 @@ def across_images_r2(windows: list, grids: list, origins: list, *, alpha: float 
         return None
     rng = np.random.default_rng([int(seed), 11])
     feats, coords = [], []
-    for f, (gh, gw), (r0, c0) in zip(windows, grids, origins):
+    frames = frames or [None] * len(windows)
+    for f, grid, origin, frame in zip(windows, grids, origins, frames):
         h, w, c = f.shape
         pick = np.sort(rng.choice(h * w, size=min(tokens, h * w), replace=False))
         rows, cols = np.divmod(pick, w)
         feats.append(f.reshape(h * w, c)[pick].astype(np.float64))
-        coords.append(np.stack([(c0 + cols + 0.5) / gw * 2 - 1, (r0 + rows + 0.5) / gh * 2 - 1], 1))
+        coords.append(_frame_coords(grid, origin, frame, rows, cols))
     scores = []
     for j in range(len(windows)):
         x = np.concatenate([f for i, f in enumerate(feats) if i != j])

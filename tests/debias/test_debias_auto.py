@@ -301,3 +301,41 @@ def test_kept_score_compares_the_content_not_the_grid_neighbours():
     hits = [(scores._neighbours(b.reshape(H * W, C), q, 10)[:, :, None] == nn[:, None, :]).any(2).mean()
             for (q, nn), b in zip(raw_ref, blanked)]
     assert np.mean(hits) < 0.3
+
+
+def test_across_image_r2_finds_a_shared_code_and_not_smooth_content_and_reads_tiles_in_their_frame():
+    """Known answers of the score the rule ranks by: channels that are the same ramp in every image transfer from
+    image to image (R² ≈ 1); a smooth content gradient whose direction differs per image is decodable within one
+    image but does not transfer (R² ≤ 0); a tiled image's code restarts in every tile and is read in the tile
+    frame (R² ≈ 1 there, far lower in whole-image coordinates)."""
+    from posvit_cli.core.debias.auto_scores import across_images_r2
+    from posvit_cli.core.measure.probe.tiles import tile_frame
+
+    rng = np.random.default_rng(5)
+    h = w = 24
+    yy, xx = np.mgrid[0:h, 0:w] / (h - 1) * 2 - 1
+
+    def image(code, angle):
+        g = 0.3 * rng.standard_normal((h, w, 16))
+        g[..., 0] += code * xx
+        g[..., 1] += code * yy
+        g[..., 2] += np.cos(angle) * xx + np.sin(angle) * yy  # smooth content, its own direction per image
+        return g.astype(np.float32)
+
+    grids, origins = [(h, w)] * 4, [(0, 0)] * 4
+    shared = [image(3.0, a) for a in (0.3, 1.9, 3.5, 5.0)]
+    content = [image(0.0, a) for a in (0.3, 1.9, 3.5, 5.0)]
+    assert across_images_r2(shared, grids, origins) > 0.95
+    assert across_images_r2(content, grids, origins) < 0.05
+    assert across_images_r2(shared[:1], grids[:1], origins[:1]) is None
+    # Two 2 × 2-tiled images (12-token tiles, no overlap) whose code restarts in every tile, and two whole ones.
+    layout = {"tile": 192, "overlap": 0, "rows": [0, 192], "cols": [0, 192], "patch": 16}
+    frame = tile_frame((h, w), layout, 16)
+    ty, tx = (frame.row + 0.5) / frame.height * 2 - 1, (frame.col + 0.5) / frame.width * 2 - 1
+    tiled = [0.3 * rng.standard_normal((h, w, 16)).astype(np.float32) for _ in range(4)]
+    for g in tiled:
+        g[..., 0] += 3 * tx
+        g[..., 1] += 3 * ty
+    frames = [frame] * 4
+    assert across_images_r2(tiled, grids, origins, frames=frames) > 0.95
+    assert across_images_r2(tiled, grids, origins) < 0.5

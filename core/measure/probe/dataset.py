@@ -25,7 +25,7 @@ from posvit_cli.core.measure.probe.solver import PositionClassifier, probe_image
 from posvit_cli.core.measure.probe.tiles import phase_periodicity, tile_frame, tile_frame_plan
 from posvit_cli.core.progress import ProgressCallback, report
 
-__all__ = ["FeatureReader", "probe_dataset", "probe_store"]
+__all__ = ["FeatureReader", "probe_dataset", "probe_store", "tile_layout"]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -340,7 +340,7 @@ class _Accumulator:
         }
 
 
-def _tile_layout(record, patch) -> dict:
+def tile_layout(record, patch) -> dict:
     """``{"tiles": {...}}`` for an image extracted in more than one tile (its recorded layout and the patch size)."""
     tiles = (record.meta or {}).get("tiles")
     if not isinstance(tiles, dict) or not patch or len(tiles.get("rows") or []) * len(tiles.get("cols") or []) < 2:
@@ -404,7 +404,7 @@ def probe_store(
             raise PosvitError(f"image '{r.name}' in '{store.source}' has no token grid ({r.grid})")
     kept, skipped = _probeable_records(records, settings.validated())
     images = [{"name": r.name, "path": r.path, "grid": [int(r.grid[0]), int(r.grid[1])],
-               **_tile_layout(r, store.patch_size)} for r in kept]
+               **tile_layout(r, store.patch_size)} for r in kept]
     # Features are read in their stored type (float16 or float32): the solver converts token chunks to float64,
     # and float16 → float64 is exact, so a float32 copy of a huge image would only add memory (0.6 GB at
     # 625 × 625 × 384), never precision.
