@@ -27,10 +27,10 @@ def report(
     num_classes: Annotated[Optional[int], typer.Option("--num-classes", min=2, help="Number of classes. Default: the largest mask label + 1 (of the first store's masks).", show_default=False)] = None,
     ignore_index: IgnoreIndexOpt = 255,
     class_names: ClassNamesOpt = None,
-    k: Annotated[str, typer.Option("-k", "--k", help="Overclustering k values, comma-separated (k above a store's token count is skipped).")] = "100",
+    k: Annotated[str, typer.Option("-k", "--k", help="k values of the clustering columns, comma-separated: overclustering mIoU with --masks, and the position dependence of the clusters with or without masks (k above a store's token count is skipped).")] = "100",
     seeds: SeedsOpt = None,
     cluster_seeds: Annotated[Optional[str], deprecated_option("--cluster-seeds")] = None,
-    no_cluster: Annotated[bool, typer.Option("--no-cluster", help="Skip the overclustering (the slowest column).")] = False,
+    no_cluster: Annotated[bool, typer.Option("--no-cluster", help="Skip the clustering columns (overclustering mIoU, position dependence): the slowest ones.")] = False,
     head: Annotated[Head, typer.Option("--head", help="Semantic probe head: linear (batch norm + linear, AdamW, early stopping) or ridge (closed form).")] = Head.linear,
     resolution: Annotated[Resolution, typer.Option("--resolution", help="Semantic probe: tokens (masks at the token grid) or pixels (logits bilinearly upsampled to the masks).")] = Resolution.tokens,
     test_fraction: Annotated[float, typer.Option("--test-fraction", min=0.0, max=1.0, help="Fraction of the images held out and scored by the semantic probe (split by image name, the same for every store).")] = 0.2,
@@ -84,7 +84,7 @@ def _run(stores, masks, output, names, num_classes, ignore_index, class_names, k
     if len(set(stores)) != len(stores):
         raise PosvitError("a store is named twice")
     ks = parse_csv(k, int)
-    if masks and not no_cluster and not ks:
+    if not no_cluster and not ks:
         raise PosvitError("-k needs at least one number of clusters (or pass --no-cluster)")
     positional, _ = make_settings("holdout", targets=("xy", "lr", "ud", "radial", "random"), fraction=fraction,
                                   repeats=repeats, seed=seed, per_channel=False, extras=False)

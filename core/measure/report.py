@@ -27,6 +27,9 @@ overclustering (with masks)
     the position dependence of the first seed's clusters
     (:func:`~posvit_cli.core.cluster.position_dependence.position_dependence`; the old ``spatial_entropy`` keys
     stay in the JSON).
+position dependence of clusters (without masks)
+    :func:`posvit_cli.core.cluster.overclustering.cluster_dataset` (the dataset k-means of ``posvit cluster``, first
+    seed) per k: how much its clusters follow position, a label-free column (``matching`` and ``miou_*`` None).
 """
 
 from __future__ import annotations
@@ -185,7 +188,7 @@ def compare_stores(
     if positional is None:
         positional, _ = make_settings("holdout", targets=REPORT_TARGETS, per_channel=False, extras=False)
     semantic = (semantic or SemanticSettings()).validated() if masks else None
-    ks = sorted({int(k) for k in ks}) if (masks and cluster) else []
+    ks = sorted({int(k) for k in ks}) if cluster else []
     if any(k < 1 for k in ks):
         raise PosvitError("every k must be at least 1")
     out_rows = []
@@ -196,7 +199,8 @@ def compare_stores(
         row: dict[str, Any] = {"name": name, **_describe(store),
                                "transformed_stores": [t.source for t in transformed]}
         task = f"[{n + 1}/{len(rows)}] {name}"
-        prog(task, 0, 3 if masks else 1)
+        steps = 3 if masks else (2 if ks else 1)
+        prog(task, 0, steps)
         ly = store.check_layer(layer)
         pos = probe_store(store, positional, layers=[ly], device=device, threads=threads)
         block = pos["results"][ly]["stack_r2"]
@@ -205,7 +209,7 @@ def compare_stores(
             "stack_r2_std": {t: block[t]["std"] for t in positional.targets},
         }
         row["token_norms"] = _token_norm_outliers(store, ly)
-        prog(task, 1, 3 if masks else 1)
+        prog(task, 1, steps)
         row["semantic"], row["robustness"], row["cluster"] = None, [], None
         if masks:
             sem = semantic_probe(store, masks, semantic, robustness=transformed, num_classes=num_classes,
@@ -229,6 +233,9 @@ def compare_stores(
                 row["cluster"] = _overcluster(store, masks, ks, num_classes, ignore_index, class_names, cluster_seeds,
                                               ly, device, cluster_threads, notes, name)
             prog(task, 3, 3)
+        elif ks:
+            row["cluster"] = _position_clusters(store, ks, cluster_seeds, ly, device, cluster_threads, notes, name)
+            prog(task, 2, 2)
         row["seconds"] = round(time.perf_counter() - t_row, 3)
         out_rows.append(row)
     return {
@@ -262,6 +269,23 @@ def _token_norm_outliers(store, layer) -> dict:
         outliers += norms.count
     return {"k": DEFAULT_K, "mean_share": float(sum(shares) / len(shares)), "max_share": float(max(shares)),
             "n_outliers": int(outliers), "images_with_outliers": sum(1 for v in shares if v > 0)}
+
+
+def _position_clusters(store, ks, seeds, layer, device, threads, notes, name) -> list[dict]:
+    """Without masks: the dataset k-means of ``posvit cluster`` (first seed) per k and its position dependence."""
+    from posvit_cli.core.cluster.overclustering import cluster_dataset
+    from posvit_cli.core.device import torch_threads
+
+    n_tokens = sum(r.grid[0] * r.grid[1] for r in store.records)
+    usable = [k for k in ks if k <= n_tokens]
+    if len(usable) < len(ks):
+        notes.append(f"{name}: k={', '.join(str(k) for k in ks if k > n_tokens)} skipped (only {n_tokens} tokens)")
+    if not usable:
+        return []
+    with torch_threads(threads):
+        res = cluster_dataset(store, usable, seeds=list(seeds or [0])[:1], layer=layer, device=device)
+    return [{"k": r["k"], "matching": None, "miou_mean": None, "miou_std": None,
+             "position_dependence": r["position_dependence"]} for r in res["results"]]
 
 
 def _overcluster(store, masks, ks, num_classes, ignore_index, class_names, seeds, layer, device, threads, notes,
@@ -318,7 +342,9 @@ def report_table(doc: dict) -> tuple[list[str], list[list[str]]]:
         header.append("semantic mIoU")
     header += [f"mIoU {t}" for t in transforms]
     for k, m in cluster_cols:
-        header += [f"cluster mIoU k={k}" + (f" ({m})" if m != "precision" else ""), f"position dep. k={k}"]
+        if m is not None:
+            header.append(f"cluster mIoU k={k}" + (f" ({m})" if m != "precision" else ""))
+        header.append(f"position dep. k={k}")
     body = []
     for r in rows:
         pos = r["positional"]["stack_r2"]
@@ -336,8 +362,9 @@ def report_table(doc: dict) -> tuple[list[str], list[list[str]]]:
         cl = {(c["k"], c["matching"]): c for c in r["cluster"] or []}
         for key in cluster_cols:
             c = cl.get(key)
-            line += [f"{_num(c['miou_mean'])} ± {_num(c['miou_std'])}" if c else "",
-                     dependence_cell(c.get("position_dependence")) if c else ""]
+            if key[1] is not None:
+                line.append(f"{_num(c['miou_mean'])} ± {_num(c['miou_std'])}" if c else "")
+            line.append(dependence_cell(c.get("position_dependence")) if c else "")
         body.append(line)
     return header, body
 
