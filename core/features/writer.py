@@ -367,8 +367,8 @@ class StoreWriter:
         for layer in self.layers:
             name = f"groups/{g}/features/{layer}"
             if not b.has(name):
-                b.create_array(name, (0, h, w, channels), self.dtype, (1, rows_per_chunk, w, channels), self.compression,
-                               dims=FEATURE_DIMS)
+                chunks = (1, rows_per_chunk, w, channels)
+                b.create_array(name, (0, h, w, channels), self.dtype, chunks, self.compression, dims=FEATURE_DIMS)
             if prefix:
                 pname = f"groups/{g}/prefix/{layer}"
                 if not b.has(pname):
