@@ -111,10 +111,16 @@ class Backend:
     def array(self, name: str):
         raise NotImplementedError
 
-    def create_array(self, name, shape, dtype, chunks, compression):
+    def create_array(self, name, shape, dtype, chunks, compression, dims: tuple[str, ...] | None = None):
+        """A new array of ``shape`` whose first axis grows; ``dims`` names its axes for other readers.
+
+        The names are written in each format's own way (Zarr v3 ``dimension_names``, HDF5 dimension labels) so
+        that ``xarray.open_zarr`` and dask open the arrays as they are; posvit itself never reads them, so stores
+        written without names still read.
+        """
         raise NotImplementedError
 
-    def create_string_array(self, name):
+    def create_string_array(self, name, dims: tuple[str, ...] = ("image",)):
         raise NotImplementedError
 
     def children(self, name: str) -> list[str]:
@@ -160,7 +166,7 @@ class H5Backend(Backend):
     def array(self, name):
         return self.file[name]
 
-    def create_array(self, name, shape, dtype, chunks, compression):
+    def create_array(self, name, shape, dtype, chunks, compression, dims=None):
         kwargs: dict[str, Any] = {}
         if compression == "gzip":
             kwargs = dict(compression="gzip", compression_opts=1, shuffle=True)
@@ -169,11 +175,13 @@ class H5Backend(Backend):
         elif compression not in (None, "none"):
             raise PosvitError(f"compression '{compression}' is not available for HDF5 stores: use none, gzip or lzf")
         maxshape = (None,) + tuple(shape[1:])
-        return self.file.create_dataset(name, shape=shape, maxshape=maxshape, dtype=dtype, chunks=chunks, **kwargs)
+        dset = self.file.create_dataset(name, shape=shape, maxshape=maxshape, dtype=dtype, chunks=chunks, **kwargs)
+        return _label_dims(dset, dims)
 
-    def create_string_array(self, name):
+    def create_string_array(self, name, dims=("image",)):
         dt = self._h5py.string_dtype("utf-8")
-        return self.file.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dt, chunks=(256,))
+        dset = self.file.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dt, chunks=(256,))
+        return _label_dims(dset, dims)
 
     def read_strings(self, name) -> list[str]:
         return [s.decode() if isinstance(s, bytes) else str(s) for s in self.file[name][...]]
@@ -187,6 +195,13 @@ class H5Backend(Backend):
     def close(self):
         with contextlib.suppress(Exception):
             self.file.close()
+
+
+def _label_dims(dset, dims: tuple[str, ...] | None):
+    """Label the axes of an h5py dataset (the ``DIMENSION_LABELS`` attribute h5py and HDF5 tools show)."""
+    for axis, label in enumerate(dims or ()):
+        dset.dims[axis].label = label
+    return dset
 
 
 class ZarrBackend(Backend):
@@ -243,7 +258,7 @@ class ZarrBackend(Backend):
                 return key
         return None
 
-    def create_array(self, name, shape, dtype, chunks, compression):
+    def create_array(self, name, shape, dtype, chunks, compression, dims=None):
         from zarr.codecs import BloscCodec, ZstdCodec
 
         if compression in (None, "none"):
@@ -255,10 +270,11 @@ class ZarrBackend(Backend):
         else:
             raise PosvitError(f"compression '{compression}' is not available for Zarr stores: use none, zstd or lz4")
         return self.group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, compressors=compressors,
-                                       config=self._ARRAY_CONFIG)
+                                       dimension_names=dims, config=self._ARRAY_CONFIG)
 
-    def create_string_array(self, name):
-        return self.group.create_array(name, shape=(0,), dtype=str, chunks=(256,), config=self._ARRAY_CONFIG)
+    def create_string_array(self, name, dims=("image",)):
+        return self.group.create_array(name, shape=(0,), dtype=str, chunks=(256,), dimension_names=dims,
+                                       config=self._ARRAY_CONFIG)
 
     def read_strings(self, name) -> list[str]:
         return [str(s) for s in self.group[name][...]]

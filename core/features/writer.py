@@ -49,6 +49,15 @@ __all__ = ["ImageHandle", "StoreWriter"]
 # Chunks of at most this many bytes: one chunk per image for ordinary grids, row bands for huge tiled grids.
 _TARGET_CHUNK_BYTES = 8 * 2**20
 
+# Axis names written on every array (Zarr ``dimension_names``, HDF5 dimension labels) so that xarray and dask
+# open a store as it is (docs/feature-store.md). ``image`` counts rows of the array's own group: images/* hold
+# every image, groups/{h}x{w}/* only the images with that grid (images/row says which row is which image).
+IMAGE_DIMS = ("image",)
+SIZES_DIMS = ("image", "size")
+FEATURE_DIMS = ("image", "y", "x", "channel")
+PREFIX_DIMS = ("image", "token", "channel")
+MAP_DIMS = ("image", "y", "x")
+
 
 class StoreWriter:
     """Create (or resume) a feature store and append images to it.
@@ -212,8 +221,8 @@ class StoreWriter:
         b.set_attr("layers", json.dumps(self.layers))
         for name in ("images/path", "images/meta", "images/group"):
             b.create_string_array(name)
-        b.create_array("images/row", (0,), "int64", (1024,), None)
-        b.create_array("images/sizes", (0, 6), "int64", (1024, 6), None)
+        b.create_array("images/row", (0,), "int64", (1024,), None, dims=IMAGE_DIMS)
+        b.create_array("images/sizes", (0, 6), "int64", (1024, 6), None, dims=SIZES_DIMS)
         self._n = 0
         self._committed = 0
         self._group_rows: dict[str, int] = {}
@@ -358,16 +367,17 @@ class StoreWriter:
         for layer in self.layers:
             name = f"groups/{g}/features/{layer}"
             if not b.has(name):
-                b.create_array(name, (0, h, w, channels), self.dtype, (1, rows_per_chunk, w, channels), self.compression)
+                chunks = (1, rows_per_chunk, w, channels)
+                b.create_array(name, (0, h, w, channels), self.dtype, chunks, self.compression, dims=FEATURE_DIMS)
             if prefix:
                 pname = f"groups/{g}/prefix/{layer}"
                 if not b.has(pname):
                     p = prefix[layer].shape[0]
-                    b.create_array(pname, (0, p, channels), self.dtype, (64, p, channels), None)
+                    b.create_array(pname, (0, p, channels), self.dtype, (64, p, channels), None, dims=PREFIX_DIMS)
         for mname, arr in (maps or {}).items():
             key = f"groups/{g}/maps/{mname}"
             if not b.has(key):
-                b.create_array(key, (0, h, w), np.asarray(arr).dtype, (64, h, w), None)
+                b.create_array(key, (0, h, w), np.asarray(arr).dtype, (64, h, w), None, dims=MAP_DIMS)
         return g
 
     def add(
