@@ -14,16 +14,9 @@ from posvit_cli._cli import (
 )
 from posvit_cli.core.errors import PosvitError
 from posvit_cli.options import (
-    BatchSizeOpt, Compression, IntensityOpt, OverwriteOpt, Precision, PrecisionOpt, RecursiveOpt, StorageDtype,
-    StoreOutOpt, ThreadsOpt, deprecated_option, warn_deprecated,
+    BatchSizeOpt, Compression, IntensityOpt, OverwriteOpt, PositionFreeMethodOpt, Precision, PrecisionOpt,
+    RecursiveOpt, StorageDtype, StoreOutOpt, ThreadsOpt, deprecated_option, warn_deprecated,
 )
-
-
-class PositionFreeMethod(str, Enum):
-    """How a --weights file encodes position (see posvit_cli.core.features.alibi.METHODS)."""
-
-    alibi = "alibi"
-    nope = "nope"
 
 
 class TileBlend(str, Enum):
@@ -76,7 +69,7 @@ def extract(
     transform: Annotated[Optional[str], typer.Option("--transform", help="Extract features of transformed images mapped back to the original frame: flip-ud, flip-lr, rot90[:K], roll:DY,DX (whole patches), compositions with +. A comma list (or a set: reference, flips, rot90, d4, rolls:N) writes one store per transform, named OUT.flip-ud.h5, OUT.roll-0_3.h5, ... (identity: OUT.h5). Default: none.", show_default=False)] = None,
     transforms_old: Annotated[Optional[str], deprecated_option("--transforms")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for --weights random.")] = 0,
-    method: Annotated[Optional[PositionFreeMethod], typer.Option("--method", help="The --weights file is a position-free model: alibi (2-D ALiBi, constant slope 1, torus) or nope (no position encoding), e.g. the published ALiBi/NoPE DINOv2 checkpoints. Default: none (posvit checkpoints carry this themselves).", show_default=False)] = None,
+    method: PositionFreeMethodOpt = None,
     threads: ThreadsOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,

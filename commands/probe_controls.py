@@ -8,11 +8,10 @@ from typing import Annotated, Optional
 import typer
 
 from posvit_cli._cli import RichProgress, cli_context, command_line, console, emit_json, parse_csv
-from posvit_cli.commands.extract import PositionFreeMethod
 from posvit_cli.core.errors import PosvitError
 from posvit_cli.options import (
-    DebugOpt, DeviceOpt, IntensityOpt, JsonOpt, LayerOpt, ModelOpt, QuietOpt, RecursiveOpt, SeedOpt, SizeOpt,
-    ThreadsOpt, WeightsOpt,
+    DebugOpt, DeviceOpt, IntensityOpt, JsonOpt, LayerOpt, ModelOpt, PositionFreeMethodOpt, QuietOpt, RecursiveOpt,
+    SeedOpt, SizeOpt, ThreadsOpt, WeightsOpt,
 )
 
 _COLUMNS = ("lr", "ud", "xy", "radial", "random")
@@ -22,7 +21,7 @@ def controls(
     images: Annotated[list[str], typer.Argument(help="Image files, folders, or .txt lists of paths (as for extract).", show_default=False)],
     model: ModelOpt = None,
     weights: WeightsOpt = "pretrained",
-    method: Annotated[Optional[PositionFreeMethod], typer.Option("--method", help="The --weights file is a position-free model: alibi or nope (as for extract); its controls are then reported as not applicable. Default: none (posvit checkpoints carry this themselves).", show_default=False)] = None,
+    method: PositionFreeMethodOpt = None,
     control_names: Annotated[str, typer.Option("--controls", "-c", help="Comma-separated controls besides the reference none: zero (no position code), shuffle (codes permuted across positions, seeded by --seed), shift (the grid of codes rolled by --shift patches).")] = "zero,shuffle,shift",
     shift: Annotated[str, typer.Option("--shift", help="DY,DX: whole patches the shift control rolls the position codes by (on the torus).")] = "2,3",
     layer: LayerOpt = None,

@@ -12,8 +12,8 @@ import typer
 from posvit_cli._cli import RichProgress, cli_context, command_line, console, emit_json, parse_csv
 from posvit_cli.core.errors import PosvitError
 from posvit_cli.options import (
-    DebugOpt, DeviceOpt, IntensityOpt, JsonOpt, LayerOpt, ModelOpt, PrecisionOpt, Precision, QuietOpt, RecursiveOpt,
-    SeedOpt, SizeOpt, ThreadsOpt, WeightsOpt,
+    DebugOpt, DeviceOpt, IntensityOpt, JsonOpt, LayerOpt, ModelOpt, PositionFreeMethodOpt, PrecisionOpt, Precision,
+    QuietOpt, RecursiveOpt, SeedOpt, SizeOpt, ThreadsOpt, WeightsOpt,
 )
 
 
@@ -22,13 +22,6 @@ class ShiftMode(str, Enum):
 
     crop = "crop"
     roll = "roll"
-
-
-class RetrofitMethod(str, Enum):
-    """How a --weights file encodes position (posvit_cli.core.features.alibi.METHODS)."""
-
-    alibi = "alibi"
-    nope = "nope"
 
 
 ShiftOpt = Annotated[Optional[list[str]], typer.Option("--shift", help="Offset DY,DX of view B from view A in whole patches (rows, columns); repeat for several shifts. Default: 2,3.", show_default=False)]
@@ -43,7 +36,7 @@ def shift(
     size: SizeOpt = "native",
     intensity: IntensityOpt = "auto",
     max_side: Annotated[int, typer.Option("--max-side", min=1, help="Refuse images whose processed longer side exceeds this (px).")] = 2048,
-    method: Annotated[Optional[RetrofitMethod], typer.Option("--method", help="The model is position-free: alibi (2-D ALiBi, torus) or nope (no position encoding), as extract --method. Default: none (posvit checkpoints carry this themselves).", show_default=False)] = None,
+    method: PositionFreeMethodOpt = None,
     layer: LayerOpt = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write the result (with per-token maps) as JSON to this file. Default: none.", show_default=False)] = None,
     recursive: RecursiveOpt = False,

@@ -57,6 +57,8 @@ __all__ = [
     "MasksOpt",
     "ModelOpt",
     "NormKOpt",
+    "PositionFreeMethod",
+    "PositionFreeMethodOpt",
     "OverwriteOpt",
     "PosvitDeprecationWarning",
     "QuietOpt",
@@ -221,4 +223,21 @@ NormKOpt = Annotated[
     float,
     typer.Option("--norm-k", min=0.0, help="Outlier cut of the token norms: log norm more than this many robust "
                  "standard deviations (1.4826 MAD) above the image's median."),
+]
+
+
+class PositionFreeMethod(str, Enum):
+    """How a --weights file encodes position (see posvit_cli.core.features.alibi.METHODS)."""
+
+    alibi = "alibi"
+    nope = "nope"
+
+
+#: ``--method`` of the commands that load an encoder from ``--weights`` (``extract``, ``probe shift``,
+#: ``probe controls``).
+PositionFreeMethodOpt = Annotated[
+    Optional[PositionFreeMethod],
+    typer.Option("--method", show_default=False, help="The --weights file is a position-free model: alibi (2-D "
+                 "ALiBi, constant slope 1, torus) or nope (no position encoding), e.g. the published ALiBi/NoPE "
+                 "DINOv2 checkpoints. Default: none (posvit checkpoints carry this themselves)."),
 ]

@@ -219,15 +219,7 @@ def compare_stores(
                 num_classes = sem["masks"]["num_classes"]
             if class_names is None:
                 class_names = sem["masks"]["class_names"]
-            res = sem["results"]
-            row["semantic"] = {
-                "miou": res["miou"], "pixel_accuracy": res["pixel_accuracy"],
-                "iou_per_class": res["iou_per_class"], "scored_images": len(sem["split"]["scored_images"]),
-                "fit_images": len(sem["split"]["fit_images"]), "epochs_run": sem["training"]["epochs_run"],
-                "samples": sem["training"]["samples"],
-            }
-            row["robustness"] = [{k: r[k] for k in ("transform", "store", "miou", "delta_miou", "pixel_accuracy")}
-                                 for r in sem["robustness"] if r["transform"] != "identity"]
+            row["semantic"], row["robustness"] = _semantic_columns(sem)
             prog(task, 2, 3)
             if ks:
                 row["cluster"] = _overcluster(store, masks, ks, num_classes, ignore_index, class_names, cluster_seeds,
@@ -271,15 +263,34 @@ def _token_norm_outliers(store, layer) -> dict:
             "n_outliers": int(outliers), "images_with_outliers": sum(1 for v in shares if v > 0)}
 
 
+def _semantic_columns(sem: dict) -> tuple[dict, list[dict]]:
+    """A row's semantic and robustness entries from a semantic-probe result."""
+    res = sem["results"]
+    semantic = {
+        "miou": res["miou"], "pixel_accuracy": res["pixel_accuracy"],
+        "iou_per_class": res["iou_per_class"], "scored_images": len(sem["split"]["scored_images"]),
+        "fit_images": len(sem["split"]["fit_images"]), "epochs_run": sem["training"]["epochs_run"],
+        "samples": sem["training"]["samples"],
+    }
+    robustness = [{k: r[k] for k in ("transform", "store", "miou", "delta_miou", "pixel_accuracy")}
+                  for r in sem["robustness"] if r["transform"] != "identity"]
+    return semantic, robustness
+
+
+def _usable_ks(store, ks, notes, name) -> list[int]:
+    """The ks a store has enough tokens for; a note names the others."""
+    n_tokens = sum(r.grid[0] * r.grid[1] for r in store.records)
+    if any(k > n_tokens for k in ks):
+        notes.append(f"{name}: k={', '.join(str(k) for k in ks if k > n_tokens)} skipped (only {n_tokens} tokens)")
+    return [k for k in ks if k <= n_tokens]
+
+
 def _position_clusters(store, ks, seeds, layer, device, threads, notes, name) -> list[dict]:
     """Without masks: the dataset k-means of ``posvit cluster`` (first seed) per k and its position dependence."""
     from posvit_cli.core.cluster.overclustering import cluster_dataset
     from posvit_cli.core.device import torch_threads
 
-    n_tokens = sum(r.grid[0] * r.grid[1] for r in store.records)
-    usable = [k for k in ks if k <= n_tokens]
-    if len(usable) < len(ks):
-        notes.append(f"{name}: k={', '.join(str(k) for k in ks if k > n_tokens)} skipped (only {n_tokens} tokens)")
+    usable = _usable_ks(store, ks, notes, name)
     if not usable:
         return []
     with torch_threads(threads):
@@ -294,10 +305,7 @@ def _overcluster(store, masks, ks, num_classes, ignore_index, class_names, seeds
     from posvit_cli.core.cluster.overclustering import overcluster_eval
     from posvit_cli.core.device import torch_threads
 
-    n_tokens = sum(r.grid[0] * r.grid[1] for r in store.records)
-    usable = [k for k in ks if k <= n_tokens]
-    if len(usable) < len(ks):
-        notes.append(f"{name}: k={', '.join(str(k) for k in ks if k > n_tokens)} skipped (only {n_tokens} tokens)")
+    usable = _usable_ks(store, ks, notes, name)
     if not usable:
         return []
     mask_set = load_masks(store, masks, ignore_index=ignore_index, num_classes=num_classes, class_names=class_names)
