@@ -23,6 +23,7 @@ AUTO = "Choice"
 MaxLossOpt = Annotated[float, typer.Option("--max-loss", min=0.0, help="Eligible candidates keep at least the kept score of `none` minus this (absolute: mIoU with --masks, else kNN agreement); the least positional of them is chosen.", rich_help_panel=AUTO)]
 MaxR2Opt = Annotated[Optional[float], typer.Option("--max-r2", help="Instead: among candidates whose held-out xy R2 is at most this, choose the one that keeps most (refused when none reaches it).", show_default=False, rich_help_panel=AUTO)]
 CandidatesOpt = Annotated[str, typer.Option("--candidates", help="Candidate families, comma-separated: blank, posmean, svd, rasa, svd+rasa (none is always scored).", rich_help_panel=AUTO)]
+ShiftScoresOpt = Annotated[bool, typer.Option("--shift/--no-shift", help="Also score each candidate's crop-shift correspondence (content match / grid match) on a few held-out images, where the store's encoder can be rebuilt and its images read (reported, not used by the rule).", rich_help_panel=AUTO)]
 TableOpt = Annotated[Optional[Path], typer.Option("--table", help="Write the table of all candidates as JSON here.", show_default=False)]
 
 
@@ -40,22 +41,32 @@ def print_auto_table(table: dict, output: str | None) -> None:
 
     t = Table(title=f"posvit debias-train auto → {output or '(no head written)'}", title_justify="left")
     masks = table["kept_metric"] == "miou"
+    shift = table["settings"].get("shift", False)
     for col in ("candidate", "params", "xy R2 across", "xy R2 within", "null", "kNN agree", "k-means ARI"):
         t.add_column(col, justify="left" if col in ("candidate", "params") else "right")
     if masks:
         t.add_column("mIoU", justify="right")
+    if shift:
+        t.add_column("content match", justify="right")
+        t.add_column("grid match", justify="right")
     t.add_column("chosen", justify="center")
     for r in table["rows"]:
         cells = [r["name"], _params(r["params"]), _fmt(r.get("xy_across")), _fmt(r["xy"]), _fmt(r["null"]),
                  _fmt(r["knn_agreement"]), _fmt(r["cluster_stability"])]
         if masks:
             cells.append(_fmt(r.get("miou")))
+        if shift:
+            cells += [_fmt(r.get("shift_content")), _fmt(r.get("shift_absolute"))]
         cells.append("✓" if r["chosen"] else "")
         t.add_row(*cells)
     console.print(t)
     split = table["split"]
     console.print(f"fitted on {len(split['fit'])} images, scored on {len(split['held_out'])} held-out images "
                   f"(central ≤{split['window']}×{split['window']} tokens); rule: {table['rule']}")
+    facts = table["fit"].get("shift")
+    if facts:
+        console.print(f"content / grid match: crop-shift correspondence (shift {facts['shift'][0]},{facts['shift'][1]} "
+                      f"patches) on {len(facts['images'])} held-out images, reported only", highlight=False)
     for note in table["notes"]:
         console.print(f"[yellow]note:[/] {note}", markup=True)
 
@@ -93,6 +104,7 @@ def auto(
     max_r2: MaxR2Opt = None,
     candidates: CandidatesOpt = "blank,posmean,svd,rasa,svd+rasa",
     table_out: TableOpt = None,
+    shift: ShiftScoresOpt = True,
     layer: LayerOpt = None,
     seed: SeedOpt = 0,
     threads: ThreadsOpt = None,
@@ -103,7 +115,7 @@ def auto(
 ) -> None:
     """Pick the debiasing for these images: fit every cheap head, score each on held-out images, write the chosen one.
 
-    Candidates: none, svd-k (encoder rebuilt from the store's provenance), posmean, blank-k (mean fill), rasa-r and svd-k+rasa-r, fitted on part of the store's images (split by name, --seed). Each is scored on the other images: held-out xy stack R2 against its random-target null, and what is kept (ridge-probe mIoU with --masks, else agreement of each token's 10 nearest neighbours with the raw features). Rule: the least positional candidate within --max-loss of none's kept score, ties to the simplest. Writes the head (.safetensors) for `posvit extract --head` and prints the table.
+    Candidates: none, svd-k (encoder rebuilt from the store's provenance), posmean, blank-k (mean fill), rasa-r and svd-k+rasa-r, fitted on part of the store's images (split by name, --seed). Each is scored on the other images: held-out xy stack R2 against its random-target null, and what is kept (ridge-probe mIoU with --masks, else agreement of each token's 10 nearest neighbours with the raw features). Where the store's encoder can be rebuilt and its images read, each candidate's crop-shift correspondence is reported too (content match: tokens of a shifted view matched to the same pixels; grid match: to the same grid position). Rule: the least positional candidate within --max-loss of none's kept score, ties to the simplest. Writes the head (.safetensors) for `posvit extract --head` and prints the table.
     """
     import torch
 
@@ -127,7 +139,7 @@ def auto(
         if (layer or "final") not in ("final",):
             raise PosvitError(f"--layer {layer}: heads act on final tokens (what `extract --head` cleans)")
         settings = AutoSettings(families=fams, max_loss=max_loss, max_r2=max_r2, seed=seed,
-                                ignore_index=None if ignore_index < 0 else ignore_index).validate()
+                                ignore_index=None if ignore_index < 0 else ignore_index, shift=shift).validate()
         if threads:
             torch.set_num_threads(threads)
         src = store if store else "-"

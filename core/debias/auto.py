@@ -17,7 +17,10 @@ Candidates (all fitted on the fit images; names as in the table)
 
 Scores (:mod:`~posvit_cli.core.debias.auto_scores`): positional = held-out ``xy`` stack R² and its ``random``
 null; kept = semantic ridge-probe mIoU with masks, else the kNN agreement of the content with the raw features (plus
-k-means seed stability, reported only).
+k-means seed stability, reported only); and, where the encoder can be rebuilt and the held-out images' files read,
+the crop-shift correspondence of each candidate (:mod:`~posvit_cli.core.debias.auto_shift`: the fraction of
+tokens whose nearest neighbour in a shifted view follows the content, and the fraction that follows the grid),
+reported only: a store alone does not carry what it needs (images and encoder), so the rule cannot rest on it.
 
 Rule (:func:`choose`)
     Default: the candidates whose kept score is at least ``kept(none) − max_loss`` are eligible; their positional
@@ -46,11 +49,12 @@ from posvit_cli.core.debias.auto_scores import (
     across_images_r2, apply_window, cluster_stability, labelled_sample, load_held_out, neighbour_agreement, positional_scores,
     raw_neighbours, semantic_miou,
 )
+from posvit_cli.core.debias.auto_shift import shift_pairs, shift_scores, shift_unavailable
 from posvit_cli.core.errors import PosvitError
 from posvit_cli.core.progress import ProgressCallback, report
 
 __all__ = ["AUTO_SCHEMA", "AUTO_SCHEMA_VERSION", "FAMILIES", "AutoSettings", "Candidate", "StoreView", "choose",
-           "fit_candidates", "run_auto", "split_images"]
+           "fit_candidates", "rebuild_encoder", "run_auto", "split_images"]
 
 AUTO_SCHEMA = "posvit-debias-auto"
 AUTO_SCHEMA_VERSION = 1
@@ -84,6 +88,10 @@ class AutoSettings:
     knn_k, knn_queries, kmeans_k, kmeans_tokens : int
     ignore_index : int or None
         Mask value of unlabelled pixels.
+    shift : bool
+        Score the crop-shift correspondence where the encoder and the images are available (reported only).
+    shift_images : int
+        Held-out images whose shifted views are encoded for it.
     layer : str
     seed : int
     """
@@ -107,6 +115,8 @@ class AutoSettings:
     kmeans_k: int = 8
     kmeans_tokens: int = 2048
     ignore_index: int | None = 255
+    shift: bool = True
+    shift_images: int = 4
     layer: str = "final"
     seed: int = 0
 
@@ -193,18 +203,26 @@ def split_images(store, fraction: float, seed: int, max_holdout: int) -> tuple[l
 # Fitting
 
 
-def _svd_basis(store, settings: AutoSettings, notes: list):
+def rebuild_encoder(store, seed: int = 0) -> tuple[object | None, str | None]:
+    """The encoder named by the store's provenance (on the CPU), or ``(None, why)`` when it cannot be rebuilt."""
+    from posvit_cli.core.features.rebuild import encoder_from_provenance
+
+    try:
+        return encoder_from_provenance(store.provenance, store.source, seed=seed), None
+    except Exception as exc:  # no model named, weights not available offline, ...: what needs it is skipped
+        return None, str(exc)
+
+
+def _svd_basis(store, settings: AutoSettings, notes: list, rebuilt=None):
     """Rows ``(k, C)`` of the constant-image subspace of the store's encoder, or None (and a note) without it."""
     import warnings
 
     from posvit_cli.core.debias.report import encoder_input_size
     from posvit_cli.core.debias.svd import constant_image_subspace, svd_image_size
-    from posvit_cli.core.features.rebuild import encoder_from_provenance
 
-    try:
-        encoder = encoder_from_provenance(store.provenance, store.source, seed=settings.seed)
-    except Exception as exc:  # no model named, weights not available offline, ...: the family is skipped
-        notes.append(f"svd skipped: the encoder cannot be rebuilt from the store's provenance ({exc})")
+    encoder, why = rebuilt or rebuild_encoder(store, settings.seed)
+    if encoder is None:
+        notes.append(f"svd skipped: the encoder cannot be rebuilt from the store's provenance ({why})")
         return None, {}
     if store.channels and encoder.embed_dim != store.channels:
         notes.append(f"svd skipped: the rebuilt encoder has {encoder.embed_dim} channels, the store {store.channels}")
@@ -266,9 +284,12 @@ def _fit_simple(view, settings: AutoSettings, progress) -> list[Candidate]:
     return out
 
 
-def fit_candidates(store, fit: list[int], settings: AutoSettings, *,
+def fit_candidates(store, fit: list[int], settings: AutoSettings, *, rebuilt: tuple | None = None,
                    progress: ProgressCallback | None = None) -> tuple[list[Candidate], list[str], dict]:
     """Fit every candidate of ``settings.families`` on the images ``fit`` of ``store``.
+
+    ``rebuilt``: ``(encoder or None, why)`` of :func:`rebuild_encoder` when the caller rebuilt it already (else it
+    is rebuilt here when an svd family needs it).
 
     Returns
     -------
@@ -290,7 +311,7 @@ def fit_candidates(store, fit: list[int], settings: AutoSettings, *,
     cands += _fit_simple(view, settings, progress)
     basis = None
     if fams & {"svd", "svd+rasa"}:
-        basis, facts["svd"] = _svd_basis(store, settings, notes)
+        basis, facts["svd"] = _svd_basis(store, settings, notes, rebuilt)
     if basis is not None and "svd" in fams:
         for k in sorted(settings.svd_ranks):
             if k <= basis.shape[0]:
@@ -366,8 +387,8 @@ def positional_score(rows: list[dict]):
 # The run
 
 
-def _score(cands: list[Candidate], held, sample, settings: AutoSettings, progress) -> list[dict]:
-    """Score every candidate on the held-out windows; one row per candidate."""
+def _score(cands: list[Candidate], held, sample, pairs, settings: AutoSettings, progress) -> list[dict]:
+    """Score every candidate on the held-out windows (and crop-shift ``pairs``); one row per candidate."""
     raw_nn = raw_neighbours(held, k=settings.knn_k, queries=settings.knn_queries, seed=settings.seed)
     rows = []
     for n, c in enumerate(cands):
@@ -384,10 +405,21 @@ def _score(cands: list[Candidate], held, sample, settings: AutoSettings, progres
         if sample is not None:
             row["miou"] = semantic_miou(c.head, sample, cleaned)
         row["kept"] = row["miou"] if sample is not None else row["knn_agreement"]
+        row.update(shift_scores(c.head, pairs))
         row["seconds"] = round(time.perf_counter() - t0, 3)
         rows.append(row)
         progress("score candidates", n + 1, len(cands))
     return rows
+
+
+def _shift_pairs(store, held_idx: list, rebuilt, layer: str, settings: AutoSettings):
+    """The encoded crop-shift views of the held-out images, or ``(None, [why])``."""
+    encoder, why = rebuilt
+    reason = shift_unavailable(store, encoder, why)
+    if reason:
+        return None, [f"content/grid match skipped: {reason}"]
+    (name,) = encoder.layer_names([layer])
+    return shift_pairs(store, held_idx, encoder, layer=name, max_images=settings.shift_images)
 
 
 def run_auto(store, settings: AutoSettings, *, masks=None,
@@ -408,21 +440,31 @@ def run_auto(store, settings: AutoSettings, *, masks=None,
     head : Head or None
         The chosen head (None when ``none`` is chosen).
     table : dict
-        JSON-ready: ``split``, ``kept_metric``, ``rule``, ``chosen``, ``rows`` (one per candidate), ``notes``,
-        ``fit`` (svd and RASA facts), ``settings``, ``seconds``.
+        JSON-ready: ``split``, ``kept_metric``, ``rule``, ``chosen``, ``rows`` (one per candidate; ``shift_content``
+        and ``shift_absolute`` None where the crop-shift probe could not run), ``notes``, ``fit`` (svd and RASA
+        facts; ``shift``: the images and views of the crop-shift probe, or None), ``settings``, ``seconds``.
     """
     progress = report(progress)
     settings.validate()
     t0 = time.perf_counter()
     layer = store.check_layer(settings.layer)
     fit, held_idx = split_images(store, settings.holdout_fraction, settings.seed, settings.max_holdout)
-    cands, notes, facts = fit_candidates(store, fit, settings, progress=progress)
+    rebuilt = None
+    if settings.shift or {"svd", "svd+rasa"} & set(settings.families):
+        rebuilt = rebuild_encoder(store, settings.seed)
+    cands, notes, facts = fit_candidates(store, fit, settings, rebuilt=rebuilt, progress=progress)
     held = load_held_out(store, held_idx, layer=layer, window=settings.window)
+    pairs = None
+    if settings.shift:
+        t_shift = time.perf_counter()
+        pairs, shift_notes = _shift_pairs(store, held_idx, rebuilt, layer, settings)
+        notes += shift_notes
+        facts["shift"] = {**pairs.facts(), "encode_seconds": round(time.perf_counter() - t_shift, 3)} if pairs else None
     sample = None
     if masks is not None:
         sample = labelled_sample(store, masks, fit, held, layer=layer, ignore_index=settings.ignore_index,
                                  seed=settings.seed)
-    rows = _score(cands, held, sample, settings, progress)
+    rows = _score(cands, held, sample, pairs, settings, progress)
     chosen, rule = choose(rows, settings)
     for r in rows:
         r["chosen"] = r["name"] == chosen

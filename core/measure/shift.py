@@ -47,6 +47,7 @@ __all__ = [
     "SHIFT_SCHEMA_VERSION",
     "ShiftMatch",
     "ShiftViews",
+    "encode_views",
     "match_tokens",
     "nearest_neighbours",
     "parse_shift",
@@ -313,21 +314,27 @@ def view_pair(image, views: ShiftViews, patch: int):
 def image_matches(encoder, image, shifts: Sequence[tuple[int, int]], mode: str, layer: str, *, device="cpu",
                   precision: str = "fp32") -> list[ShiftMatch]:
     """Encode both views of every shift of one preprocessed image and match them (one forward per shift)."""
+    grid = encoder.grid(int(image.shape[-2]), int(image.shape[-1]))
+    out = []
+    for shift in shifts:
+        views = shift_views(grid, shift, mode)
+        t = encode_views(encoder, image, views, layer, device=device, precision=precision)
+        out.append(match_tokens(t[0], t[1], views))
+    return out
+
+
+def encode_views(encoder, image, views: ShiftViews, layer: str, *, device="cpu", precision: str = "fp32"):
+    """Tokens of both views of a preprocessed image ``(C, H, W)``: float32 tensor ``(2, h, w, C)`` on ``device``
+    (one forward of the pair)."""
     import torch
 
     from posvit_cli.core.device import autocast
 
     dev = torch.device(device)
-    grid = encoder.grid(int(image.shape[-2]), int(image.shape[-1]))
-    out = []
-    for shift in shifts:
-        views = shift_views(grid, shift, mode)
-        batch = view_pair(image, views, encoder.patch_size).to(dev)
-        with torch.inference_mode(), autocast(dev, precision):
-            tokens, _ = encoder.forward_tokens(batch, [layer])
-        t = tokens[layer].float()
-        out.append(match_tokens(t[0], t[1], views))
-    return out
+    batch = view_pair(image, views, encoder.patch_size).to(dev)
+    with torch.inference_mode(), autocast(dev, precision):
+        tokens, _ = encoder.forward_tokens(batch, [layer])
+    return tokens[layer].float()
 
 
 def _mean_std(values: list) -> dict:

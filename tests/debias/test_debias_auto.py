@@ -339,3 +339,87 @@ def test_across_image_r2_finds_a_shared_code_and_not_smooth_content_and_reads_ti
     frames = [frame] * 4
     assert across_images_r2(tiled, grids, origins, frames=frames) > 0.95
     assert across_images_r2(tiled, grids, origins) < 0.5
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Crop-shift correspondence columns
+
+
+def _encoded_store(tmp_path, cli, n: int = 6):
+    """A store of the tiny random ViT (which its provenance names, so the encoder can be rebuilt) on ``n`` smooth
+    random 128×160 px greyscale images (8×10 tokens: the probe's default shift 2,3 leaves 6×7-token views), of
+    low contrast (grey 128 ± 12), so that the random position embedding competes with the content: the matches
+    are neither all content nor all grid."""
+    from PIL import Image
+    from scipy.ndimage import gaussian_filter
+
+    d = tmp_path / "imgs"
+    d.mkdir()
+    rng = np.random.default_rng(4)
+    for i in range(n):
+        a = gaussian_filter(rng.random((128, 160)), 3)
+        a = (a - a.min()) / (a.max() - a.min())
+        Image.fromarray((128 + (a - 0.5) * 24).astype(np.uint8)).save(d / f"tex{i}.png")
+    res = cli(["extract", d, "--model", TINY_MODEL, "--weights", "random", "-o", tmp_path / "s.h5", "-q"])
+    assert res.exit_code == 0, res.output
+    return tmp_path / "s.h5", d
+
+
+def test_shift_columns_are_the_crop_shift_probe_of_each_head(tmp_path, cli, one_torch_thread):
+    """`none`'s columns are exactly what `probe shift` gives on the same held-out images (default shift, crop,
+    the store's size rule); an identity head gives the same; a head that subtracts a strong field of random
+    vectors, one per grid position, pulls every token to its grid position in both views (grid match 1), which
+    only holds when each view is cleaned on its own grid (on the image's frame the field would follow the
+    content)."""
+    from posvit_cli.core.debias.auto import rebuild_encoder
+    from posvit_cli.core.debias.auto_shift import shift_pairs, shift_scores
+    from posvit_cli.core.debias.heads import BlankHead, PosMeanHead
+    from posvit_cli.core.features.store import FeatureStore
+    from posvit_cli.core.io.preprocess import parse_size
+    from posvit_cli.core.measure.shift import shift_correspondence
+
+    src, images = _encoded_store(tmp_path, cli)
+    head, table = _run(src, families=("none", "posmean", "svd"), svd_ranks=(2,), shift_images=2)
+    rows = _rows(table)
+    facts = table["fit"]["shift"]
+    assert facts["images"] == table["split"]["held_out"][:2] and facts["shift"] == [2, 3]
+    assert facts["view_grids"] == [[6, 7]] * 2
+    assert not [n for n in table["notes"] if "content/grid" in n]
+    for r in rows.values():
+        assert 0.0 <= r["shift_content"] <= 1.0 and 0.0 <= r["shift_absolute"] <= 1.0
+    with FeatureStore(str(src)) as fs:
+        encoder, why = rebuild_encoder(fs)
+        assert why is None
+        direct = shift_correspondence(encoder, [images / f"{n}.png" for n in facts["images"]],
+                                      size=parse_size("native"))
+        (summary,) = direct["summary"]
+        assert 0.0 < summary["fraction_content"]["mean"] < 1.0 and 0.0 < summary["fraction_absolute"]["mean"] < 1.0
+        assert rows["none"]["shift_content"] == summary["fraction_content"]["mean"]
+        assert rows["none"]["shift_absolute"] == summary["fraction_absolute"]["mean"]
+        held = [r.index for r in fs.records if r.name in facts["images"]]
+        pairs, notes = shift_pairs(fs, held, encoder)
+    assert not notes
+    none = shift_scores(None, pairs)
+    assert none == {"shift_content": rows["none"]["shift_content"], "shift_absolute": rows["none"]["shift_absolute"]}
+    assert shift_scores(BlankHead([], C), pairs) == none
+    field = 1e3 * np.random.default_rng(0).standard_normal((6, 7, C)).astype(np.float32)
+    assert shift_scores(PosMeanHead(field), pairs) == {"shift_content": 0.0, "shift_absolute": 1.0}
+
+
+def test_shift_columns_missing_with_a_note_when_the_images_moved(tmp_path, cli, one_torch_thread):
+    src, images = _encoded_store(tmp_path, cli)
+    images.rename(tmp_path / "elsewhere")
+    res = cli(["debias-train", "auto", src, "-o", tmp_path / "h.safetensors", "--candidates", "posmean",
+               "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout[res.stdout.index("{"):])
+    assert all(r["shift_content"] is None and r["shift_absolute"] is None for r in doc["rows"])
+    assert doc["fit"]["shift"] is None
+    (note,) = [n for n in doc["notes"] if "content/grid match skipped" in n]
+    assert "not found" in note and "tex" in note
+    assert "content match" in res.output and "not found" in res.output
+    # --no-shift: not attempted, no note, no columns.
+    res = cli(["debias-train", "auto", src, "-o", tmp_path / "h2.safetensors", "--candidates", "posmean",
+               "--no-shift"])
+    assert res.exit_code == 0, res.output
+    assert "content match" not in res.output and "content/grid" not in res.output
