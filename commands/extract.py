@@ -202,8 +202,8 @@ def _extract(inputs, out, model, weights, layers, prefix_tokens, size, intensity
     all_paths = list_images(inputs, recursive=recursive, tiff_pages=tiff_pages)
     paths = shard_paths(all_paths, shard)
     dev = resolve_device(device)
-    if dist.enabled and dev.type == "cuda" and dev.index is None:  # one GPU per rank
-        dev = torch.device("cuda", dist.local_rank)
+    if dist.enabled and dev.type == "cuda" and dev.index is None:  # one GPU per rank; more ranks share them
+        dev = torch.device("cuda", dist.local_rank % torch.cuda.device_count())
         torch.cuda.set_device(dev)
     prec = resolve_precision(precision, dev)
     if model is None and not (weights not in ("pretrained", "random") and read_checkpoint_meta(weights)):

@@ -64,14 +64,19 @@ def test_torchrun_two_ranks_give_the_one_process_store(tmp_path, image_dir, cli,
 
 @pytest.mark.slow  # a second torchrun launch (~30 s on two cores): `make test-slow`
 def test_torchrun_resume_continues_each_ranks_part(tmp_path, image_dir, cli, clean_env):
-    """Rank 1 (images grey0, grey2, grey4) was interrupted after grey0: --resume extracts only the rest."""
+    """Rank 1 (images grey0, grey2, grey4) was interrupted after grey0: without --resume rank 0 says rank 1
+    failed and keeps its own part; with --resume rank 0's part is kept and rank 1 extracts only the rest."""
     part = tmp_path / "two.rank1-of-2.h5"
     assert cli(["extract", image_dir / "grey0.png", *OPTS, "-q", "-o", part]).exit_code == 0
     os.replace(part, str(part) + ".partial")  # as an interrupted rank leaves it
+    failed = _torchrun(["extract", image_dir, *OPTS, "-o", tmp_path / "two.h5"], tmp_path)
+    said = " ".join((failed.stdout + failed.stderr).split())
+    assert failed.returncode != 0 and "error: rank 1 of 2 failed" in said and "--resume" in said
+    assert not (tmp_path / "two.h5").exists() and (tmp_path / "two.rank0-of-2.h5").exists()  # rank 0's part kept
     res = _torchrun(["extract", image_dir, *OPTS, "--resume", "-o", tmp_path / "two.h5"], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     said = " ".join((res.stdout + res.stderr).split())
-    assert "already in store │ 1 │" in said and "images written │ 6 │" in said
+    assert "already in store │ 5 │" in said and "images written │ 2 │" in said
     assert cli(["extract", image_dir, *OPTS, "-q", "-o", tmp_path / "one.h5"]).exit_code == 0
     _assert_equal_stores(tmp_path / "two.h5", tmp_path / "one.h5")
     assert not list(tmp_path.glob("two.rank*"))
