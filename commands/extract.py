@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -60,7 +61,7 @@ def extract(
     workers: Annotated[int, typer.Option("--workers", min=0, help="Image decoding threads.")] = 2,
     recursive: RecursiveOpt = False,
     tiff_pages: Annotated[TiffPages, typer.Option("--tiff-pages", help="A multi-page TIFF is its first page (first, with a warning) or one image per page, stored as FILE.tif#page=N (all).")] = TiffPages.first,
-    shard: Annotated[Optional[str], typer.Option("--shard", help="Extract only shard i/n of the images (every n-th from i); join shards with --merge. Default: all images.", show_default=False)] = None,
+    shard: Annotated[Optional[str], typer.Option("--shard", help="Extract only shard i/n of the images (every n-th from i); join shards with --merge. auto: the Slurm array task, else the torchrun rank. Default: all images (under torchrun: each rank a share, joined into -o by rank 0).", show_default=False)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted store (or add new images to a finished one), skipping images already done.")] = False,
     overwrite: OverwriteOpt = False,
     strict: Annotated[bool, typer.Option("--strict", help="Fail on the first unreadable image instead of skipping it.")] = False,
@@ -161,6 +162,7 @@ def _extract(inputs, out, model, weights, layers, prefix_tokens, size, intensity
     import torch
 
     from posvit_cli.core.device import resolve_device, resolve_precision
+    from posvit_cli.core.distributed import DistInfo, auto_shard, dist_env, gather_from_ranks
     from posvit_cli.core.features.encoders import load_encoder, read_checkpoint_meta
     from posvit_cli.core.features.extract import ExtractOptions, extraction_provenance, shard_paths
     from posvit_cli.core.io.images import list_images, parse_intensity
@@ -183,8 +185,19 @@ def _extract(inputs, out, model, weights, layers, prefix_tokens, size, intensity
     if len({str(m) for m in modes}) != len(modes):
         raise PosvitError(f"--size {size} names the same size twice")
     parse_intensity(intensity)
-    paths = shard_paths(list_images(inputs, recursive=recursive, tiff_pages=tiff_pages), shard)
+    if shard == "auto":
+        shard = auto_shard()
+    # Under torchrun without --shard, each rank extracts its share into a part and rank 0 joins the parts.
+    dist = dist_env() if shard is None else DistInfo()
+    if dist.enabled:
+        shard = f"{dist.rank}/{dist.world_size}"
+        quiet, json_out = quiet or not dist.is_main, json_out and dist.is_main
+    all_paths = list_images(inputs, recursive=recursive, tiff_pages=tiff_pages)
+    paths = shard_paths(all_paths, shard)
     dev = resolve_device(device)
+    if dist.enabled and dev.type == "cuda" and dev.index is None:  # one GPU per rank; more ranks share them
+        dev = torch.device("cuda", dist.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
     prec = resolve_precision(precision, dev)
     if model is None and not (weights not in ("pretrained", "random") and read_checkpoint_meta(weights)):
         model = "dinov2-s-reg"
@@ -231,28 +244,41 @@ def _extract(inputs, out, model, weights, layers, prefix_tokens, size, intensity
     if len(jobs) > 1 and out == "-":
         raise PosvitError(f"{len(jobs)} sizes/transforms write {len(jobs)} stores: name them with -o (e.g. -o feats.h5 "
                           "gives feats.224.h5, ...), they cannot all go to stdout")
+    if dist.enabled:
+        _check_joined_outputs([job[0] for job in jobs], overwrite)
     results = []
-    for job_out, mode, image_transform in jobs:
-        spec = image_transform.spec if image_transform is not None else None
-        options = ExtractOptions(
-            layers=layer_names, size=mode, intensity=intensity, keep_prefix=prefix_tokens, batch_size=batch_size,
-            precision=prec, tile=tile, overlap=overlap, tile_shifts=tile_shifts, tile_blend=tile_blend, max_side=max_side,
-            workers=workers, strict=strict,
-            postprocess=postprocess,
-            image_transform=image_transform if spec not in (None, "identity") else None,
-        )
-        prov = extraction_provenance(encoder, options, device=dev, command=command_line(), shard=shard,
-                                     debias=debias, transform=spec if spec != "identity" else None)
-        if len(jobs) > 1 and not quiet:
-            what = ", ".join(x for x in (f"size {mode}" if len(modes) > 1 else "",
-                                         f"transform {spec}" if len(transforms) > 1 else "") if x)
-            console.print(f"[bold]{what}[/] → {job_out}", markup=True)
-        summary, where = _extract_one(paths, encoder, options, prov, job_out, layer_names, dtype, overwrite, resume,
-                                      compression, dev, quiet)
-        results.append({**summary.as_dict(), "output": where, "model": encoder.name, "layers": layer_names,
-                        "size": str(mode), "transform": spec})
+    try:
+        for job_out, mode, image_transform in jobs:
+            spec = image_transform.spec if image_transform is not None else None
+            options = ExtractOptions(
+                layers=layer_names, size=mode, intensity=intensity, keep_prefix=prefix_tokens, batch_size=batch_size,
+                precision=prec, tile=tile, overlap=overlap, tile_shifts=tile_shifts, tile_blend=tile_blend,
+                max_side=max_side, workers=workers, strict=strict,
+                postprocess=postprocess,
+                image_transform=image_transform if spec not in (None, "identity") else None,
+            )
+            prov = extraction_provenance(encoder, options, device=dev, command=command_line(), shard=shard,
+                                         debias=debias, transform=spec if spec != "identity" else None)
+            if len(jobs) > 1 and not quiet:
+                what = ", ".join(x for x in (f"size {mode}" if len(modes) > 1 else "",
+                                             f"transform {spec}" if len(transforms) > 1 else "") if x)
+                console.print(f"[bold]{what}[/] → {job_out}", markup=True)
+            target = rank_part_path(job_out, dist.rank, dist.world_size) if dist.enabled else job_out
+            summary, where = _extract_one(paths, encoder, options, prov, target, layer_names, dtype, overwrite,
+                                          resume, compression, dev, quiet, part=dist.enabled)
+            results.append({"summary": summary, "output": job_out if dist.enabled else where, "model": encoder.name,
+                            "layers": layer_names, "size": str(mode), "transform": spec})
+    except Exception as exc:
+        if dist.enabled:  # the other ranks learn of it instead of waiting for this rank's part
+            with contextlib.suppress(Exception):  # this rank's own error is the one to report
+                gather_from_ranks(f"{type(exc).__name__}: {exc}", dist)
+        raise
+    if dist.enabled:
+        if not _join_rank_parts(results, dist, all_paths, overwrite, quiet, encoder):
+            return
     if json_out:
-        emit_json(results[0] if len(results) == 1 else {"stores": results})
+        docs = [{**r.pop("summary").as_dict(), **r} for r in results]
+        emit_json(docs[0] if len(docs) == 1 else {"stores": docs})
 
 
 def _size_list(size: str) -> list[str]:
@@ -317,7 +343,10 @@ def transform_label(spec: str) -> str:
     return spec.replace(":", "-").replace(",", "_")
 
 
-def _extract_one(paths, encoder, options, prov, out, layer_names, dtype, overwrite, resume, compression, dev, quiet):
+def _extract_one(paths, encoder, options, prov, out, layer_names, dtype, overwrite, resume, compression, dev, quiet,
+                 part=False):
+    """Extract ``paths`` into the store ``out``; ``part``: one rank's part of a torchrun run (kept even when empty
+    or all unreadable, since the other ranks may have images; no table: rank 0 prints the joined one)."""
     from posvit_cli.core.features.extract import extract_images
     from posvit_cli.core.features.writer import StoreWriter
 
@@ -326,7 +355,7 @@ def _extract_one(paths, encoder, options, prov, out, layer_names, dtype, overwri
     try:
         with RichProgress(quiet) as progress:
             summary = extract_images(paths, encoder, writer, options, device=dev, progress=progress)
-        if len(writer) == 0 and summary.skipped:
+        if len(writer) == 0 and summary.skipped and not part:
             raise _nothing_readable(summary)
         writer.update_provenance(extract_seconds=round(summary.seconds, 3))
     except BaseException as exc:
@@ -341,9 +370,71 @@ def _extract_one(paths, encoder, options, prov, out, layer_names, dtype, overwri
         raise
     final = writer.close(complete=True)
     where = str(final) if final else "stdout"
-    if not quiet:
+    if not quiet and not part:
         _print_summary(summary, where, encoder)
     return summary, where
+
+
+def rank_part_path(out: str, rank: int, world_size: int) -> str:
+    """The part store a torchrun rank writes beside ``out``: ``feats.h5`` → ``feats.rank0-of-2.h5``."""
+    from posvit_cli.core.features.extract import variant_path
+
+    return variant_path(out, [f"rank{rank}-of-{world_size}"])
+
+
+def _check_joined_outputs(outs: list[str], overwrite: bool) -> None:
+    """Before any rank extracts: the joined stores need a file name, and must not exist unless --overwrite."""
+    if "-" in outs:
+        raise PosvitError("under torchrun the ranks' parts are joined into a file: name it with -o")
+    for out in outs:
+        if Path(out).exists() and not overwrite:
+            raise PosvitError(f"'{out}' already exists: pass --overwrite to replace it (under torchrun --resume "
+                              "continues the ranks' unfinished parts, not a finished store)")
+
+
+def _join_rank_parts(results: list[dict], dist, order, overwrite: bool, quiet: bool, encoder) -> bool:
+    """After every rank has written its parts: rank 0 joins each store's parts into it, in the order of the image
+    list, and removes them. Returns True on rank 0 (``results`` then hold the joined summaries), False elsewhere.
+
+    A failed rank raises its own error; rank 0 then says which rank failed and keeps the parts for --resume."""
+    from posvit_cli.core.distributed import gather_from_ranks
+    from posvit_cli.core.features.backends import remove_path
+    from posvit_cli.core.features.merge import merge_stores
+
+    per_rank = gather_from_ranks([r["summary"] for r in results], dist)
+    if not dist.is_main:
+        return False
+    failed = [(rank, got) for rank, got in enumerate(per_rank) if isinstance(got, str)]
+    if failed:
+        rank, why = failed[0]
+        raise PosvitError(f"rank {rank} of {dist.world_size} failed ({why}); the finished parts are kept: run the "
+                          "same command with --resume")
+    for k, result in enumerate(results):
+        summary = _joined_summary([got[k] for got in per_rank])
+        parts = [rank_part_path(result["output"], r, dist.world_size) for r in range(dist.world_size)]
+        if summary.written + summary.already_done == 0 and summary.skipped:
+            for p in parts:
+                remove_path(Path(p))
+            raise _nothing_readable(summary)
+        with RichProgress(quiet) as progress:
+            merge_stores(parts, result["output"], overwrite=overwrite, order=[str(p) for p in order],
+                         progress=progress)
+        for p in parts:
+            remove_path(Path(p))
+        result["summary"] = summary
+        if not quiet:
+            _print_summary(summary, result["output"], encoder)
+    return True
+
+
+def _joined_summary(summaries: list):
+    """One summary of the ranks' summaries: counts added, skipped images listed, the slowest rank's time."""
+    from posvit_cli.core.features.extract import ExtractSummary
+
+    return ExtractSummary(requested=sum(s.requested for s in summaries), written=sum(s.written for s in summaries),
+                          already_done=sum(s.already_done for s in summaries), tiled=sum(s.tiled for s in summaries),
+                          skipped=[x for s in summaries for x in s.skipped],
+                          seconds=max(s.seconds for s in summaries))
 
 
 class _NothingReadable(PosvitError):

@@ -19,11 +19,13 @@ def merge_stores(
     *,
     overwrite: bool = False,
     progress=None,
+    order: Sequence[str | os.PathLike] | None = None,
 ) -> int:
     """Join stores made with the same settings (``extract --shard i/n``) into one.
 
-    Images keep the order of ``sources``; an image path present in several sources is written once. Returns the
-    number of images written.
+    Images keep the order of ``sources``, or with ``order`` (image paths, e.g. the image list the shards were
+    cut from) that order, images it does not name last; an image path present in several sources is written
+    once. Returns the number of images written.
 
     Raises
     ------
@@ -53,16 +55,31 @@ def merge_stores(
             overwrite=overwrite,
         ) as writer:
             done = 0
-            for store in stores:
-                for rec in store.records:
-                    done += 1
-                    if rec.path in seen:
-                        continue
-                    seen.add(rec.path)
-                    copy_image(store, rec.index, writer)
-                    progress("merge", done, total)
-                writer.commit()
+            for store, index, path in _in_order(stores, order):
+                done += 1
+                if path in seen:
+                    continue
+                seen.add(path)
+                copy_image(store, index, writer)
+                progress("merge", done, total)
+            writer.commit()
         return len(seen)
     finally:
         for s in stores:
             s.close()
+
+
+def _in_order(stores: Sequence[FeatureStore], order: Sequence[str | os.PathLike] | None) -> list[tuple]:
+    """(store, record index, image path) of every image: source by source, or by each path's place in ``order``."""
+    items = [(store, rec.index, rec.path) for store in stores for rec in store.records]
+    if order is None:
+        return items
+    rank = {}
+    for k, p in enumerate(order):
+        rank.setdefault(str(p), k)
+        rank.setdefault(os.path.abspath(p), k)
+
+    def key(item):
+        return rank.get(item[2], rank.get(os.path.abspath(item[2]), len(rank)))
+
+    return sorted(items, key=key)  # stable: unnamed images keep their source order

@@ -4,25 +4,9 @@ rank's device.
 
 from __future__ import annotations
 
-import dataclasses
-import os
+from posvit_cli.core.distributed import DistInfo, dist_env
 
-
-@dataclasses.dataclass(frozen=True)
-class DistInfo:
-    """Where this process sits in a (possibly single-process) run."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
+__all__ = ["DistInfo", "barrier", "setup_distributed", "shutdown_distributed"]
 
 
 def setup_distributed(device):
@@ -41,20 +25,18 @@ def setup_distributed(device):
     import torch
     import torch.distributed as tdist
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo(), device
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    info = dist_env()
+    if not info.enabled:
+        return info, device
     if device.type == "cuda":
-        device = torch.device("cuda", local)
+        device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
         backend = "nccl"
     else:
         backend = "gloo"
     if not tdist.is_initialized():
         tdist.init_process_group(backend=backend)
-    return DistInfo(rank=rank, world_size=world, local_rank=local), device
+    return info, device
 
 
 def shutdown_distributed() -> None:
