@@ -46,8 +46,8 @@ def test_streamed_equals_the_in_memory_engine_for_the_same_seed(seed):
     np.testing.assert_allclose(got.centers, ref.centers, rtol=0, atol=1e-5)
     assert got.n_iter == ref.n_iter and got.converged == ref.converged
     assert got.best_restart == ref.best_restart
-    assert got.inertia == pytest.approx(ref.inertia, rel=1e-9)
-    assert got.inertias == pytest.approx(ref.inertias, rel=1e-9)
+    assert got.inertia == pytest.approx(ref.inertia, rel=1e-6)
+    assert got.inertias == pytest.approx(ref.inertias, rel=1e-6)
 
 
 def test_tolerance_and_iteration_cap_stop_where_the_in_memory_engine_stops():
@@ -73,7 +73,7 @@ def test_chunk_size_does_not_change_the_result():
         assert np.array_equal(other.labels, runs[0].labels)
         np.testing.assert_allclose(other.centers, runs[0].centers, rtol=0, atol=1e-5)
         assert other.n_iter == runs[0].n_iter
-        assert other.inertia == pytest.approx(runs[0].inertia, rel=1e-9)
+        assert other.inertia == pytest.approx(runs[0].inertia, rel=1e-6)
 
 
 def test_planted_separated_clusters_are_recovered_exactly():
