@@ -22,7 +22,8 @@ It reproduces :func:`~posvit_cli.core.cluster.kmeans.kmeans` (the in-memory engi
 
 So on data that fit, labels equal the in-memory engine's (barring exact distance ties) and centres agree to
 float32 rounding of the sums. Each pass costs one read of the source (for a store: reading and projecting every
-token again), so a run costs ``n_init · (n_iter + 2)`` passes plus one for the mean and one for the seeding sample.
+token again), so a run costs ``1 + n_init · (n_iter + 2)`` passes: the mean, then per restart the gathering of its
+seeding sample, the Lloyd passes and (unless a pass changed no label) one final assignment.
 
 A token source is a callable returning a fresh iterator of ``(start, tokens)`` chunks in token order, ``tokens``
 a float32 ``(b, dims)`` tensor (see :mod:`~posvit_cli.core.cluster.sampled`).
