@@ -26,6 +26,13 @@ class Protocol(str, Enum):
     in_training = "in-training"
 
 
+class Fit(str, Enum):
+    """How k-means is fitted on more tokens than the in-memory cap."""
+
+    stream = "stream"
+    sample = "sample"
+
+
 class Matching(str, Enum):
     """When clusters are matched to classes one-to-one (Hungarian) rather than greedily many-to-one."""
 
@@ -49,6 +56,7 @@ def cluster(
     max_iter: Annotated[Optional[int], typer.Option("--max-iter", min=1, help="k-means iterations. Default: 100 (standard), 50 (in-training), 300 (--per-image).", show_default=False)] = None,
     eval_size: Annotated[str, typer.Option("--eval-size", help="Evaluation grid, N or HxW: masks are resized to it and cluster maps upsampled to it (nearest).")] = "100",
     max_points_per_cluster: Annotated[Optional[int], typer.Option("--max-points-per-cluster", min=1, help="Fit k-means on a random k·N subset of tokens, then label all (faiss's default is 256). Default: fit on all tokens.", show_default=False)] = None,
+    fit: Annotated[Fit, typer.Option("--fit", help="Tokens beyond the in-memory cap (2**25 values, e.g. 671,088 tokens after PCA 50): stream runs exact Lloyd passes over every token, read from the store chunk by chunk each pass (the in-memory result for the same seed, one store read per iteration); sample fits on a capped random sample, then labels every token (faster, approximate). Below the cap both fit on all tokens in memory.")] = Fit.stream,
     position_bins: Annotated[int, typer.Option("--position-bins", min=2, max=16, help="Blocks per side of the token grid for the position dependence of the clusters (2: quadrants).")] = 2,
     null_draws: Annotated[int, typer.Option("--null-draws", min=39, max=9999, help="Rolled copies of the label maps in the position dependence's null (the smallest p-value is 1/(1 + draws)).")] = 99,
     layer: LayerOpt = None,
@@ -110,7 +118,7 @@ def _results_path(results_json, output) -> Path | None:
 
 
 def _run(store, k, masks, ignore_index, num_classes, class_names, seeds, pca_dim, protocol, matching, per_image,
-         n_init, max_iter, eval_size, max_points_per_cluster, position_bins, null_draws, layer, output, results_json,
+         n_init, max_iter, eval_size, max_points_per_cluster, fit, position_bins, null_draws, layer, output, results_json,
          overwrite, threads, device, json_out, quiet, **_):
     protocol = protocol.value
     ks = parse_csv(k, int)
@@ -136,7 +144,7 @@ def _run(store, k, masks, ignore_index, num_classes, class_names, seeds, pca_dim
         raise PosvitError("--num-classes must be at least 1")
     if not 2 <= position_bins <= 16 or not 39 <= null_draws <= 9999:
         raise PosvitError("--position-bins must be 2-16 and --null-draws 39-9999")
-    posdep = dict(position_bins=position_bins, null_draws=null_draws)
+    posdep = dict(position_bins=position_bins, null_draws=null_draws, fit=fit.value)
     seed_list = parse_seeds(seeds) if seeds is not None else None
     names = _parse_class_names(class_names)
     eval_hw = _parse_eval_size(eval_size)

@@ -44,6 +44,7 @@ from posvit_cli.core.cluster.position_dependence import DEFAULT_BINS, DEFAULT_DR
 from posvit_cli.core.cluster.matching import matched_iou
 from posvit_cli.core.cluster.projection import fit_projection, project_tokens, projected_source
 from posvit_cli.core.cluster.sampled import fit_sample_size, kmeans_streamed
+from posvit_cli.core.cluster.streamed import FIT_MODES, kmeans_stream
 from posvit_cli.core.errors import PosvitError
 from posvit_cli.core.progress import ProgressCallback, report
 
@@ -95,6 +96,11 @@ def protocol_defaults(protocol: str) -> dict:
 # Clustering a whole store
 
 
+def _check_fit(fit: str) -> None:
+    if fit not in FIT_MODES:
+        raise PosvitError(f"unknown k-means fit '{fit}' for tokens beyond the memory cap: use stream or sample")
+
+
 def _check_k(ks, n_tokens):
     for k in ks:
         if k < 1:
@@ -122,17 +128,25 @@ def _projected_tokens(store, layer, indices, proj, upsample_to, device, prog, n_
     return _Tokens(None, source, int(n_tokens), proj.out_dim)
 
 
-def _kmeans_labels(tokens: _Tokens, k, seed, n_init, max_iter, device, max_points_per_cluster, progress, task):
+def _kmeans_labels(tokens: _Tokens, k, seed, n_init, max_iter, device, max_points_per_cluster, progress, task,
+                   fit="stream"):
     """k-means on the projected tokens (optionally trained on a subsample), labels for all tokens.
 
-    Tokens beyond the fit cap (:data:`~posvit_cli.core.cluster.sampled.FIT_MAX_VALUES`) are fitted on a sample
-    of at most that many values, drawn like the ``max_points_per_cluster`` one, and labelled chunk by chunk.
+    Tokens beyond the fit cap (:data:`~posvit_cli.core.cluster.sampled.FIT_MAX_VALUES`) are streamed from the
+    store: with ``fit="stream"`` exact Lloyd passes over all of them (:mod:`~posvit_cli.core.cluster.streamed`,
+    the in-memory result for the same seed); with ``fit="sample"``, or when ``max_points_per_cluster`` asks for a
+    subset fit, k-means is fitted on a sample of at most the cap, drawn like the ``max_points_per_cluster`` one,
+    and every token labelled chunk by chunk.
     """
     import torch
 
     from posvit_cli.core.cluster.kmeans import assign_labels, kmeans
 
     y = tokens.y
+    if y is None and fit == "stream" and not max_points_per_cluster:
+        res = kmeans_stream(tokens.source, tokens.n, tokens.dims, k, n_init=n_init, max_iter=max_iter, seed=seed,
+                            device=device, progress=progress, task=task)
+        return res.labels, res.inertia, res.n_iter
     if y is None:
         limit = k * max_points_per_cluster if max_points_per_cluster else None
         sample = fit_sample_size(tokens.n, tokens.dims, limit) or tokens.n
@@ -201,7 +215,8 @@ def overcluster_eval(store, masks: MaskSet, ks: Sequence[int], *, protocol: str 
                      max_iter: int | None = None, layer: str | None = None, device="cpu",
                      max_points_per_cluster: int | None = None, keep_maps: bool = False,
                      matching: str = "reference", position_bins: int = DEFAULT_BINS,
-                     null_draws: int = DEFAULT_DRAWS, progress: ProgressCallback | None = None) -> dict:
+                     null_draws: int = DEFAULT_DRAWS, fit: str = "stream",
+                     progress: ProgressCallback | None = None) -> dict:
     """Overclustering mIoU of a store's features against masks, per k, as mean ± std over seeds.
 
     Parameters
@@ -223,6 +238,9 @@ def overcluster_eval(store, masks: MaskSet, ks: Sequence[int], *, protocol: str 
         (Leopart's ``PredsmIoU``). ``hungarian``: Hungarian for every k up to the number of classes.
     position_bins, null_draws : int
         Blocks per side and rolled draws of the position dependence (of the first seed's clustering).
+    fit : {"stream", "sample"}
+        Tokens beyond the in-memory cap: exact Lloyd passes streamed over all of them, or a fit on a capped
+        sample (see :func:`_kmeans_labels`).
 
     Returns
     -------
@@ -238,6 +256,7 @@ def overcluster_eval(store, masks: MaskSet, ks: Sequence[int], *, protocol: str 
 
     cfg = protocol_defaults(protocol)
     matchings_for(1, 1, protocol, matching)  # refuses an unknown rule before any work
+    _check_fit(fit)
     seeds = tuple(cfg["seeds"] if seeds is None else seeds)
     n_init = cfg["n_init"] if n_init is None else n_init
     max_iter = cfg["max_iter"] if max_iter is None else max_iter
@@ -274,7 +293,7 @@ def overcluster_eval(store, masks: MaskSet, ks: Sequence[int], *, protocol: str 
         for si, seed in enumerate(seeds):
             task = f"k-means k={k} seed {seed}"
             labels, inertia, n_it = _kmeans_labels(y, k, seed, n_init, max_iter, device, max_points_per_cluster,
-                                                   prog, task)
+                                                   prog, task, fit)
             inertias.append(inertia)
             iters.append(n_it)
             per_img = _split(labels, offsets, grids)
@@ -310,6 +329,7 @@ def overcluster_eval(store, masks: MaskSet, ks: Sequence[int], *, protocol: str 
             "num_classes": n_cls, "class_names": list(masks.class_names),
             "position_bins": position_bins, "null_draws": null_draws,
             **_preprocessing_settings(cfg, proj), "max_points_per_cluster": max_points_per_cluster,
+            "fit_beyond_cap": fit,
             "init": "k-means++ (greedy, sampled)", "std": "population std over seeds",
         },
         "n_images": len(indices),
@@ -328,8 +348,11 @@ def overcluster_eval(store, masks: MaskSet, ks: Sequence[int], *, protocol: str 
 def cluster_dataset(store, ks: Sequence[int], *, seeds: Sequence[int] = (0,), pca_dim: int = 50, n_init: int = 5,
                     max_iter: int = 100, layer: str | None = None, device="cpu",
                     max_points_per_cluster: int | None = None, position_bins: int = DEFAULT_BINS,
-                    null_draws: int = DEFAULT_DRAWS, progress: ProgressCallback | None = None) -> dict:
+                    null_draws: int = DEFAULT_DRAWS, fit: str = "stream",
+                    progress: ProgressCallback | None = None) -> dict:
     """Dataset-wide k-means of all tokens (z-score → PCA → k-means), without masks.
+
+    ``fit`` chooses how tokens beyond the in-memory cap are clustered (see :func:`overcluster_eval`).
 
     Returns
     -------
@@ -338,6 +361,7 @@ def cluster_dataset(store, ks: Sequence[int], *, seeds: Sequence[int] = (0,), pc
         (``position_bins`` blocks per side, ``null_draws`` rolls), the old spatial entropy per seed, and ``maps``: ``{"kmeans_k{k}": [labels
         (h, w) per image]}`` from the first seed.
     """
+    _check_fit(fit)
     layer = store.check_layer(layer)
     prog = report(progress)
     indices = list(range(len(store)))
@@ -353,7 +377,7 @@ def cluster_dataset(store, ks: Sequence[int], *, seeds: Sequence[int] = (0,), pc
         t_k = time.perf_counter()
         for si, seed in enumerate(seeds):
             labels, inertia, n_it = _kmeans_labels(y, k, seed, n_init, max_iter, device, max_points_per_cluster,
-                                                   prog, f"k-means k={k} seed {seed}")
+                                                   prog, f"k-means k={k} seed {seed}", fit)
             per_img = _split(labels, offsets, grids)
             ent.append(spatial_entropy(per_img, k))
             inertias.append(inertia)
@@ -371,6 +395,7 @@ def cluster_dataset(store, ks: Sequence[int], *, seeds: Sequence[int] = (0,), pc
     return {
         "settings": {"mode": "dataset", "layer": layer, "seeds": list(seeds), "n_init": n_init,
                      "max_iter": max_iter, "pca_dim": proj.out_dim, "max_points_per_cluster": max_points_per_cluster,
+                     "fit_beyond_cap": fit,
                      "init": "k-means++ (greedy, sampled)", "position_bins": position_bins, "null_draws": null_draws},
         "n_images": len(indices), "n_tokens": int(n_tokens),
         "pca": {"dims": proj.out_dim, "explained_variance_ratio": proj.explained_variance_ratio},
@@ -380,13 +405,15 @@ def cluster_dataset(store, ks: Sequence[int], *, seeds: Sequence[int] = (0,), pc
 
 def per_image_kmeans(store, ks: Sequence[int], *, n_init: int = 15, max_iter: int = 300, seed: int = 0,
                      layer: str | None = None, device="cpu", position_bins: int = DEFAULT_BINS,
-                     null_draws: int = DEFAULT_DRAWS, progress: ProgressCallback | None = None) -> dict:
+                     null_draws: int = DEFAULT_DRAWS, fit: str = "stream",
+                     progress: ProgressCallback | None = None) -> dict:
     """k-means of each image's tokens on their own (the "What DINO saw" decompositions).
 
     Each image's tokens are standardised channel by channel over that image (zero-variance channels are left
     centred), then clustered with ``n_init`` k-means++ restarts, keeping the lowest inertia. An image of more
-    values than :data:`~posvit_cli.core.cluster.sampled.FIT_MAX_VALUES` is read in row bands and fitted on a
-    seeded sample of its tokens (see :func:`_image_kmeans`).
+    values than :data:`~posvit_cli.core.cluster.sampled.FIT_MAX_VALUES` is read in row bands and clustered by
+    exact Lloyd passes streamed over its bands (``fit="stream"``) or fitted on a seeded sample of its tokens
+    (``fit="sample"``; see :func:`_image_kmeans`).
 
     Returns
     -------
@@ -394,6 +421,7 @@ def per_image_kmeans(store, ks: Sequence[int], *, n_init: int = 15, max_iter: in
         ``results``: per k the ``position_dependence`` (per image, token-weighted; ``position_bins`` blocks per
         side, ``null_draws`` rolls), the old spatial entropy and its shuffled reference, the mean inertia; ``maps``: ``{"kmeans_k{k}": [labels (h, w) per image]}``.
     """
+    _check_fit(fit)
     layer = store.check_layer(layer)
     prog = report(progress)
     n = len(store)
@@ -410,7 +438,7 @@ def per_image_kmeans(store, ks: Sequence[int], *, n_init: int = 15, max_iter: in
     inertia = {k: [] for k in ks}
     t0 = time.perf_counter()
     for i, rec in enumerate(store.records):
-        for k, (labels, inert) in _image_kmeans(store, i, layer, ks, n_init, max_iter, seed, device).items():
+        for k, (labels, inert) in _image_kmeans(store, i, layer, ks, n_init, max_iter, seed, device, fit).items():
             maps[f"kmeans_k{k}"].append(labels.reshape(rec.grid).astype(np.int32))
             inertia[k].append(inert)
         prog("per-image k-means", i + 1, n)
@@ -427,17 +455,18 @@ def per_image_kmeans(store, ks: Sequence[int], *, n_init: int = 15, max_iter: in
         })
     return {
         "settings": {"mode": "per-image", "layer": layer, "n_init": n_init, "max_iter": max_iter, "seed": seed,
-                     "standardise": "per image, per channel", "init": "k-means++ (greedy)",
+                     "standardise": "per image, per channel", "init": "k-means++ (greedy)", "fit_beyond_cap": fit,
                      "position_bins": position_bins, "null_draws": null_draws},
         "n_images": n, "seconds": round(time.perf_counter() - t0, 3), "results": results, "maps": maps,
     }
 
 
-def _image_kmeans(store, index, layer, ks, n_init, max_iter, seed, device) -> dict:
+def _image_kmeans(store, index, layer, ks, n_init, max_iter, seed, device, fit="stream") -> dict:
     """``{k: (labels (h·w,), inertia)}`` of one image's standardised tokens.
 
     An image of more values than :data:`~posvit_cli.core.cluster.sampled.FIT_MAX_VALUES` is standardised from
-    streamed moments and fitted on a sample of its tokens (seeded by ``seed``), then labelled band by band.
+    streamed moments and then, band by band, clustered by exact streamed Lloyd passes (``fit="stream"``) or
+    fitted on a sample of its tokens (seeded by ``seed``) and labelled (``fit="sample"``).
     """
     import torch
 
@@ -462,6 +491,10 @@ def _image_kmeans(store, index, layer, ks, n_init, max_iter, seed, device) -> di
     source = _band_source(store, index, layer, device, mu, scale)
     out = {}
     for k in ks:
+        if fit == "stream":
+            res = kmeans_stream(source, h * w, dims, k, n_init=n_init, max_iter=max_iter, seed=seed, device=device)
+            out[k] = (res.labels, res.inertia)
+            continue
         labels, inert, _ = kmeans_streamed(source, h * w, dims, k, sample=sample, sample_seed=10_000 + seed,
                                            device=device, n_init=n_init, max_iter=max_iter, seed=seed)
         out[k] = (labels, inert)

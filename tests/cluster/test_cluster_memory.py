@@ -1,4 +1,5 @@
-"""`posvit cluster` in bounded memory: huge grids are read in row bands, k-means is fitted on a capped sample.
+"""`posvit cluster` in bounded memory: huge grids are read in row bands, k-means is fitted on a capped sample
+(``fit="sample"``; the exact streamed engine has its own tests in test_streamed_kmeans.py).
 
 The caps are monkeypatched tiny so that a 20×24-token grid plays the huge image: k-means must see at most the
 capped number of tokens, the image's whole grid must never be read at once, and a planted two-cluster grid must
@@ -112,14 +113,14 @@ def test_dataset_kmeans_of_a_huge_grid_fits_on_the_capped_sample_and_splits_the_
     grid, planted = _planted()
     store = write_store(tmp_path / "huge.h5", [grid, grid[:5, :6]], dtype="float16")
     with FeatureStore(store) as fs:
-        out = cluster_dataset(fs, [2], pca_dim=0, n_init=2, max_iter=50)
+        out = cluster_dataset(fs, [2], pca_dim=0, n_init=2, max_iter=50, fit="sample")
         assert caps["fitted"] and max(caps["fitted"]) == FIT_TOKENS
         labels = out["maps"]["kmeans_k2"]
         assert _same_partition(labels[0], planted)
         assert _same_partition(labels[1], planted[:5, :6]) and labels[1][0, 0] == labels[0][0, 0]
         # The same labels and inertia whatever the band height.
         monkeypatch.setattr(caps["sampled"], "BAND_TOKENS", 10**6)
-        again = cluster_dataset(fs, [2], pca_dim=0, n_init=2, max_iter=50)
+        again = cluster_dataset(fs, [2], pca_dim=0, n_init=2, max_iter=50, fit="sample")
     assert all(np.array_equal(a, b) for a, b in zip(labels, again["maps"]["kmeans_k2"]))
     assert again["results"][0]["inertia_per_seed"] == pytest.approx(out["results"][0]["inertia_per_seed"])
 
@@ -133,7 +134,7 @@ def test_per_image_kmeans_of_a_huge_grid_is_sampled_and_banded(tmp_path, caps):
     grid, planted = _planted(seed=2)
     store = write_store(tmp_path / "huge.h5", [grid])
     with FeatureStore(store) as fs:
-        out = per_image_kmeans(fs, [2], n_init=3, max_iter=50)
+        out = per_image_kmeans(fs, [2], n_init=3, max_iter=50, fit="sample")
     assert caps["fitted"] == [FIT_TOKENS]
     assert _same_partition(out["maps"]["kmeans_k2"][0], planted)
     # Inertia of all tokens of the standardised grid (population std), as the unsampled path reports it.
@@ -161,7 +162,8 @@ def test_overclustering_of_a_huge_grid_against_masks_is_exact(tmp_path, caps, pr
     store = write_store(tmp_path / "huge.h5", [grid])
     with FeatureStore(store) as fs:
         masks = load_masks(fs, mdir, eval_size=(H, W), num_classes=2)
-        out = overcluster_eval(fs, masks, [2], protocol=protocol, seeds=[0], n_init=2, pca_dim=3, keep_maps=True)
+        out = overcluster_eval(fs, masks, [2], protocol=protocol, seeds=[0], n_init=2, pca_dim=3, keep_maps=True,
+                               fit="sample")
     # The cap counts values: 3 PCA dimensions allow twice the tokens of the 6 channels.
     assert caps["fitted"] == [FIT_TOKENS * C // 3]
     assert out["results"][0]["miou_mean"] == pytest.approx(1.0)
