@@ -30,6 +30,7 @@ def report(
     k: Annotated[str, typer.Option("-k", "--k", help="k values of the clustering columns, comma-separated: overclustering mIoU with --masks, and the position dependence of the clusters with or without masks (k above a store's token count is skipped).")] = "100",
     seeds: SeedsOpt = None,
     cluster_seeds: Annotated[Optional[str], deprecated_option("--cluster-seeds")] = None,
+    shift: Annotated[bool, typer.Option("--shift/--no-shift", help="Crop-shift correspondence of each store's encoder (content and grid match, as `posvit probe shift` in its default settings) on up to 4 of its images, where the encoder can be rebuilt from the store and the image files are found; else a note says why not.")] = True,
     no_cluster: Annotated[bool, typer.Option("--no-cluster", help="Skip the clustering columns (overclustering mIoU, position dependence): the slowest ones.")] = False,
     head: Annotated[Head, typer.Option("--head", help="Semantic probe head: linear (batch norm + linear, AdamW, early stopping) or ridge (closed form).")] = Head.linear,
     resolution: Annotated[Resolution, typer.Option("--resolution", help="Semantic probe: tokens (masks at the token grid) or pixels (logits bilinearly upsampled to the masks).")] = Resolution.tokens,
@@ -62,11 +63,11 @@ def report(
                 raise PosvitError("give --seeds only (--cluster-seeds is its old spelling)")
             seeds = cluster_seeds
         _run(stores, None if masks is None else str(masks), output, names, num_classes, ignore_index, class_names,
-             k, parse_seeds("0-4" if seeds is None else seeds), no_cluster, head.value, resolution.value,
+             k, parse_seeds("0-4" if seeds is None else seeds), no_cluster, shift, head.value, resolution.value,
              test_fraction, epochs, fraction, repeats, seed, layer, device, threads, cluster_threads, json_out, quiet)
 
 
-def _run(stores, masks, output, names, num_classes, ignore_index, class_names, k, seed_list, no_cluster, head,
+def _run(stores, masks, output, names, num_classes, ignore_index, class_names, k, seed_list, no_cluster, shift, head,
          resolution, test_fraction, epochs, fraction, repeats, seed, layer, device, threads, cluster_threads,
          json_out, quiet) -> None:
     import contextlib
@@ -99,7 +100,7 @@ def _run(stores, masks, output, names, num_classes, ignore_index, class_names, k
                 opened, names=row_names, masks=masks, num_classes=num_classes,
                 ignore_index=None if ignore_index < 0 else ignore_index,
                 class_names=parse_class_names(class_names), positional=positional,
-                semantic=semantic, ks=ks, cluster_seeds=seed_list, cluster=not no_cluster,
+                semantic=semantic, ks=ks, cluster_seeds=seed_list, cluster=not no_cluster, shift=shift,
                 layer=layer, device=dev, threads=threads, cluster_threads=cluster_threads, progress=progress,
             )
     doc["command"] = command_line()

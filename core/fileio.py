@@ -7,6 +7,7 @@ Every output is written beside its target under a temporary name and renamed ove
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -24,6 +25,7 @@ __all__ = [
     "json_default",
     "json_text",
     "read_tagged_json",
+    "sha256_file",
     "tagged_header",
     "write_json_atomic",
     "write_text_atomic",
@@ -205,3 +207,12 @@ def read_tagged_json(path: str | os.PathLike, schema: str, max_version: int, wha
     if version > max_version:
         raise PosvitError(f"'{path}' uses {what} schema {version}: upgrade posvit")
     return doc
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in 4 MB blocks (weights, heads: what provenance records)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -28,7 +28,7 @@ import numpy as np
 
 from posvit_cli.core.errors import PosvitError
 
-__all__ = ["SHIFT_IMAGES", "ShiftPairs", "shift_pairs", "shift_scores", "shift_unavailable"]
+__all__ = ["SHIFT_IMAGES", "ShiftPairs", "recorded_heads", "shift_pairs", "shift_scores", "shift_unavailable"]
 
 #: Held-out images whose views are encoded (each one forward of two views).
 SHIFT_IMAGES = 4
@@ -63,7 +63,7 @@ class ShiftPairs:
                 "mode": self.mode, "view_grids": [list(v.view_hw) for v in self.views]}
 
 
-def shift_unavailable(store, encoder, why: str | None) -> str | None:
+def shift_unavailable(store, encoder, why: str | None, *, heads_at_hand: bool = False) -> str | None:
     """Why the crop-shift scores cannot be measured on ``store`` with ``encoder`` (None when they can).
 
     Parameters
@@ -72,6 +72,9 @@ def shift_unavailable(store, encoder, why: str | None) -> str | None:
     encoder : Encoder or None
         Rebuilt from the store's provenance; None when it could not be (``why`` says why).
     why : str, optional
+    heads_at_hand : bool
+        The heads the store's features went through are loaded (:func:`recorded_heads`) and will be applied to
+        the views: a debiased store is then measurable.
     """
     if encoder is None:
         return f"the encoder cannot be rebuilt from the store's provenance ({why})"
@@ -80,12 +83,35 @@ def shift_unavailable(store, encoder, why: str | None) -> str | None:
                 "(each tile went through the encoder on its own)")
     if store.transform:
         return f"the images went through the test-time transform '{store.transform}' before the encoder"
-    if store.debias:
+    if store.debias and not heads_at_hand:
         return (f"the store holds features already debiased ({', '.join(store.debias_methods)}); the encoder "
                 "gives raw ones")
     if store.channels and encoder.embed_dim != store.channels:
         return f"the rebuilt encoder has {encoder.embed_dim} channels, the store {store.channels}"
     return None
+
+
+def recorded_heads(store) -> tuple[list, str | None]:
+    """The heads a debiased store's features went through, in order, loaded from the paths its provenance records
+    (as given, then beside the store) and checked against the recorded SHA-256; ``([], why)`` when one is
+    missing or changed."""
+    from pathlib import Path
+
+    from posvit_cli.core.debias.heads import load_head
+    from posvit_cli.core.fileio import sha256_file
+
+    heads = []
+    for entry in store.debias:
+        recorded = entry.get("head")
+        if not recorded:
+            return [], f"its {entry.get('method')} head file is not recorded"
+        found = next((p for p in (Path(recorded), Path(store.source).parent / recorded) if p.is_file()), None)
+        if found is None:
+            return [], f"its head '{recorded}' was not found"
+        if entry.get("head_sha256") and sha256_file(found) != entry["head_sha256"]:
+            return [], f"its head '{recorded}' changed since the store was written"
+        heads.append(load_head(found, channels=store.channels))
+    return heads, None
 
 
 def _prepare(store, index: int, encoder, shift):

@@ -31,7 +31,6 @@ projector onto the complement of all planes (``I − QQᵀ``, ``Q`` from a QR of
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import warnings
@@ -43,7 +42,7 @@ import numpy as np
 
 from posvit_cli.core.debias.franca_format import planes_from_franca, unwrap_state
 from posvit_cli.core.errors import PosvitError, PosvitWarning
-from posvit_cli.core.fileio import atomic_path, json_text
+from posvit_cli.core.fileio import atomic_path, json_text, sha256_file
 from posvit_cli.core.features.provenance import INPUT_KEYS, STORAGE_KEYS, identity_differences
 from posvit_cli.core.progress import ProgressCallback, report
 
@@ -520,14 +519,6 @@ class _TransformAveragedEncoder:
 # Files
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def save_head(head: Head, path: str | os.PathLike, *, layout: str = "posvit") -> Path:
     """Write a head atomically.
 
@@ -662,7 +653,7 @@ def load_head(
     else:
         raise PosvitError(f"'{path}' holds no head (no tensors and no posvit head metadata)")
     head.source = str(path)
-    head.sha256 = _sha256(p)
+    head.sha256 = sha256_file(p)
     if channels is not None:
         head.check_channels(channels, "the encoder's tokens")
     if backbone is not None:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from posvit_cli.core.errors import PosvitError, PosvitWarning
-from posvit_cli.core.fileio import atomic_path, json_text
+from posvit_cli.core.fileio import atomic_path, json_text, sha256_file
 
 __all__ = [
     "ENCODERS",
@@ -151,14 +151,6 @@ def resolve_spec(name: str) -> EncoderSpec:
 
 # --------------------------------------------------------------------------------------------------------------
 # Checkpoint files
-
-
-def _sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(2**22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def state_dict_sha256(state_dict: dict) -> str:
@@ -645,7 +637,7 @@ def load_encoder(
     if weights_path is not None:
         sd = load_weights_file(weights_path)
         # Modifications (ALiBi, removed position embeddings) change the parameter set: replay them first.
-        enc = Encoder(net, spec, weights=str(weights_path), weights_sha256=_sha256_file(weights_path),
+        enc = Encoder(net, spec, weights=str(weights_path), weights_sha256=sha256_file(weights_path),
                       mean=mean, std=std, create_kwargs=create_kwargs, base_meta=ckpt_meta)
         mods = list((ckpt_meta or {}).get("modifications", []))
         if modifications:
@@ -692,7 +684,7 @@ def load_encoder(
             "pass a local file with --weights FILE.safetensors (or --weights random for a smoke test)"
         ) from exc
     cached = weights_available_offline(spec)
-    sha = _sha256_file(cached) if cached else state_dict_sha256(net.state_dict())
+    sha = sha256_file(cached) if cached else state_dict_sha256(net.state_dict())
     enc = Encoder(net, spec, weights="pretrained", weights_sha256=sha, mean=mean, std=std,
                   create_kwargs=create_kwargs)
     _replay_modifications(enc, modifications or [])

@@ -129,6 +129,7 @@ def compare_stores(
     ks: Sequence[int] = (100,),
     cluster_seeds: Sequence[int] | None = None,
     cluster: bool = True,
+    shift: bool = True,
     layer: str | None = None,
     device: str = "cpu",
     threads: int | None = 1,
@@ -156,7 +157,9 @@ def compare_stores(
     cluster_seeds : sequence of int, optional
         Default: the standard protocol's seeds 0–4.
     cluster : bool
-        Run the overclustering evaluation (with masks).
+        Run the overclustering evaluation (with masks), or the clusters' position dependence (without).
+    shift : bool
+        Measure the crop-shift correspondence of the raw encoder where it can be rebuilt and the images are found.
     layer : str, optional
     device : str
     threads : int or None
@@ -209,6 +212,7 @@ def compare_stores(
             "stack_r2_std": {t: block[t]["std"] for t in positional.targets},
         }
         row["token_norms"] = _token_norm_outliers(store, ly)
+        row["shift"] = _content_match(store, ly, notes, name) if shift else None
         prog(task, 1, steps)
         row["semantic"], row["robustness"], row["cluster"] = None, [], None
         if masks:
@@ -275,6 +279,32 @@ def _semantic_columns(sem: dict) -> tuple[dict, list[dict]]:
     robustness = [{k: r[k] for k in ("transform", "store", "miou", "delta_miou", "pixel_accuracy")}
                   for r in sem["robustness"] if r["transform"] != "identity"]
     return semantic, robustness
+
+
+def _content_match(store, layer, notes, name) -> dict | None:
+    """Crop-shift correspondence (``probe shift``'s default settings) of the store's encoder, and of the head its
+    features went through when the head file is found, on up to 4 of its images; or None with a note saying why
+    not (encoder not rebuildable, images or head moved, tiled store)."""
+    from posvit_cli.core.debias.auto import rebuild_encoder
+    from posvit_cli.core.debias.auto_shift import recorded_heads, shift_pairs, shift_scores, shift_unavailable
+
+    heads, why_heads = recorded_heads(store) if store.debias else ([], None)
+    if why_heads:
+        notes.append(f"{name}: no content/grid match: the store holds debiased features and {why_heads}")
+        return None
+    encoder, why = rebuild_encoder(store)
+    reason = shift_unavailable(store, encoder, why, heads_at_hand=bool(heads))
+    if reason:
+        notes.append(f"{name}: no content/grid match: {reason}")
+        return None
+    pairs, shift_notes = shift_pairs(store, range(len(store)), encoder, layer=layer)
+    notes.extend(f"{name}: {n}" for n in shift_notes)
+    if pairs is None:
+        return None
+    if len(heads) > 1:
+        notes.append(f"{name}: no content/grid match: {len(heads)} heads in a row are not replayed")
+        return None
+    return shift_scores(heads[0] if heads else None, pairs)
 
 
 def _usable_ks(store, ks, notes, name) -> list[int]:
@@ -346,6 +376,9 @@ def report_table(doc: dict) -> tuple[list[str], list[list[str]]]:
                 cluster_cols.append((c["k"], c["matching"]))
     has_sem = any(r["semantic"] for r in rows)
     header = ["store", "model", "debias", "size", "grid", "R² xy", "R² lr", "R² ud", "R² random", "outlier tokens"]
+    has_shift = any(r.get("shift") for r in rows)
+    if has_shift:
+        header += ["content match", "grid match"]
     if has_sem:
         header.append("semantic mIoU")
     header += [f"mIoU {t}" for t in transforms]
@@ -362,6 +395,9 @@ def report_table(doc: dict) -> tuple[list[str], list[list[str]]]:
                 if r["grid"] else "",
                 _num(pos.get("xy")), _num(pos.get("lr")), _num(pos.get("ud")), _num(pos.get("random")),
                 _share(r.get("token_norms"))]
+        if has_shift:
+            sh = r.get("shift") or {}
+            line += [_num(sh.get("shift_content")), _num(sh.get("shift_absolute"))]
         if has_sem:
             line.append(_num(r["semantic"]["miou"]) if r["semantic"] else "")
         rob = {t["transform"]: t for t in r["robustness"]}

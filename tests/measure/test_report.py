@@ -219,3 +219,47 @@ def test_cli_report_help_lists_choices_and_rounded_defaults(cli):
     assert "linear|ridge" in flat and "tokens|pixels" in flat
     assert "[default: (0.0278)]" in flat and "0.027777" not in flat
     assert "--seeds" in flat and "--cluster-seeds" not in flat  # the old spelling is hidden
+
+
+def test_report_content_match_is_probe_shift_on_the_stores_encoder_and_replays_its_head(tmp_path, cli):
+    """The content/grid match column is `posvit probe shift` (default settings) of the encoder rebuilt from the
+    store, on its images; a store cleaned by a head is measured through that head, found where the store recorded
+    it; a moved head leaves the cell empty with a note."""
+    from scipy.ndimage import gaussian_filter
+
+    from posvit_cli.core.debias.auto_shift import shift_pairs, shift_scores
+    from posvit_cli.core.debias.heads import load_head
+    from posvit_cli.core.features.rebuild import encoder_from_provenance
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    rng = np.random.default_rng(2)
+    for i in range(3):  # faint, smooth texture: the random ViT's position embedding wins some matches
+        a = gaussian_filter(rng.random((128, 144)), 4)
+        Image.fromarray((120 + (a - a.min()) / np.ptp(a) * 12).astype(np.uint8)).save(imgs / f"t{i}.png")
+    raw, clean = tmp_path / "raw.h5", tmp_path / "clean.h5"
+    head = tmp_path / "pm.safetensors"
+    for args in (["extract", imgs, "-m", TINY_MODEL, "-w", "random", "-o", raw, "-q"],
+                 ["debias-train", "posmean", raw, "-o", head, "--report-images", "0", "-q"],
+                 ["extract", raw, "--head", head, "-o", clean, "-q"]):
+        r = cli(args)
+        assert r.exit_code == 0, r.output
+    r = cli(["probe", "shift", imgs, "-m", TINY_MODEL, "-w", "random", "--json", "-q"])
+    assert r.exit_code == 0, r.output
+    probe = json.loads(r.stdout)
+    r = cli(["report", raw, clean, "--no-cluster", "--fraction", "0.5", "--json", "-q"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    rows = {r["name"]: r for r in doc["rows"]}
+    (summary,) = probe["summary"]
+    assert rows["raw"]["shift"]["shift_content"] == pytest.approx(summary["fraction_content"]["mean"], abs=1e-12)
+    assert rows["raw"]["shift"]["shift_absolute"] == pytest.approx(summary["fraction_absolute"]["mean"], abs=1e-12)
+    with FeatureStore(str(raw)) as fs:
+        pairs, _ = shift_pairs(fs, range(len(fs)), encoder_from_provenance(fs.provenance, fs.source))
+        expected = shift_scores(load_head(head), pairs)
+    assert rows["clean"]["shift"] == pytest.approx(expected, abs=1e-12)
+    assert rows["clean"]["shift"] != rows["raw"]["shift"]
+    head.rename(tmp_path / "moved.safetensors")
+    doc = json.loads(cli(["report", clean, "--no-cluster", "--fraction", "0.5", "--json", "-q"]).stdout)
+    assert doc["rows"][0]["shift"] is None
+    assert any("pm.safetensors' was not found" in n for n in doc["notes"]), doc["notes"]
