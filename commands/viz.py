@@ -13,7 +13,6 @@ from posvit_cli._cli import (
     DebugOpt, JsonOpt, PosvitCommand, PosvitGroup, QuietOpt, RichProgress, cli_context, command_line, console,
     emit_json, parse_class_names, parse_csv, store_input,
 )
-from posvit_cli.commands import probe_shift as probe_shift_cmd
 from posvit_cli.core.errors import PosvitError
 from posvit_cli.options import (
     IgnoreIndexOpt, IntensityOpt, LayerOpt, NormKOpt, RecursiveOpt, StoreArg, Upsample, deprecated_option,
@@ -50,7 +49,7 @@ def _renamed(new, old, old_flag: str, new_flag: str):
 app = typer.Typer(
     cls=PosvitGroup,
     name="viz",
-    help="Pictures of positional bias and its removal: PCA, similarity maps, positional channels, token norms, crop-shift maps, probe plots, "
+    help="Pictures of positional bias and its removal: PCA, similarity maps, positional channels, token norms, crop-shift maps, position-embedding controls, probe plots, "
     "label maps, model comparisons and reports, each with its score, laid out in OUTDIR/index.html.",
     no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -355,7 +354,58 @@ def norms(
         _finish(outdir, entries, json_out, quiet)
 
 
-app.command("shift", cls=PosvitCommand)(probe_shift_cmd.viz_shift)
+@app.command("shift", cls=PosvitCommand)
+def shift(
+    result: Annotated[str, typer.Argument(help="Crop-shift result JSON (posvit probe shift -o).", show_default=False)],
+    output: OutOpt = "viz",
+    images: Annotated[Optional[str], typer.Option("--images", help="Images to draw, comma-separated file names or stems, or indices into the result. Default: the first --max-images.", show_default=False)] = None,
+    max_images: MaxImagesOpt = 4,
+    panel_size: PanelOpt = 256,
+    image_dir: Annotated[Optional[str], typer.Option("--image-dir", help="Folder to look for the images in first (when they moved since the probe). Default: the recorded paths.", show_default=False)] = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Crop-shift maps: view A of each image, every matched token coloured content / absolute / other.
+
+    Green tokens matched the token that shows the same pixels, red ones the token at their own grid position (a
+    positional code), grey ones something else; tokens without a counterpart in view B are left uncoloured. The
+    fractions are in the titles.
+    """
+    with cli_context(debug, quiet):
+        from posvit_cli.core.measure.shift import read_shift_result
+        from posvit_cli.core.viz.shift import select_result_images, shift_figure
+
+        doc = read_shift_result(result)
+        if image_dir is not None and not Path(image_dir).is_dir():
+            raise PosvitError(f"--image-dir '{image_dir}' is not a folder")
+        idx = select_result_images(doc, parse_csv(images), max_images)
+        outdir = _outdir(output)
+        with RichProgress(quiet) as progress:
+            entries = shift_figure(doc, outdir, indices=idx, panel_size=panel_size, image_dir=image_dir,
+                                   source=result, command=command_line(), progress=progress)
+        _finish(outdir, entries, json_out, quiet)
+
+
+@app.command("controls", cls=PosvitCommand)
+def controls(
+    result: Annotated[str, typer.Argument(help="Position-embedding controls result JSON (posvit probe controls -o).", show_default=False)],
+    output: OutOpt = "viz",
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Stack R² per target with the position embedding as is, zeroed, shuffled and shifted (probe controls).
+
+    One bar per probed control for every target, ± std over images, the random target (the probe's null) beside
+    them: bars that fall to the null under zero and shuffle mean the position was read from the embedding.
+    """
+    with cli_context(debug, quiet):
+        from posvit_cli.core.viz.controls import controls_figure, read_controls_result
+
+        doc = read_controls_result(result)
+        outdir = _outdir(output)
+        _finish(outdir, controls_figure(doc, outdir, command=command_line()), json_out, quiet)
 
 
 @app.command("probe", cls=PosvitCommand)

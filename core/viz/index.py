@@ -36,6 +36,7 @@ SECTIONS = {
     "channels": "Most positional channels",
     "norms": "Token norms (high-norm artefacts)",
     "shift": "Crop-shift correspondence",
+    "controls": "Position-embedding controls",
     "clusters": "Cluster maps",
     "segmentation": "Segmentations",
 }

@@ -183,8 +183,11 @@ def fingerprint_plot(result: dict, outdir: str | os.PathLike, *, label: str, nam
 
 def stack_comparison_plot(results: Sequence[dict], labels: Sequence[str], outdir: str | os.PathLike, *,
                           layers: Sequence[str | None] | None = None, names: Sequence[str] | None = None,
-                          command: str = "") -> list[FigureEntry]:
+                          command: str = "", floor: float | None = None) -> list[FigureEntry]:
     """Stack R² per target, one bar per result side by side (e.g. before and after debiasing), with ± std.
+
+    ``floor``: the lowest R² on the axis (bars and error bars below it are cut there, their numbers written at
+    it), so that one image's far negative R² does not flatten every other bar.
 
     Raises
     ------
@@ -222,7 +225,8 @@ def stack_comparison_plot(results: Sequence[dict], labels: Sequence[str], outdir
                capsize=2, error_kw={"lw": 0.8})
         for px, m, s in zip(pos, means, stds):
             if math.isfinite(m):
-                ax.annotate(fmt(m), (px, m + s if m >= 0 else m - s), xytext=(0, 2 if m >= 0 else -2),
+                at = m + s if m >= 0 else m - s if floor is None else max(m - s, floor)
+                ax.annotate(fmt(m), (px, at), xytext=(0, 2 if m >= 0 else -2),
                             textcoords="offset points", ha="center", va="bottom" if m >= 0 else "top", fontsize=8)
         finite = means[np.isfinite(means)]
         if finite.size:
@@ -231,6 +235,8 @@ def stack_comparison_plot(results: Sequence[dict], labels: Sequence[str], outdir
                                                                   for t, m in zip(targets, means)}})
     ax.axhline(0, color="0.3", lw=0.6)
     ax.set_xticks(x, [t + (" (control)" if t in ("random", "raster") else "") for t in targets], fontsize=9)
+    if floor is not None:
+        low = max(low, floor)
     ax.set_ylim(low - 0.12 if low < 0 else 0.0, 1.12)
     ax.set_ylabel("stack R² (mean ± std over images × repeats)", fontsize=9)
     ax.legend(fontsize=8, loc="upper right", framealpha=0.9)

@@ -203,6 +203,18 @@ def test_cli_controls_json_and_refusal(cli, tmp_path, one_torch_thread):
         assert len(entry["stack_r2"]["xy"]["per_image"]) == 2
     assert "control" in res.stderr and "drop xy" in res.stderr
 
+    # viz controls draws it: one figure in its own index section, the xy numbers of the result in the caption.
+    figs = tmp_path / "figs"
+    r = cli(["viz", "controls", out, "-o", figs, "--json", "-q"])
+    assert r.exit_code == 0, r.output
+    (fig,) = json.loads(r.stdout)["figures"]
+    assert fig["kind"] == "controls" and (figs / fig["file"]).stat().st_size > 10_000
+    for name in ("none", "zero", "shuffle", "shift"):
+        assert f"{name}: xy R² {doc['controls'][name]['stack_r2']['xy']['mean']:.3f}" in fig["caption"]
+    assert "Position-embedding controls" in (figs / "index.html").read_text()
+    wrong = cli(["viz", "controls", tmp_path / "imgs" / paths[0].name, "-o", figs])
+    assert wrong.exit_code == 2 and wrong.stderr.startswith("error:"), wrong.output
+
     out.write_text("keep me")
     bad = cli(["probe", "controls", *paths, "-m", "posvit-tiny", "--controls", "zero,blur", "-o", out])
     assert bad.exit_code == 2
@@ -223,6 +235,11 @@ def test_cli_position_free_model_rows(cli, tmp_path, one_torch_thread):
     assert {k: v["status"] for k, v in doc["controls"].items() if k != "none"} == dict.fromkeys(
         ["zero", "shuffle", "shift"], "no position embedding")
     assert res.stderr.count("no position embedding") >= 4  # the title and one row per control
+    (tmp_path / "nope.json").write_text(res.stdout)
+    r = cli(["viz", "controls", tmp_path / "nope.json", "-o", tmp_path / "figs", "--json", "-q"])
+    assert r.exit_code == 0, r.output
+    (fig,) = json.loads(r.stdout)["figures"]
+    assert "not probed: zero (no position embedding)" in fig["caption"]
 
 
 def test_eva02_with_pos_embed_and_rope_controls_both(one_torch_thread):
