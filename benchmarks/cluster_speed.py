@@ -89,6 +89,28 @@ def _child(which: str, args, seed: int, extra: str = "") -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+def cpu_capability() -> dict:
+    """The CPU's vector extensions: torch's dispatch level (e.g. ``AVX2``, ``AVX512``) and the /proc/cpuinfo flags."""
+    import torch
+
+    cap = {"cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "flags")):
+                    key, _, val = line.partition(":")
+                    key = key.strip()
+                    if key == "flags":
+                        cap["cpu_vector_flags"] = sorted({v for v in val.split() if v.startswith(("avx", "fma", "amx"))})
+                    else:
+                        cap["cpu_model"] = val.strip()
+                if "cpu_vector_flags" in cap and "cpu_model" in cap:
+                    break
+    except OSError:
+        pass
+    return cap
+
+
 def _version(module: str) -> str:
     import importlib
 
@@ -110,6 +132,10 @@ def main() -> None:
     args = ap.parse_args()
 
     seeds = [int(v) for v in args.seeds.split(",")]
+    cap = cpu_capability()
+    load_start = os.getloadavg()
+    print(f"CPU: {cap.get('cpu_model', '?')}, torch dispatch {cap['cpu_capability']}, flags "
+          f"{' '.join(cap.get('cpu_vector_flags', []))}", file=sys.stderr)
     print(f"data: {args.n} x 50 float32, k={args.k}, {args.iters} iterations, 1 restart, {args.threads} threads, "
           f"seeds {seeds}", file=sys.stderr)
     runs = []
@@ -159,6 +185,10 @@ def main() -> None:
         "sklearn_inertia_mean": i_base,
         "inertia_rel_diff": rel,
         "inertia_rel_diff_per_seed": [round(o["inertia"] / b["inertia"] - 1, 6) for o, b in runs],
+        "ratio_per_seed": [round(b["seconds"] / o["seconds"], 3) for o, b in runs],
+        "load_average_start": [round(v, 2) for v in load_start],
+        "load_average_end": [round(v, 2) for v in os.getloadavg()],
+        **cap,
         "posvit_n_iter": [o["n_iter"] for o, _ in runs],
         "sklearn_n_iter": [b["n_iter"] for _, b in runs],
         "posvit_peak_rss_mib": round(max(o["peak_rss_mib"] for o, _ in runs), 1),

@@ -15,9 +15,8 @@ Two exact Lloyd engines give the same clustering from the same seeding (up to fl
     Plain Lloyd with all restarts stacked in one batched GEMM, so 15 restarts on a 37×37 grid cost about as
     much as one.
 
-Distances come from ``‖x‖² + ‖c‖² − 2 x·c`` one chunk of points at a time, so no ``n × k`` matrix larger than
-a chunk ever exists; the data are centred first (a copy), which keeps that expansion accurate, and lower
-bounds carry a small slack for its rounding.
+Distances come from ``‖x‖² + ‖c‖² − 2 x·c`` one chunk of points at a time (no ``n × k`` matrix); the data are
+centred first (a copy), which keeps that expansion accurate, and lower bounds carry a slack for its rounding.
 
 Seeding is greedy k-means++ (Arthur & Vassilvitskii 2007; the variant scikit-learn uses): each new centre is the
 best of ``2 + ⌊ln k⌋`` candidates drawn with probability proportional to the squared distance to the nearest
@@ -263,8 +262,7 @@ def assign_labels(x, centers, *, device=None, chunk_bytes: int | None = None):
     Returns
     -------
     labels : ndarray of int64, shape (n,)
-    sq_dist : ndarray of float64, shape (n,)
-        Squared distance to that centre (computed directly, not from the GEMM expansion).
+    sq_dist : ndarray of float64, shape (n,): squared distance to that centre (direct, not the GEMM expansion).
     """
     import torch
 
@@ -390,8 +388,7 @@ def _balanced_groups(centers, n_groups: int):
 
     Returns
     -------
-    list of torch.Tensor
-        Centre indices of each group.
+    list of torch.Tensor: centre indices of each group.
     """
     import torch
 
@@ -488,11 +485,8 @@ def _assign_grouped(x, xn, centers, cn, layout: _Layout, chunk: int):
 
 
 def _argmin_rows(a):
-    """``a.min(0)`` (values, first index of the minimum) for a short (rows, n) matrix.
-
-    torch's argmin over a leading axis does not vectorise on CPU; two passes that do (a minimum, then the
-    smallest row index attaining it) are several times faster.
-    """
+    """``a.min(0)`` (values, first index of the minimum) for a short (rows, n) matrix: torch's argmin over a
+    leading axis does not vectorise on CPU; two passes that do (minimum, then first row attaining it) are faster."""
     import torch
 
     best = a.amin(0)
@@ -609,27 +603,42 @@ def _bounded_reassign(state, centers, cn, shift) -> int:
     for s in range(0, cand_all.numel(), block):
         cand = cand_all[s : s + block]
         # Tighten the candidates' upper bounds to their exact distance; some then drop out.
-        xc = x.index_select(0, cand)
+        xc, at, u = _candidate_rows(x, centers, labels, cand)
         old = labels[cand]
-        u = torch.linalg.vector_norm(xc - centers.index_select(0, old), dim=1)
         upper[cand] = u
         # Rows of xc stay where they are: later steps gather the rows they need through ``row``.
         row = (u > bound[cand]).nonzero().flatten()
         if row.numel() == 0:
             continue
         cand, old, u = cand[row], old[row], u[row]
+        if at is not None:
+            row = at[row]
         new_labels = _assign_local(xc, row, xn[cand], cand, old, u, centers, cn, state)
         moved = (new_labels != old).nonzero().flatten()
         if moved.numel():
             n_changed += moved.numel()
-            xm = xc.index_select(0, row[moved]).double()
-            src, dst = old[moved], new_labels[moved]
+            xm, src, dst = xc.index_select(0, row[moved]).double(), old[moved], new_labels[moved]
             ones = torch.ones(moved.numel(), dtype=counts.dtype, device=counts.device)
-            sums.index_add_(0, src, -xm)
-            sums.index_add_(0, dst, xm)
-            counts.index_add_(0, src, -ones)
-            counts.index_add_(0, dst, ones)
+            sums.index_add_(0, src, -xm).index_add_(0, dst, xm)
+            counts.index_add_(0, src, -ones).index_add_(0, dst, ones)
     return n_changed
+
+
+def _candidate_rows(x, centers, labels, cand):
+    """Rows of ``x`` holding the sorted candidates and their exact distance to their own centre.
+
+    Returns ``(rows, at, u)``: candidate ``i`` is row ``at[i]`` (``at`` None: row ``i``). When the candidates
+    fill at least half their span (usual after the first iterations), the span is a view of ``x`` and the
+    distances of all its rows are computed, cheaper than gathering the rows; each row's distance is the same.
+    """
+    import torch
+
+    lo, hi = int(cand[0]), int(cand[-1]) + 1
+    dense = 2 * cand.numel() >= hi - lo
+    rows = x[lo:hi] if dense else x.index_select(0, cand)
+    own = centers.index_select(0, labels[lo:hi] if dense else labels[cand])
+    u = torch.linalg.vector_norm(torch.sub(rows, own, out=own), dim=1)
+    return (rows, cand - lo, u[cand - lo]) if dense else (rows, None, u)
 
 
 def _assign_local(xc, row, xn, cand, old, u, centers, cn, state):
@@ -651,7 +660,7 @@ def _assign_local(xc, row, xn, cand, old, u, centers, cn, state):
     n = labels.shape[0]
     t, size = layout.t, layout.size
     look = group_lower.index_select(1, cand) < u[None, :]  # (t, m): groups that may hold a closer centre
-    if t == 1 or float(look.float().mean()) > DENSE_LOOK_FRACTION:
+    if t == 1 or int(look.count_nonzero()) > DENSE_LOOK_FRACTION * look.numel():
         # Most groups must be looked at anyway: one dense pass is cheaper than many small ones.
         new_labels, new_upper, new_gl = _assign_grouped(xc.index_select(0, row), xn, centers, cn, layout,
                                                         state["chunk"])
@@ -667,13 +676,11 @@ def _assign_local(xc, row, xn, cand, old, u, centers, cn, state):
     pg, pp = pairs[:, 0], pairs[:, 1]
     per_group = torch.bincount(pg, minlength=t).tolist()
     scores = torch.empty(size, pp.numel(), device=dev)
-    off = 0
-    for g, cnt in enumerate(per_group):
-        if cnt:
-            sl = slice(g * size, (g + 1) * size)
-            rows = xc.index_select(0, row[pp[off : off + cnt]])
-            scores[:, off : off + cnt] = torch.addmm(cn[sl, None], centers[sl], rows.T, alpha=-2.0)
-            off += cnt
+    rows = xc.index_select(0, row[pp])  # one gather (pairs are sorted by group), then one GEMM per group in place
+    offs = [0, *np.cumsum(per_group).tolist()]
+    for g in (g for g in range(t) if per_group[g]):
+        sl, ps = slice(g * size, (g + 1) * size), slice(offs[g], offs[g + 1])
+        torch.addmm(cn[sl, None], centers[sl], rows[ps].T, alpha=-2.0, out=scores[:, ps])
     pair_min = scores.amin(0)
     best_val = torch.full((m,), inf, device=dev).scatter_reduce_(0, pp, pair_min, "amin")
     # The first group attaining the minimum (group numbers as float32: fast min on AVX2).
