@@ -12,7 +12,9 @@ time over the seeds) at equal or lower inertia, compared as the mean over the se
 ``--inertia-tol``, default 0.1 %). One seed is not enough for the inertia: two k-means++ seedings of the same
 quality end 0.1-0.2 % apart after 100 iterations, either way round. Also reported: both inertias
 and iteration counts, posvit's peak RSS (its process holds the data, 200 MB at 1M × 50, plus torch), and, when a
-GPU is present, posvit's time on CUDA (data starting in host memory) as extra fields.
+GPU is present, posvit's time on CUDA (data starting in host memory) as extra fields; the CPU's vector
+extensions (``cpu_capability``: torch's dispatch level, ``cpu_vector_flags`` from /proc/cpuinfo), the ratio per
+seed and the load average at the start and end.
 
 Usage: python benchmarks/cluster_speed.py [--n 1000000] [--k 300] [--iters 100] [--threads 1] [--seeds 0,1,2]
 The last stdout line is one JSON object.
