@@ -12,7 +12,9 @@ time over the seeds) at equal or lower inertia, compared as the mean over the se
 ``--inertia-tol``, default 0.1 %). One seed is not enough for the inertia: two k-means++ seedings of the same
 quality end 0.1-0.2 % apart after 100 iterations, either way round. Also reported: both inertias
 and iteration counts, posvit's peak RSS (its process holds the data, 200 MB at 1M × 50, plus torch), and, when a
-GPU is present, posvit's time on CUDA (data starting in host memory) as extra fields.
+GPU is present, posvit's time on CUDA (data starting in host memory) as extra fields; the CPU's vector
+extensions (``cpu_capability``: torch's dispatch level, ``cpu_vector_flags`` from /proc/cpuinfo), the ratio per
+seed and the load average at the start and end.
 
 Usage: python benchmarks/cluster_speed.py [--n 1000000] [--k 300] [--iters 100] [--threads 1] [--seeds 0,1,2]
 The last stdout line is one JSON object.
@@ -89,6 +91,28 @@ def _child(which: str, args, seed: int, extra: str = "") -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+def cpu_capability() -> dict:
+    """The CPU's vector extensions: torch's dispatch level (e.g. ``AVX2``, ``AVX512``) and the /proc/cpuinfo flags."""
+    import torch
+
+    cap = {"cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "flags")):
+                    key, _, val = line.partition(":")
+                    key = key.strip()
+                    if key == "flags":
+                        cap["cpu_vector_flags"] = sorted({v for v in val.split() if v.startswith(("avx", "fma", "amx"))})
+                    else:
+                        cap["cpu_model"] = val.strip()
+                if "cpu_vector_flags" in cap and "cpu_model" in cap:
+                    break
+    except OSError:
+        pass
+    return cap
+
+
 def _version(module: str) -> str:
     import importlib
 
@@ -110,6 +134,10 @@ def main() -> None:
     args = ap.parse_args()
 
     seeds = [int(v) for v in args.seeds.split(",")]
+    cap = cpu_capability()
+    load_start = os.getloadavg()
+    print(f"CPU: {cap.get('cpu_model', '?')}, torch dispatch {cap['cpu_capability']}, flags "
+          f"{' '.join(cap.get('cpu_vector_flags', []))}", file=sys.stderr)
     print(f"data: {args.n} x 50 float32, k={args.k}, {args.iters} iterations, 1 restart, {args.threads} threads, "
           f"seeds {seeds}", file=sys.stderr)
     runs = []
@@ -159,6 +187,10 @@ def main() -> None:
         "sklearn_inertia_mean": i_base,
         "inertia_rel_diff": rel,
         "inertia_rel_diff_per_seed": [round(o["inertia"] / b["inertia"] - 1, 6) for o, b in runs],
+        "ratio_per_seed": [round(b["seconds"] / o["seconds"], 3) for o, b in runs],
+        "load_average_start": [round(v, 2) for v in load_start],
+        "load_average_end": [round(v, 2) for v in os.getloadavg()],
+        **cap,
         "posvit_n_iter": [o["n_iter"] for o, _ in runs],
         "sklearn_n_iter": [b["n_iter"] for _, b in runs],
         "posvit_peak_rss_mib": round(max(o["peak_rss_mib"] for o, _ in runs), 1),
