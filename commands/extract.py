@@ -56,7 +56,7 @@ def extract(
     batch_size: BatchSizeOpt = 8,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = Precision.auto,
-    compile_graph: Annotated[bool, typer.Option("--compile/--no-compile", help="Run the encoder through torch.compile (one static-shape graph per image/tile size, compiled on first use: ~2 min each for a ViT-S on CPU). Each size's first batch is checked against eager and falls back to eager, with a warning, if any token's cosine is below 0.99999 or compilation fails. Default: off (on a 2-core CPU it is ~1.1x faster per batch, which repays the compile time only after ~1,000 images per size).")] = False,
+    compile_graph: Annotated[bool, typer.Option("--compile/--no-compile", help="Run the encoder through torch.compile (one static-shape graph per image/tile size, compiled on first use: 1-2 min each for a ViT-S on CPU, less from the inductor cache). Each size's first batch is checked against eager; a size whose tokens fall below cosine 0.99999, or a failed compile, runs eagerly with a warning. Default: off (on a 2-core CPU the compiled forward was only 1.01-1.13x faster, repaid after thousands of images per size)")] = False,
     dtype: Annotated[StorageDtype, typer.Option("--dtype", help="Storage type of the features.")] = StorageDtype.float16,
     compression: Annotated[Optional[Compression], typer.Option("--compression", help="none, gzip or lzf (HDF5); none, zstd or lz4 (Zarr). Default: none for HDF5, zstd for Zarr.", show_default=False)] = None,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Image decoding threads.")] = 2,
