@@ -81,6 +81,9 @@ class ExtractOptions:
     image_transform : object or None
         A transform with ``apply(tensor (B, C, H, W))`` and ``invert_tokens(tensor (B, h, w, C))`` (robustness
         tests): features of the transformed image are mapped back to the original frame.
+    compile : bool
+        Run the encoder through ``torch.compile`` (:class:`~posvit_cli.core.features.compiled.CompiledForward`:
+        one static-shape graph per input shape, each checked against eager on its first batch; eager on failure).
     """
 
     layers: list[str]
@@ -98,6 +101,7 @@ class ExtractOptions:
     strict: bool = False
     postprocess: Callable[[str, Any], Any] | None = None
     image_transform: Any = None
+    compile: bool = False
 
 
 @dataclasses.dataclass
@@ -383,6 +387,12 @@ class _Runner:
         self.torch = torch
         self.encoder, self.writer, self.opts, self.device = encoder, writer, opts, device
         self.autocast = lambda: autocast(device, opts.precision)
+        self.compiled = None
+        self.forward_tokens = encoder.forward_tokens
+        if opts.compile:
+            from posvit_cli.core.features.compiled import compiled_forward
+
+            self.compiled = self.forward_tokens = compiled_forward(encoder)
         # One huge image is one unit of the "extract" task: tiles are counted apart, so a 17-minute image has an eta.
         self.progress = progress
         self.tiles_done = 0
@@ -396,7 +406,7 @@ class _Runner:
         if tf is not None:
             x = tf.apply(x)
         with torch.inference_mode(), self.autocast():
-            tokens, prefix = self.encoder.forward_tokens(x, self.opts.layers, keep_prefix=self.opts.keep_prefix)
+            tokens, prefix = self.forward_tokens(x, self.opts.layers, keep_prefix=self.opts.keep_prefix)
         out = {}
         for layer, t in tokens.items():
             t = t.float()
@@ -608,6 +618,8 @@ def extract_images(
             flush(max(buckets, key=lambda k: len(buckets[k])))
     while buckets:
         flush(next(iter(buckets)))
+    if runner.compiled is not None:  # known only now: which shapes ran compiled, and any fallback to eager
+        writer.update_provenance(compile={"requested": True, **runner.compiled.provenance()})
     summary.seconds = time.perf_counter() - t0
     return summary
 
@@ -648,6 +660,7 @@ def extraction_provenance(encoder, options: ExtractOptions, *, device, command: 
             },
             "tiling": _tiling_provenance(options),
             "precision": options.precision,
+            "compile": {"requested": options.compile, "used": False},
             "device": str(device),
             "debias": debias or [],
             "transform": transform,
