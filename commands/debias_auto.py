@@ -21,7 +21,7 @@ __all__ = ["auto"]
 
 AUTO = "Choice"
 MaxLossOpt = Annotated[float, typer.Option("--max-loss", min=0.0, help="Eligible candidates keep at least the kept score of `none` minus this (absolute: mIoU with --masks, else kNN agreement); the least positional of them is chosen.", rich_help_panel=AUTO)]
-MaxR2Opt = Annotated[Optional[float], typer.Option("--max-r2", help="Instead: among candidates whose held-out xy R2 is at most this, choose the one that keeps most (refused when none reaches it).", show_default=False, rich_help_panel=AUTO)]
+MaxR2Opt = Annotated[Optional[float], typer.Option("--max-r2", help="Instead: among candidates whose ranked xy R2 (across held-out images; within, for one held-out image) is at most this, choose the one that keeps most (refused when none reaches it).", show_default=False, rich_help_panel=AUTO)]
 CandidatesOpt = Annotated[str, typer.Option("--candidates", help="Candidate families, comma-separated: blank, posmean, svd, rasa, svd+rasa (none is always scored).", rich_help_panel=AUTO)]
 ShiftScoresOpt = Annotated[bool, typer.Option("--shift/--no-shift", help="Also score each candidate's crop-shift correspondence (content match / grid match) on a few held-out images, where the store's encoder can be rebuilt and its images read (reported, not used by the rule).", rich_help_panel=AUTO)]
 TableOpt = Annotated[Optional[Path], typer.Option("--table", help="Write the table of all candidates as JSON here.", show_default=False)]
@@ -115,7 +115,7 @@ def auto(
 ) -> None:
     """Pick the debiasing for these images: fit every cheap head, score each on held-out images, write the chosen one.
 
-    Candidates: none, svd-k (encoder rebuilt from the store's provenance), posmean, blank-k (mean fill), rasa-r and svd-k+rasa-r, fitted on part of the store's images (split by name, --seed). Each is scored on the other images: held-out xy stack R2 against its random-target null, and what is kept (ridge-probe mIoU with --masks, else agreement of each token's 10 nearest neighbours with the raw features). Where the store's encoder can be rebuilt and its images read, each candidate's crop-shift correspondence is reported too (content match: tokens of a shifted view matched to the same pixels; grid match: to the same grid position). Rule: the least positional candidate within --max-loss of none's kept score, ties to the simplest. Writes the head (.safetensors) for `posvit extract --head` and prints the table.
+    Candidates: none, svd-k (encoder rebuilt from the store's provenance), posmean, blank-k (mean fill), rasa-r and svd-k+rasa-r, fitted on part of the store's images (split by name, --seed). Each is scored on the other images: the xy R2 of a ridge fitted on the other held-out images (a shared position code transfers, content does not; the within-image probe and its null are reported beside it), and what is kept (ridge-probe mIoU with --masks, else the agreement of each token's 10 nearest neighbours with the raw features, less a smooth surface of position). Where the store's encoder can be rebuilt and its images read, each candidate's crop-shift correspondence is reported too (content match: tokens of a shifted view matched to the same pixels; grid match: to the same grid position). Rule: the least positional candidate within --max-loss of none's kept score, ties to the simplest. Writes the head (.safetensors) for `posvit extract --head` and prints the table.
     """
     import torch
 
