@@ -388,7 +388,8 @@ class _Runner:
         self.encoder, self.writer, self.opts, self.device = encoder, writer, opts, device
         self.autocast = lambda: autocast(device, opts.precision)
         self.compiled = None
-        self.forward_tokens = encoder.forward_tokens
+        # Looked up when a batch runs, not here: a run refused before any forward needs no forward at all.
+        self.forward_tokens = lambda *args, **kw: encoder.forward_tokens(*args, **kw)
         if opts.compile:
             from posvit_cli.core.features.compiled import compiled_forward
 
