@@ -27,7 +27,7 @@ def report(
     num_classes: Annotated[Optional[int], typer.Option("--num-classes", min=2, help="Number of classes. Default: the largest mask label + 1 (of the first store's masks).", show_default=False)] = None,
     ignore_index: IgnoreIndexOpt = 255,
     class_names: ClassNamesOpt = None,
-    k: Annotated[str, typer.Option("-k", "--k", help="k values of the clustering columns, comma-separated: overclustering mIoU with --masks, and the position dependence of the clusters with or without masks (k above a store's token count is skipped).")] = "100",
+    k: Annotated[Optional[str], typer.Option("-k", "--k", help="k values of the clustering columns, comma-separated: the overclustering mIoU and the clusters' position dependence with --masks (default 100), and without masks the position dependence only when -k is given (a k-means of every store: on a 10,000² px micrograph's store k = 100 takes minutes and 2 GB). k above a store's token count is skipped.", show_default=False)] = None,
     seeds: SeedsOpt = None,
     cluster_seeds: Annotated[Optional[str], deprecated_option("--cluster-seeds")] = None,
     shift: Annotated[bool, typer.Option("--shift/--no-shift", help="Crop-shift correspondence of each store's encoder (content and grid match, as `posvit probe shift` in its default settings) on up to 4 of its images, where the encoder can be rebuilt from the store and the image files are found; else a note says why not.")] = True,
@@ -84,8 +84,8 @@ def _run(stores, masks, output, names, num_classes, ignore_index, class_names, k
             raise PosvitError(f"report output '{o}': name a .md (Markdown) or .json file")
     if len(set(stores)) != len(stores):
         raise PosvitError("a store is named twice")
-    ks = parse_csv(k, int)
-    if not no_cluster and not ks:
+    ks = parse_csv(k if k is not None else ("100" if masks else ""), int)
+    if not no_cluster and k is not None and not ks:
         raise PosvitError("-k needs at least one number of clusters (or pass --no-cluster)")
     positional, _ = make_settings("holdout", targets=("xy", "lr", "ud", "radial", "random"), fraction=fraction,
                                   repeats=repeats, seed=seed, per_channel=False, extras=False)
